@@ -1,0 +1,253 @@
+"""Algorithm 1 (q'_min and class thresholds psi), the nested alpha ladder, and the HIGH-RELIABILITY decision.
+
+SDM_SPEC §2.2 and §2.4. A region at alpha admits a prediction iff it is not OOD, q' >= q'_min (finite), and
+yhat is the only class whose SDM output reaches its threshold psi_c.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sdm_core.math import as_tensor, check_alpha
+
+__all__ = [
+    "ABSTENTION_REASONS",
+    "Region",
+    "RegionLadder",
+    "fit_region",
+    "fit_ladder",
+    "is_ood",
+    "in_region",
+    "DEFAULT_ALPHA_LADDER",
+]
+
+DEFAULT_ALPHA_LADDER: tuple[float, ...] = (
+    0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60,
+)
+
+# Order matters: the first reason that applies is reported.
+ABSTENTION_REASONS: tuple[str, ...] = ("ood", "no_region", "low_similarity", "below_threshold")
+
+
+@dataclass(frozen=True)
+class Region:
+    """The output of Algorithm 1 at one alpha. ``q_prime_min`` is inf when no region exists."""
+
+    alpha: float
+    q_prime_min: float
+    thresholds: tuple[float, ...]
+    calibration_admitted: int = 0
+    calibration_size: int = 0
+
+    @property
+    def exists(self) -> bool:
+        return math.isfinite(self.q_prime_min)
+
+    def to_dict(self) -> dict:
+        return {
+            "alpha": self.alpha,
+            "q_prime_min": self.q_prime_min if self.exists else None,
+            "thresholds": list(self.thresholds),
+            "calibration_admitted": self.calibration_admitted,
+            "calibration_size": self.calibration_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Region":
+        q_min = data["q_prime_min"]
+        return cls(
+            alpha=float(data["alpha"]),
+            q_prime_min=math.inf if q_min is None else float(q_min),
+            thresholds=tuple(float(t) for t in data["thresholds"]),
+            calibration_admitted=int(data.get("calibration_admitted", 0)),
+            calibration_size=int(data.get("calibration_size", 0)),
+        )
+
+
+def _validate_calibration(probabilities: object, q_prime: object, labels: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = as_tensor(probabilities, "probabilities")
+    if p.dim() != 2 or p.shape[1] < 2:
+        raise ValueError(f"probabilities must have shape (N, C) with C >= 2, got {tuple(p.shape)}")
+    if p.numel() and bool(((p < 0) | (p > 1)).any()):
+        raise ValueError("probabilities must lie in [0, 1]")
+    qp = as_tensor(q_prime, "q_prime").reshape(-1) if as_tensor(q_prime, "q_prime").dim() <= 1 else None
+    if qp is None or qp.shape[0] != p.shape[0]:
+        raise ValueError(f"q_prime must have shape ({p.shape[0]},)")
+    if qp.numel() and bool((qp < 0).any()):
+        raise ValueError("q_prime must be >= 0")
+    y = as_tensor(labels, "labels", dtype=torch.long).reshape(-1)
+    if y.shape[0] != p.shape[0]:
+        raise ValueError(f"labels must have shape ({p.shape[0]},), got {tuple(y.shape)}")
+    if y.numel() and bool(((y < 0) | (y >= p.shape[1])).any()):
+        raise ValueError(f"labels must be class indices in [0, {p.shape[1] - 1}]")
+    # Thresholds are order statistics of float32 outputs, as in the reference.
+    return p.to(torch.float32).numpy(), qp.to(torch.float64).numpy(), y.numpy()
+
+
+def is_ood(q_prime: object) -> torch.Tensor:
+    """OOD iff floor(q') <= 0, which is equivalent to q = 0 (SDM_SPEC §2.1)."""
+    return torch.floor(as_tensor(q_prime, "q_prime")) <= 0
+
+
+def fit_region(probabilities: object, q_prime: object, labels: object, alpha: float) -> Region:
+    """Algorithm 1: the smallest q'* (over sorted unique non-OOD calibration q') such that, among calibration
+    points with q' >= q'*, every class c has psi_c = sorted(SDM_c of class-c points)[min(floor((1-alpha) n_c),
+    n_c - 1)] >= alpha. A class with no such point has psi_c = 0, so that candidate fails.
+
+    probabilities: (N, C) calibration SDM outputs; q_prime: (N,); labels: (N,) true labels.
+    """
+    a = check_alpha(alpha)
+    p, qp, y = _validate_calibration(probabilities, q_prime, labels)
+    n_classes = p.shape[1]
+    keep = np.floor(qp) > 0
+    p, qp, y = p[keep], qp[keep], y[keep]
+    if qp.size == 0:
+        return Region(a, math.inf, tuple(0.0 for _ in range(n_classes)))
+    candidates = np.unique(qp)
+    # psi_c >= alpha  <=>  #{class-c kept values < alpha} <= k_c, with k_c the order-statistic index; counts of
+    # kept points are suffix counts over q', so every candidate is checked at once with searchsorted.
+    ok = np.ones(candidates.shape[0], dtype=bool)
+    true_probs = p[np.arange(p.shape[0]), y]
+    for c in range(n_classes):
+        in_class = y == c
+        q_class = np.sort(qp[in_class])
+        q_bad = np.sort(qp[in_class & (true_probs.astype(np.float64) < a)])
+        n_c = q_class.size - np.searchsorted(q_class, candidates, side="left")
+        bad_c = q_bad.size - np.searchsorted(q_bad, candidates, side="left")
+        k_c = np.minimum(np.floor((1.0 - a) * n_c.astype(np.float64)).astype(np.int64), n_c - 1)
+        ok &= (n_c > 0) & (bad_c <= k_c)
+    if not ok.any():
+        return Region(a, math.inf, tuple(0.0 for _ in range(n_classes)))
+    q_min = float(candidates[int(np.argmax(ok))])
+    kept = qp >= q_min
+    thresholds = []
+    for c in range(n_classes):
+        values = np.sort(true_probs[kept & (y == c)])
+        index = min(int(np.floor((1.0 - a) * values.size)), values.size - 1)
+        thresholds.append(max(float(values[index]), 0.0))
+    return Region(a, q_min, tuple(thresholds))
+
+
+def in_region(probabilities: object, predictions: object, q_prime: object, region: Region) -> torch.Tensor:
+    """The HIGH-RELIABILITY rule (SDM_SPEC §2.4): not OOD, q' >= q'_min (finite), and {c : SDM_c >= psi_c} = {yhat}."""
+    p = as_tensor(probabilities, "probabilities")
+    yhat = as_tensor(predictions, "predictions", dtype=torch.long)
+    qp = as_tensor(q_prime, "q_prime")
+    if not region.exists:
+        return torch.zeros(p.shape[0], dtype=torch.bool)
+    psi = torch.tensor(region.thresholds, dtype=p.dtype)
+    passing = p >= psi.unsqueeze(0)
+    single = passing.sum(dim=1) == 1
+    predicted_passes = passing.gather(1, yhat.unsqueeze(1)).squeeze(1)
+    return (~is_ood(qp)) & (qp >= region.q_prime_min) & single & predicted_passes
+
+
+def _abstention_reason(ood: bool, region: Region, q_prime: float) -> str:
+    if ood:
+        return "ood"
+    if not region.exists:
+        return "no_region"
+    if q_prime < region.q_prime_min:
+        return "low_similarity"
+    return "below_threshold"
+
+
+@dataclass
+class RegionLadder:
+    """Algorithm 1 over a ladder of alphas, so that any alpha of the ladder can be chosen at test time.
+
+    With ``nested=True`` (the default) a prediction is admitted at alpha iff some region of the ladder at
+    alpha' >= alpha admits it. That makes the regions nested by construction and ``region_alpha`` (the highest
+    admitting alpha) consistent with every per-alpha decision. With ``nested=False`` each alpha uses its own
+    Algorithm 1 region exactly as the reference does. See docs/decisions.md.
+    """
+
+    regions: dict[float, Region]
+    nested: bool = True
+    default_alpha: float = 0.95
+    alphas: tuple[float, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.regions:
+            raise ValueError("regions must hold at least one alpha")
+        self.alphas = tuple(sorted(self.regions, reverse=True))
+        if self.default_alpha not in self.regions:
+            raise ValueError(f"default_alpha {self.default_alpha} is not on the ladder {list(self.alphas)}")
+
+    def resolve_alpha(self, alpha: float | None) -> float:
+        if alpha is None:
+            return self.default_alpha
+        value = check_alpha(alpha)
+        for a in self.alphas:
+            if abs(a - value) < 1e-9:
+                return a
+        raise ValueError(f"alpha {alpha} is not on the calibrated ladder {list(self.alphas)}; recalibrate to add it")
+
+    def admissions(self, probabilities: object, predictions: object, q_prime: object) -> torch.Tensor:
+        """(N, L) bool: own-region admission at each ladder alpha (columns in ``self.alphas`` order)."""
+        cols = [in_region(probabilities, predictions, q_prime, self.regions[a]) for a in self.alphas]
+        return torch.stack(cols, dim=1)
+
+    def decide(
+        self, probabilities: object, predictions: object, q_prime: object, alpha: float | None = None
+    ) -> tuple[torch.Tensor, list[float | None], list[str | None]]:
+        """Returns (admitted at ``alpha``, region_alpha per row, abstention reason per row)."""
+        a = self.resolve_alpha(alpha)
+        own = self.admissions(probabilities, predictions, q_prime)
+        qp = as_tensor(q_prime, "q_prime").reshape(-1)
+        ood = is_ood(qp)
+        column = self.alphas.index(a)
+        if self.nested:
+            admitted = own[:, : column + 1].any(dim=1)
+        else:
+            admitted = own[:, column]
+        region_alpha: list[float | None] = []
+        reasons: list[str | None] = []
+        for i in range(own.shape[0]):
+            # The highest alpha whose own region admits the row (columns run from the highest alpha down).
+            hits = torch.nonzero(own[i]).flatten()
+            region_alpha.append(self.alphas[int(hits[0])] if hits.numel() else None)
+            reasons.append(None if bool(admitted[i]) else _abstention_reason(bool(ood[i]), self.regions[a], float(qp[i])))
+        return admitted, region_alpha, reasons
+
+    def to_dict(self) -> dict:
+        return {
+            "default_alpha": self.default_alpha,
+            "nested": self.nested,
+            "regions": [self.regions[a].to_dict() for a in self.alphas],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RegionLadder":
+        regions = {float(r["alpha"]): Region.from_dict(r) for r in data["regions"]}
+        return cls(regions=regions, nested=bool(data["nested"]), default_alpha=float(data["default_alpha"]))
+
+
+def fit_ladder(
+    probabilities: object,
+    q_prime: object,
+    labels: object,
+    predictions: object,
+    alphas: Sequence[float],
+    default_alpha: float,
+    nested: bool = True,
+) -> RegionLadder:
+    """Run Algorithm 1 at every alpha of the ladder and record how much of the calibration set each admits."""
+    values = sorted({check_alpha(a, "alphas") for a in alphas}, reverse=True)
+    default = check_alpha(default_alpha, "default_alpha")
+    if not any(abs(default - a) < 1e-9 for a in values):
+        raise ValueError(f"default_alpha {default} must be one of alphas {values}")
+    regions = {a: fit_region(probabilities, q_prime, labels, a) for a in values}
+    ladder = RegionLadder(regions=regions, nested=nested, default_alpha=next(a for a in values if abs(a - default) < 1e-9))
+    own = ladder.admissions(probabilities, predictions, q_prime)
+    n = own.shape[0]
+    for column, a in enumerate(ladder.alphas):
+        admitted = own[:, : column + 1].any(dim=1) if nested else own[:, column]
+        r = regions[a]
+        regions[a] = Region(r.alpha, r.q_prime_min, r.thresholds, int(admitted.sum()), n)
+    return ladder

@@ -1,0 +1,214 @@
+"""Training one SDM layer (SDM_SPEC §1.7) and the outer loop over J random splits/initialisations.
+
+Epoch 1 is plain softmax cross-entropy (q = e - 2, d = 1). After every epoch, q and d are recomputed from the
+current weights: the training split against itself with self-exclusion (its own distance eCDFs), the
+calibration split against the training support (calibration eCDFs). The epoch with the lowest class-balanced
+calibration SDM loss is kept (ties go to the later epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sdm_core.adaptor import ExemplarAdaptor
+from sdm_core.config import SDMConfig
+from sdm_core.math import distance_quantile, rescaled_similarity, sdm_loss, sdm_probabilities
+from sdm_core.support import SupportIndex
+
+__all__ = ["LayerStatistics", "FittedLayer", "class_cdfs", "fit_layer", "fit_estimator_layers", "balanced_loss"]
+
+
+def class_cdfs(d_nearest: torch.Tensor, labels: torch.Tensor, q: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+    """Per true class, the sorted nearest distances of points with q > 0 (ACT Eq. 5)."""
+    return [torch.sort(d_nearest[(labels == c) & (q > 0)]).values.contiguous() for c in range(num_classes)]
+
+
+def balanced_loss(logits: torch.Tensor, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present of the per-class mean SDM loss."""
+    per_item = sdm_loss(logits, q.to(logits.dtype), d.to(logits.dtype), labels, reduction="none")
+    means = [per_item[labels == c].mean() for c in torch.unique(labels)]
+    return float(torch.stack(means).mean()) if means else math.nan
+
+
+@dataclass
+class LayerStatistics:
+    """Everything the estimator needs about one split scored by a layer."""
+
+    logits: torch.Tensor
+    predictions: torch.Tensor
+    q: torch.Tensor
+    d_nearest: torch.Tensor
+    d: torch.Tensor
+    probabilities: torch.Tensor
+    q_prime: torch.Tensor
+
+
+@dataclass
+class FittedLayer:
+    adaptor: ExemplarAdaptor
+    support: SupportIndex
+    train_cdfs: list[torch.Tensor]
+    calibration_cdfs: list[torch.Tensor]
+    calibration_ids: list[str]
+    calibration_labels: torch.Tensor
+    calibration: LayerStatistics
+    best_epoch: int
+    best_calibration_loss: float
+    iteration: int = 0
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _statistics(logits: torch.Tensor, q: torch.Tensor, d_nearest: torch.Tensor, d: torch.Tensor) -> LayerStatistics:
+    predictions = logits.argmax(dim=1)
+    probabilities = sdm_probabilities(logits, q.to(logits.dtype), d.to(logits.dtype))
+    q_prime = rescaled_similarity(q.to(logits.dtype), probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))
+    return LayerStatistics(logits, predictions, q, d_nearest, d, probabilities, q_prime)
+
+
+def fit_layer(
+    train_embeddings: torch.Tensor,
+    train_labels: torch.Tensor,
+    calibration_embeddings: torch.Tensor,
+    calibration_labels: torch.Tensor,
+    num_classes: int,
+    config: SDMConfig,
+    seed: int,
+    train_ids: Sequence[str] | None = None,
+    calibration_ids: Sequence[str] | None = None,
+    iteration: int = 0,
+) -> FittedLayer:
+    """TRAIN_ONE_SDM_LAYER of SDM_SPEC §1.7 on already-validated float32 inputs."""
+    started = time.perf_counter()
+    n_train = train_embeddings.shape[0]
+    train_ids = list(train_ids) if train_ids is not None else [f"train-{i}" for i in range(n_train)]
+    calibration_ids = (
+        list(calibration_ids) if calibration_ids is not None else [f"calibration-{i}" for i in range(calibration_embeddings.shape[0])]
+    )
+    # Initialise under a forked RNG so that fitting is deterministic for a seed and leaves global state alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        adaptor = ExemplarAdaptor(train_embeddings.shape[1], config.exemplar_dim, num_classes)
+    if config.normalize:
+        adaptor.set_normalization(float(train_embeddings.mean()), float(train_embeddings.std(correction=1)))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(adaptor.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+    q_train = torch.full((n_train,), math.e - 2.0)
+    d_train = torch.ones(n_train)
+    self_positions = torch.arange(n_train)
+    best: dict | None = None
+    history: list[dict] = []
+    bar = tqdm(range(1, config.epochs + 1), desc=f"SDM layer (J={iteration + 1})", disable=not config.progress, leave=False)
+    for epoch in bar:
+        adaptor.train()
+        order = torch.randperm(n_train, generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, n_train, config.batch_size):
+            batch = order[start : start + config.batch_size]
+            logits, _ = adaptor(train_embeddings[batch])
+            loss = sdm_loss(logits, q_train[batch], d_train[batch], train_labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * batch.numel()
+            count += batch.numel()
+
+        train_logits, train_exemplars = adaptor.infer(train_embeddings, config.eval_batch_size)
+        cal_logits, cal_exemplars = adaptor.infer(calibration_embeddings, config.eval_batch_size)
+        train_pred = train_logits.argmax(dim=1)
+        support = SupportIndex(train_exemplars, train_labels, train_pred, train_ids, backend=config.backend, max_q=config.max_q)
+        train_sim = support.similarity(train_exemplars, train_pred, exclude=self_positions)
+        train_cdf = class_cdfs(train_sim.d_nearest, train_labels, train_sim.q, num_classes)
+        q_train = train_sim.q.to(torch.float32)
+        d_train = distance_quantile(train_sim.d_nearest, train_cdf)
+
+        cal_pred = cal_logits.argmax(dim=1)
+        cal_sim = support.similarity(cal_exemplars, cal_pred)
+        cal_cdf = class_cdfs(cal_sim.d_nearest, calibration_labels, cal_sim.q, num_classes)
+        d_cal = distance_quantile(cal_sim.d_nearest, cal_cdf)
+        cal_loss = balanced_loss(cal_logits, cal_sim.q.to(torch.float32), d_cal, calibration_labels)
+        record = {"epoch": epoch, "train_loss": total / max(count, 1), "calibration_loss": cal_loss}
+        history.append(record)
+        if best is None or cal_loss <= best["loss"]:
+            best = {
+                "loss": cal_loss,
+                "epoch": epoch,
+                "state": {k: v.detach().clone() for k, v in adaptor.state_dict().items()},
+                "support": support,
+                "train_cdfs": train_cdf,
+                "calibration_cdfs": cal_cdf,
+                "calibration": _statistics(cal_logits, cal_sim.q, cal_sim.d_nearest, d_cal),
+            }
+        bar.set_postfix(train=f"{record['train_loss']:.4f}", cal=f"{cal_loss:.4f}", best=f"{best['loss']:.4f}@{best['epoch']}")
+    bar.close()
+    assert best is not None
+    adaptor.load_state_dict(best["state"])
+    adaptor.eval()
+    return FittedLayer(
+        adaptor=adaptor,
+        support=best["support"],
+        train_cdfs=best["train_cdfs"],
+        calibration_cdfs=best["calibration_cdfs"],
+        calibration_ids=calibration_ids,
+        calibration_labels=calibration_labels,
+        calibration=best["calibration"],
+        best_epoch=best["epoch"],
+        best_calibration_loss=best["loss"],
+        iteration=iteration,
+        history=history,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def fit_estimator_layers(
+    train_embeddings: torch.Tensor,
+    train_labels: torch.Tensor,
+    calibration_embeddings: torch.Tensor,
+    calibration_labels: torch.Tensor,
+    num_classes: int,
+    config: SDMConfig,
+    train_ids: Sequence[str] | None = None,
+    calibration_ids: Sequence[str] | None = None,
+) -> tuple[FittedLayer, list[dict]]:
+    """TRAIN_SDM_ESTIMATOR: J iterations; keep the lowest balanced calibration loss (ties go to the later one).
+
+    With ``shuffle_splits`` each iteration pools train and calibration, permutes them with a seeded generator,
+    and takes the first half as the support and the second half as calibration.
+    """
+    n_train = train_embeddings.shape[0]
+    train_ids = list(train_ids) if train_ids is not None else [f"train-{i}" for i in range(n_train)]
+    calibration_ids = (
+        list(calibration_ids) if calibration_ids is not None else [f"calibration-{i}" for i in range(calibration_embeddings.shape[0])]
+    )
+    pooled_x = torch.cat([train_embeddings, calibration_embeddings])
+    pooled_y = torch.cat([train_labels, calibration_labels])
+    pooled_ids = train_ids + calibration_ids
+    best: FittedLayer | None = None
+    summaries: list[dict] = []
+    for j in range(config.iterations):
+        seed = config.seed + j
+        if config.shuffle_splits and config.iterations > 1:
+            order = torch.randperm(pooled_x.shape[0], generator=torch.Generator().manual_seed(seed))
+            half = pooled_x.shape[0] // 2
+            tr, ca = order[:half], order[half:]
+            args = (pooled_x[tr], pooled_y[tr], pooled_x[ca], pooled_y[ca])
+            ids = ([pooled_ids[i] for i in tr.tolist()], [pooled_ids[i] for i in ca.tolist()])
+        else:
+            args = (train_embeddings, train_labels, calibration_embeddings, calibration_labels)
+            ids = (train_ids, calibration_ids)
+        for name, y in (("train", args[1]), ("calibration", args[3])):
+            if y.numel() == 0:
+                raise ValueError(f"the {name} split of iteration {j} is empty; give more data")
+        layer = fit_layer(*args, num_classes=num_classes, config=config, seed=seed, train_ids=ids[0], calibration_ids=ids[1], iteration=j)
+        summaries.append({"iteration": j, "seed": seed, "best_epoch": layer.best_epoch, "calibration_loss": layer.best_calibration_loss, "seconds": layer.seconds})
+        if best is None or layer.best_calibration_loss <= best.best_calibration_loss:
+            best = layer
+    assert best is not None
+    return best, summaries

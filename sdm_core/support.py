@@ -1,0 +1,271 @@
+"""The exact L2 support index over exemplars: Similarity q, nearest distance, and nearest neighbours.
+
+Neighbours are ordered by (distance, support position): distance ties go to the lower position. Training
+points exclude themselves by identity (their own support position), never by assuming rank 1 is themselves.
+
+Two backends give the same neighbours:
+- ``torch``: searches in memory-bounded chunks. For q it does not sort at all: q is the number of matching
+  support points that precede the first non-matching one in (distance, position) order, capped at k, which is
+  exactly the leading run of matches among the k nearest (ACT Eq. 4).
+- ``faiss``: ``IndexFlatL2`` k-NN search, canonicalised to the same tie order, then the leading run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from sdm_core.math import as_tensor, similarity_from_matches
+
+__all__ = ["MAX_Q", "OOD_LABEL", "SupportIndex", "SimilarityResult", "faiss_available"]
+
+MAX_Q = 2048
+# An "OOD" exemplar's label: no prediction (always >= 0) can equal it, so it never counts as a match.
+OOD_LABEL = -1
+# Elements of one query-by-support distance block; bounds memory for large supports (4 bytes each, a few live).
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class SimilarityResult:
+    """q (int64), the L2 distance to the nearest (non-excluded) support point, and that point's position."""
+
+    q: torch.Tensor
+    d_nearest: torch.Tensor
+    nearest_index: torch.Tensor
+
+
+class SupportIndex:
+    """Exemplars h' of the support set with their true and predicted labels and string ids."""
+
+    def __init__(
+        self,
+        exemplars: object,
+        labels: object,
+        predictions: object,
+        ids: Sequence[str] | None = None,
+        backend: str = "torch",
+        max_q: int = MAX_Q,
+    ) -> None:
+        if backend not in ("torch", "faiss", "auto"):
+            raise ValueError(f"backend must be 'torch', 'faiss' or 'auto', got {backend!r}")
+        if backend == "faiss" and not faiss_available():
+            raise ValueError("backend='faiss' needs the faiss-cpu package: pip install 'sdm-lm[faiss]', or use backend='torch'")
+        if backend == "auto":
+            backend = "torch"  # measured faster on CPU for q (docs/performance.md); faiss stays selectable
+        if int(max_q) < 1:
+            raise ValueError(f"max_q must be >= 1, got {max_q}")
+        self.backend = backend
+        self.max_q = int(max_q)
+        self.exemplars = torch.empty(0, 0)
+        self.labels = torch.empty(0, dtype=torch.long)
+        self.predictions = torch.empty(0, dtype=torch.long)
+        self.ids: list[str] = []
+        self._position: dict[str, int] = {}
+        self._faiss = None
+        self.add(exemplars, labels, predictions, ids)
+
+    # -- contents -------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.exemplars.shape[1])
+
+    def add(self, exemplars: object, labels: object, predictions: object, ids: Sequence[str] | None = None) -> None:
+        """Append exemplars (no retraining). Labels may be ``OOD_LABEL`` for exemplars no prediction can match."""
+        x = as_tensor(exemplars, "exemplars", dtype=torch.float32)
+        if x.dim() != 2:
+            raise ValueError(f"exemplars must have shape (N, M), got {tuple(x.shape)}")
+        if len(self) and x.shape[1] != self.dim:
+            raise ValueError(f"exemplars must have dimension {self.dim}, got {x.shape[1]}")
+        y = as_tensor(labels, "labels", dtype=torch.long).reshape(-1)
+        p = as_tensor(predictions, "predictions", dtype=torch.long).reshape(-1)
+        if y.shape[0] != x.shape[0] or p.shape[0] != x.shape[0]:
+            raise ValueError(f"labels and predictions must have {x.shape[0]} entries, got {y.shape[0]} and {p.shape[0]}")
+        if y.numel() and bool(((y < 0) & (y != OOD_LABEL)).any()):
+            raise ValueError(f"labels must be class indices >= 0 or OOD_LABEL ({OOD_LABEL})")
+        if p.numel() and bool((p < 0).any()):
+            raise ValueError("predictions must be class indices >= 0")
+        start = len(self)
+        new_ids = [str(i) for i in ids] if ids is not None else [f"support-{start + i}" for i in range(x.shape[0])]
+        if len(new_ids) != x.shape[0]:
+            raise ValueError(f"ids must have {x.shape[0]} entries, got {len(new_ids)}")
+        for offset, identifier in enumerate(new_ids):
+            if identifier in self._position:
+                raise ValueError(f"ids must be unique; {identifier!r} is already in the support")
+            self._position[identifier] = start + offset
+        self.exemplars = x.contiguous().clone() if start == 0 else torch.cat([self.exemplars, x], dim=0)
+        self.labels = torch.cat([self.labels, y])
+        self.predictions = torch.cat([self.predictions, p])
+        self.ids.extend(new_ids)
+        self._norms = (self.exemplars.double() ** 2).sum(dim=1).to(torch.float32)
+        self._faiss = None
+
+    def positions(self, ids: Sequence[str | None]) -> torch.Tensor:
+        """Support position of each id, or -1 where the id is None or not in the support."""
+        return torch.tensor([self._position.get(i, -1) if i is not None else -1 for i in ids], dtype=torch.long)
+
+    def k(self) -> int:
+        return min(self.max_q, len(self))
+
+    # -- search ---------------------------------------------------------------------------------------------
+    def _distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Squared L2 distances (B, N), from ||a||^2 + ||b||^2 - 2ab, clamped at 0."""
+        q_norms = (queries.double() ** 2).sum(dim=1).to(torch.float32)
+        dist = torch.addmm(self._norms.unsqueeze(0), queries, self.exemplars.T, beta=1.0, alpha=-2.0)
+        dist.add_(q_norms.unsqueeze(1))
+        return dist.clamp_(min=0.0)
+
+    def _chunk_rows(self) -> int:
+        return max(1, _CHUNK_ELEMENTS // max(len(self), 1))
+
+    def _check_queries(self, queries: object, exclude: object | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = as_tensor(queries, "queries", dtype=torch.float32)
+        if x.dim() != 2 or (len(self) and x.shape[1] != self.dim):
+            raise ValueError(f"queries must have shape (N, {self.dim}), got {tuple(x.shape)}")
+        if len(self) == 0:
+            raise ValueError("the support index is empty; fit or add exemplars first")
+        if exclude is None:
+            ex = torch.full((x.shape[0],), -1, dtype=torch.long)
+        else:
+            ex = as_tensor(exclude, "exclude", dtype=torch.long).reshape(-1)
+            if ex.shape[0] != x.shape[0]:
+                raise ValueError(f"exclude must have one position per query ({x.shape[0]}), got {ex.shape[0]}")
+            if ex.numel() and bool((ex >= len(self)).any()):
+                raise ValueError(f"exclude positions must be < {len(self)} (or -1 for none)")
+        return x.contiguous(), ex
+
+    def similarity(self, queries: object, query_predictions: object, exclude: object | None = None) -> SimilarityResult:
+        """q, nearest L2 distance and nearest position for each query.
+
+        ``exclude[i]`` is query i's own support position (-1 for none): it is skipped, and q is then capped at
+        k - 1 (the reference's "ranks 2..k"), else at k = min(max_q, N).
+        """
+        x, ex = self._check_queries(queries, exclude)
+        yhat = as_tensor(query_predictions, "query_predictions", dtype=torch.long).reshape(-1)
+        if yhat.shape[0] != x.shape[0]:
+            raise ValueError(f"query_predictions must have {x.shape[0]} entries, got {yhat.shape[0]}")
+        if self.backend == "faiss":
+            return self._similarity_faiss(x, yhat, ex)
+        return self._similarity_torch(x, yhat, ex)
+
+    def _similarity_torch(self, x: torch.Tensor, yhat: torch.Tensor, ex: torch.Tensor) -> SimilarityResult:
+        n = len(self)
+        correct = self.labels == self.predictions
+        positions = torch.arange(n)
+        q_out = torch.empty(x.shape[0], dtype=torch.long)
+        d_out = torch.empty(x.shape[0], dtype=torch.float32)
+        i_out = torch.empty(x.shape[0], dtype=torch.long)
+        inf = torch.tensor(float("inf"))
+        step = self._chunk_rows()
+        for start in range(0, x.shape[0], step):
+            stop = min(start + step, x.shape[0])
+            dist = self._distances(x[start:stop])
+            rows = torch.arange(stop - start)
+            ex_chunk = ex[start:stop]
+            has_ex = ex_chunk >= 0
+            if bool(has_ex.any()):
+                dist[rows[has_ex], ex_chunk[has_ex]] = inf
+            nearest_d, nearest_i = dist.min(dim=1)
+            match = correct.unsqueeze(0) & (self.predictions.unsqueeze(0) == yhat[start:stop].unsqueeze(1))
+            mismatch_dist = torch.where(match, inf, dist)
+            first_d, first_i = mismatch_dist.min(dim=1)
+            before = (dist < first_d.unsqueeze(1)) | (
+                (dist == first_d.unsqueeze(1)) & (positions.unsqueeze(0) < first_i.unsqueeze(1))
+            )
+            count = (match & before & torch.isfinite(dist)).sum(dim=1)
+            cap = self.k() - has_ex.to(torch.long)
+            q_out[start:stop] = torch.minimum(count, cap)
+            d_out[start:stop] = nearest_d.sqrt()
+            i_out[start:stop] = nearest_i
+        return SimilarityResult(q_out, d_out, i_out)
+
+    def _faiss_index(self):
+        if self._faiss is None:
+            import faiss
+
+            index = faiss.IndexFlatL2(self.dim)
+            index.add(self.exemplars.numpy())
+            self._faiss = index
+        return self._faiss
+
+    def neighbors(self, queries: object, k: int, exclude: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k nearest support points per query in (distance, position) order: (L2 distances, positions).
+
+        Rows with an excluded position return k - 1 real neighbours followed by (inf, -1) padding when the
+        support has no more points.
+        """
+        x, ex = self._check_queries(queries, exclude)
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = min(int(k), len(self))
+        if self.backend == "faiss":
+            dist, pos = self._neighbors_faiss(x, k, ex)
+        else:
+            dist, pos = self._neighbors_torch(x, k, ex)
+        return dist.sqrt(), pos
+
+    def _neighbors_torch(self, x: torch.Tensor, k: int, ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out_d, out_i = [], []
+        inf = torch.tensor(float("inf"))
+        positions = torch.arange(len(self))
+        step = self._chunk_rows()
+        for start in range(0, x.shape[0], step):
+            stop = min(start + step, x.shape[0])
+            dist = self._distances(x[start:stop])
+            rows = torch.arange(stop - start)
+            ex_chunk = ex[start:stop]
+            has_ex = ex_chunk >= 0
+            if bool(has_ex.any()):
+                dist[rows[has_ex], ex_chunk[has_ex]] = inf
+            # The k-th value; all strictly smaller entries are in, and ties at it go to the lowest positions.
+            kth = dist.topk(k, dim=1, largest=False).values[:, -1:]
+            below = dist < kth
+            tied = dist == kth
+            room = k - below.sum(dim=1, keepdim=True)
+            chosen = below | (tied & (torch.cumsum(tied.to(torch.int32), dim=1) <= room))
+            cols = positions.unsqueeze(0).expand_as(dist)[chosen].reshape(stop - start, k)
+            vals = dist.gather(1, cols)
+            order = torch.sort(vals, dim=1, stable=True).indices  # cols are ascending: ties keep position order
+            out_d.append(vals.gather(1, order))
+            out_i.append(cols.gather(1, order))
+        dist, pos = torch.cat(out_d), torch.cat(out_i)
+        pos = torch.where(torch.isinf(dist), torch.full_like(pos, -1), pos)
+        return dist, pos
+
+    def _neighbors_faiss(self, x: torch.Tensor, k: int, ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = 2 if bool((ex >= 0).any()) else 1  # one more than needed lets boundary ties resolve by position
+        k_search = min(k + extra, len(self))
+        d, i = self._faiss_index().search(x.numpy(), k_search)
+        d = np.maximum(d.astype(np.float32), 0.0)
+        i = i.astype(np.int64)
+        ex_np = ex.numpy()
+        d[i == ex_np[:, None]] = np.inf
+        order = np.lexsort((i, d), axis=1)  # primary: distance, secondary: position
+        d = np.take_along_axis(d, order, axis=1)[:, :k]
+        i = np.take_along_axis(i, order, axis=1)[:, :k]
+        i[np.isinf(d)] = -1
+        return torch.from_numpy(d), torch.from_numpy(i)
+
+    def _similarity_faiss(self, x: torch.Tensor, yhat: torch.Tensor, ex: torch.Tensor) -> SimilarityResult:
+        k = self.k()
+        dist, pos = self._neighbors_faiss(x, k, ex)
+        valid = pos >= 0
+        safe = pos.clamp(min=0)
+        match = valid & (self.labels[safe] == self.predictions[safe]) & (self.predictions[safe] == yhat.unsqueeze(1))
+        q = similarity_from_matches(match)
+        q = torch.minimum(q, k - (ex >= 0).to(torch.long))
+        return SimilarityResult(q, dist[:, 0].sqrt(), pos[:, 0])
