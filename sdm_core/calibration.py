@@ -23,6 +23,7 @@ __all__ = [
     "fit_ladder",
     "is_ood",
     "in_region",
+    "admissions_unchecked",
     "DEFAULT_ALPHA_LADDER",
 ]
 
@@ -136,15 +137,26 @@ def fit_region(probabilities: object, q_prime: object, labels: object, alpha: fl
 def in_region(probabilities: object, predictions: object, q_prime: object, region: Region) -> torch.Tensor:
     """The HIGH-RELIABILITY rule (SDM_SPEC §2.4): not OOD, q' >= q'_min (finite), and {c : SDM_c >= psi_c} = {yhat}."""
     p = as_tensor(probabilities, "probabilities")
-    yhat = as_tensor(predictions, "predictions", dtype=torch.long)
-    qp = as_tensor(q_prime, "q_prime")
-    if not region.exists:
-        return torch.zeros(p.shape[0], dtype=torch.bool)
-    psi = torch.tensor(region.thresholds, dtype=p.dtype)
-    passing = p >= psi.unsqueeze(0)
-    single = passing.sum(dim=1) == 1
-    predicted_passes = passing.gather(1, yhat.unsqueeze(1)).squeeze(1)
-    return (~is_ood(qp)) & (qp >= region.q_prime_min) & single & predicted_passes
+    yhat = as_tensor(predictions, "predictions", dtype=torch.long).reshape(-1)
+    qp = as_tensor(q_prime, "q_prime").reshape(-1)
+    if p.dim() != 2 or yhat.shape[0] != p.shape[0] or qp.shape[0] != p.shape[0]:
+        raise ValueError("probabilities must be (N, C) with predictions and q_prime of shape (N,)")
+    return admissions_unchecked(p, yhat, qp, [region])[:, 0]
+
+
+def admissions_unchecked(
+    probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, regions: Sequence[Region]
+) -> torch.Tensor:
+    """(N, L) bool: the HR rule for every region at once (no validation; hot path)."""
+    psi = torch.tensor([r.thresholds for r in regions], dtype=probabilities.dtype)  # (L, C)
+    q_min = torch.tensor([r.q_prime_min for r in regions], dtype=torch.float64)  # (L,), inf when no region
+    passing = probabilities.unsqueeze(1) >= psi.unsqueeze(0)  # (N, L, C)
+    single = passing.sum(dim=2) == 1
+    index = predictions.view(-1, 1, 1).expand(-1, len(regions), 1)
+    predicted_passes = passing.gather(2, index).squeeze(2)
+    similar = (q_prime.to(torch.float64).unsqueeze(1) >= q_min.unsqueeze(0)) & torch.isfinite(q_min).unsqueeze(0)
+    not_ood = (torch.floor(q_prime) > 0).unsqueeze(1)
+    return not_ood & similar & single & predicted_passes
 
 
 def _abstention_reason(ood: bool, region: Region, q_prime: float) -> str:
@@ -190,29 +202,33 @@ class RegionLadder:
 
     def admissions(self, probabilities: object, predictions: object, q_prime: object) -> torch.Tensor:
         """(N, L) bool: own-region admission at each ladder alpha (columns in ``self.alphas`` order)."""
-        cols = [in_region(probabilities, predictions, q_prime, self.regions[a]) for a in self.alphas]
-        return torch.stack(cols, dim=1)
+        p = as_tensor(probabilities, "probabilities")
+        yhat = as_tensor(predictions, "predictions", dtype=torch.long).reshape(-1)
+        qp = as_tensor(q_prime, "q_prime").reshape(-1)
+        return admissions_unchecked(p, yhat, qp, [self.regions[a] for a in self.alphas])
+
+    def admitted_at(self, own: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Admission at ``alpha`` from the (N, L) own-region matrix: nested (any alpha' >= alpha) or own."""
+        column = self.alphas.index(self.resolve_alpha(alpha))
+        return own[:, : column + 1].any(dim=1) if self.nested else own[:, column]
 
     def decide(
         self, probabilities: object, predictions: object, q_prime: object, alpha: float | None = None
     ) -> tuple[torch.Tensor, list[float | None], list[str | None]]:
         """Returns (admitted at ``alpha``, region_alpha per row, abstention reason per row)."""
         a = self.resolve_alpha(alpha)
-        own = self.admissions(probabilities, predictions, q_prime)
         qp = as_tensor(q_prime, "q_prime").reshape(-1)
-        ood = is_ood(qp)
-        column = self.alphas.index(a)
-        if self.nested:
-            admitted = own[:, : column + 1].any(dim=1)
-        else:
-            admitted = own[:, column]
-        region_alpha: list[float | None] = []
+        own = self.admissions(probabilities, predictions, qp)
+        admitted = self.admitted_at(own, a)
+        # The highest alpha whose own region admits the row (columns run from the highest alpha down).
+        any_hit = own.any(dim=1)
+        first = own.to(torch.int8).argmax(dim=1)
+        region_alpha = [self.alphas[f] if h else None for f, h in zip(first.tolist(), any_hit.tolist())]
+        region = self.regions[a]
+        ood = torch.floor(qp) <= 0
         reasons: list[str | None] = []
-        for i in range(own.shape[0]):
-            # The highest alpha whose own region admits the row (columns run from the highest alpha down).
-            hits = torch.nonzero(own[i]).flatten()
-            region_alpha.append(self.alphas[int(hits[0])] if hits.numel() else None)
-            reasons.append(None if bool(admitted[i]) else _abstention_reason(bool(ood[i]), self.regions[a], float(qp[i])))
+        for admit, o, value in zip(admitted.tolist(), ood.tolist(), qp.tolist()):
+            reasons.append(None if admit else _abstention_reason(o, region, value))
         return admitted, region_alpha, reasons
 
     def to_dict(self) -> dict:
@@ -246,8 +262,8 @@ def fit_ladder(
     ladder = RegionLadder(regions=regions, nested=nested, default_alpha=next(a for a in values if abs(a - default) < 1e-9))
     own = ladder.admissions(probabilities, predictions, q_prime)
     n = own.shape[0]
-    for column, a in enumerate(ladder.alphas):
-        admitted = own[:, : column + 1].any(dim=1) if nested else own[:, column]
+    for a in ladder.alphas:
+        admitted = ladder.admitted_at(own, a)
         r = regions[a]
         regions[a] = Region(r.alpha, r.q_prime_min, r.thresholds, int(admitted.sum()), n)
     return ladder

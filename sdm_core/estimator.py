@@ -22,16 +22,16 @@ import torch
 from sdm_core import __version__
 from sdm_core.adaptor import ExemplarAdaptor
 from sdm_core.artifact import ArtifactError, read_artifact, write_artifact
-from sdm_core.calibration import RegionLadder, fit_ladder, in_region, is_ood
+from sdm_core.calibration import RegionLadder, admissions_unchecked, fit_ladder, is_ood
 from sdm_core.config import SDMConfig
 from sdm_core.fitting import FittedLayer, LayerStatistics, fit_estimator_layers
 from sdm_core.math import (
     as_tensor,
-    distance_quantile,
+    distance_quantile_unchecked,
     dkw_epsilon,
-    effective_sample_sizes,
-    rescaled_similarity,
-    sdm_probabilities,
+    effective_sample_sizes_unchecked,
+    rescaled_similarity_unchecked,
+    sdm_probabilities_unchecked,
 )
 from sdm_core.support import OOD_LABEL, SupportIndex
 
@@ -176,6 +176,7 @@ class SDMEstimator:
         self.calibration_labels = torch.empty(0, dtype=torch.long)
         self.calibration: LayerStatistics | None = None
         self.metadata: dict = {}
+        self._q_prime_cdf_cache: list[torch.Tensor] | None = None
 
     # -- fitting --------------------------------------------------------------------------------------------
     @property
@@ -257,6 +258,7 @@ class SDMEstimator:
             raise NotFittedError("recalibrate needs a fitted estimator")
         default = self.config.alpha if default_alpha is None else default_alpha
         nested = self.config.nested_regions if nested is None else nested
+        self._q_prime_cdf_cache = None
         ladder = fit_ladder(
             self.calibration.probabilities,
             self.calibration.q_prime,
@@ -272,8 +274,12 @@ class SDMEstimator:
 
     # -- scoring --------------------------------------------------------------------------------------------
     def _q_prime_cdfs(self) -> list[torch.Tensor]:
-        # Over all calibration points, OOD included (Eq. 11's |D_ca|_c eCDF_c).
-        return [torch.sort(self.calibration.q_prime[self.calibration_labels == c].to(torch.float64)).values for c in range(self.num_classes)]
+        # Over all calibration points, OOD included (Eq. 11's |D_ca|_c eCDF_c); cached, as scoring needs it per call.
+        if getattr(self, "_q_prime_cdf_cache", None) is None:
+            self._q_prime_cdf_cache = [
+                torch.sort(self.calibration.q_prime[self.calibration_labels == c].to(torch.float64)).values for c in range(self.num_classes)
+            ]
+        return self._q_prime_cdf_cache
 
     def predict(self, embeddings: object) -> torch.Tensor:
         """yhat = argmax z' (never the argmax of the SDM output, SDM_SPEC §1.3)."""
@@ -307,24 +313,25 @@ class SDMEstimator:
         logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
         sim = self.support.similarity(exemplars, predictions, exclude=exclude)
-        q = sim.q.to(torch.float32)
+        q = sim.q.to(logits.dtype)
+        d = distance_quantile_unchecked(sim.d_nearest, self.calibration_cdfs)
         in_train = exclude >= 0
-        d = distance_quantile(sim.d_nearest, self.calibration_cdfs)
         if bool(in_train.any()):
-            d = torch.where(in_train, distance_quantile(sim.d_nearest, self.train_cdfs), d)
-        probabilities = sdm_probabilities(logits, q, d)
-        p_hat = probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1)
-        q_prime = rescaled_similarity(q, p_hat)
+            d = torch.where(in_train, distance_quantile_unchecked(sim.d_nearest, self.train_cdfs), d)
+        d = d.to(logits.dtype)
+        probabilities = sdm_probabilities_unchecked(logits, q, d)
+        q_prime = rescaled_similarity_unchecked(q, probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))
         admitted, region_alpha, reasons = self.ladder.decide(probabilities, predictions, q_prime, a)
 
-        ess = effective_sample_sizes(q_prime, self._q_prime_cdfs(), self.config.effective_sample_size_rule)
-        epsilon = dkw_epsilon(ess, a).max(dim=1).values.to(torch.float32)
+        ess = effective_sample_sizes_unchecked(q_prime, self._q_prime_cdfs(), self.config.effective_sample_size_rule)
+        epsilon = dkw_epsilon(ess, a).max(dim=1).values.to(logits.dtype)
         d_lower = torch.clamp(d - epsilon, 0.0, 1.0)
         d_upper = torch.clamp(d + epsilon, 0.0, 1.0)
-        p_lower = sdm_probabilities(logits, q, d_lower)
-        p_upper = sdm_probabilities(logits, q, d_upper)
-        q_prime_lower = rescaled_similarity(q, p_lower.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        admitted_lower = self._admit_lower(p_lower, predictions, q_prime_lower, a)
+        p_lower = sdm_probabilities_unchecked(logits, q, d_lower)
+        p_upper = sdm_probabilities_unchecked(logits, q, d_upper)
+        q_prime_lower = rescaled_similarity_unchecked(q, p_lower.gather(1, predictions.unsqueeze(1)).squeeze(1))
+        own_lower = admissions_unchecked(p_lower, predictions, q_prime_lower, [self.ladder.regions[r] for r in self.ladder.alphas])
+        admitted_lower = self.ladder.admitted_at(own_lower, a)
 
         neighbours: list[list[Exemplar]] = []
         if return_exemplars:
@@ -362,13 +369,6 @@ class SDMEstimator:
             nearest_id=[self.support.ids[int(i)] for i in sim.nearest_index],
             exemplars=neighbours,
         )
-
-    def _admit_lower(self, p_lower: torch.Tensor, predictions: torch.Tensor, q_prime_lower: torch.Tensor, alpha: float) -> torch.Tensor:
-        """HR_lower: the HR rule with SDM_lower and q'_lower and the same regions (ACT Eq. 19)."""
-        columns = [in_region(p_lower, predictions, q_prime_lower, self.ladder.regions[a]) for a in self.ladder.alphas]
-        own = torch.stack(columns, dim=1)
-        column = self.ladder.alphas.index(alpha)
-        return own[:, : column + 1].any(dim=1) if self.ladder.nested else own[:, column]
 
     def nearest_exemplars(self, embeddings: object, k: int = 5) -> list[list[Exemplar]]:
         return self.score(embeddings, return_exemplars=k).exemplars

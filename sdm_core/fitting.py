@@ -117,7 +117,7 @@ def fit_layer(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * batch.numel()
+            total += float(loss.detach()) * batch.numel()
             count += batch.numel()
 
         train_logits, train_exemplars = adaptor.infer(train_embeddings, config.eval_batch_size)

@@ -25,6 +25,10 @@ __all__ = [
     "distance_quantile",
     "effective_sample_sizes",
     "dkw_epsilon",
+    "sdm_probabilities_unchecked",
+    "rescaled_similarity_unchecked",
+    "distance_quantile_unchecked",
+    "effective_sample_sizes_unchecked",
 ]
 
 # The base of the SDM activation is 2 + q: q = 0 (OOD) still gives a valid base > 1 (SDM_SPEC §1.6).
@@ -101,9 +105,14 @@ def sdm_probabilities(logits: object, q: object, d: object) -> torch.Tensor:
     logits: (N, C) or (C,); q, d: scalars or (N,). Returns probabilities of the same leading shape as logits.
     """
     z, q_t, d_t, squeeze = _q_d(logits, q, d)
-    scaled, _ = _scaled_logits(z, q_t, d_t)
-    out = torch.softmax(scaled, dim=1)
+    out = sdm_probabilities_unchecked(z, q_t, d_t)
     return out.squeeze(0) if squeeze else out
+
+
+def sdm_probabilities_unchecked(logits: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``sdm_probabilities`` without validation, for hot paths whose inputs are already known to be valid:
+    logits (N, C), q and d (N,) of the logits' dtype."""
+    return torch.softmax(_scaled_logits(logits, q, d)[0], dim=1)
 
 
 def sdm_log_probabilities(logits: object, q: object, d: object) -> torch.Tensor:
@@ -146,8 +155,12 @@ def rescaled_similarity(q: object, p_predicted: object) -> torch.Tensor:
     if p_t.numel() and bool(((p_t < 0) | (p_t > 1)).any()):
         raise ValueError("p_predicted must lie in [0, 1] (it is a probability)")
     dtype = torch.promote_types(q_t.dtype, p_t.dtype)
-    q_t, p_t = q_t.to(dtype), p_t.to(dtype)
-    return torch.minimum(q_t, torch.pow(q_t + Q_RESCALE_OFFSET, p_t))
+    return rescaled_similarity_unchecked(q_t.to(dtype), p_t.to(dtype))
+
+
+def rescaled_similarity_unchecked(q: torch.Tensor, p_predicted: torch.Tensor) -> torch.Tensor:
+    """``rescaled_similarity`` without validation (hot paths)."""
+    return torch.minimum(q, torch.pow(q + Q_RESCALE_OFFSET, p_predicted))
 
 
 def similarity_from_matches(matches: object) -> torch.Tensor:
@@ -185,16 +198,20 @@ def distance_quantile(d_nearest: object, class_cdfs: Sequence[object]) -> torch.
     if x.numel() and bool((x < 0).any()):
         raise ValueError("d_nearest must be >= 0 (it is a distance)")
     cdfs = _sorted_cdfs(class_cdfs, "class_cdfs")
-    flat = x.reshape(-1)
-    d = torch.ones_like(flat, dtype=torch.float64)
-    for values in cdfs:
-        if values.numel() == 0:
-            quantile = torch.zeros_like(d)
-        else:
-            below = torch.searchsorted(values.to(torch.float64), flat.to(torch.float64), side="left")
-            quantile = 1.0 - below.to(torch.float64) / values.numel()
-        d = torch.minimum(d, quantile)
+    d = distance_quantile_unchecked(x.reshape(-1), cdfs)
     return d.to(x.dtype if torch.is_floating_point(x) else torch.float32).reshape(x.shape)
+
+
+def distance_quantile_unchecked(d_nearest: torch.Tensor, class_cdfs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``distance_quantile`` without validation (hot paths): 1-D d_nearest, sorted tensors; float64 result."""
+    flat = d_nearest.to(torch.float64)
+    d = torch.ones_like(flat)
+    for values in class_cdfs:
+        if values.numel() == 0:
+            return torch.zeros_like(flat)
+        below = torch.searchsorted(values.to(torch.float64), flat, side="left")
+        d = torch.minimum(d, 1.0 - below.to(torch.float64) / values.numel())
+    return d
 
 
 def effective_sample_sizes(
@@ -214,9 +231,14 @@ def effective_sample_sizes(
     if rule not in ("paper", "reference"):
         raise ValueError(f"rule must be 'paper' or 'reference', got {rule!r}")
     cdfs = _sorted_cdfs(class_q_prime_cdfs, "class_q_prime_cdfs")
-    flat = x.reshape(-1).to(torch.float64)
+    return effective_sample_sizes_unchecked(x.reshape(-1), cdfs, rule)
+
+
+def effective_sample_sizes_unchecked(q_prime: torch.Tensor, class_q_prime_cdfs: Sequence[torch.Tensor], rule: str) -> torch.Tensor:
+    """``effective_sample_sizes`` without validation (hot paths)."""
+    flat = q_prime.to(torch.float64)
     columns = []
-    for values in cdfs:
+    for values in class_q_prime_cdfs:
         v = values.to(torch.float64)
         if rule == "paper":
             counts = torch.searchsorted(v, flat, side="right").to(torch.float64)

@@ -107,11 +107,12 @@ class SupportIndex:
             if identifier in self._position:
                 raise ValueError(f"ids must be unique; {identifier!r} is already in the support")
             self._position[identifier] = start + offset
+        new_norms = torch.cat([(x[i : i + 4096].double() ** 2).sum(dim=1) for i in range(0, x.shape[0], 4096)] or [torch.empty(0, dtype=torch.float64)])
         self.exemplars = x.contiguous().clone() if start == 0 else torch.cat([self.exemplars, x], dim=0)
+        self._norms = new_norms.to(torch.float32) if start == 0 else torch.cat([self._norms, new_norms.to(torch.float32)])
         self.labels = torch.cat([self.labels, y])
         self.predictions = torch.cat([self.predictions, p])
         self.ids.extend(new_ids)
-        self._norms = (self.exemplars.double() ** 2).sum(dim=1).to(torch.float32)
         self._faiss = None
 
     def positions(self, ids: Sequence[str | None]) -> torch.Tensor:
