@@ -312,23 +312,48 @@ def test_auto_backend_resolves_to_a_concrete_backend():
 # --------------------------------------------------------------------------------------------------------------
 # chunking gives identical results
 # --------------------------------------------------------------------------------------------------------------
+def _search_all(index, queries, qpreds, exclude):
+    return index.similarity(queries, qpreds, exclude=exclude), index.neighbors(queries, 9, exclude=exclude)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 500])
-def test_chunked_search_gives_identical_results(monkeypatch, chunk):
+def test_chunked_search_gives_identical_q_nearest_and_neighbours(monkeypatch, chunk):
+    # Gaussian data: q, nearest positions and neighbour lists are identical; distances agree to float32 rounding
+    # (the distance GEMM's rounding depends on how many queries share a block, ~1 ulp).
     rng, x, labels, preds = _clustered(5, 200, 6)
     queries = np.concatenate([rng.normal(size=(97, 6)).astype(np.float32), x[:20], x[:5]])
     qpreds = np.concatenate([(queries[:97, 0] > 0).astype(np.int64), preds[:20], 1 - preds[:5]])
     exclude = np.concatenate([np.full(97, -1), np.arange(20), np.arange(5)])
     index = SupportIndex(x, labels, preds, max_q=50)
-    full = index.similarity(queries, qpreds, exclude=exclude)
-    full_n = index.neighbors(queries, 9, exclude=exclude)
+    full, (full_d, full_p) = _search_all(index, queries, qpreds, exclude)
     monkeypatch.setattr(support_module, "_CHUNK_ELEMENTS", chunk)
     assert index._chunk_rows() == max(1, chunk // 200)
-    chunked = index.similarity(queries, qpreds, exclude=exclude)
-    chunked_n = index.neighbors(queries, 9, exclude=exclude)
+    chunked, (chunked_d, chunked_p) = _search_all(index, queries, qpreds, exclude)
     assert torch.equal(full.q, chunked.q)
     assert torch.equal(full.nearest_index, chunked.nearest_index)
+    assert torch.allclose(full.d_nearest, chunked.d_nearest, rtol=1e-5, atol=1e-6)
+    assert torch.equal(full_p, chunked_p)
+    assert torch.allclose(full_d, chunked_d, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 500])
+def test_chunked_search_is_bit_identical_when_distances_are_exact(monkeypatch, chunk):
+    # Integer coordinates make every distance exact, so chunking must not change a single bit (ties included).
+    rng = np.random.default_rng(6)
+    x = rng.integers(-3, 4, size=(200, 3)).astype(np.float32)
+    labels = rng.integers(0, 2, 200)
+    preds = np.where(rng.random(200) < 0.9, labels, 1 - labels)
+    queries = rng.integers(-3, 4, size=(60, 3)).astype(np.float32)
+    qpreds = rng.integers(0, 2, 60)
+    exclude = rng.integers(-1, 200, 60)
+    index = SupportIndex(x, labels, preds, max_q=30)
+    full, (full_d, full_p) = _search_all(index, queries, qpreds, exclude)
+    monkeypatch.setattr(support_module, "_CHUNK_ELEMENTS", chunk)
+    chunked, (chunked_d, chunked_p) = _search_all(index, queries, qpreds, exclude)
+    assert torch.equal(full.q, chunked.q) and bool((full.q > 0).any())
+    assert torch.equal(full.nearest_index, chunked.nearest_index)
     assert torch.equal(full.d_nearest, chunked.d_nearest)
-    assert torch.equal(full_n[0], chunked_n[0]) and torch.equal(full_n[1], chunked_n[1])
+    assert torch.equal(full_p, chunked_p) and torch.equal(full_d, chunked_d)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -395,3 +420,16 @@ def test_rejected_add_leaves_the_index_unchanged():
     assert index.positions(["new"]).tolist() == [-1]
     index.add(np.asarray([[4.0, 4.0]], dtype=np.float32), [1], [1], ids=["new"])
     assert index.positions(["new"]).tolist() == [2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_whose_only_support_point_is_excluded_has_no_nearest(backend):
+    # With the single support point excluded there is no neighbour: q = 0, distance inf, and the nearest
+    # position must be -1 (as neighbors() pads), never the excluded point itself; both backends must agree.
+    index = _index([[0.0, 0.0]], [0], [0], backend)
+    res = index.similarity(np.zeros((1, 2), dtype=np.float32), [0], exclude=[0])
+    assert res.q.tolist() == [0]
+    assert res.d_nearest.tolist() == [float("inf")]
+    assert res.nearest_index.tolist() == [-1]
+    dist, pos = index.neighbors(np.zeros((1, 2), dtype=np.float32), 1, exclude=[0])
+    assert pos.tolist() == [[-1]] and dist.tolist() == [[float("inf")]]

@@ -1,0 +1,169 @@
+"""The hidden-state recipe: how a (prompt, response) pair becomes the SDM head's input h.
+
+h = [mean over positions ; last position] of the LM's final-layer hidden states (after the final norm), over
+the chat-templated sequence whose assistant turn is the response truncated right after its right-most
+``<verified>`` (SDM_SPEC §1.1). Training and serving both call :func:`embed_texts` with the same
+:class:`HiddenStateRecipe`, which the bundle records, so the head sees identical inputs in both.
+
+This module is handed a model and a tokenizer; it never loads one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = [
+    "VERIFIED_OPEN",
+    "VERIFIED_CLOSE",
+    "ChatFormat",
+    "HiddenStateRecipe",
+    "verification_prefix",
+    "chat_messages",
+    "verification_text",
+    "embed_texts",
+]
+
+VERIFIED_OPEN = "<verified>"
+VERIFIED_CLOSE = "</verified>"
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a prompt becomes chat messages. ``system_prompt`` None leaves the template's own default."""
+
+    system_prompt: str | None = "You are a helpful AI assistant."
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ChatFormat":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True)
+class HiddenStateRecipe:
+    """Which hidden states make h, recorded in every bundle.
+
+    layer: index into ``hidden_states`` (-1: the final layer, after the final norm).
+    sequence_end: "template" (the reference code: the chat template's trailing end-of-turn tokens follow the
+        truncated response, so the last position is the template's last token) or "verified" (the paper: the
+        sequence ends at the ``<verified>`` token itself). See docs/decisions.md.
+    order: "mean_last" ([mean ; last], the reference code) or "last_mean" (the paper's listing order).
+    max_length: longest tokenised sequence; longer ones keep their last ``max_length`` tokens, so the end that
+        carries the verification tag is never cut.
+    """
+
+    layer: int = -1
+    sequence_end: str = "template"
+    order: str = "mean_last"
+    max_length: int = 2048
+    verified_open: str = VERIFIED_OPEN
+
+    def __post_init__(self) -> None:
+        if self.sequence_end not in ("template", "verified"):
+            raise ValueError(f"sequence_end must be 'template' or 'verified', got {self.sequence_end!r}")
+        if self.order not in ("mean_last", "last_mean"):
+            raise ValueError(f"order must be 'mean_last' or 'last_mean', got {self.order!r}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {self.max_length}")
+        if not self.verified_open:
+            raise ValueError("verified_open must be a non-empty string")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HiddenStateRecipe":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def verification_prefix(response: str, verified_open: str = VERIFIED_OPEN) -> str:
+    """The response truncated immediately after its right-most ``<verified>``; a response without one gets
+    ``"\\n<verified>"`` appended (the reference's malformed-output normaliser, SDM_SPEC §4.1)."""
+    cut = response.rfind(verified_open)
+    if cut >= 0:
+        return response[: cut + len(verified_open)]
+    return response.rstrip() + "\n" + verified_open
+
+
+def chat_messages(prompt: str | Sequence[dict], chat: ChatFormat) -> list[dict]:
+    """A prompt string (wrapped with the system prompt) or an existing message list, as chat messages."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+        if chat.system_prompt is not None:
+            messages.insert(0, {"role": "system", "content": chat.system_prompt})
+        return messages
+    return [dict(m) for m in prompt]
+
+
+def verification_text(tokenizer, prompt: str | Sequence[dict], response: str, chat: ChatFormat, recipe: HiddenStateRecipe) -> str:
+    """The exact string whose hidden states make h for (prompt, response)."""
+    prefix = verification_prefix(response, recipe.verified_open)
+    messages = chat_messages(prompt, chat) + [{"role": "assistant", "content": prefix}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    if recipe.sequence_end == "verified":
+        text = text[: text.rfind(recipe.verified_open) + len(recipe.verified_open)]
+    return text
+
+
+def _backbone(model):
+    """The transformer without its LM head: h needs hidden states only, and the vocabulary projection is a large
+    share of a small model's compute. Its last hidden state is the final layer after the final norm."""
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    return decoder if decoder is not None else model
+
+
+@torch.no_grad()
+def embed_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    recipe: HiddenStateRecipe,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> torch.Tensor:
+    """h for each rendered text: (N, 2H) float32. Batched with right padding; mean and last use real tokens only.
+
+    Texts are tokenised without adding special tokens (the chat template already has them) and batched in
+    length order to limit padding; the output follows the input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not texts:
+        hidden = int(model.config.hidden_size)
+        return torch.empty(0, 2 * hidden)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][-recipe.max_length :] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    backbone = _backbone(model)
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor | None] = [None] * len(texts)
+    for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
+        index = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in index)
+        ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(index), width), dtype=torch.long)
+        for row, i in enumerate(index):
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, : len(encoded[i])] = 1
+        result = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=recipe.layer != -1, use_cache=False)
+        states = (result.last_hidden_state if recipe.layer == -1 else result.hidden_states[recipe.layer]).float()
+        weights = mask.to(device).unsqueeze(-1).float()
+        mean = (states * weights).sum(dim=1) / weights.sum(dim=1)
+        lengths = mask.sum(dim=1).to(device) - 1
+        last = states[torch.arange(len(index), device=device), lengths]
+        pair = (mean, last) if recipe.order == "mean_last" else (last, mean)
+        h = torch.cat(pair, dim=1).cpu()
+        for row, i in enumerate(index):
+            out[i] = h[row]
+    model.train(was_training)
+    return torch.stack(out)

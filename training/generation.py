@@ -1,0 +1,58 @@
+"""Batched greedy generation for hard negatives, calibration and evaluation (left padding, no sampling)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sdm_core.embedding import ChatFormat
+from training.encoding import generation_prompt
+
+__all__ = ["greedy_generate"]
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[dict]],
+    chat: ChatFormat,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy completions (special tokens skipped), in input order. Stops at the tokenizer's EOS."""
+    if not prompts:
+        return []
+    texts = [generation_prompt(tokenizer, p, chat) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(texts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        index = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in index)
+        ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(index), width), dtype=torch.long)
+        for row, i in enumerate(index):
+            n = len(encoded[i])
+            ids[row, width - n :] = torch.tensor(encoded[i])
+            mask[row, width - n :] = 1
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+        )
+        for row, i in enumerate(index):
+            out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+    model.train(was_training)
+    return out

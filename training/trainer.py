@@ -1,0 +1,347 @@
+"""The SDM LM fine-tuning loop (SDM_SPEC §3.3–§3.6) and its cross-entropy baseline.
+
+Per epoch: (SDM loss only) fit the training-set SDM layer on one instance per training document, embedded with
+the frozen LM. Per optimiser step: draw each document's instance (positive with probability gamma_positive,
+else a negative: the static one or, after the first epoch and with probability gamma_generate, a greedy
+generation that the correctness check rejects), compute each instance's base b = 2 + SDM(z')_y with the
+training layer (self-excluded for documents in its support), and take an AdamW step on Eq. 1 (or CE). Every
+``eval_steps``: fit a validation SDM layer on the calibration documents and compute the evaluation loss; the
+checkpoint with the lowest evaluation loss is kept.
+
+Every random draw comes from a ``random.Random`` seeded by (seed, epoch, step, document), so a resumed run makes
+exactly the draws an uninterrupted run makes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sdm_core import SDMConfig, SDMEstimator
+from sdm_core.embedding import ChatFormat, HiddenStateRecipe
+from training.checkpoint import atomic_dir, load_checkpoint, save_checkpoint
+from training.config import FinetuneConfig
+from training.correctness import is_verbatim, normalize_hard_negative
+from training.encoding import EncodedInstance, collate, encode_instance
+from training.generation import greedy_generate
+from training.loss import ce_token_loss, sdm_token_loss
+from training.records import Record
+from training.verification_layer import (
+    CLASS_NAMES,
+    Instance,
+    draw_layer_instances,
+    embed_instances,
+    fit_verification_layer,
+    prompt_of,
+    split_flags,
+)
+
+__all__ = ["SDMTrainer", "TrainResult", "git_revision"]
+
+log = logging.getLogger("training")
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    best_dir: Path
+    best_eval_loss: float
+    best_step: int
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+class SDMTrainer:
+    """Fine-tunes ``model`` on CONTRASTIVE-MASKING instances with the SDM next-token loss (or CE)."""
+
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        model,
+        tokenizer,
+        train_records: Sequence[Record],
+        calibration_records: Sequence[Record],
+        accelerator=None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.config = config
+        self.tokenizer = tokenizer
+        self.train_records = list(train_records)
+        self.calibration_records = list(calibration_records)
+        if not self.train_records or not self.calibration_records:
+            raise ValueError("fine-tuning needs non-empty train and calibration records")
+        self.chat = ChatFormat(system_prompt=config.system_prompt)
+        self.recipe = HiddenStateRecipe(sequence_end=config.recipe_sequence_end, max_length=config.max_length)
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.out = Path(config.output_dir)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.sdm_config = SDMConfig(
+            exemplar_dim=config.sdm_exemplar_dim,
+            epochs=config.sdm_epochs,
+            batch_size=config.sdm_batch_size,
+            learning_rate=config.sdm_learning_rate,
+            alpha=config.alpha,
+            seed=config.seed,
+            progress=False,
+            class_names=CLASS_NAMES,
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters")
+        decay = [p for p in trainable if p.dim() >= 2]
+        no_decay = [p for p in trainable if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+        )
+        total = self.total_steps
+        warmup = min(config.warmup_steps, total)
+
+        def schedule(step: int) -> float:  # linear warmup then linear decay to 0 (HF's default schedule)
+            if step < warmup:
+                return (step + 1) / max(warmup, 1)
+            return max(0.0, (total - step) / max(total - warmup, 1))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.scheduler = scheduler
+        eval_rng = random.Random(f"{config.seed}:eval-docs")
+        eval_docs = list(self.calibration_records)
+        eval_rng.shuffle(eval_docs)
+        self.eval_records = eval_docs[: config.max_eval_docs] if config.max_eval_docs else eval_docs
+        self.state = {
+            "epoch": 0,
+            "step": 0,
+            "best_eval_loss": math.inf,
+            "best_step": -1,
+            "previous_hard_negatives": {},  # from the last completed epoch: feeds the next training layer
+            "epoch_hard_negatives": {},  # generated in the current epoch
+            "validation_hard_negatives": {},  # from the last evaluation: feeds the next validation layer
+            "history": [],
+        }
+        self.train_layer: SDMEstimator | None = None
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+    @property
+    def docs_per_step(self) -> int:
+        return self.config.micro_batch_size * self.config.gradient_accumulation * self.accelerator.num_processes
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_records) / self.docs_per_step)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _log(self, record: dict) -> None:
+        self.state["history"].append(record)
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log.info(json.dumps(record))
+
+    # -- instances ------------------------------------------------------------------------------------------
+    def _draw(self, records: Sequence[Record], tag: str, generate_ok: bool, store: dict) -> list[Instance]:
+        """Each document's instance; generated hard negatives (checked by the verbatim rule) go into ``store``."""
+        cfg = self.config
+        plans = []
+        for record in records:
+            rng = random.Random(f"{cfg.seed}:{tag}:{record.id}")
+            if rng.random() < cfg.gamma_positive:
+                plans.append((record, rng, "positive"))
+            elif generate_ok and rng.random() < cfg.gamma_generate:
+                plans.append((record, rng, "generate"))
+            else:
+                plans.append((record, rng, "negative"))
+        to_generate = [record for record, _, kind in plans if kind == "generate"]
+        generations = dict(zip([r.id for r in to_generate], greedy_generate(
+            self.unwrapped, self.tokenizer, [prompt_of(r) for r in to_generate], self.chat, cfg.max_new_tokens, cfg.generate_batch_size,
+        ))) if to_generate else {}
+        instances = []
+        for record, rng, kind in plans:
+            if kind == "positive":
+                instances.append(Instance(record.id, prompt_of(record), record.positive, 1))
+                continue
+            candidates = [record.negative] + list(store.get(record.id, []))
+            if kind == "generate":
+                generated = generations[record.id].strip()
+                if not is_verbatim(generated, record.positive):
+                    negative = normalize_hard_negative(generated)
+                    if negative not in candidates:
+                        candidates.append(negative)
+                        store.setdefault(record.id, []).append(negative)
+            rng.shuffle(candidates)
+            instances.append(Instance(record.id, prompt_of(record), candidates[0], 0))
+        return instances
+
+    def _encode(self, instances: Sequence[Instance]) -> list[EncodedInstance]:
+        return [encode_instance(self.tokenizer, i.prompt, i.response, i.label, self.chat, self.config.max_length) for i in instances]
+
+    def _bases(self, instances: Sequence[Instance], layer: SDMEstimator | None, flags: dict[str, bool]) -> torch.Tensor:
+        """b = 2 + SDM(z')_y per instance (e for the CE baseline, where b does not enter the loss)."""
+        if layer is None:
+            return torch.full((len(instances),), math.e)
+        h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size)
+        scores = layer.score(h, support_ids=[i.doc_id if flags.get(i.doc_id) else None for i in instances])
+        labels = torch.tensor([i.label for i in instances])
+        return 2.0 + scores.probabilities.gather(1, labels.unsqueeze(1)).squeeze(1).to(torch.float32)
+
+    def _loss_sum(self, encoded: Sequence[EncodedInstance], bases: torch.Tensor) -> tuple[torch.Tensor, int]:
+        ids, mask, labels = collate(encoded, self.pad_id)
+        device = self.accelerator.device
+        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        if self.config.loss == "sdm":
+            return sdm_token_loss(logits, labels.to(device), bases.to(device))
+        return ce_token_loss(logits, labels.to(device))
+
+    # -- SDM layers -----------------------------------------------------------------------------------------
+    def _fit_layer(self, records: Sequence[Record], flags: dict[str, bool], hard_negatives: dict, tag: str) -> SDMEstimator:
+        rng = random.Random(f"{self.config.seed}:{tag}")
+        instances = draw_layer_instances(records, hard_negatives, rng, self.config.gamma_positive)
+        h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size, self.config.progress)
+        return fit_verification_layer(h, instances, flags, self.sdm_config)
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        """The evaluation loss over the calibration documents: Eq. 1 under a freshly fitted validation layer (or CE)."""
+        step, epoch = self.state["step"], self.state["epoch"]
+        flags = split_flags([r.id for r in self.calibration_records], self.config.seed, epoch)
+        layer = None
+        if self.config.loss == "sdm":
+            layer = self._fit_layer(self.calibration_records, flags, self.state["validation_hard_negatives"], f"validation-layer:{step}")
+        store: dict[str, list[str]] = {}
+        instances = self._draw(self.eval_records, f"eval:{step}", generate_ok=epoch >= 1, store=store)
+        self.state["validation_hard_negatives"] = store
+        bases = self._bases(instances, layer, flags)
+        self.model.eval()
+        total, tokens = 0.0, 0
+        size = self.config.micro_batch_size
+        with torch.no_grad():
+            for start in range(0, len(instances), size):
+                encoded = self._encode(instances[start : start + size])
+                loss_sum, n = self._loss_sum(encoded, bases[start : start + size])
+                total += float(loss_sum)
+                tokens += n
+        self.model.train()
+        return total / max(tokens, 1)
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def save_model(self, folder: Path) -> None:
+        model = self.unwrapped
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "sdm_training.json").write_text(json.dumps({"model_source": self.config.model, "lora": self.config.lora, "step": self.state["step"]}, indent=1))
+
+        if self.accelerator.is_main_process:
+            atomic_dir(folder, write)
+
+    def _checkpoint(self) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,
+                            trainer_state=self.state, train_layer=self.train_layer)
+        crash_after = os.environ.get("SDM_TEST_CRASH_AFTER_STEP")
+        if crash_after and self.state["step"] >= int(crash_after):
+            os._exit(137)  # a test hook that simulates kill -9 right after a checkpoint
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def train(self, resume: bool = False) -> TrainResult:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.state, self.train_layer = load_checkpoint(self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
+            log.info("resumed at epoch %d step %d", self.state["epoch"], self.state["step"])
+        elif self.accelerator.is_main_process:
+            (self.out / "metrics.jsonl").write_text("")
+            (self.out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "git_revision": git_revision(),
+                                                                 "torch": torch.__version__, "steps": self.total_steps}, indent=1))
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=f"fine-tuning ({cfg.loss})", disable=not cfg.progress)
+        started = time.perf_counter()
+        for epoch in range(self.state["epoch"], cfg.epochs):
+            first_step = epoch * self.steps_per_epoch
+            order = list(self.train_records)
+            random.Random(f"{cfg.seed}:order:{epoch}").shuffle(order)
+            flags = split_flags([r.id for r in self.train_records], cfg.seed, epoch)
+            if self.state["step"] == first_step or self.state["epoch"] != epoch:
+                self.state["epoch"] = epoch
+                if cfg.loss == "sdm":
+                    self.train_layer = self._fit_layer(self.train_records, flags, self.state["previous_hard_negatives"], f"train-layer:{epoch}")
+                self.state["epoch_hard_negatives"] = {}
+            for local in range(self.state["step"] - first_step, self.steps_per_epoch):
+                step = first_step + local
+                docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
+                docs = docs[self.accelerator.process_index :: self.accelerator.num_processes]
+                instances = self._draw(docs, f"train:{epoch}:{step}", generate_ok=epoch >= 1, store=self.state["epoch_hard_negatives"])
+                bases = self._bases(instances, self.train_layer, flags)
+                encoded = self._encode(instances)
+                tokens = torch.tensor(sum(e.trained_tokens for e in encoded), device=self.accelerator.device)
+                total_tokens = int(self.accelerator.reduce(tokens, "sum")) if self.accelerator.num_processes > 1 else int(tokens)
+                step_loss = 0.0
+                size = cfg.micro_batch_size
+                for start in range(0, len(encoded), size):
+                    loss_sum, _ = self._loss_sum(encoded[start : start + size], bases[start : start + size])
+                    # Dividing by the step's total unmasked tokens (all ranks) keeps Eq. 1's token mean exact under
+                    # gradient accumulation; DDP averages gradients over ranks, hence the world-size factor.
+                    loss = loss_sum * self.accelerator.num_processes / max(total_tokens, 1)
+                    self.accelerator.backward(loss)
+                    step_loss += float(loss.detach()) / self.accelerator.num_processes
+                if cfg.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state["step"] = step + 1
+                record = {"step": step + 1, "epoch": epoch + (local + 1) / self.steps_per_epoch, "loss": step_loss,
+                          "lr": self.scheduler.get_last_lr()[0], "mean_base": float(bases.mean()), "seconds": round(time.perf_counter() - started, 1)}
+                last = step + 1 == self.total_steps
+                if (step + 1) % cfg.eval_steps == 0 or last:
+                    eval_loss = self.evaluate()
+                    record["eval_loss"] = eval_loss
+                    if eval_loss < self.state["best_eval_loss"]:
+                        self.state["best_eval_loss"], self.state["best_step"] = eval_loss, step + 1
+                        self.save_model(self.out / "best")
+                        record["best"] = True
+                self._log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", eval=f"{self.state['best_eval_loss']:.4f}")
+                if local + 1 == self.steps_per_epoch:
+                    # The epoch's generations feed the next epoch's training layer; the store then starts afresh.
+                    self.state["previous_hard_negatives"] = {k: v for k, v in self.state["epoch_hard_negatives"].items() if v}
+                    self.state["epoch"] = epoch + 1
+                if (step + 1) % cfg.save_steps == 0 or last:
+                    self._checkpoint()
+        bar.close()
+        self.save_model(self.out / "final")
+        return TrainResult(self.out, self.out / "best", self.state["best_eval_loss"], self.state["best_step"], self.state["step"], self.state["history"])

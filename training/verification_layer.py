@@ -1,0 +1,82 @@
+"""The SDM layers used inside fine-tuning (SDM_SPEC §3.5): one instance per document, embedded with the frozen
+LM, split into the layer's support (flag 1) and calibration (flag 0) halves, fitted with sdm_core."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from sdm_core import SDMConfig, SDMEstimator
+from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
+from training.records import Record
+
+__all__ = ["Instance", "split_flags", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES"]
+
+CLASS_NAMES = ("No", "Yes")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One (prompt, response) with its reward label: 1 = the instruction was followed (positive), 0 = not."""
+
+    doc_id: str
+    prompt: object
+    response: str
+    label: int
+
+
+def split_flags(doc_ids: Sequence[str], seed: int, epoch: int) -> dict[str, bool]:
+    """flag True: the document is in the layer's support (its training split), with probability 0.5."""
+    rng = random.Random(f"{seed}:split:{epoch}")
+    return {doc_id: rng.random() < 0.5 for doc_id in doc_ids}
+
+
+def prompt_of(record: Record) -> object:
+    return record.prompt if record.prompt is not None else record.messages
+
+
+def draw_layer_instances(
+    records: Sequence[Record], hard_negatives: Mapping[str, Sequence[str]], rng: random.Random, gamma_positive: float = 0.5,
+    prefer_hard_negatives: bool = False,
+) -> list[Instance]:
+    """One instance per document: the positive with probability gamma_positive, else a negative drawn uniformly
+    from the static negative and the document's stored hard negatives. With ``prefer_hard_negatives`` (the
+    final test-time layer's gamma_diversity = 1) the static negative is used only when no hard negative exists."""
+    out = []
+    for record in records:
+        if rng.random() < gamma_positive:
+            out.append(Instance(record.id, prompt_of(record), record.positive, 1))
+            continue
+        stored = list(hard_negatives.get(record.id, ()))
+        candidates = stored if (prefer_hard_negatives and stored) else [record.negative] + stored
+        out.append(Instance(record.id, prompt_of(record), rng.choice(candidates), 0))
+    return out
+
+
+def embed_instances(model, tokenizer, instances: Sequence[Instance], chat: ChatFormat, recipe: HiddenStateRecipe, batch_size: int, progress: bool = False) -> torch.Tensor:
+    texts = [verification_text(tokenizer, i.prompt, i.response, chat, recipe) for i in instances]
+    return embed_texts(model, tokenizer, texts, recipe, batch_size=batch_size, progress=progress)
+
+
+def fit_verification_layer(
+    embeddings: torch.Tensor,
+    instances: Sequence[Instance],
+    flags: Mapping[str, bool],
+    sdm_config: SDMConfig,
+) -> SDMEstimator:
+    """Fit a 2-class SDM layer: support = instances whose document has flag True, calibration = the rest."""
+    support = [k for k, i in enumerate(instances) if flags[i.doc_id]]
+    calibration = [k for k, i in enumerate(instances) if not flags[i.doc_id]]
+    if len(support) < 2 or not calibration:
+        raise ValueError(
+            f"the SDM layer needs at least 2 support and 1 calibration documents, got {len(support)} and {len(calibration)}; use more documents"
+        )
+    labels = torch.tensor([i.label for i in instances], dtype=torch.long)
+    s, c = torch.tensor(support), torch.tensor(calibration)
+    return SDMEstimator(sdm_config).fit(
+        embeddings[s], labels[s], embeddings[c], labels[c], num_classes=2,
+        train_ids=[instances[k].doc_id for k in support], calibration_ids=[instances[k].doc_id for k in calibration],
+    )
