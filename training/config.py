@@ -36,6 +36,7 @@ class FinetuneConfig:
     loss: str = "sdm"  # "sdm" (Eq. 1) or "ce" (the baseline on the same encoding)
     gamma_positive: float = 0.5
     gamma_generate: float = 0.5
+    generate_from_epoch: int = 1  # 0-based epoch from which hard negatives are generated (reference: after epoch 1)
     max_new_tokens: int = 512
     max_length: int = 2048
     # optimisation
@@ -69,7 +70,7 @@ class FinetuneConfig:
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_train_docs", "max_calibration_docs", "max_eval_docs", "warmup_steps", "trainable_last_layers"):
+        for name in ("max_train_docs", "max_calibration_docs", "max_eval_docs", "warmup_steps", "trainable_last_layers", "generate_from_epoch"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("gamma_positive", "gamma_generate"):
@@ -140,9 +141,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"kind": "tiny", "seed": 0},
         "dtype": "float32",
-        "max_train_docs": 24,
-        "max_calibration_docs": 24,
-        "max_eval_docs": 8,
+        "max_train_docs": 16,
+        "max_calibration_docs": 16,
+        "max_eval_docs": 4,
         "epochs": 2,
         "micro_batch_size": 4,
         "gradient_accumulation": 2,

@@ -240,7 +240,7 @@ class SDMTrainer:
         if self.config.loss == "sdm":
             layer = self._fit_layer(self.calibration_records, flags, self.state["validation_hard_negatives"], f"validation-layer:{step}")
         store: dict[str, list[str]] = {}
-        instances = self._draw(self.eval_records, f"eval:{step}", generate_ok=epoch >= 1, store=store)
+        instances = self._draw(self.eval_records, f"eval:{step}", generate_ok=epoch >= self.config.generate_from_epoch, store=store)
         self.state["validation_hard_negatives"] = store
         bases = self._bases(instances, layer, flags)
         self.model.eval()
@@ -282,6 +282,8 @@ class SDMTrainer:
         if resume:
             self.state, self.train_layer = load_checkpoint(self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
             log.info("resumed at epoch %d step %d", self.state["epoch"], self.state["step"])
+            if self.accelerator.is_main_process:  # drop records logged after the checkpoint; they are redone
+                (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.state["history"]))
         elif self.accelerator.is_main_process:
             (self.out / "metrics.jsonl").write_text("")
             (self.out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "git_revision": git_revision(),
@@ -303,7 +305,7 @@ class SDMTrainer:
                 step = first_step + local
                 docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
                 docs = docs[self.accelerator.process_index :: self.accelerator.num_processes]
-                instances = self._draw(docs, f"train:{epoch}:{step}", generate_ok=epoch >= 1, store=self.state["epoch_hard_negatives"])
+                instances = self._draw(docs, f"train:{epoch}:{step}", generate_ok=epoch >= self.config.generate_from_epoch, store=self.state["epoch_hard_negatives"])
                 bases = self._bases(instances, self.train_layer, flags)
                 encoded = self._encode(instances)
                 tokens = torch.tensor(sum(e.trained_tokens for e in encoded), device=self.accelerator.device)
@@ -324,7 +326,8 @@ class SDMTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] = step + 1
                 record = {"step": step + 1, "epoch": epoch + (local + 1) / self.steps_per_epoch, "loss": step_loss,
-                          "lr": self.scheduler.get_last_lr()[0], "mean_base": float(bases.mean()), "seconds": round(time.perf_counter() - started, 1)}
+                          "lr": self.scheduler.get_last_lr()[0], "mean_base": float(bases.mean()), "seconds": round(time.perf_counter() - started, 1),
+                          "hard_negatives": sum(len(v) for v in self.state["epoch_hard_negatives"].values())}
                 last = step + 1 == self.total_steps
                 if (step + 1) % cfg.eval_steps == 0 or last:
                     eval_loss = self.evaluate()

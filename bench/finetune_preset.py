@@ -1,0 +1,55 @@
+"""Wall time of a fine-tuning preset end to end (fine-tune, then calibrate into a bundle) and the bundle's
+calibration-set HIGH-RELIABILITY proportion at alpha = 0.95. Prints one JSON line.
+
+    python bench/finetune_preset.py --preset smollm2-cpu --out runs/bench-smollm2 [--loss sdm|ce]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.calibrate import PRESETS as CALIBRATE_PRESETS  # noqa: E402
+from training.calibrate import CalibrateConfig, calibrate  # noqa: E402
+from training.config import PRESETS, FinetuneConfig  # noqa: E402
+from training.finetune import run  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="smollm2-cpu", choices=sorted(PRESETS))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--loss", default="sdm", choices=("sdm", "ce"))
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    config = replace(FinetuneConfig(), **{**PRESETS[args.preset], "output_dir": str(out / "run"), "loss": args.loss, "progress": args.progress})
+    started = time.perf_counter()
+    result = run(config)
+    finetune_seconds = time.perf_counter() - started
+    cal_config = replace(CalibrateConfig(), **{**CALIBRATE_PRESETS.get(args.preset, {}), "run": str(out / "run"), "out": str(out / "bundle"), "progress": args.progress})
+    started = time.perf_counter()
+    summary = calibrate(cal_config)
+    calibrate_seconds = time.perf_counter() - started
+    print(json.dumps({
+        "preset": args.preset,
+        "loss": args.loss,
+        "finetune_seconds": round(finetune_seconds, 1),
+        "calibrate_seconds": round(calibrate_seconds, 1),
+        "total_seconds": round(finetune_seconds + calibrate_seconds, 1),
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "best_eval_loss": result.best_eval_loss,
+        **{f"calibration_{k}": v for k, v in summary.items() if k != "bundle"},
+        "bundle": summary["bundle"],
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""End-to-end fine-tuning on the tiny preset: SDM loss with hard negatives, the CE baseline, calibration into a
+bundle that loads and scores, and resume after a simulated crash (kill -9 right after a checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdm_core.bundle import load_bundle, read_bundle_info
+from sdm_core.embedding import embed_texts, verification_text
+from training.calibrate import PRESETS as CALIBRATE_PRESETS
+from training.calibrate import CalibrateConfig, calibrate
+from training.config import PRESETS, FinetuneConfig
+from training.finetune import run
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(out: Path, **overrides) -> FinetuneConfig:
+    return replace(FinetuneConfig(), **{**PRESETS["tiny"], "output_dir": str(out), **overrides})
+
+
+@pytest.fixture(scope="module")
+def sdm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sdm_run")
+    # One epoch, with generation from the first epoch so that hard negatives occur in a one-epoch run.
+    result = run(tiny_config(out, epochs=1, generate_from_epoch=0, gamma_generate=1.0))
+    return out, result
+
+
+def test_sdm_run_writes_outputs_and_generates_hard_negatives(sdm_run):
+    out, result = sdm_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, result.steps + 1))
+    assert any("eval_loss" in r for r in records)
+    assert max(r["hard_negatives"] for r in records) > 0
+    assert all(2.0 <= r["mean_base"] <= 3.0 for r in records)
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["loss"] == "sdm" and "git_revision" in config
+    assert (out / "best" / "model.safetensors").is_file() and (out / "checkpoint" / "checkpoint.json").is_file()
+    assert result.best_eval_loss == min(r["eval_loss"] for r in records if "eval_loss" in r)
+
+
+def test_calibrate_builds_a_bundle_that_loads_and_scores(sdm_run, tmp_path):
+    out, _ = sdm_run
+    bundle_dir = tmp_path / "bundle"
+    summary = calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
+    assert summary["calibration_docs"] == 16 and summary["hard_negatives"] > 0
+    info = read_bundle_info(bundle_dir)
+    assert info.recipe.sequence_end == "template" and info.tags.yes == "Yes"
+    assert info.model["kind"] == "full" and info.model["base"] == {"kind": "tiny", "seed": 0}
+    bundle = load_bundle(bundle_dir)
+    text = verification_text(bundle.tokenizer, "Order: 'b a'", "<sentence>a b</sentence>\n<verified>Yes</verified>", info.chat, info.recipe)
+    assert text.endswith("<verified><|im_end|>\n")
+    scores = bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe))
+    record = scores.record(0)
+    assert 0.0 <= record["probability"] <= 1.0 and record["prediction"] in (0, 1)
+    # A tampered bundle file is refused.
+    weights = bundle_dir / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+    with pytest.raises(ValueError, match="modified or corrupted"):
+        read_bundle_info(bundle_dir)
+
+
+def test_cross_entropy_baseline_runs_on_the_same_encoding(tmp_path):
+    result = run(tiny_config(tmp_path / "ce", loss="ce", epochs=1))
+    records = [json.loads(line) for line in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == len(records) and all(abs(r["mean_base"] - 2.718281828) < 1e-6 for r in records)
+    assert (tmp_path / "ce" / "best" / "model.safetensors").is_file()
+
+
+def _finetune(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "training.finetune", "--preset", "tiny", "--output-dir", str(out), "--epochs", "2", *extra]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
+    straight = _finetune(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    crashed = _finetune(tmp_path / "crashed", env={"SDM_TEST_CRASH_AFTER_STEP": "3"})
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    assert not (tmp_path / "crashed" / "final").exists()
+    resumed = _finetune(tmp_path / "crashed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no step logged twice after the resume

@@ -1,0 +1,531 @@
+"""``python -m training.evaluate``: test-set evaluation of one or more bundles, laid out like the LM paper.
+
+For every bundle and every record file: greedy-decode each prompt with the bundle's model and chat format, label
+the generation with the task's correctness function (y = r(generation, reference), SDM_SPEC §4.3), build the
+verification input exactly as the server does (the response truncated after its right-most ``<verified>``, or
+with one appended, wrapped in the chat template), embed it with the bundle's hidden-state recipe and score it
+with the bundle's SDM head. Alongside, the generation's surface metrics (§4.3): sentence accuracy, exact-match
+accuracy, "no response" count, word-level accuracy and the model's own Yes/No tag against sentence correctness.
+
+Outputs under ``--out``:
+
+    metrics.json                              every number, per bundle x dataset (Table 2, 3, 4 data)
+    report.md                                 Table 2 (SDM_HR at alpha), Table 3 (surface), Table 4 per pair
+    predictions_<bundle>_<dataset>.jsonl      one line per document
+    admitted_vs_alpha_<dataset>.png           admitted proportion (and accuracy) against alpha, one line per bundle
+    q_prime_by_correctness_<bundle>_<dataset>.png   q' of correct vs wrong generations
+
+    python -m training.evaluate --preset tiny --bundles /tmp/bundle_tiny \\
+        --data wiki=data/test.jsonl,harvard=data/harvard.jsonl --out eval/tiny
+    python -m training.evaluate --bundles sdm=bundles/sdm,ce=bundles/ce --data wiki=data/test.jsonl --out eval/cmp
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sdm_core.embedding import embed_texts, verification_text
+from sdm_core.report import render_markdown, selective_report
+from training.config import build_parser, config_from_args
+from training.correctness import first_sentence, get_correctness
+from training.generation import greedy_generate
+from training.records import Record, load_records
+
+__all__ = ["EvaluateConfig", "PRESETS", "evaluate", "parse_named_paths", "surface_metrics", "main"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SENTENCE_OPEN_RE = re.compile(r"<sentence>(.*?)</sentence>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    bundles: tuple[str, ...] = ()  # "NAME=PATH" or a bundle folder (named after the folder)
+    data: tuple[str, ...] = ()  # "NAME=PATH" JSONL record files, or a path (named after the file stem)
+    out: str = ""
+    correctness: str = "word_order"
+    max_docs: int = 0  # per dataset; 0: all
+    max_new_tokens: int = 512
+    generate_batch_size: int = 16
+    embed_batch_size: int = 16
+    alpha: float | None = None  # None: each bundle's default alpha; otherwise it must be on every bundle's ladder
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        # The CLI hands strings for fields whose default is None or a tuple; normalise them here.
+        for name in ("bundles", "data"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            object.__setattr__(self, name, tuple(value))
+        if isinstance(self.alpha, str):
+            text = self.alpha.strip().lower()
+            if text in ("", "none", "default"):
+                object.__setattr__(self, "alpha", None)
+            else:
+                try:
+                    object.__setattr__(self, "alpha", float(text))
+                except ValueError:
+                    raise ValueError(f"alpha must be a number in (0.5, 1] or 'default', got {self.alpha!r}") from None
+
+    def validate(self) -> None:
+        if not self.bundles:
+            raise ValueError("--bundles is required: one or more NAME=PATH (or bundle folders), comma-separated")
+        if not self.data:
+            raise ValueError("--data is required: one or more NAME=PATH JSONL record files, comma-separated")
+        if not self.out:
+            raise ValueError("--out (the folder for metrics.json, report.md, predictions and plots) is required")
+        for name in ("max_new_tokens", "generate_batch_size", "embed_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if int(self.max_docs) < 0:
+            raise ValueError(f"max_docs must be >= 0 (0: all), got {self.max_docs!r}")
+        if self.alpha is not None and not 0.5 < float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in (0.5, 1], got {self.alpha}")
+        get_correctness(self.correctness)
+        bundles = parse_named_paths(self.bundles, "bundle")
+        data = parse_named_paths(self.data, "data")
+        for name, path in bundles.items():
+            if not (path / "bundle.json").is_file():
+                raise ValueError(f"bundle {name!r}: {path} is not an sdm-lm bundle (bundle.json is missing); "
+                                 "build one with python -m training.calibrate")
+        for name, path in data.items():
+            if not path.is_file():
+                raise ValueError(f"data {name!r}: {path} does not exist (expected a JSONL record file)")
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    # Sizes matched to training.calibrate's presets of the same name.
+    "smollm2-cpu": {"max_new_tokens": 96},
+    "tiny": {"max_new_tokens": 12, "max_docs": 16, "generate_batch_size": 8, "embed_batch_size": 8, "progress": False},
+}
+
+
+def parse_named_paths(specs: Sequence[str], kind: str) -> dict[str, Path]:
+    """``("NAME=PATH" | "PATH", ...)`` -> {name: path}, in order. A plain path is named after its folder
+    (bundles) or file stem (data). Names become parts of file names, so they are restricted to
+    letters, digits, ``_``, ``.`` and ``-``; duplicates are an error."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        spec = str(spec).strip()
+        if not spec:
+            raise ValueError(f"empty {kind} entry; give NAME=PATH or a path")
+        if "=" in spec:
+            name, path_text = (part.strip() for part in spec.split("=", 1))
+            if not name or not path_text:
+                raise ValueError(f"bad {kind} entry {spec!r}: expected NAME=PATH with a non-empty name and path")
+        else:
+            path_text = spec
+            p = Path(spec)
+            name = (p.stem if kind == "data" else p.name) or p.resolve().name
+        if not _NAME_RE.match(name):
+            raise ValueError(f"bad {kind} entry {spec!r}: the name {name!r} must start with a letter or digit and use "
+                             "only letters, digits, '_', '.' and '-' (it is used in output file names)")
+        if name in out:
+            raise ValueError(f"duplicate {kind} name {name!r}; name each entry explicitly with NAME=PATH")
+        out[name] = Path(path_text).expanduser()
+    return out
+
+
+# -- surface metrics (SDM_SPEC §4.3, Table 3) ----------------------------------------------------------------
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _own_tag(generation: str, yes: str, no: str) -> str | None:
+    """The model's own verification word: the first ``<verified>...</verified>`` (the one paired with the first
+    sentence), "Yes"/"No", or None when there is none or it holds something else."""
+    match = re.search(r"<verified>(.*?)</verified>", generation, re.DOTALL)
+    if match is None:
+        return None
+    word = match.group(1).strip()
+    return "Yes" if word == yes else "No" if word == no else None
+
+
+def _reference_sentence(record: Record) -> str:
+    if record.reference is not None:
+        return record.reference
+    return first_sentence(record.positive, require_verified=False) or record.positive
+
+
+def surface_metrics(generation: str, record: Record, yes: str = "Yes", no: str = "No") -> dict:
+    """Per-document surface metrics of §4.3: sentence match (first <sentence>, no paired tag required),
+    exact match (whitespace-collapsed whole generation vs positive), no response (no sentence tag at all),
+    word-level accuracy (position-wise, 0 when the lengths differ) and the model's own tag."""
+    reference = _reference_sentence(record).strip().split()
+    sentence = first_sentence(generation, require_verified=False).strip().split()
+    if len(reference) == len(sentence) and reference:
+        word_acc = sum(a == b for a, b in zip(reference, sentence)) / len(reference)
+    else:
+        word_acc = 1.0 if not reference and not sentence else 0.0
+    return {
+        "sentence_correct": sentence == reference,
+        "exact_match": _collapse(generation) == _collapse(record.positive),
+        "no_response": _SENTENCE_OPEN_RE.search(generation) is None,
+        "word_acc": word_acc,
+        "own_tag": _own_tag(generation, yes, no),
+    }
+
+
+def _aggregate_surface(rows: list[dict]) -> dict:
+    n = len(rows)
+    word = [r["word_acc"] for r in rows]
+    mean = sum(word) / n if n else 0.0
+    sd = math.sqrt(sum((w - mean) ** 2 for w in word) / n) if n else 0.0
+    confusion = {"tp": 0, "fp": 0, "fn": 0, "tn": 0, "missing": 0}
+    for r in rows:
+        if r["no_response"]:
+            continue  # as in the reference counts, a response without a sentence is outside the confusion matrix
+        if r["own_tag"] is None:
+            confusion["missing"] += 1
+        elif r["own_tag"] == "Yes":
+            confusion["tp" if r["sentence_correct"] else "fp"] += 1
+        else:
+            confusion["fn" if r["sentence_correct"] else "tn"] += 1
+    sentence = sum(r["sentence_correct"] for r in rows)
+    exact = sum(r["exact_match"] for r in rows)
+    return {
+        "sentence_correct": sentence,
+        "sentence_acc": sentence / n if n else 0.0,
+        "exact_match": exact,
+        "exact_match_acc": exact / n if n else 0.0,
+        "no_response": sum(r["no_response"] for r in rows),
+        "word_acc_mean": mean,
+        "word_acc_sd": sd,
+        "own_tag_vs_sentence": confusion,
+    }
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------
+
+def _row_at(report: dict, alpha: float) -> dict:
+    for row in report["alphas"]:
+        if abs(row["alpha"] - alpha) < 1e-9:
+            return row
+    raise ValueError(f"alpha {alpha} is not in the report")
+
+
+def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Record], config: EvaluateConfig,
+                   alpha: float, out: Path) -> dict:
+    info, model, tokenizer, head = bundle.info, bundle.model, bundle.tokenizer, bundle.head
+    correct = get_correctness(config.correctness)
+    prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
+
+    started = time.perf_counter()
+    generations = greedy_generate(model, tokenizer, prompts, info.chat, config.max_new_tokens, config.generate_batch_size,
+                                  config.progress, f"{bundle_name}/{dataset_name}: generating")
+    generate_seconds = time.perf_counter() - started
+
+    positive, negative = info.tags.positive_class, 1 - info.tags.positive_class
+    labels = torch.tensor([positive if correct(g, r.reference or r.positive) else negative for g, r in zip(generations, records)],
+                          dtype=torch.long)
+    texts = [verification_text(tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generations)]
+    started = time.perf_counter()
+    h = embed_texts(model, tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
+    embed_seconds = time.perf_counter() - started
+    s = head.score(h, alpha=alpha)
+    report = selective_report(s.probabilities, s.probabilities_lower, s.predictions, s.q_prime, s.q_prime_lower, labels,
+                              head.ladder, head.class_names)
+
+    surface_rows = [surface_metrics(g, r, info.tags.yes, info.tags.no) for g, r in zip(generations, records)]
+    n = len(records)
+    reasons: dict[str, int] = {}
+    for reason in s.abstention_reason:
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    row = _row_at(report, alpha)
+    q_prime = s.q_prime.double()
+    result = {
+        "n": n,
+        "alpha": alpha,
+        "generation_correct": int((labels == positive).sum()),
+        "generation_acc": float((labels == positive).float().mean()) if n else 0.0,
+        **_aggregate_surface(surface_rows),
+        "sdm_hr": {"alpha": alpha, "accuracy": row["HR"]["marginal"]["accuracy"],
+                   "admitted_proportion": row["HR"]["marginal"]["proportion"], "admitted": row["HR"]["marginal"]["admitted"],
+                   "q_prime_min": row["q_prime_min"]},
+        "sdm_hr_lower": {"alpha": alpha, "accuracy": row["HR_lower"]["marginal"]["accuracy"],
+                         "admitted_proportion": row["HR_lower"]["marginal"]["proportion"],
+                         "admitted": row["HR_lower"]["marginal"]["admitted"]},
+        # Admitted with yhat = Yes: the generations a selective-generation server returns as verified.
+        "verified_yes": row["HR"]["prediction_conditional"][positive],
+        "no_reject": report["no_reject"]["marginal"],
+        "abstention_reasons": dict(sorted(reasons.items())),
+        "ood_proportion": float(s.is_ood.float().mean()) if n else 0.0,
+        "q_prime_mean": {"correct": _mean(q_prime[labels == positive]), "wrong": _mean(q_prime[labels == negative])},
+        "report": report,
+        "seconds": {"generate": round(generate_seconds, 3), "embed": round(embed_seconds, 3)},
+    }
+
+    path = out / f"predictions_{bundle_name}_{dataset_name}.jsonl"
+    with open(path, "w", encoding="utf-8") as handle:
+        for i, (record, text) in enumerate(zip(records, generations)):
+            row_i = {
+                "id": record.id,
+                "generation": text,
+                "label": int(labels[i]),
+                "prediction": int(s.predictions[i]),
+                "probability": float(s.probabilities[i, s.predictions[i]]),
+                "q": int(s.q[i]),
+                "q_prime": float(s.q_prime[i]),
+                "d": float(s.d[i]),
+                "is_ood": bool(s.is_ood[i]),
+                "admitted": bool(s.admitted[i]),
+                "admitted_lower": bool(s.admitted_lower[i]),
+                "abstention_reason": s.abstention_reason[i],
+                "region_alpha": s.region_alpha[i],
+                "sentence_correct": surface_rows[i]["sentence_correct"],
+                "exact_match": surface_rows[i]["exact_match"],
+                "own_tag": surface_rows[i]["own_tag"],
+            }
+            handle.write(json.dumps(row_i, ensure_ascii=False) + "\n")
+    _plot_q_prime(out / f"q_prime_by_correctness_{bundle_name}_{dataset_name}.png", q_prime, labels, positive,
+                  row["q_prime_min"], f"{bundle_name} on {dataset_name}: q' by correctness (alpha={alpha:g})")
+    return result
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return float(values.mean()) if values.numel() else None
+
+
+# -- plots ----------------------------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_q_prime(path: Path, q_prime: torch.Tensor, labels: torch.Tensor, positive: int, q_prime_min: float | None, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    groups = [("correct (y=1)", q_prime[labels == positive], "tab:green"), ("wrong (y=0)", q_prime[labels != positive], "tab:red")]
+    values = q_prime[torch.isfinite(q_prime)]
+    top = float(values.max()) if values.numel() else 1.0
+    bins = torch.linspace(0.0, max(top, 1.0), 31).tolist()
+    for name, data, color in groups:
+        data = data[torch.isfinite(data)]
+        if data.numel():
+            ax.hist(data.tolist(), bins=bins, alpha=0.55, color=color, label=f"{name}, n={data.numel()}")
+        else:
+            ax.plot([], [], color=color, label=f"{name}, n=0")
+    if q_prime_min is not None:
+        ax.axvline(q_prime_min, color="black", linestyle="--", linewidth=1, label=f"q'_min = {q_prime_min:.2f}")
+    ax.set_xlabel("q' (rescaled similarity)")
+    ax.set_ylabel("documents")
+    ax.set_title(title, fontsize=10)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_admitted(path: Path, dataset: str, per_bundle: dict[str, dict]) -> None:
+    """Left: SDM_HR admitted proportion against alpha; right: accuracy among admitted against alpha (with the
+    y = alpha line the regions aim for). One line per bundle."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    lo = 1.0
+    for name, result in per_bundle.items():
+        rows = sorted(result["report"]["alphas"], key=lambda r: r["alpha"])
+        alphas = [r["alpha"] for r in rows]
+        lo = min([lo] + alphas)
+        line = left.plot(alphas, [r["HR"]["marginal"]["proportion"] for r in rows], marker="o", label=name)[0]
+        left.plot(alphas, [r["HR_lower"]["marginal"]["proportion"] for r in rows], linestyle=":", color=line.get_color())
+        acc = [r["HR"]["marginal"]["accuracy"] for r in rows]
+        right.plot([a for a, v in zip(alphas, acc) if v is not None], [v for v in acc if v is not None], marker="o",
+                   color=line.get_color(), label=name)
+    right.plot([lo, 1.0], [lo, 1.0], color="grey", linestyle="--", linewidth=1, label="accuracy = alpha")
+    left.set_xlabel("alpha")
+    left.set_ylabel("admitted proportion n/|D| (dotted: HR_lower)")
+    left.set_ylim(-0.02, 1.02)
+    left.set_title(f"{dataset}: SDM_HR admitted proportion", fontsize=10)
+    right.set_xlabel("alpha")
+    right.set_ylabel("accuracy among admitted")
+    right.set_ylim(-0.02, 1.02)
+    right.set_title(f"{dataset}: SDM_HR accuracy", fontsize=10)
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
+    if 0.0 < value < 0.01:
+        return "<0.01"
+    return f"{value:.2f}"
+
+
+def render_report(metrics: dict) -> str:
+    bundles = list(metrics["bundles"])
+    datasets = list(metrics["datasets"])
+    results = metrics["results"]
+
+    lines = ["# SDM LM evaluation", ""]
+    lines.append(f"Correctness: `{metrics['config']['correctness']}`; max_new_tokens {metrics['config']['max_new_tokens']}. "
+                 "Bundles: " + "; ".join(f"**{b}** = `{metrics['bundles'][b]['path']}` (α = {metrics['bundles'][b]['alpha']:g})"
+                                         for b in bundles) + ".")
+    lines.append("")
+    lines.append("## Table 2: SDM_HR (accuracy, admitted proportion n/|D|)")
+    lines.append("")
+    lines.append("Marginal accuracy of the verification prediction among admitted documents, and the admitted proportion, "
+                 "at each bundle's α. '–' means nothing was admitted.")
+    lines.append("")
+    lines.append("| Dataset | " + " | ".join(f"{b} (α={metrics['bundles'][b]['alpha']:g})" for b in bundles) + " |")
+    lines.append("|" + "---|" * (len(bundles) + 1))
+    for d in datasets:
+        cells = []
+        for b in bundles:
+            hr = results[b][d]["sdm_hr"]
+            cells.append(f"{_fmt(hr['accuracy'])}, {_fmt(hr['admitted_proportion'])}")
+        lines.append(f"| {d} ({metrics['datasets'][d]['n']}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("## Table 3: generation (Sentence acc / Exact-match acc)")
+    lines.append("")
+    lines.append("No SDM layer: the first `<sentence>` against the reference, and the whole generation against the positive.")
+    lines.append("")
+    lines.append("| Dataset | " + " | ".join(bundles) + " |")
+    lines.append("|" + "---|" * (len(bundles) + 1))
+    for d in datasets:
+        cells = [f"{results[b][d]['sentence_acc']:.2f} / {results[b][d]['exact_match_acc']:.2f}" for b in bundles]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Raw counts: exact / sentence / no response / own tag TP,FP,FN,TN (missing) / word acc mean ± sd / "
+                 "correct under the correctness function.")
+    lines.append("")
+    lines.append("| Dataset | Bundle | counts |")
+    lines.append("|---|---|---|")
+    for d in datasets:
+        for b in bundles:
+            r = results[b][d]
+            c = r["own_tag_vs_sentence"]
+            lines.append(f"| {d} | {b} | {r['exact_match']} / {r['sentence_correct']} / {r['no_response']} / "
+                         f"{c['tp']},{c['fp']},{c['fn']},{c['tn']} ({c['missing']}) / {r['word_acc_mean']:.4f} ± {r['word_acc_sd']:.4f} / "
+                         f"{r['generation_correct']} of {r['n']} |")
+    lines.append("")
+    lines.append("## Abstentions at α")
+    lines.append("")
+    lines.append("| Dataset | Bundle | admitted | OOD proportion | abstention reasons |")
+    lines.append("|---|---|---|---|---|")
+    for d in datasets:
+        for b in bundles:
+            r = results[b][d]
+            reasons = ", ".join(f"{k}: {v}" for k, v in r["abstention_reasons"].items()) or "–"
+            lines.append(f"| {d} | {b} | {r['sdm_hr']['admitted']} of {r['n']} | {r['ood_proportion']:.2f} | {reasons} |")
+    lines.append("")
+    lines.append("## Table 4: class-, prediction-conditional and marginal results")
+    lines.append("")
+    for b in bundles:
+        for d in datasets:
+            table = render_markdown(results[b][d]["report"], title=f"{b} on {d}")
+            # render_markdown's level-1 title becomes a level-3 heading under this section.
+            lines.append("##" + table if table.startswith("# ") else table)
+            lines.append(f"![admitted vs alpha](admitted_vs_alpha_{d}.png) ![q' by correctness](q_prime_by_correctness_{b}_{d}.png)")
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Run the evaluation and write its outputs; returns the metrics dict (also written as metrics.json)."""
+    from sdm_core.bundle import load_bundle
+
+    config.validate()
+    bundle_paths = parse_named_paths(config.bundles, "bundle")
+    data_paths = parse_named_paths(config.data, "data")
+    datasets: dict[str, list[Record]] = {}
+    for name, path in data_paths.items():
+        records = load_records(path)
+        if config.max_docs:
+            records = records[: config.max_docs]
+        if not records:
+            raise ValueError(f"data {name!r}: {path} holds no records")
+        datasets[name] = records
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    metrics: dict = {
+        "config": asdict(config),
+        "bundles": {},
+        "datasets": {name: {"path": str(path), "n": len(datasets[name])} for name, path in data_paths.items()},
+        "results": {},
+    }
+    for bundle_name, bundle_path in bundle_paths.items():
+        try:
+            bundle = load_bundle(bundle_path, device=config.device)
+        except ValueError as exc:
+            raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
+        head = bundle.head
+        if head.num_classes != 2:
+            raise ValueError(f"bundle {bundle_name!r}: its head has {head.num_classes} classes; a verification head has 2")
+        try:
+            alpha = head.ladder.resolve_alpha(config.alpha)
+        except ValueError as exc:
+            raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
+        metrics["bundles"][bundle_name] = {
+            "path": str(bundle_path), "alpha": alpha, "ladder": list(head.ladder.alphas), "model": bundle.info.model,
+            "provenance_git_revision": bundle.info.provenance.get("git_revision"),
+        }
+        metrics["results"][bundle_name] = {}
+        for dataset_name, records in datasets.items():
+            metrics["results"][bundle_name][dataset_name] = _evaluate_pair(bundle, bundle_name, dataset_name, records, config, alpha, out)
+        del bundle
+        gc.collect()
+
+    for dataset_name in datasets:
+        _plot_admitted(out / f"admitted_vs_alpha_{dataset_name}.png", dataset_name,
+                       {b: metrics["results"][b][dataset_name] for b in bundle_paths})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
+    return metrics
+
+
+def _summary(metrics: dict, out: str) -> dict:
+    return {
+        "out": out,
+        "results": {
+            b: {d: {"n": r["n"], "sentence_acc": round(r["sentence_acc"], 4), "exact_match_acc": round(r["exact_match_acc"], 4),
+                    "alpha": r["alpha"], "hr_accuracy": r["sdm_hr"]["accuracy"],
+                    "hr_admitted_proportion": round(r["sdm_hr"]["admitted_proportion"], 4)}
+                for d, r in per.items()}
+            for b, per in metrics["results"].items()
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser("python -m training.evaluate", __doc__, cls=EvaluateConfig, env_prefix="SDM_EVALUATE_", presets=PRESETS)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args, cls=EvaluateConfig, env_prefix="SDM_EVALUATE_", presets=PRESETS)
+        metrics = evaluate(config)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(_summary(metrics, config.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
