@@ -117,7 +117,8 @@ def fit_region(probabilities: object, q_prime: object, labels: object, alpha: fl
     for c in range(n_classes):
         in_class = y == c
         q_class = np.sort(qp[in_class])
-        q_bad = np.sort(qp[in_class & (true_probs.astype(np.float64) < a)])
+        # Compared in float32, as the reference compares float32 outputs with alpha.
+        q_bad = np.sort(qp[in_class & (true_probs < np.float32(a))])
         n_c = q_class.size - np.searchsorted(q_class, candidates, side="left")
         bad_c = q_bad.size - np.searchsorted(q_bad, candidates, side="left")
         k_c = np.minimum(np.floor((1.0 - a) * n_c.astype(np.float64)).astype(np.int64), n_c - 1)

@@ -83,7 +83,7 @@ class SDMScores:
     q_prime_lower: torch.Tensor
     admitted_lower: torch.Tensor
     nearest_index: torch.Tensor
-    nearest_id: list[str]
+    nearest_id: list[str | None]
     exemplars: list[list[Exemplar]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -366,7 +366,7 @@ class SDMEstimator:
             q_prime_lower=q_prime_lower,
             admitted_lower=admitted_lower,
             nearest_index=sim.nearest_index,
-            nearest_id=[self.support.ids[int(i)] for i in sim.nearest_index],
+            nearest_id=[self.support.ids[i] if i >= 0 else None for i in sim.nearest_index.tolist()],
             exemplars=neighbours,
         )
 

@@ -103,9 +103,13 @@ class SupportIndex:
         new_ids = [str(i) for i in ids] if ids is not None else [f"support-{start + i}" for i in range(x.shape[0])]
         if len(new_ids) != x.shape[0]:
             raise ValueError(f"ids must have {x.shape[0]} entries, got {len(new_ids)}")
+        # Check every id before registering any, so that a refused add leaves the index unchanged.
+        if len(set(new_ids)) != len(new_ids):
+            raise ValueError("ids must be unique within one add")
+        clash = next((i for i in new_ids if i in self._position), None)
+        if clash is not None:
+            raise ValueError(f"ids must be unique; {clash!r} is already in the support")
         for offset, identifier in enumerate(new_ids):
-            if identifier in self._position:
-                raise ValueError(f"ids must be unique; {identifier!r} is already in the support")
             self._position[identifier] = start + offset
         new_norms = torch.cat([(x[i : i + 4096].double() ** 2).sum(dim=1) for i in range(0, x.shape[0], 4096)] or [torch.empty(0, dtype=torch.float64)])
         self.exemplars = x.contiguous().clone() if start == 0 else torch.cat([self.exemplars, x], dim=0)
@@ -191,7 +195,8 @@ class SupportIndex:
             cap = self.k() - has_ex.to(torch.long)
             q_out[start:stop] = torch.minimum(count, cap)
             d_out[start:stop] = nearest_d.sqrt()
-            i_out[start:stop] = nearest_i
+            # A row whose every support point is excluded has no nearest neighbour (as in neighbors()).
+            i_out[start:stop] = torch.where(torch.isinf(nearest_d), torch.full_like(nearest_i, -1), nearest_i)
         return SimilarityResult(q_out, d_out, i_out)
 
     def _faiss_index(self):

@@ -97,3 +97,17 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+def test_lora_run_calibrates_into_an_adapter_bundle(tmp_path):
+    out = tmp_path / "lora"
+    run(tiny_config(out, epochs=1, lora=True, lora_r=4, lora_alpha=8))
+    assert (out / "best" / "adapter_config.json").is_file()
+    bundle_dir = tmp_path / "bundle"
+    calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
+    info = read_bundle_info(bundle_dir)
+    assert info.model["kind"] == "adapter" and info.model["base"] == {"kind": "tiny", "seed": 0}
+    bundle = load_bundle(bundle_dir)
+    assert not hasattr(bundle.model, "peft_config")  # merged for serving
+    text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
+    assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)

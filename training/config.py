@@ -50,6 +50,7 @@ class FinetuneConfig:
     eval_steps: int = 39
     save_steps: int = 39
     max_eval_docs: int = 0  # 0: the whole calibration set
+    validation_layer_docs: int = 0  # calibration documents for the validation SDM layer; 0: all
     seed: int = 0
     # SDM layers inside fine-tuning (SDM_SPEC §3.5)
     sdm_epochs: int = 200
@@ -70,7 +71,7 @@ class FinetuneConfig:
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_train_docs", "max_calibration_docs", "max_eval_docs", "warmup_steps", "trainable_last_layers", "generate_from_epoch"):
+        for name in ("max_train_docs", "max_calibration_docs", "max_eval_docs", "warmup_steps", "trainable_last_layers", "generate_from_epoch", "validation_layer_docs"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("gamma_positive", "gamma_generate"):
@@ -121,13 +122,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_train_docs": 320,
         "max_calibration_docs": 400,
         "max_eval_docs": 48,
+        "validation_layer_docs": 160,
         "trainable_last_layers": 4,
         "epochs": 2,
         "micro_batch_size": 8,
         "gradient_accumulation": 1,
         "learning_rate": 1e-4,
         "warmup_steps": 4,
-        "eval_steps": 20,
+        "eval_steps": 40,
         "save_steps": 20,
         "gamma_generate": 0.25,
         "max_new_tokens": 96,

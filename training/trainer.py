@@ -238,7 +238,9 @@ class SDMTrainer:
         flags = split_flags([r.id for r in self.calibration_records], self.config.seed, epoch)
         layer = None
         if self.config.loss == "sdm":
-            layer = self._fit_layer(self.calibration_records, flags, self.state["validation_hard_negatives"], f"validation-layer:{step}")
+            limit = self.config.validation_layer_docs
+            layer_docs = self.calibration_records[:limit] if limit else self.calibration_records
+            layer = self._fit_layer(layer_docs, flags, self.state["validation_hard_negatives"], f"validation-layer:{step}")
         store: dict[str, list[str]] = {}
         instances = self._draw(self.eval_records, f"eval:{step}", generate_ok=epoch >= self.config.generate_from_epoch, store=store)
         self.state["validation_hard_negatives"] = store

@@ -1,0 +1,117 @@
+"""Training-step cost of the SDM loss against cross-entropy on the same batch (no generation), and hidden-state
+extraction throughput batched against one document at a time. Prints one JSON line.
+
+The SDM step includes everything the SDM loss adds: the no-grad embedding pass over the instances' verification
+texts, the SDM layer's scoring for b, and the change-of-base loss; the CE step is the same update with CE.
+
+    python bench/train_step.py --model smollm2 [--batch 8] [--repeats 3] [--trainable-last-layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdm_core import SDMConfig, SDMEstimator  # noqa: E402
+from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text  # noqa: E402
+from sdm_core.models import load_model, load_tokenizer  # noqa: E402
+from training.data import WordOrderConfig, build_word_order  # noqa: E402
+from training.encoding import collate, encode_instance  # noqa: E402
+from training.loss import ce_token_loss, sdm_token_loss  # noqa: E402
+from training.records import load_records  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or a Hugging Face folder")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trainable-last-layers", type=int, default=0, help="0: full fine-tuning")
+    parser.add_argument("--embed-docs", type=int, default=32)
+    parser.add_argument("--data", default="runs/bench-data")
+    args = parser.parse_args()
+    source = {"kind": args.model} if args.model in ("smollm2", "tiny") else {"kind": "hf", "path": args.model}
+    tokenizer = load_tokenizer(source)
+    model = load_model(source)
+    if args.trainable_last_layers:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in model.get_decoder().layers[-args.trainable_last_layers :]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+    data = Path(args.data)
+    if not (data / "manifest.json").is_file():
+        build_word_order(data, WordOrderConfig(train=200, calibration=200, test=200, quiet=True))
+    records = load_records(data / "train.jsonl")
+    chat, recipe = ChatFormat(), HiddenStateRecipe()
+    batch = records[: args.batch]
+    instances = [(r.prompt, r.positive if i % 2 == 0 else r.negative, 1 - i % 2) for i, r in enumerate(batch)]
+    texts = [verification_text(tokenizer, p, s, chat, recipe) for p, s, _ in instances]
+
+    # An SDM layer over embeddings of other documents, as the trainer has at each step.
+    layer_docs = records[args.batch : args.batch + 64]
+    layer_texts = [verification_text(tokenizer, r.prompt, r.positive if i % 2 else r.negative, chat, recipe) for i, r in enumerate(layer_docs)]
+    h = embed_texts(model, tokenizer, layer_texts, recipe, batch_size=16)
+    y = torch.tensor([i % 2 for i in range(len(layer_docs))])
+    layer = SDMEstimator(SDMConfig(epochs=5, progress=False)).fit(h[::2], y[::2], h[1::2], y[1::2], num_classes=2)
+
+    encoded = [encode_instance(tokenizer, p, s, label, chat) for p, s, label in instances]
+    ids, mask, labels = collate(encoded, tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step(kind: str) -> float:
+        started = time.perf_counter()
+        if kind == "sdm":
+            hb = embed_texts(model, tokenizer, texts, recipe, batch_size=args.batch)
+            scores = layer.score(hb)
+            base = 2.0 + scores.probabilities.gather(1, torch.tensor([l for *_, l in instances]).unsqueeze(1)).squeeze(1)
+        model.train()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        loss_sum, n = sdm_token_loss(logits, labels, base) if kind == "sdm" else ce_token_loss(logits, labels)
+        (loss_sum / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - started
+
+    step("ce")  # warm-up (the first step allocates optimiser state)
+    step("sdm")
+    ce, sdm = [], []
+    for _ in range(args.repeats):  # interleaved, so drift affects both alike
+        ce.append(step("ce"))
+        sdm.append(step("sdm"))
+
+    docs = [verification_text(tokenizer, r.prompt, r.positive, chat, recipe) for r in records[: args.embed_docs]]
+    embed_texts(model, tokenizer, docs[:2], recipe)
+    t = time.perf_counter()
+    embed_texts(model, tokenizer, docs, recipe, batch_size=16)
+    batched = time.perf_counter() - t
+    t = time.perf_counter()
+    for d in docs:
+        embed_texts(model, tokenizer, [d], recipe, batch_size=1)
+    single = time.perf_counter() - t
+    print(json.dumps({
+        "model": args.model,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "mean_tokens": round(float(mask.sum(1).float().mean()), 1),
+        "trainable_last_layers": args.trainable_last_layers,
+        "ce_step_s": round(statistics.median(ce), 3),
+        "sdm_step_s": round(statistics.median(sdm), 3),
+        "sdm_over_ce": round(statistics.median(sdm) / statistics.median(ce), 3),
+        "embed_docs": len(docs),
+        "embed_batched_docs_per_s": round(len(docs) / batched, 2),
+        "embed_single_docs_per_s": round(len(docs) / single, 2),
+        "embed_batched_speedup": round(single / batched, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The server's configuration: one validated dataclass, every field a CLI flag and an ``SDM_*`` environment variable.
+
+A flag wins over its environment variable, which wins over the default::
+
+    python -m server --bundle runs/smollm2/bundle --port 8080
+    SDM_BUNDLE=runs/smollm2/bundle SDM_PORT=8080 python -m server
+
+API keys come from ``SDM_API_KEYS`` (comma-separated), ``--api-key-file`` / ``SDM_API_KEY_FILE`` (one key a line,
+``#`` comments), or ``--api-keys`` (visible in ``ps``; prefer the other two). Validation happens at construction
+and every error names the flag and the variable to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["ServerConfig", "ConfigError", "build_parser", "ENV_PREFIX"]
+
+ENV_PREFIX = "SDM_"
+BACKENDS = ("transformers", "vllm")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message says which flag / variable to change and how."""
+
+
+def _meta(help: str, choices: Sequence[str] | None = None, metavar: str | None = None) -> dict:
+    return {"help": help, "choices": tuple(choices) if choices else None, "metavar": metavar}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting of ``python -m server``. Construct directly (tests) or with :meth:`from_sources` (CLI + env)."""
+
+    bundle: str = field(default="", metadata=_meta("path to an sdm-lm bundle folder (bundle.json, model/ or adapter/, tokenizer/, head/)", metavar="PATH"))
+    backend: str = field(default="transformers", metadata=_meta("generation backend", BACKENDS))
+    host: str = field(default="127.0.0.1", metadata=_meta("interface to listen on (0.0.0.0 for all)"))
+    port: int = field(default=8000, metadata=_meta("TCP port"))
+    device: str = field(default="auto", metadata=_meta("torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N"))
+    dtype: str = field(default="auto", metadata=_meta("model dtype; auto = the dtype the bundle was written in (what training used)", DTYPES))
+    default_max_tokens: int = field(default=128, metadata=_meta("max_tokens when a request gives none"))
+    max_tokens_cap: int = field(default=512, metadata=_meta("largest max_tokens a request may ask for (larger: 400)"))
+    max_prompt_tokens: int = field(default=2048, metadata=_meta("longest rendered prompt in tokens (longer: 400)"))
+    max_body_bytes: int = field(default=1_048_576, metadata=_meta("largest request body in bytes (larger: 413)"))
+    max_concurrent_requests: int = field(default=16, metadata=_meta("requests processed at once; more wait in the queue"))
+    max_queue_size: int = field(default=64, metadata=_meta("requests allowed to wait for a slot; beyond it: 429 with Retry-After"))
+    request_timeout_s: float = field(default=120.0, metadata=_meta("per-request limit, queue included (exceeded: 504)"))
+    batch_size: int = field(default=8, metadata=_meta("most requests per generation / hidden-state batch"))
+    batch_wait_ms: float = field(default=5.0, metadata=_meta("how long a batch waits for more requests before it runs"))
+    api_keys: tuple[str, ...] = field(default=(), metadata=_meta("comma-separated API keys (prefer SDM_API_KEYS or --api-key-file: flags show in ps)", metavar="KEYS"))
+    api_key_file: str = field(default="", metadata=_meta("file with one API key a line (# comments allowed)", metavar="PATH"))
+    metrics_require_key: bool = field(default=True, metadata=_meta("whether GET /metrics needs an API key when keys are configured"))
+    warmup: bool = field(default=True, metadata=_meta("run one request through the whole pipeline before /ready turns 200"))
+    log_level: str = field(default="info", metadata=_meta("log level", LOG_LEVELS))
+    model_name: str = field(default="", metadata=_meta("model id reported by /v1/models and in responses (default: the bundle folder's name)"))
+    max_attempts_cap: int = field(default=8, metadata=_meta("largest max_attempts a request may ask for"))
+    max_exemplars: int = field(default=32, metadata=_meta("largest return_exemplars a request may ask for"))
+    drain_timeout_s: float = field(default=30.0, metadata=_meta("on SIGTERM, how long in-flight requests may take to finish"))
+    verify_bundle: bool = field(default=True, metadata=_meta("check the sha256 of every bundle file on load"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_keys", tuple(k.strip() for k in self.api_keys if k and k.strip()))
+        if not self.bundle:
+            raise ConfigError(_hint("bundle", "is required: the bundle to serve (build one with python -m training.calibrate, or bench/finetune_preset.py)"))
+        root = Path(self.bundle).expanduser()
+        if not (root / "bundle.json").is_file():
+            what = "does not exist" if not root.exists() else "is not an sdm-lm bundle (no bundle.json)"
+            raise ConfigError(_hint("bundle", f"{self.bundle!r} {what}; point it at a folder written by python -m training.calibrate"))
+        _choice(self, "backend", BACKENDS)
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "log_level", LOG_LEVELS)
+        if not (1 <= self.port <= 65535):
+            raise ConfigError(_hint("port", f"must be between 1 and 65535, got {self.port}"))
+        for name in ("default_max_tokens", "max_tokens_cap", "max_prompt_tokens", "max_body_bytes", "max_concurrent_requests", "batch_size", "max_attempts_cap"):
+            _positive_int(self, name)
+        for name in ("max_queue_size", "max_exemplars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(_hint(name, f"must be an integer >= 0, got {value!r}"))
+        if self.default_max_tokens > self.max_tokens_cap:
+            raise ConfigError(_hint("default_max_tokens", f"({self.default_max_tokens}) must not exceed --max-tokens-cap ({self.max_tokens_cap}); lower it or raise the cap"))
+        for name in ("request_timeout_s", "drain_timeout_s"):
+            if not (getattr(self, name) > 0):
+                raise ConfigError(_hint(name, f"must be > 0 seconds, got {getattr(self, name)!r}"))
+        if not (self.batch_wait_ms >= 0):
+            raise ConfigError(_hint("batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms!r}"))
+        device = self.device.strip().lower()
+        if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ConfigError(_hint("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"))
+        object.__setattr__(self, "device", device)
+        if self.api_key_file:
+            path = Path(self.api_key_file).expanduser()
+            if not path.is_file():
+                raise ConfigError(_hint("api_key_file", f"{self.api_key_file!r} does not exist; create it with one key a line"))
+            keys = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+            keys = [k for k in keys if k and not k.startswith("#")]
+            if not keys:
+                raise ConfigError(_hint("api_key_file", f"{self.api_key_file!r} holds no key (one a line; # starts a comment)"))
+            object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys + tuple(keys))))
+
+    # -- derived values --------------------------------------------------------------------------------------
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.bundle).expanduser().resolve().name
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def check_runtime(self) -> None:
+        """Checks that need the runtime (torch, vllm): run once at start, before loading anything."""
+        device = self.resolved_device()
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(_hint("device", f"is {self.device!r} but torch sees no CUDA device; use --device cpu"))
+        if device == "cpu" and self.dtype == "float16":
+            raise ConfigError(_hint("dtype", "float16 is not supported on CPU; use float32 (or bfloat16)"))
+        if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise ConfigError(_hint("backend", "is 'vllm' but vllm is not installed: pip install 'sdm-lm[vllm]', or use --backend transformers"))
+
+    def to_dict(self, redact: bool = True) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["api_keys"] = [f"<{len(self.api_keys)} keys>"] if redact and self.api_keys else list(self.api_keys)
+        return data
+
+    # -- parsing ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> "ServerConfig":
+        """Flags, then ``SDM_*`` variables, then defaults. Raises :class:`ConfigError` (argparse exits on bad flags)."""
+        env = os.environ if environ is None else environ
+        args = build_parser().parse_args(argv)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            given = getattr(args, f.name)
+            if given is not None:
+                values[f.name] = _convert(f, given, f"--{_flag(f.name)}")
+                continue
+            variable = env_name(f.name)
+            if variable in env and env[variable] != "":
+                values[f.name] = _convert(f, env[variable], variable)
+        return cls(**values)
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _hint(name: str, message: str) -> str:
+    return f"--{_flag(name)} (env {env_name(name)}) {message}"
+
+
+def _choice(config: ServerConfig, name: str, choices: Sequence[str]) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ConfigError(_hint(name, f"must be one of {', '.join(choices)}; got {value!r}"))
+
+
+def _positive_int(config: ServerConfig, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(_hint(name, f"must be an integer >= 1, got {value!r}"))
+
+
+def _field_kind(f) -> str:
+    text = str(f.type)
+    if "tuple" in text:
+        return "list"
+    return {"bool": "bool", "int": "int", "float": "float"}.get(text, "str")
+
+
+def _convert(f, raw: Any, source: str) -> Any:
+    kind = _field_kind(f)
+    if not isinstance(raw, str):
+        return raw
+    value = raw.strip()
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"{source} must be a{'n integer' if kind == 'int' else ' number'}, got {raw!r}") from None
+    if kind == "bool":
+        if value.lower() in _TRUE:
+            return True
+        if value.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{source} must be one of {'/'.join(_TRUE + _FALSE)}, got {raw!r}")
+    if kind == "list":
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return value
+
+
+def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
+    """The argument parser: one flag per :class:`ServerConfig` field, each help naming its ``SDM_*`` variable."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="sdm-lm selective-generation server: every answer comes with a calibrated probability, or an abstention.",
+        epilog="Every flag can also be set with the environment variable shown; a flag wins over its variable.",
+    )
+    defaults = ServerConfig.__dataclass_fields__
+    for name, f in defaults.items():
+        meta = f.metadata
+        kind = _field_kind(f)
+        default = f.default if f.default is not None else ""
+        help_text = f"{meta['help']} [env {env_name(name)}; default {default!r}]"
+        flag = f"--{_flag(name)}"
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, default=None, choices=meta["choices"], metavar=meta["metavar"], help=help_text)
+    return parser
