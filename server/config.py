@@ -224,8 +224,12 @@ def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
     for name, f in defaults.items():
         meta = f.metadata
         kind = _field_kind(f)
-        default = f.default if f.default is not None else ""
-        help_text = f"{meta['help']} [env {env_name(name)}; default {default!r}]"
+        if name == "bundle":
+            help_text = f"{meta['help']} [env {env_name(name)}; required]"
+        elif kind == "list":
+            help_text = f"{meta['help']} [env {env_name(name)}]"
+        else:
+            help_text = f"{meta['help']} [env {env_name(name)}; default {f.default!r}]"
         flag = f"--{_flag(name)}"
         if kind == "bool":
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

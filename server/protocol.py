@@ -10,7 +10,7 @@ fields), and every choice carries an ``sdm`` object (:class:`SDMVerification`). 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -126,6 +126,7 @@ class GenerateRequest(SelectiveParams):
     """``prompt`` (a user turn, wrapped in the bundle's chat format) or ``messages`` (a chat), exactly one."""
 
     model_config = ConfigDict(extra="forbid")
+    root_param: ClassVar[str] = "prompt"  # the param named by errors of the whole-request check
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     max_tokens: int | None = Field(default=None, description="tokens to generate at most (default: the server's --default-max-tokens)")

@@ -1,0 +1,218 @@
+"""The FastAPI application: :func:`create_app` builds one app (its own metrics registry, model manager, admission
+controller; no global state). The lifespan loads the bundle in the background, so ``/health`` answers at once and
+``/ready`` turns 200 once the model and head are loaded and a warm-up request passed.
+
+Routes: ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /v1/models``, ``POST /generate``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` for server-sent events) and
+``POST /admin/reload``. Every error is the OpenAI envelope with its HTTP status.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.admission import AdmissionController
+from server.backends import Backend, make_backend
+from server.config import ServerConfig
+from server.errors import APIError, internal_error, invalid_request, method_not_allowed, not_found, permission_error
+from server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from server.middleware import RequestContextMiddleware
+from server.model_manager import ModelManager
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    ModelList,
+    ReloadRequest,
+)
+from server.service import ClientDisconnected, GenerationService, parse_request, read_json
+
+__all__ = ["create_app", "ServerState", "ROUTES"]
+
+ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/generate", "/v1/completions", "/v1/chat/completions", "/admin/reload")
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
+
+
+@dataclass
+class ServerState:
+    """Everything one app owns (``app.state.server``)."""
+
+    config: ServerConfig
+    metrics: ServerMetrics
+    manager: ModelManager
+    admission: AdmissionController
+    service: GenerationService
+    logger: logging.Logger
+
+
+def _route_label(path: str) -> str:
+    return path if path in ROUTES else "other"
+
+
+def _body_schema(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+
+def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
+    """The app for ``config``. ``backend`` (unloaded or loaded) replaces the one the config names (tests, tools)."""
+    logger = logging.getLogger("sdm.server")
+    metrics = ServerMetrics()
+    if backend is None:
+        backend = make_backend(
+            config.backend, config.bundle, device=config.resolved_device(), dtype=config.dtype, batch_size=config.batch_size,
+            batch_wait_ms=config.batch_wait_ms, verify=config.verify_bundle, observer=metrics.observe_batch,
+        )
+    elif getattr(backend, "observer", "missing") is None:
+        backend.observer = metrics.observe_batch
+
+    def loaded(facts: dict) -> None:
+        metrics.set_bundle({k: v for k, v in facts.items() if k != "alphas"})
+        metrics.ready.set(1)
+
+    manager = ModelManager(backend, model_name=config.served_model_name, warmup=config.warmup,
+                           warmup_max_tokens=min(4, config.max_tokens_cap), on_loaded=loaded, logger=logger)
+
+    def queue_changed(active: int, waiting: int) -> None:
+        metrics.in_flight.set(active)
+        metrics.queue_depth.set(waiting)
+
+    admission = AdmissionController(config.max_concurrent_requests, config.max_queue_size, queue_changed)
+    service = GenerationService(config, manager, admission, metrics, logger)
+    state = ServerState(config, metrics, manager, admission, service, logger)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        logger.info("starting", extra={"config": config.to_dict()})
+        manager.start()
+        try:
+            yield
+        finally:
+            logger.info("shutting down")
+            metrics.ready.set(0)
+            await manager.close()
+
+    app = FastAPI(
+        title="sdm-lm selective generation",
+        version="0.1.0",
+        description="Generations with a calibrated probability that they followed the instructions, or an abstention with its reason.",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    open_paths = {"/health"} | (set() if config.metrics_require_key else {"/metrics"})
+    app.add_middleware(
+        RequestContextMiddleware, api_keys=config.api_keys, open_paths=open_paths, max_body_bytes=config.max_body_bytes,
+        on_error=metrics.observe_error, route_label=_route_label, logger=logging.getLogger("sdm.server.access"),
+    )
+    _install_error_handlers(app, state)
+
+    # -- operations ----------------------------------------------------------------------------------------------
+    @app.get("/health", summary="Liveness: 200 while the process runs")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Readiness: 200 once the model and head are loaded and warmed up", responses={503: {"model": ErrorResponse}})
+    async def ready() -> Response:
+        if manager.ready:
+            facts = manager.current.facts
+            return JSONResponse({"status": "ready", "model": facts["model"], "bundle": facts["bundle"], "head_version": facts["head_version"]})
+        message = f"not ready: {manager.state}" + (f" ({manager.error})" if manager.error else "")
+        error = APIError(503, message, "service_unavailable", None, manager.state, {"Retry-After": "5"})
+        return JSONResponse(error.envelope(), status_code=503, headers=error.headers)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
+    async def models() -> ModelList:
+        served = manager.hold()
+        try:
+            facts = served.facts
+            card = ModelCard(id=config.served_model_name, created=int(served.loaded_at), root=facts["bundle"],
+                             max_model_len=served.backend.max_model_len, sdm={k: v for k, v in facts.items() if k not in ("model", "bundle")})
+            return ModelList(data=[card])
+        finally:
+            manager.release(served)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    @app.post("/generate", response_model=GenerateResponse, responses=_ERRORS, openapi_extra=_body_schema(GenerateRequest),
+              summary="Generate, verify, and return the text with its calibrated probability or an abstention")
+    async def generate(request: Request) -> GenerateResponse:
+        return await service.generate(request)
+
+    @app.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_schema(CompletionRequest), summary="OpenAI-compatible completions (+ sdm)")
+    async def completions(request: Request):
+        return await service.completions(request)
+
+    @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=_body_schema(ChatCompletionRequest), summary="OpenAI-compatible chat completions (+ sdm)")
+    async def chat_completions(request: Request):
+        return await service.chat_completions(request)
+
+    @app.post("/admin/reload", responses=_ERRORS, openapi_extra=_body_schema(ReloadRequest),
+              summary="Swap in a bundle (default: re-read the current one) without dropping in-flight requests")
+    async def reload(request: Request) -> dict:
+        if not config.auth_enabled:
+            raise permission_error("POST /admin/reload is disabled without API keys: set SDM_API_KEYS or --api-key-file")
+        raw = await request.body()
+        body = parse_request(ReloadRequest, await read_json(request)) if raw.strip() else ReloadRequest()
+        previous = manager.current.facts if manager.current is not None else None
+        try:
+            served = await manager.reload(body.bundle)
+        except APIError:
+            metrics.reloads.labels(result="failed").inc()
+            raise
+        metrics.reloads.labels(result="ok").inc()
+        return {"status": "reloaded", "model": served.facts["model"], "bundle": served.facts["bundle"],
+                "head_version": served.facts["head_version"], "previous_bundle": previous["bundle"] if previous else None}
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
+    metrics, logger = state.metrics, state.logger
+
+    def respond(request: Request, error: APIError) -> JSONResponse:
+        metrics.observe_error(_route_label(request.url.path), error.status)
+        return JSONResponse(error.envelope(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        if exc.status >= 500:
+            logger.error("request failed: %s", exc.message)
+        return respond(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            error = not_found(f"no route {request.method} {request.url.path}; see GET /docs for the API", code="route_not_found")
+        elif exc.status_code == 405:
+            error = method_not_allowed(f"{request.method} is not allowed on {request.url.path}")
+        elif exc.status_code < 500:
+            error = APIError(exc.status_code, str(exc.detail), "invalid_request_error")
+        else:
+            error = internal_error(str(exc.detail))
+        if exc.headers:
+            error.headers.update(exc.headers)
+        return respond(request, error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = (exc.errors() or [{}])[0]
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        return respond(request, invalid_request(f"{param}: {first.get('msg', 'invalid request')}" if param else str(first.get("msg", "invalid request")), param, first.get("type")))
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)

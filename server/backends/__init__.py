@@ -1,0 +1,39 @@
+"""Generation backends behind one interface (:class:`Backend`): ``transformers`` (CPU/GPU) and ``vllm``."""
+
+from __future__ import annotations
+
+from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult, SamplingParams
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BatchObserver",
+    "GenerationRequest",
+    "GenerationResult",
+    "SamplingParams",
+    "make_backend",
+]
+
+
+def make_backend(
+    kind: str,
+    bundle_path: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    batch_size: int = 8,
+    batch_wait_ms: float = 5.0,
+    verify: bool = True,
+    observer: BatchObserver | None = None,
+) -> Backend:
+    """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``."""
+    settings = dict(device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer)
+    if kind == "transformers":
+        from server.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(bundle_path, **settings)
+    if kind == "vllm":
+        from server.backends.vllm_backend import VLLMBackend
+
+        return VLLMBackend(bundle_path, **settings)
+    raise BackendError(f"unknown backend {kind!r}; use 'transformers' or 'vllm'")

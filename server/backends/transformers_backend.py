@@ -1,0 +1,354 @@
+"""The transformers backend: a bundle's LM on CPU or GPU, with dynamic batching for generation and hidden states.
+
+Generation: concurrent requests are batched (left padding) into one ``model.generate`` call in greedy mode. A
+per-row logits processor samples the rows that asked for sampling, each with its own temperature, top_p and seeded
+``torch.Generator`` (so a seeded request gives the same text whatever it is batched with), and masks every other
+token, so greedy decoding then picks the sampled token. A per-row stopping criterion ends each row at its own
+``max_tokens``, EOS, stop strings (the verification tag included) or cancellation, and streams text deltas.
+
+Hidden states: verification texts of concurrent requests are batched into one
+:func:`sdm_core.embedding.embed_texts` call with the bundle's recipe, the function training used.
+
+All model calls run in one worker thread; a second tokenizer instance serves the event loop thread (fast
+tokenizers must not be shared across threads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from sdm_core.bundle import Bundle, BundleInfo, load_bundle
+from sdm_core.embedding import embed_texts
+from sdm_core.estimator import SDMEstimator
+from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
+from server.batching import DynamicBatcher
+
+__all__ = ["TransformersBackend"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Row:
+    """The state of one request inside a generation batch (touched only by the worker thread)."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self.count = 0
+        self.text = ""
+        self.streamed = 0
+        self.done = False
+        self.finish_reason = "length"
+        self.stop_reason: str | None = None
+        self.final_text: str | None = None
+        stops = [(s, False) for s in request.stop] + [(s, True) for s in request.stop_inclusive]
+        self.stops = stops
+        self.holdback = max((len(s) - 1 for s in request.stop), default=0)
+        self.generator: torch.Generator | None = None
+
+    def finish(self, reason: str, stop_reason: str | None, text: str) -> None:
+        self.done = True
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+        self.final_text = text
+
+    def find_stop(self) -> tuple[int, str, bool] | None:
+        """The earliest stop string in the text: (position, string, inclusive)."""
+        best: tuple[int, str, bool] | None = None
+        for stop, inclusive in self.stops:
+            at = self.text.find(stop)
+            if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(stop) > len(best[1]))):
+                best = (at, stop, inclusive)
+        return best
+
+    def stream(self, final: bool = False) -> None:
+        """Send text that can no longer change: before a possible stop string, trailing whitespace and partial
+        characters held back (the verification prefix strips trailing whitespace)."""
+        callback = self.request.on_text
+        if callback is None:
+            return
+        if final:
+            return  # the pipeline sends the rest of the final text itself
+        safe = self.text
+        if self.holdback:
+            safe = safe[: max(0, len(safe) - self.holdback)]
+        safe = safe.rstrip()
+        if safe.endswith("\ufffd"):
+            safe = safe.rstrip("\ufffd")
+        if len(safe) > self.streamed and safe.startswith(self.text[: self.streamed]):
+            callback(safe[self.streamed :])
+            self.streamed = len(safe)
+
+    def result(self) -> GenerationResult:
+        text = self.final_text if self.final_text is not None else self.text
+        return GenerationResult(text, len(self.request.prompt_ids), self.count, self.finish_reason, self.stop_reason)
+
+
+class _RowSampler:
+    """Logits processor: sampled rows draw their token with their own generator; greedy rows pass through."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+        self.sampled = [i for i, r in enumerate(rows) if not r.request.params.greedy]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.sampled:
+            return scores
+        out = scores.clone()
+        for i in self.sampled:
+            row = self.rows[i]
+            if row.done:
+                continue
+            params = row.request.params
+            if row.generator is None:
+                seed = params.seed if params.seed is not None else secrets.randbits(63)
+                row.generator = torch.Generator(device=scores.device)
+                row.generator.manual_seed(int(seed) % (2**63))
+            logits = scores[i].float() / params.temperature
+            probs = torch.softmax(logits, dim=-1)
+            if params.top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                cumulative = torch.cumsum(sorted_probs, dim=-1)
+                drop = cumulative - sorted_probs > params.top_p
+                sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            token = torch.multinomial(probs, 1, generator=row.generator)
+            out[i].fill_(float("-inf"))
+            out[i, token] = 0.0
+        return out
+
+
+class _RowStopper:
+    """Stopping criterion: per-row max_tokens, EOS, stop strings and cancellation; streams text deltas."""
+
+    def __init__(self, rows: list[_Row], tokenizer, eos_ids: set[int], width: int) -> None:
+        self.rows = rows
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.width = width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for i, row in enumerate(self.rows):
+            if row.done:
+                done[i] = True
+                continue
+            row.count += 1
+            token = int(input_ids[i, -1])
+            if row.request.cancel.is_set():
+                row.finish("cancelled", None, row.text)
+            elif token in self.eos_ids:
+                row.text = self.tokenizer.decode(input_ids[i, self.width :], skip_special_tokens=True)
+                row.finish("stop", "eos", row.text)
+            else:
+                row.text = self.tokenizer.decode(input_ids[i, self.width :], skip_special_tokens=True)
+                hit = row.find_stop()
+                if hit is not None:
+                    at, stop, inclusive = hit
+                    row.finish("stop", stop, row.text[: at + len(stop)] if inclusive else row.text[:at])
+                elif row.count >= row.request.params.max_tokens:
+                    row.finish("length", None, row.text)
+                else:
+                    row.stream()
+            done[i] = row.done
+        return done.to(input_ids.device)
+
+
+class TransformersBackend(Backend):
+    """A bundle served with Hugging Face transformers (CPU or GPU)."""
+
+    def __init__(
+        self,
+        bundle_path: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+        verify: bool = True,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self.bundle_path = str(bundle_path)
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = int(batch_size)
+        self.batch_wait_ms = float(batch_wait_ms)
+        self.verify = verify
+        self.observer = observer
+        self._bundle: Bundle | None = None
+        self._loop_tokenizer = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._generator: DynamicBatcher | None = None
+        self._embedder: DynamicBatcher | None = None
+        self._eos_ids: set[int] = set()
+        self._pad_id = 0
+        self._load_lock = threading.Lock()
+
+    def with_bundle(self, bundle_path: str) -> "TransformersBackend":
+        return TransformersBackend(
+            bundle_path, device=self.device, dtype=self.dtype, batch_size=self.batch_size, batch_wait_ms=self.batch_wait_ms,
+            verify=self.verify, observer=self.observer,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._bundle is not None and self._generator is not None
+
+    async def load(self) -> None:
+        if self.loaded:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdm-model")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._load_sync)
+        lock = asyncio.Lock()
+        wait_s = self.batch_wait_ms / 1000.0
+        self._generator = DynamicBatcher(
+            self._generate_batch, self._executor, max_batch=self.batch_size, max_wait_s=wait_s, lock=lock,
+            on_batch=self._observe("generate"), name="generate",
+        )
+        self._embedder = DynamicBatcher(
+            self._embed_batch, self._executor, max_batch=self.batch_size, max_wait_s=wait_s, lock=lock,
+            on_batch=self._observe("embed"), name="embed",
+        )
+
+    def _observe(self, kind: str):
+        observer = self.observer
+        return (lambda n: observer(kind, n)) if observer is not None else None
+
+    def _resolve_dtype(self, info: BundleInfo) -> torch.dtype:
+        name = self.dtype if self.dtype != "auto" else str(info.model.get("dtype", "float32"))
+        if name not in _DTYPES:
+            raise BackendError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)}")
+        return _DTYPES[name]
+
+    def _load_sync(self) -> None:
+        from sdm_core.bundle import read_bundle_info
+        from transformers import AutoTokenizer
+
+        with self._load_lock:
+            if self._bundle is not None:
+                return
+            info = read_bundle_info(self.bundle_path, verify=False)
+            bundle = load_bundle(self.bundle_path, dtype=self._resolve_dtype(info), verify=self.verify, device=self.device)
+            tokenizer = bundle.tokenizer
+            eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+            config_eos = getattr(bundle.model.generation_config, "eos_token_id", None)
+            if config_eos is not None:
+                eos |= set(config_eos) if isinstance(config_eos, (list, tuple)) else {config_eos}
+            if not eos:
+                raise BackendError(f"{self.bundle_path}: the tokenizer has no EOS token; generation could not stop")
+            self._eos_ids = {int(e) for e in eos}
+            self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids)
+            self._loop_tokenizer = AutoTokenizer.from_pretrained(str(Path(self.bundle_path) / "tokenizer"))
+            self._bundle = bundle
+
+    async def close(self) -> None:
+        for batcher in (self._generator, self._embedder):
+            if batcher is not None:
+                await batcher.close()
+        self._generator = self._embedder = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        cuda = self._bundle is not None and str(self.device).startswith("cuda")
+        self._bundle = None
+        self._loop_tokenizer = None
+        gc.collect()
+        if cuda and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- what the pipeline reads -------------------------------------------------------------------------------
+    def _loaded(self) -> Bundle:
+        if self._bundle is None:
+            raise BackendError("the backend is not loaded yet: await load() first")
+        return self._bundle
+
+    @property
+    def info(self) -> BundleInfo:
+        return self._loaded().info
+
+    @property
+    def head(self) -> SDMEstimator:
+        return self._loaded().head
+
+    @property
+    def tokenizer(self):
+        self._loaded()
+        return self._loop_tokenizer
+
+    @property
+    def model(self):
+        """The LM (for tests and tools; never call it from the event loop while serving)."""
+        return self._loaded().model
+
+    @property
+    def worker_tokenizer(self):
+        return self._loaded().tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return int(getattr(self._loaded().model.config, "max_position_embeddings", 2048))
+
+    # -- work --------------------------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if self._generator is None:
+            raise BackendError("the backend is not loaded (or was closed)")
+        try:
+            return await self._generator.submit(request)
+        except asyncio.CancelledError:
+            request.cancel.set()
+            raise
+
+    async def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        if self._embedder is None:
+            raise BackendError("the backend is not loaded (or was closed)")
+        return await self._embedder.submit(list(texts))
+
+    @torch.inference_mode()
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        bundle = self._loaded()
+        rows = [_Row(r) for r in requests]
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(requests):
+            n = len(r.prompt_ids)
+            ids[i, width - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        device = next(bundle.model.parameters()).device
+        # As training's greedy generation: explicit greedy + EOS + pad, the model's generation_config for the rest.
+        config = GenerationConfig(
+            max_new_tokens=max(r.params.max_tokens for r in requests),
+            do_sample=False,
+            eos_token_id=sorted(self._eos_ids),
+            pad_token_id=self._pad_id,
+        )
+        bundle.model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            logits_processor=LogitsProcessorList([_RowSampler(rows)]),
+            stopping_criteria=StoppingCriteriaList([_RowStopper(rows, bundle.tokenizer, self._eos_ids, width)]),
+        )
+        return [row.result() for row in rows]
+
+    def _embed_batch(self, groups: list[list[str]]) -> list[torch.Tensor]:
+        bundle = self._loaded()
+        texts = [t for group in groups for t in group]
+        h = embed_texts(bundle.model, bundle.tokenizer, texts, bundle.info.recipe, batch_size=self.batch_size)
+        out, start = [], 0
+        for group in groups:
+            out.append(h[start : start + len(group)])
+            start += len(group)
+        return out

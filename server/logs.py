@@ -1,0 +1,60 @@
+"""JSON logs, one object a line, each with the request id of the request being served (``null`` outside one)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from contextvars import ContextVar
+
+__all__ = ["request_id_var", "JsonFormatter", "RequestIdFilter", "configure_logging", "LOGGER_NAME"]
+
+LOGGER_NAME = "sdm.server"
+request_id_var: ContextVar[str | None] = ContextVar("sdm_request_id", default=None)
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "request_id", "color_message"}
+
+
+class RequestIdFilter(logging.Filter):
+    """Stamps every record with the current request id (a handler filter, so third-party loggers get it too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", None) or request_id_var.get(),
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                payload[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def configure_logging(level: str = "info", stream=None) -> None:
+    """Route the root, uvicorn and server loggers to one JSON handler (called by the CLI, not by create_app)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
+    # The server writes its own access line (with the request id); uvicorn's would duplicate it without one.
+    logging.getLogger("uvicorn.access").disabled = True

@@ -1,0 +1,82 @@
+"""Prometheus metrics (prefix ``sdm_``) on a per-app ``CollectorRegistry``: nothing is registered globally, so
+several apps (tests, reloads) never collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+
+__all__ = ["ServerMetrics", "CONTENT_TYPE_LATEST", "OUTCOMES", "STAGES"]
+
+OUTCOMES = ("admitted", "abstained", "error")
+STAGES = ("queue", "generation", "verification", "total")
+_PROBABILITY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+_ALPHA_BUCKETS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0)
+_Q_PRIME_BUCKETS = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+_ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 16)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class ServerMetrics:
+    """Every metric the server exports; one instance per app."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("sdm_requests", "Requests by route and outcome (admitted, abstained, error)", ["route", "outcome"], registry=r)
+        self.errors = Counter("sdm_request_errors", "Failed requests by route and HTTP status", ["route", "status"], registry=r)
+        self.abstentions = Counter("sdm_abstentions", "Abstentions by reason", ["reason"], registry=r)
+        self.probability = Histogram("sdm_probability", "Calibrated SDM probability of the verified class", buckets=_PROBABILITY_BUCKETS, registry=r)
+        self.q_prime = Histogram("sdm_q_prime", "Rescaled similarity q' of returned outputs", buckets=_Q_PRIME_BUCKETS, registry=r)
+        self.region_alpha = Histogram("sdm_region_alpha", "Highest ladder alpha whose region admits the output (outputs in no region are not observed)", buckets=_ALPHA_BUCKETS, registry=r)
+        self.no_region = Counter("sdm_outputs_without_region", "Outputs that no ladder region admits", registry=r)
+        self.latency = Histogram("sdm_stage_latency_seconds", "Latency by stage (queue, generation, verification, total)", ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("sdm_prompt_tokens", "Prompt tokens processed (once per attempt)", registry=r)
+        self.completion_tokens = Counter("sdm_completion_tokens", "Completion tokens generated (all attempts)", registry=r)
+        self.in_flight = Gauge("sdm_in_flight_requests", "Requests holding a processing slot", registry=r)
+        self.queue_depth = Gauge("sdm_queue_depth", "Requests waiting for a processing slot", registry=r)
+        self.attempts = Histogram("sdm_attempts", "Generation attempts per request", buckets=_ATTEMPT_BUCKETS, registry=r)
+        self.batch_size = Histogram("sdm_batch_size", "Requests per backend batch (generate, embed)", ["kind"], buckets=_BATCH_BUCKETS, registry=r)
+        self.cancelled = Counter("sdm_cancelled_requests", "Requests whose client disconnected before the answer", ["route"], registry=r)
+        self.reloads = Counter("sdm_bundle_reloads", "Bundle reloads by result", ["result"], registry=r)
+        self.ready = Gauge("sdm_ready", "1 when the model and head are loaded and warmed up", registry=r)
+        self.bundle = Info("sdm_bundle", "The bundle served: model, head version, default alpha, calibration admitted proportion", registry=r)
+        self.baseline = Gauge("sdm_calibration_admitted_proportion", "Calibration-set admitted proportion at the default alpha (the drift baseline)", registry=r)
+        for outcome in OUTCOMES:
+            for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
+                self.requests.labels(route=route, outcome=outcome)
+        for stage in STAGES:
+            self.latency.labels(stage=stage)
+
+    def observe_result(self, route: str, result) -> None:
+        """Record a served answer (a :class:`server.pipeline.VerificationResult`)."""
+        self.requests.labels(route=route, outcome="admitted" if result.admitted else "abstained").inc()
+        if not result.admitted and result.abstention_reason:
+            self.abstentions.labels(reason=result.abstention_reason).inc()
+        self.probability.observe(result.probability)
+        self.q_prime.observe(result.q_prime)
+        if result.region_alpha is None:
+            self.no_region.inc()
+        else:
+            self.region_alpha.observe(result.region_alpha)
+        self.attempts.observe(result.attempts)
+        self.prompt_tokens.inc(result.prompt_tokens * result.attempts)
+        self.completion_tokens.inc(result.completion_tokens_all_attempts)
+        self.latency.labels(stage="generation").observe(result.generation_ms / 1000.0)
+        self.latency.labels(stage="verification").observe(result.verification_ms / 1000.0)
+
+    def observe_error(self, route: str, status: int) -> None:
+        self.requests.labels(route=route, outcome="error").inc()
+        self.errors.labels(route=route, status=str(status)).inc()
+
+    def observe_batch(self, kind: str, size: int) -> None:
+        self.batch_size.labels(kind=kind).observe(size)
+
+    def set_bundle(self, facts: dict) -> None:
+        self.bundle.info({k: str(v) for k, v in facts.items()})
+        proportion = facts.get("calibration_admitted_proportion")
+        if proportion is not None:
+            self.baseline.set(float(proportion))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,238 @@
+"""The verification flow of one request (SDM_SPEC §4): generate until ``<verified>``, build the verification text
+exactly as training did, embed it with the bundle's recipe, score it with the SDM head at the requested alpha, and
+force-decode the verification tag from the head's prediction.
+
+The returned text is the generation up to and including ``<verified>`` (``"\\n<verified>"`` appended when the
+model did not write it, as training's normaliser does) followed by the forced tag (``Yes</verified>`` or
+``No</verified>``). An output is admitted iff the head admits its prediction at alpha and the prediction is the
+positive class; an admitted ``No`` abstains with reason ``predicted_no``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from sdm_core.embedding import verification_prefix, verification_text
+from sdm_core.estimator import SDMScores
+from sdm_core.support import OOD_LABEL
+from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
+
+__all__ = ["PreparedPrompt", "VerificationRequest", "Attempt", "VerificationResult", "SelectivePipeline", "derive_seed"]
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt as the pipeline uses it: the chat prompt (a user string or messages), its rendering, its tokens."""
+
+    prompt: str | tuple[dict, ...]
+    text: str
+    ids: tuple[int, ...]
+
+    @property
+    def chat_prompt(self) -> str | list[dict]:
+        return self.prompt if isinstance(self.prompt, str) else [dict(m) for m in self.prompt]
+
+
+@dataclass(frozen=True)
+class VerificationRequest:
+    prompt: PreparedPrompt
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    alpha: float | None = None
+    on_abstain: str = "flag"
+    return_exemplars: int = 0
+    max_attempts: int = 1
+
+
+@dataclass
+class Attempt:
+    """One generation and its verification."""
+
+    generation: GenerationResult
+    verification_text: str
+    embedding: torch.Tensor
+    prediction: int
+    verified: str
+    text: str
+    probability: float
+    probability_lower: float
+    head_admitted: bool
+    admitted: bool
+    abstention_reason: str | None
+    region_alpha: float | None
+    q: int
+    q_prime: float
+    d: float
+    exemplars: list[dict]
+    generation_ms: float
+    verification_ms: float
+
+
+@dataclass
+class VerificationResult:
+    """The answer to one request: the best attempt by (admitted, probability), plus totals over attempts."""
+
+    text: str | None
+    withheld: bool
+    verified: str
+    prediction: int
+    probability: float
+    probability_lower: float
+    admitted: bool
+    abstained: bool
+    abstention_reason: str | None
+    alpha: float
+    region_alpha: float | None
+    q: int
+    q_prime: float
+    d: float
+    exemplars: list[dict]
+    attempts: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    generation_ms: float
+    verification_ms: float
+    generated_text: str
+    verification_text: str
+    embedding: torch.Tensor
+    all_attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def completion_tokens_all_attempts(self) -> int:
+        return sum(a.generation.completion_tokens for a in self.all_attempts)
+
+
+def derive_seed(seed: int | None, attempt: int) -> int | None:
+    """Attempt 0 uses the request's seed; later attempts a seed derived from it (None stays random)."""
+    if seed is None or attempt == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class SelectivePipeline:
+    """The verification flow over one loaded backend."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.info = backend.info
+        self.head = backend.head
+        self.tags = backend.info.tags
+        self.class_names = list(self.head.class_names)
+
+    # -- preparation (event loop thread; cheap) -----------------------------------------------------------------
+    def prepare(self, prompt: str | Sequence[dict]) -> PreparedPrompt:
+        text = self.backend.render_prompt(prompt)
+        ids = self.backend.encode(text)
+        frozen = prompt if isinstance(prompt, str) else tuple(dict(m) for m in prompt)
+        return PreparedPrompt(frozen, text, tuple(ids))
+
+    def resolve_alpha(self, alpha: float | None) -> float:
+        """The ladder alpha for a requested one; ValueError (naming the ladder) when it is not on it."""
+        return self.head.ladder.resolve_alpha(alpha)
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        return tuple(self.head.ladder.alphas)
+
+    def verification_text(self, prompt: str | Sequence[dict], response: str) -> str:
+        return verification_text(self.backend.tokenizer, prompt, response, self.info.chat, self.info.recipe)
+
+    # -- the flow -----------------------------------------------------------------------------------------------
+    async def run(self, request: VerificationRequest, on_text: Callable[[str], None] | None = None) -> VerificationResult:
+        """Run the request. ``on_text`` receives generated text as it is produced (from a worker thread), only
+        when the text cannot be withheld or replaced (one attempt, ``on_abstain="flag"``)."""
+        alpha = self.resolve_alpha(request.alpha)
+        budget = request.max_attempts if request.temperature > 0 else 1
+        stream = on_text if (budget == 1 and request.on_abstain == "flag") else None
+        attempts: list[Attempt] = []
+        for k in range(budget):
+            params = SamplingParams(request.max_tokens, request.temperature, request.top_p, derive_seed(request.seed, k))
+            attempt = await self._attempt(request, params, alpha, stream)
+            attempts.append(attempt)
+            if attempt.admitted:
+                break
+        best = max(attempts, key=lambda a: (a.admitted, a.probability))
+        withheld = request.on_abstain == "withhold" and not best.admitted
+        return VerificationResult(
+            text=None if withheld else best.text,
+            withheld=withheld,
+            verified=best.verified,
+            prediction=best.prediction,
+            probability=best.probability,
+            probability_lower=best.probability_lower,
+            admitted=best.admitted,
+            abstained=not best.admitted,
+            abstention_reason=best.abstention_reason,
+            alpha=alpha,
+            region_alpha=best.region_alpha,
+            q=best.q,
+            q_prime=best.q_prime,
+            d=best.d,
+            exemplars=best.exemplars,
+            attempts=len(attempts),
+            finish_reason="length" if best.generation.finish_reason == "length" else "stop",
+            prompt_tokens=len(request.prompt.ids),
+            completion_tokens=best.generation.completion_tokens,
+            generation_ms=sum(a.generation_ms for a in attempts),
+            verification_ms=sum(a.verification_ms for a in attempts),
+            generated_text=best.generation.text,
+            verification_text=best.verification_text,
+            embedding=best.embedding,
+            all_attempts=attempts,
+        )
+
+    async def _attempt(self, request: VerificationRequest, params: SamplingParams, alpha: float, on_text) -> Attempt:
+        started = time.perf_counter()
+        generation = await self.backend.generate(
+            GenerationRequest(list(request.prompt.ids), params, stop=tuple(request.stop), stop_inclusive=(self.tags.open,), on_text=on_text)
+        )
+        generated = time.perf_counter()
+        text = self.verification_text(request.prompt.chat_prompt, generation.text)
+        h = await self.backend.embed([text])
+        scores = await asyncio.to_thread(self.head.score, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
+        verified = time.perf_counter()
+        return self._decide(generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0)
+
+    def _decide(self, generation: GenerationResult, text: str, h: torch.Tensor, scores: SDMScores, gen_ms: float, ver_ms: float) -> Attempt:
+        prediction = int(scores.predictions[0])
+        head_admitted = bool(scores.admitted[0])
+        positive = prediction == self.tags.positive_class
+        admitted = head_admitted and positive
+        reason = scores.abstention_reason[0] if not head_admitted else (None if positive else "predicted_no")
+        tag = self.tags.tag(prediction)
+        exemplars = []
+        if scores.exemplars:
+            for e in scores.exemplars[0]:
+                name = "ood" if e.label == OOD_LABEL else (self.class_names[e.label] if 0 <= e.label < len(self.class_names) else str(e.label))
+                exemplars.append({"id": e.id, "label": e.label, "label_name": name, "predicted": e.predicted, "distance": e.distance})
+        return Attempt(
+            generation=generation,
+            verification_text=text,
+            embedding=h[0],
+            prediction=prediction,
+            verified=tag[: -len(self.tags.close)] if tag.endswith(self.tags.close) else tag,
+            text=verification_prefix(generation.text, self.tags.open) + tag,
+            probability=float(scores.probabilities[0, prediction]),
+            probability_lower=float(scores.probabilities_lower[0, prediction]),
+            head_admitted=head_admitted,
+            admitted=admitted,
+            abstention_reason=reason,
+            region_alpha=scores.region_alpha[0],
+            q=int(scores.q[0]),
+            q_prime=float(scores.q_prime[0]),
+            d=float(scores.d[0]),
+            exemplars=exemplars,
+            generation_ms=gen_ms,
+            verification_ms=ver_ms,
+        )

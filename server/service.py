@@ -1,0 +1,462 @@
+"""The generation service: turns a parsed request of any route into a pipeline run and the route's response.
+
+It enforces the limits (max_tokens cap, prompt length, alpha on the ladder, ...), holds the served model for
+the request's lifetime (so a reload never drops it), takes an admission slot (429 when the queue is full),
+applies the per-request timeout (504), cancels the work when the client disconnects, records metrics, and
+builds the ``/generate``, completion and chat-completion responses, streamed as server-sent events when asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+
+from server.admission import AdmissionController, Overloaded
+from server.config import ServerConfig
+from server.errors import APIError, internal_error, invalid_request, not_found, overloaded, timeout_error
+from server.metrics import ServerMetrics
+from server.model_manager import ModelManager, ServedModel
+from server.pipeline import VerificationRequest, VerificationResult
+from server.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
+    DeltaMessage,
+    Exemplar,
+    GenerateRequest,
+    GenerateResponse,
+    SDMVerification,
+    SelectiveParams,
+    Timings,
+    Usage,
+)
+
+__all__ = ["GenerationService", "ClientDisconnected", "read_json", "parse_request", "Completed"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer; the work was cancelled."""
+
+
+# -- request bodies --------------------------------------------------------------------------------------------
+async def read_json(request: Request) -> Any:
+    """The body as JSON: 400 for an empty body, bytes that are not UTF-8, or text that is not JSON."""
+    body = await request.body()
+    if not body.strip():
+        raise invalid_request("the request body is empty; send a JSON object", code="empty_body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise invalid_request(f"the request body is not valid UTF-8 (invalid byte at position {exc.start}); encode JSON as UTF-8", code="invalid_encoding") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise invalid_request(f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise invalid_request(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    return data
+
+
+def parse_request(model: type[M], data: Any) -> M:
+    """Validate with pydantic; the first error becomes a 400 naming its field in ``param``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        loc = [str(part) for part in error.get("loc", ())]
+        param = ".".join(loc) if loc else getattr(model, "root_param", None)
+        message = str(error.get("msg", "invalid value"))
+        for prefix in ("Value error, ", "Assertion failed, "):
+            if message.startswith(prefix):
+                message = message[len(prefix) :]
+        if error.get("type") == "missing":
+            message = "this field is required"
+        raise invalid_request(f"{param}: {message}" if param else message, param, error.get("type")) from None
+
+
+# -- results ---------------------------------------------------------------------------------------------------
+@dataclass
+class Completed:
+    result: VerificationResult
+    queue_ms: float
+    total_ms: float
+
+    def timings(self) -> Timings:
+        r = self.result
+        return Timings(queue_ms=round(self.queue_ms, 3), generation_ms=round(r.generation_ms, 3), verification_ms=round(r.verification_ms, 3), total_ms=round(self.total_ms, 3))
+
+    def usage(self) -> Usage:
+        r = self.result
+        return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, total_tokens=r.prompt_tokens + r.completion_tokens)
+
+    def verification(self) -> SDMVerification:
+        r = self.result
+        return SDMVerification(
+            verified=r.verified, probability=r.probability, probability_lower=r.probability_lower, admitted=r.admitted,
+            abstained=r.abstained, abstention_reason=r.abstention_reason, withheld=r.withheld, alpha=r.alpha,
+            region_alpha=r.region_alpha, q=r.q, q_prime=r.q_prime, d=r.d, exemplars=[Exemplar(**e) for e in r.exemplars],
+            attempts=r.attempts, timings=self.timings(),
+        )
+
+
+@dataclass
+class _Plan:
+    """A validated request: what to run, against which model, and how to answer."""
+
+    route: str
+    served: ServedModel
+    request: VerificationRequest
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _messages(messages: Sequence[ChatMessage]) -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        try:
+            content = m.text()
+        except ValueError as exc:
+            raise invalid_request(f"messages.{i}.content: {exc}", f"messages.{i}.content", "unsupported_content") from None
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
+class GenerationService:
+    def __init__(self, config: ServerConfig, manager: ModelManager, admission: AdmissionController, metrics: ServerMetrics,
+                 logger: logging.Logger | None = None) -> None:
+        self.config = config
+        self.manager = manager
+        self.admission = admission
+        self.metrics = metrics
+        self.logger = logger or logging.getLogger("sdm.server")
+
+    # -- validation --------------------------------------------------------------------------------------------
+    def _plan(self, route: str, served: ServedModel, prompt: str | list[dict], prompt_param: str, max_tokens: int | None,
+              temperature: float, top_p: float, seed: int | None, stop: Sequence[str], sdm: SelectiveParams) -> VerificationRequest:
+        config = self.config
+        pipeline = served.pipeline
+        tokens = config.default_max_tokens if max_tokens is None else int(max_tokens)
+        if tokens < 1:
+            raise invalid_request(f"max_tokens must be >= 1, got {tokens}", "max_tokens", "invalid_max_tokens")
+        if tokens > config.max_tokens_cap:
+            raise invalid_request(f"max_tokens {tokens} exceeds this server's cap of {config.max_tokens_cap}", "max_tokens", "max_tokens_too_large")
+        try:
+            alpha = pipeline.resolve_alpha(sdm.alpha)
+        except ValueError:
+            raise invalid_request(
+                f"alpha {sdm.alpha} is not on the bundle's calibrated ladder {list(pipeline.alphas)}; use one of them (or recalibrate the head)",
+                "alpha", "alpha_not_on_ladder",
+            ) from None
+        if sdm.return_exemplars > config.max_exemplars:
+            raise invalid_request(f"return_exemplars {sdm.return_exemplars} exceeds this server's limit of {config.max_exemplars}", "return_exemplars", "too_many_exemplars")
+        if sdm.max_attempts > config.max_attempts_cap:
+            raise invalid_request(f"max_attempts {sdm.max_attempts} exceeds this server's limit of {config.max_attempts_cap}", "max_attempts", "too_many_attempts")
+        if sdm.max_attempts > 1 and temperature <= 0:
+            raise invalid_request("max_attempts > 1 needs temperature > 0: greedy decoding gives the same output at every attempt", "max_attempts", "attempts_need_sampling")
+        try:
+            prepared = pipeline.prepare(prompt)
+        except Exception as exc:  # noqa: BLE001 - a chat template rejecting the messages
+            raise invalid_request(f"{prompt_param}: the chat template could not render it: {exc}", prompt_param, "invalid_prompt") from None
+        n = len(prepared.ids)
+        if n > config.max_prompt_tokens:
+            raise invalid_request(f"the prompt has {n} tokens (chat template included); this server accepts at most {config.max_prompt_tokens}", prompt_param, "prompt_too_long")
+        limit = served.backend.max_model_len
+        if n + tokens > limit:
+            raise invalid_request(f"the prompt ({n} tokens) plus max_tokens ({tokens}) exceeds the model's context of {limit} tokens", "max_tokens", "context_length_exceeded")
+        return VerificationRequest(
+            prompt=prepared, max_tokens=tokens, temperature=float(temperature), top_p=float(top_p), seed=seed, stop=tuple(stop),
+            alpha=alpha, on_abstain=sdm.on_abstain, return_exemplars=int(sdm.return_exemplars), max_attempts=int(sdm.max_attempts),
+        )
+
+    def _check_model(self, name: str | None) -> None:
+        if name and name != self.config.served_model_name:
+            raise not_found(f"the model {name!r} does not exist; this server serves {self.config.served_model_name!r} (GET /v1/models)", "model", "model_not_found")
+
+    @staticmethod
+    def _refuse(param: str, message: str) -> APIError:
+        return invalid_request(f"{param}: {message}", param, "unsupported_parameter")
+
+    def _check_openai(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        self._check_model(body.model)
+        if body.n != 1:
+            raise self._refuse("n", "only n = 1 is supported (use max_attempts to resample until admitted)")
+        if body.logit_bias:
+            raise self._refuse("logit_bias", "is not supported")
+        if body.presence_penalty or body.frequency_penalty:
+            raise self._refuse("presence_penalty" if body.presence_penalty else "frequency_penalty", "is not supported (only 0)")
+        if isinstance(body, CompletionRequest):
+            if body.echo:
+                raise self._refuse("echo", "is not supported")
+            if body.logprobs is not None:
+                raise self._refuse("logprobs", "is not supported")
+            if body.best_of not in (None, 1):
+                raise self._refuse("best_of", "is not supported (use max_attempts)")
+            if body.suffix:
+                raise self._refuse("suffix", "is not supported")
+        else:
+            if body.logprobs or body.top_logprobs:
+                raise self._refuse("logprobs", "is not supported")
+            if body.tools or body.functions or body.tool_choice not in (None, "none"):
+                raise self._refuse("tools", "tool calls are not supported")
+            if body.response_format and body.response_format.get("type", "text") != "text":
+                raise self._refuse("response_format", "only the text format is supported")
+
+    # -- running -----------------------------------------------------------------------------------------------
+    async def _until_disconnect(self, request: Request, work: asyncio.Future) -> Any:
+        async def disconnected() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            raise ClientDisconnected()
+        finally:
+            for task in (work, watcher):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(work, watcher, return_exceptions=True)
+
+    async def _execute(self, plan: _Plan, request: Request, started: float) -> Completed:
+        """Admission, pipeline, timeout and disconnect handling for a non-streamed answer."""
+
+        async def work() -> tuple[VerificationResult, float]:
+            queue_s = await self.admission.acquire()
+            held = time.perf_counter()
+            try:
+                return await plan.served.pipeline.run(plan.request), queue_s
+            finally:
+                self.admission.release(time.perf_counter() - held)
+
+        try:
+            async with asyncio.timeout(self.config.request_timeout_s):
+                result, queue_s = await self._until_disconnect(request, asyncio.ensure_future(work()))
+        except Overloaded as exc:
+            raise overloaded(exc.retry_after_s) from None
+        except TimeoutError:
+            raise timeout_error(self.config.request_timeout_s) from None
+        except ClientDisconnected:
+            self.metrics.cancelled.labels(route=plan.route).inc()
+            self.logger.info("client disconnected; generation cancelled")
+            raise
+        return self._completed(plan.route, result, queue_s, started)
+
+    def _completed(self, route: str, result: VerificationResult, queue_s: float, started: float) -> Completed:
+        done = Completed(result, queue_s * 1000.0, (time.perf_counter() - started) * 1000.0)
+        self.metrics.observe_result(route, result)
+        self.metrics.latency.labels(stage="queue").observe(queue_s)
+        self.metrics.latency.labels(stage="total").observe(done.total_ms / 1000.0)
+        self.logger.info(
+            "answered",
+            extra={"route": route, "admitted": result.admitted, "abstention_reason": result.abstention_reason, "probability": round(result.probability, 6),
+                   "attempts": result.attempts, "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                   "total_ms": round(done.total_ms, 2)},
+        )
+        return done
+
+    # -- routes ------------------------------------------------------------------------------------------------
+    async def generate(self, request: Request) -> GenerateResponse:
+        started = time.perf_counter()
+        body = parse_request(GenerateRequest, await read_json(request))
+        prompt, param = (body.prompt, "prompt") if body.prompt is not None else (_messages(body.messages or []), "messages")
+        served = self.manager.hold()
+        try:
+            vreq = self._plan("/generate", served, prompt, param, body.max_tokens, body.temperature, body.top_p, body.seed, body.stop or [], body)
+            done = await self._execute(_Plan("/generate", served, vreq), request, started)
+        finally:
+            self.manager.release(served)
+        r = done.result
+        return GenerateResponse(
+            id="gen-" + uuid.uuid4().hex, model=self.config.served_model_name, text=r.text, verified=r.verified, probability=r.probability,
+            probability_lower=r.probability_lower, admitted=r.admitted, abstained=r.abstained, abstention_reason=r.abstention_reason,
+            withheld=r.withheld, alpha=r.alpha, region_alpha=r.region_alpha, q=r.q, q_prime=r.q_prime, d=r.d,
+            exemplars=[Exemplar(**e) for e in r.exemplars], attempts=r.attempts, finish_reason=r.finish_reason,
+            usage=done.usage(), timings=done.timings(),
+        )
+
+    async def completions(self, request: Request):
+        started = time.perf_counter()
+        body = parse_request(CompletionRequest, await read_json(request))
+        self._check_openai(body)
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise invalid_request("prompt: send one prompt per request (a string, or a list holding one string)", "prompt", "unsupported_parameter")
+            prompt = prompt[0]
+        return await self._openai("/v1/completions", request, body, prompt, "prompt", body.max_tokens, started, chat=False)
+
+    async def chat_completions(self, request: Request):
+        started = time.perf_counter()
+        body = parse_request(ChatCompletionRequest, await read_json(request))
+        self._check_openai(body)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await self._openai("/v1/chat/completions", request, body, _messages(body.messages), "messages", max_tokens, started, chat=True)
+
+    async def _openai(self, route: str, request: Request, body, prompt, param: str, max_tokens: int | None, started: float, chat: bool):
+        temperature = 0.0 if body.temperature is None else body.temperature
+        top_p = 1.0 if body.top_p is None else body.top_p
+        served = self.manager.hold()
+        released = False
+        try:
+            vreq = self._plan(route, served, prompt, param, max_tokens, temperature, top_p, body.seed, body.stop or [], body)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            plan = _Plan(route, served, vreq, body.stream, include_usage)
+            if body.stream:
+                response = await self._stream(plan, request, started, chat)
+                released = True  # the stream releases the model when it ends
+                return response
+            done = await self._execute(plan, request, started)
+        finally:
+            if not released:
+                self.manager.release(served)
+        r = done.result
+        name = self.config.served_model_name
+        if chat:
+            choice = ChatCompletionChoice(index=0, message=ChatCompletionMessage(content=r.text), finish_reason=r.finish_reason, sdm=done.verification())
+            return ChatCompletionResponse(id="chatcmpl-" + uuid.uuid4().hex, model=name, choices=[choice], usage=done.usage())
+        choice = CompletionChoice(index=0, text=r.text or "", finish_reason=r.finish_reason, sdm=done.verification())
+        return CompletionResponse(id="cmpl-" + uuid.uuid4().hex, model=name, choices=[choice], usage=done.usage())
+
+    # -- streaming ---------------------------------------------------------------------------------------------
+    async def _stream(self, plan: _Plan, request: Request, started: float, chat: bool) -> StreamingResponse:
+        """Take the admission slot (429 before any byte is sent), then stream: text deltas as they are generated
+        (only when the text cannot be withheld or replaced), the rest of the final text, and a last chunk
+        carrying ``sdm`` (and ``usage`` when asked), then ``data: [DONE]``."""
+        stack = AsyncExitStack()
+        stack.callback(self.manager.release, plan.served)
+        acquire = asyncio.ensure_future(self.admission.acquire())
+        try:
+            try:
+                queue_s = await asyncio.wait_for(self._until_disconnect(request, acquire), self.config.request_timeout_s)
+            except Overloaded as exc:
+                raise overloaded(exc.retry_after_s) from None
+            except (TimeoutError, asyncio.TimeoutError):
+                raise timeout_error(self.config.request_timeout_s) from None
+            except ClientDisconnected:
+                self.metrics.cancelled.labels(route=plan.route).inc()
+                raise
+            held = time.perf_counter()
+            stack.callback(lambda: self.admission.release(time.perf_counter() - held))
+        except BaseException:
+            if acquire.done() and not acquire.cancelled() and acquire.exception() is None and "held" not in locals():
+                self.admission.release(None)  # granted at the very moment we gave up
+            await stack.aclose()
+            raise
+        response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        name = self.config.served_model_name
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_text(delta: str) -> None:  # called from the model thread
+            loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
+
+        async def produce() -> None:
+            try:
+                async with asyncio.timeout(max(0.001, self.config.request_timeout_s - (time.perf_counter() - started))):
+                    result = await plan.served.pipeline.run(plan.request, on_text)
+                events.put_nowait(("done", result))
+            except TimeoutError:
+                events.put_nowait(("error", timeout_error(self.config.request_timeout_s)))
+            except asyncio.CancelledError:
+                raise
+            except APIError as exc:
+                events.put_nowait(("error", exc))
+            except Exception as exc:  # noqa: BLE001 - reported in the stream
+                self.logger.error("streamed generation failed", exc_info=True)
+                events.put_nowait(("error", internal_error(f"generation failed: {type(exc).__name__}")))
+
+        def chunk(text: str | None = None, *, role: bool = False, finish: str | None = None, sdm: SDMVerification | None = None, usage: Usage | None = None) -> str:
+            if chat:
+                delta = DeltaMessage(role="assistant" if role else None, content=text)
+                payload = ChatCompletionStreamResponse(id=response_id, created=created, model=name, choices=[ChatCompletionStreamChoice(delta=delta, finish_reason=finish, sdm=sdm)], usage=usage)
+            else:
+                payload = CompletionStreamResponse(id=response_id, created=created, model=name, choices=[CompletionStreamChoice(text=text or "", finish_reason=finish, sdm=sdm)], usage=usage)
+            data = payload.model_dump(mode="json")
+            for c in data["choices"]:
+                if c.get("sdm") is None:
+                    c.pop("sdm", None)
+                if "delta" in c:
+                    c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+            if data.get("usage") is None:
+                data.pop("usage", None)
+            return "data: " + json.dumps(data) + "\n\n"
+
+        async def body() -> AsyncIterator[str]:
+            task = asyncio.ensure_future(produce())
+            streamed = ""
+            try:
+                if chat:
+                    yield chunk("", role=True)
+                while True:
+                    kind, value = await events.get()
+                    if kind == "text":
+                        streamed += value
+                        yield chunk(value)
+                        continue
+                    if kind == "error":
+                        self.metrics.observe_error(plan.route, value.status)
+                        yield "data: " + json.dumps(value.envelope()) + "\n\n"
+                        break
+                    done = self._completed(plan.route, value, queue_s, started)
+                    final = done.result.text
+                    if final:
+                        if not final.startswith(streamed):
+                            self.logger.warning("streamed text is not a prefix of the final text", extra={"streamed": streamed})
+                        rest = final[len(streamed) :] if final.startswith(streamed) else ""
+                        if rest:
+                            yield chunk(rest)
+                    yield chunk(None if chat else "", finish=done.result.finish_reason, sdm=done.verification(), usage=done.usage() if plan.include_usage else None)
+                    break
+                yield "data: [DONE]\n\n"
+            finally:
+                if not task.done():
+                    task.cancel()
+                    self.metrics.cancelled.labels(route=plan.route).inc()
+                    self.logger.info("stream closed before the answer; generation cancelled")
+                await asyncio.gather(task, return_exceptions=True)
+
+        return _ClosingStreamingResponse(body(), on_close=stack.aclose, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends (even if the body never started)."""
+
+    def __init__(self, content, *, on_close: Callable[[], Any], **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
