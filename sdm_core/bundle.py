@@ -7,7 +7,8 @@ Layout::
     bundle/
       bundle.json        format, version, model, chat, tags, recipe, head summary, provenance, sha256 of files
       model/             save_pretrained weights (kind "full"), or
-      adapter/           a peft adapter over ``model.base`` (kind "adapter")
+      adapter/           a peft adapter over ``model.base`` (kind "adapter"), or nothing: the unchanged weights of
+                         the model source ``model.base`` (kind "base", an un-fine-tuned baseline)
       tokenizer/         the tokenizer, with its chat template
       head/              the SDM estimator artifact (sdm_core.estimator)
 
@@ -100,6 +101,7 @@ def write_bundle(
     tags: VerificationTags = VerificationTags(),
     base_model: dict | None = None,
     provenance: dict | None = None,
+    reference_only: bool = False,
 ) -> Path:
     """Write a bundle atomically (built under a temporary name, then renamed into place).
 
@@ -113,7 +115,12 @@ def write_bundle(
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         is_adapter = hasattr(model, "peft_config")
-        if is_adapter:
+        if reference_only:
+            # The weights are exactly those of ``base_model`` (an un-fine-tuned baseline): record the source only.
+            if base_model is None:
+                raise ValueError("reference_only needs base_model (the model source whose weights are used unchanged)")
+            model_info = {"kind": "base", "path": None, "base": base_model}
+        elif is_adapter:
             if base_model is None:
                 raise ValueError("an adapter bundle needs base_model (the model source the adapter applies to)")
             model.save_pretrained(tmp / "adapter")
@@ -197,6 +204,8 @@ def load_bundle(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, v
     tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
     if info.model["kind"] == "full":
         model = AutoModelForCausalLM.from_pretrained(str(root / info.model["path"]), dtype=dtype)
+    elif info.model["kind"] == "base":
+        model = load_model(info.model["base"], dtype=dtype)
     elif info.model["kind"] == "adapter":
         from peft import PeftModel
 

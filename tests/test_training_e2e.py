@@ -111,3 +111,17 @@ def test_lora_run_calibrates_into_an_adapter_bundle(tmp_path):
     assert not hasattr(bundle.model, "peft_config")  # merged for serving
     text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
     assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
+
+
+def test_an_unfinetuned_model_is_bundled_by_reference(tmp_path):
+    from training.data import WordOrderConfig, build_word_order
+
+    build_word_order(tmp_path / "data", WordOrderConfig(train=8, calibration=12, test=4, quiet=True))
+    bundle_dir = tmp_path / "base-bundle"
+    calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "model": {"kind": "tiny", "seed": 0},
+                                            "calibration": str(tmp_path / "data" / "calibration.jsonl"), "out": str(bundle_dir)}))
+    info = read_bundle_info(bundle_dir)
+    assert info.model["kind"] == "base" and not (bundle_dir / "model").exists()
+    bundle = load_bundle(bundle_dir)
+    text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
+    assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)

@@ -159,8 +159,10 @@ def calibrate(config: CalibrateConfig) -> dict:
         "torch": torch.__version__,
     }
     base = source.get("base") if source["kind"] == "adapter" else (training.get("model") or source)
+    # A model source given with --model (not a run) is used unchanged: the bundle records the source, not a copy.
+    reference_only = not config.run and source["kind"] in ("smollm2", "tiny", "hf")
     write_bundle(out, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, tags=VerificationTags(),
-                 base_model=base, provenance=provenance)
+                 base_model=base, provenance=provenance, reference_only=reference_only)
     with open(out.parent / f"{out.name}.calibration_generations.jsonl", "w") as handle:
         for record, text in zip(records, generations):
             handle.write(json.dumps({"id": record.id, "generation": text, "hard_negative": record.id in hard_negatives}) + "\n")
