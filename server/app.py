@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -60,8 +61,11 @@ def _route_label(path: str) -> str:
     return path if path in ROUTES else "other"
 
 
-def _body_schema(model) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+def _body_schema(model, components: dict) -> dict:
+    """OpenAPI request body for a route that parses its body itself (for exact 400s); nested models go to components."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
@@ -115,6 +119,17 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         on_error=metrics.observe_error, route_label=_route_label, logger=logging.getLogger("sdm.server.access"),
     )
     _install_error_handlers(app, state)
+    components: dict = {}
+    base_openapi = app.openapi
+
+    def openapi() -> dict:
+        schema = base_openapi()
+        known = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, value in components.items():
+            known.setdefault(name, value)
+        return schema
+
+    app.openapi = openapi
 
     # -- operations ----------------------------------------------------------------------------------------------
     @app.get("/health", summary="Liveness: 200 while the process runs")
@@ -139,27 +154,27 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         served = manager.hold()
         try:
             facts = served.facts
-            card = ModelCard(id=config.served_model_name, created=int(served.loaded_at), root=facts["bundle"],
+            card = ModelCard(id=config.served_model_name, created=int(served.loaded_at), root=Path(facts["bundle"]).name,
                              max_model_len=served.backend.max_model_len, sdm={k: v for k, v in facts.items() if k not in ("model", "bundle")})
             return ModelList(data=[card])
         finally:
             manager.release(served)
 
     # -- generation ----------------------------------------------------------------------------------------------
-    @app.post("/generate", response_model=GenerateResponse, responses=_ERRORS, openapi_extra=_body_schema(GenerateRequest),
+    @app.post("/generate", response_model=GenerateResponse, responses=_ERRORS, openapi_extra=_body_schema(GenerateRequest, components),
               summary="Generate, verify, and return the text with its calibrated probability or an abstention")
     async def generate(request: Request) -> GenerateResponse:
         return await service.generate(request)
 
-    @app.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_schema(CompletionRequest), summary="OpenAI-compatible completions (+ sdm)")
+    @app.post("/v1/completions", responses=_ERRORS, openapi_extra=_body_schema(CompletionRequest, components), summary="OpenAI-compatible completions (+ sdm)")
     async def completions(request: Request):
         return await service.completions(request)
 
-    @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=_body_schema(ChatCompletionRequest), summary="OpenAI-compatible chat completions (+ sdm)")
+    @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=_body_schema(ChatCompletionRequest, components), summary="OpenAI-compatible chat completions (+ sdm)")
     async def chat_completions(request: Request):
         return await service.chat_completions(request)
 
-    @app.post("/admin/reload", responses=_ERRORS, openapi_extra=_body_schema(ReloadRequest),
+    @app.post("/admin/reload", responses=_ERRORS, openapi_extra=_body_schema(ReloadRequest, components),
               summary="Swap in a bundle (default: re-read the current one) without dropping in-flight requests")
     async def reload(request: Request) -> dict:
         if not config.auth_enabled:

@@ -61,7 +61,7 @@ class ServerConfig:
     metrics_require_key: bool = field(default=True, metadata=_meta("whether GET /metrics needs an API key when keys are configured"))
     warmup: bool = field(default=True, metadata=_meta("run one request through the whole pipeline before /ready turns 200"))
     log_level: str = field(default="info", metadata=_meta("log level", LOG_LEVELS))
-    model_name: str = field(default="", metadata=_meta("model id reported by /v1/models and in responses (default: the bundle folder's name)"))
+    model_name: str = field(default="", metadata=_meta("model id reported by /v1/models and in responses (default: the bundle folder's name, or its parent's when it is called 'bundle')"))
     max_attempts_cap: int = field(default=8, metadata=_meta("largest max_attempts a request may ask for"))
     max_exemplars: int = field(default=32, metadata=_meta("largest return_exemplars a request may ask for"))
     drain_timeout_s: float = field(default=30.0, metadata=_meta("on SIGTERM, how long in-flight requests may take to finish"))
@@ -110,7 +110,11 @@ class ServerConfig:
     # -- derived values --------------------------------------------------------------------------------------
     @property
     def served_model_name(self) -> str:
-        return self.model_name or Path(self.bundle).expanduser().resolve().name
+        """--model-name, else the bundle folder's name (its parent's for a folder called "bundle": runs/smollm2/bundle -> smollm2)."""
+        if self.model_name:
+            return self.model_name
+        path = Path(self.bundle).expanduser().resolve()
+        return path.parent.name if path.name == "bundle" and path.parent.name else path.name
 
     @property
     def auth_enabled(self) -> bool:

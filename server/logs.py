@@ -58,3 +58,11 @@ def configure_logging(level: str = "info", stream=None) -> None:
         logger.propagate = True
     # The server writes its own access line (with the request id); uvicorn's would duplicate it without one.
     logging.getLogger("uvicorn.access").disabled = True
+    try:  # transformers logs through its own handler and draws progress bars: route it through ours, no bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass

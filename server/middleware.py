@@ -18,6 +18,7 @@ __all__ = ["RequestContextMiddleware", "new_request_id"]
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+_QUIET_PATHS = {"/health", "/ready", "/metrics"}  # probes and scrapes: access lines at debug level
 
 Scope = dict
 Message = dict
@@ -109,7 +110,9 @@ class RequestContextMiddleware:
                 if not status["code"]:
                     await self._send_error(send_with_id, internal_error("internal server error; see the server log for this request id"))
         finally:
-            self.logger.info(
+            quiet = scope.get("path") in _QUIET_PATHS and 0 < status["code"] < 400
+            self.logger.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "%s %s %s",
                 scope.get("method"),
                 scope.get("path"),

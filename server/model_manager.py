@@ -78,7 +78,7 @@ class ModelManager:
         self.current: ServedModel | None = None
         self._task: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task] = set()
+        self._retiring: dict[asyncio.Task, ServedModel] = {}
 
     @property
     def ready(self) -> bool:
@@ -115,13 +115,17 @@ class ModelManager:
         self.logger.info("loading bundle", extra={"bundle": backend.bundle_path})
         await backend.load()
         pipeline = SelectivePipeline(backend)
-        served = ServedModel(backend=backend, pipeline=pipeline, facts=bundle_facts(backend, self.model_name))
-        if self.warmup:
-            if set_state:
-                self.state = "warming_up"
-            prompt = pipeline.prepare(WARMUP_PROMPT)
-            result = await pipeline.run(VerificationRequest(prompt, max_tokens=self.warmup_max_tokens))
-            self.logger.info("warm-up passed", extra={"verified": result.verified, "probability": result.probability})
+        try:
+            served = ServedModel(backend=backend, pipeline=pipeline, facts=bundle_facts(backend, self.model_name))
+            if self.warmup:
+                if set_state:
+                    self.state = "warming_up"
+                prompt = pipeline.prepare(WARMUP_PROMPT)
+                result = await pipeline.run(VerificationRequest(prompt, max_tokens=self.warmup_max_tokens))
+                self.logger.info("warm-up passed", extra={"verified": result.verified, "probability": result.probability})
+        except BaseException:
+            pipeline.close()
+            raise
         if self.on_loaded is not None:
             self.on_loaded(served.facts)
         return served
@@ -133,9 +137,13 @@ class ModelManager:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
-        for task in list(self._retiring):
+        for task, old in list(self._retiring.items()):
             task.cancel()
+            old.pipeline.close()
+            await old.backend.close()
+        self._retiring.clear()
         if self.current is not None:
+            self.current.pipeline.close()
             await self.current.backend.close()
             self.current = None
         await self._initial.close()  # idempotent
@@ -188,11 +196,12 @@ class ModelManager:
             self.logger.info("reloaded", extra={"bundle": served.facts["bundle"], "head_version": served.facts["head_version"]})
             if old is not None:
                 task = asyncio.get_running_loop().create_task(self._retire(old), name="sdm-retire")
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                self._retiring[task] = old
+                task.add_done_callback(lambda t: self._retiring.pop(t, None))
             return served
 
     async def _retire(self, old: ServedModel) -> None:
         await old.idle.wait()
+        old.pipeline.close()
         await old.backend.close()
         self.logger.info("previous bundle closed", extra={"bundle": old.facts["bundle"]})

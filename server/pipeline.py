@@ -11,8 +11,10 @@ positive class; an admitted ``No`` abstains with reason ``predicted_no``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -129,6 +131,11 @@ class SelectivePipeline:
         self.head = backend.head
         self.tags = backend.info.tags
         self.class_names = list(self.head.class_names)
+        # The head is scored on its own thread: off the event loop, and never concurrently with itself.
+        self._head_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdm-head")
+
+    def close(self) -> None:
+        self._head_thread.shutdown(wait=False, cancel_futures=True)
 
     # -- preparation (event loop thread; cheap) -----------------------------------------------------------------
     def prepare(self, prompt: str | Sequence[dict]) -> PreparedPrompt:
@@ -200,7 +207,8 @@ class SelectivePipeline:
         generated = time.perf_counter()
         text = self.verification_text(request.prompt.chat_prompt, generation.text)
         h = await self.backend.embed([text])
-        scores = await asyncio.to_thread(self.head.score, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
+        score = functools.partial(self.head.score, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
+        scores = await asyncio.get_running_loop().run_in_executor(self._head_thread, score)
         verified = time.perf_counter()
         return self._decide(generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0)
 

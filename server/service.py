@@ -153,14 +153,15 @@ class GenerationService:
 
     # -- validation --------------------------------------------------------------------------------------------
     def _plan(self, route: str, served: ServedModel, prompt: str | list[dict], prompt_param: str, max_tokens: int | None,
-              temperature: float, top_p: float, seed: int | None, stop: Sequence[str], sdm: SelectiveParams) -> VerificationRequest:
+              temperature: float, top_p: float, seed: int | None, stop: Sequence[str], sdm: SelectiveParams,
+              tokens_param: str = "max_tokens") -> VerificationRequest:
         config = self.config
         pipeline = served.pipeline
         tokens = config.default_max_tokens if max_tokens is None else int(max_tokens)
         if tokens < 1:
-            raise invalid_request(f"max_tokens must be >= 1, got {tokens}", "max_tokens", "invalid_max_tokens")
+            raise invalid_request(f"{tokens_param} must be >= 1, got {tokens}", tokens_param, "invalid_max_tokens")
         if tokens > config.max_tokens_cap:
-            raise invalid_request(f"max_tokens {tokens} exceeds this server's cap of {config.max_tokens_cap}", "max_tokens", "max_tokens_too_large")
+            raise invalid_request(f"{tokens_param} {tokens} exceeds this server's cap of {config.max_tokens_cap}", tokens_param, "max_tokens_too_large")
         try:
             alpha = pipeline.resolve_alpha(sdm.alpha)
         except ValueError:
@@ -183,7 +184,7 @@ class GenerationService:
             raise invalid_request(f"the prompt has {n} tokens (chat template included); this server accepts at most {config.max_prompt_tokens}", prompt_param, "prompt_too_long")
         limit = served.backend.max_model_len
         if n + tokens > limit:
-            raise invalid_request(f"the prompt ({n} tokens) plus max_tokens ({tokens}) exceeds the model's context of {limit} tokens", "max_tokens", "context_length_exceeded")
+            raise invalid_request(f"the prompt ({n} tokens) plus {tokens_param} ({tokens}) exceeds the model's context of {limit} tokens", tokens_param, "context_length_exceeded")
         return VerificationRequest(
             prompt=prepared, max_tokens=tokens, temperature=float(temperature), top_p=float(top_p), seed=seed, stop=tuple(stop),
             alpha=alpha, on_abstain=sdm.on_abstain, return_exemplars=int(sdm.return_exemplars), max_attempts=int(sdm.max_attempts),
@@ -314,16 +315,19 @@ class GenerationService:
         started = time.perf_counter()
         body = parse_request(ChatCompletionRequest, await read_json(request))
         self._check_openai(body)
+        tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await self._openai("/v1/chat/completions", request, body, _messages(body.messages), "messages", max_tokens, started, chat=True)
+        return await self._openai("/v1/chat/completions", request, body, _messages(body.messages), "messages", max_tokens, started, chat=True,
+                                  tokens_param=tokens_param)
 
-    async def _openai(self, route: str, request: Request, body, prompt, param: str, max_tokens: int | None, started: float, chat: bool):
+    async def _openai(self, route: str, request: Request, body, prompt, param: str, max_tokens: int | None, started: float, chat: bool,
+                      tokens_param: str = "max_tokens"):
         temperature = 0.0 if body.temperature is None else body.temperature
         top_p = 1.0 if body.top_p is None else body.top_p
         served = self.manager.hold()
         released = False
         try:
-            vreq = self._plan(route, served, prompt, param, max_tokens, temperature, top_p, body.seed, body.stop or [], body)
+            vreq = self._plan(route, served, prompt, param, max_tokens, temperature, top_p, body.seed, body.stop or [], body, tokens_param)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             plan = _Plan(route, served, vreq, body.stream, include_usage)
             if body.stream:
@@ -374,7 +378,10 @@ class GenerationService:
         events: asyncio.Queue = asyncio.Queue()
 
         def on_text(delta: str) -> None:  # called from the model thread
-            loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ("text", delta))
+            except RuntimeError:  # the event loop is closing (shutdown): nobody is listening any more
+                pass
 
         async def produce() -> None:
             try:

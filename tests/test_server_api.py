@@ -219,7 +219,7 @@ LONG_PROMPT = "word " * 400
         ("/v1/completions", {"max_tokens": 2}, 400, "prompt", None),
         ("/v1/chat/completions", {"messages": []}, 400, "messages", None),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "alpha": 0.5}, 400, "alpha", "alpha_not_on_ladder"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100}, 400, "max_tokens", "max_tokens_too_large"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100}, 400, "max_completion_tokens", "max_tokens_too_large"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools", None),
     ],
 )

@@ -22,7 +22,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle: TinyBundle,
     log_path = tmp_path / "server.log"
     log_file = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SDM_BUNDLE": str(tiny_bundle.path), "SDM_PORT": str(port),
-           "SDM_MAX_TOKENS_CAP": "400", "SDM_MODEL_NAME": "tiny-sdm", "SDM_DEVICE": "cpu"}
+           "SDM_MAX_TOKENS_CAP": "256", "SDM_MODEL_NAME": "tiny-sdm", "SDM_DEVICE": "cpu"}
     proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--log-level", "info"], cwd=str(ROOT), env=env,
                             stdout=log_file, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -41,7 +41,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle: TinyBundle,
         result: dict = {}
 
         def slow_request() -> None:
-            r = httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 300}, headers={"X-Request-Id": "slow-1"}, timeout=120)
+            r = httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 200}, headers={"X-Request-Id": "slow-1"}, timeout=120)
             result["status"], result["body"] = r.status_code, r.json()
 
         thread = threading.Thread(target=slow_request)

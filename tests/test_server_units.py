@@ -259,3 +259,38 @@ def test_json_logs_carry_the_request_id() -> None:
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert lines[0]["request_id"] == "req-abc" and lines[0]["route"] == "/generate" and lines[0]["message"] == "inside"
     assert lines[1]["request_id"] is None and not seen
+
+
+# -- structure ----------------------------------------------------------------------------------------------------
+def test_server_never_imports_training() -> None:
+    import ast
+
+    for path in (ROOT / "server").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n == "training" or n.startswith("training.") for n in names), f"{path} imports {names}"
+
+
+def test_vllm_backend_explains_what_is_missing(fake_bundle: Path) -> None:
+    import importlib.util
+
+    from server.backends import BackendError, make_backend
+    from server.config import ConfigError, ServerConfig
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    with pytest.raises(BackendError, match="pip install 'sdm-lm\\[vllm\\]'"):
+        make_backend("vllm", str(fake_bundle))
+    with pytest.raises(ConfigError, match="--backend"):
+        ServerConfig(bundle=str(fake_bundle), backend="vllm").check_runtime()
+
+
+def test_openapi_documents_every_route(fake_bundle: Path) -> None:
+    from server.app import ROUTES, create_app
+    from server.config import ServerConfig
+
+    schema = create_app(ServerConfig(bundle=str(fake_bundle), device="cpu")).openapi()
+    assert set(ROUTES) <= set(schema["paths"])
+    body = schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"prompt", "messages", "alpha", "on_abstain", "return_exemplars", "max_attempts"} <= set(body["properties"])
+    assert "ChatMessage" in schema["components"]["schemas"]

@@ -68,14 +68,13 @@ class _Row:
                 best = (at, stop, inclusive)
         return best
 
-    def stream(self, final: bool = False) -> None:
-        """Send text that can no longer change: before a possible stop string, trailing whitespace and partial
-        characters held back (the verification prefix strips trailing whitespace)."""
+    def stream(self) -> None:
+        """Send text that can no longer change: a possible stop string, trailing whitespace and partial characters
+        are held back (the verification prefix strips trailing whitespace). The rest of the final text is sent by
+        the caller once the output is verified."""
         callback = self.request.on_text
         if callback is None:
             return
-        if final:
-            return  # the pipeline sends the rest of the final text itself
         safe = self.text
         if self.holdback:
             safe = safe[: max(0, len(safe) - self.holdback)]
