@@ -185,7 +185,7 @@ def build() -> dict:
                         [q(f'(sum(rate(sdm_request_errors_total{{{SEL}, status=~"5.."}}[{WINDOW}])) or on () vector(0)) '
                            f'/ sum(rate(sdm_requests_total{{{SEL}}}[{WINDOW}]))', "5xx share")], "percentunit", min_val=0))
     d = d.with_panel(ts("Errors by status", "Failed requests per second by HTTP status (4xx: client errors, 429: queue full, "
-                        "499: client went away, 5xx: server errors).",
+                        "5xx: server errors).",
                         [q(f"sum by (status) (rate(sdm_request_errors_total{{{SEL}}}[{WINDOW}]))", "{{status}}")], "reqps", min_val=0))
     d = d.with_panel(ts("Cancelled requests and reloads", "Requests whose client disconnected, and bundle reloads by result.",
                         [q(f"sum by (route) (rate(sdm_cancelled_requests_total{{{SEL}}}[{WINDOW}]))", "cancelled {{route}}", "A"),
