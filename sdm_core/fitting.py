@@ -29,6 +29,10 @@ def class_cdfs(d_nearest: torch.Tensor, labels: torch.Tensor, q: torch.Tensor, n
     return [torch.sort(d_nearest[(labels == c) & (q > 0)]).values.contiguous() for c in range(num_classes)]
 
 
+def _default_ids(ids: Sequence[str] | None, n: int, prefix: str) -> list[str]:
+    return list(ids) if ids is not None else [f"{prefix}-{i}" for i in range(n)]
+
+
 def balanced_loss(logits: torch.Tensor, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over the classes present of the per-class mean SDM loss."""
     per_item = sdm_loss(logits, q.to(logits.dtype), d.to(logits.dtype), labels, reduction="none")
@@ -87,10 +91,8 @@ def fit_layer(
     """TRAIN_ONE_SDM_LAYER of SDM_SPEC §1.7 on already-validated float32 inputs."""
     started = time.perf_counter()
     n_train = train_embeddings.shape[0]
-    train_ids = list(train_ids) if train_ids is not None else [f"train-{i}" for i in range(n_train)]
-    calibration_ids = (
-        list(calibration_ids) if calibration_ids is not None else [f"calibration-{i}" for i in range(calibration_embeddings.shape[0])]
-    )
+    train_ids = _default_ids(train_ids, n_train, "train")
+    calibration_ids = _default_ids(calibration_ids, calibration_embeddings.shape[0], "calibration")
     # Initialise under a forked RNG so that fitting is deterministic for a seed and leaves global state alone.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -183,10 +185,8 @@ def fit_estimator_layers(
     and takes the first half as the support and the second half as calibration.
     """
     n_train = train_embeddings.shape[0]
-    train_ids = list(train_ids) if train_ids is not None else [f"train-{i}" for i in range(n_train)]
-    calibration_ids = (
-        list(calibration_ids) if calibration_ids is not None else [f"calibration-{i}" for i in range(calibration_embeddings.shape[0])]
-    )
+    train_ids = _default_ids(train_ids, n_train, "train")
+    calibration_ids = _default_ids(calibration_ids, calibration_embeddings.shape[0], "calibration")
     pooled_x = torch.cat([train_embeddings, calibration_embeddings])
     pooled_y = torch.cat([train_labels, calibration_labels])
     pooled_ids = train_ids + calibration_ids
