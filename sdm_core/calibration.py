@@ -151,9 +151,15 @@ def admissions_unchecked(
     """(N, L) bool: the HR rule for every region at once (no validation; hot path)."""
     psi = torch.tensor([r.thresholds for r in regions], dtype=probabilities.dtype)  # (L, C)
     q_min = torch.tensor([r.q_prime_min for r in regions], dtype=torch.float64)  # (L,), inf when no region
+    return _admissions(probabilities, predictions, q_prime, psi, q_min)
+
+
+def _admissions(
+    probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, psi: torch.Tensor, q_min: torch.Tensor
+) -> torch.Tensor:
     passing = probabilities.unsqueeze(1) >= psi.unsqueeze(0)  # (N, L, C)
     single = passing.sum(dim=2) == 1
-    index = predictions.view(-1, 1, 1).expand(-1, len(regions), 1)
+    index = predictions.view(-1, 1, 1).expand(-1, psi.shape[0], 1)
     predicted_passes = passing.gather(2, index).squeeze(2)
     similar = (q_prime.to(torch.float64).unsqueeze(1) >= q_min.unsqueeze(0)) & torch.isfinite(q_min).unsqueeze(0)
     not_ood = (torch.floor(q_prime) > 0).unsqueeze(1)
@@ -218,9 +224,33 @@ class RegionLadder:
     ) -> tuple[torch.Tensor, list[float | None], list[str | None]]:
         """Returns (admitted at ``alpha``, region_alpha per row, abstention reason per row)."""
         a = self.resolve_alpha(alpha)
+        p = as_tensor(probabilities, "probabilities")
+        yhat = as_tensor(predictions, "predictions", dtype=torch.long).reshape(-1)
         qp = as_tensor(q_prime, "q_prime").reshape(-1)
-        own = self.admissions(probabilities, predictions, qp)
-        admitted = self.admitted_at(own, a)
+        if p.dim() != 2 or yhat.shape[0] != p.shape[0] or qp.shape[0] != p.shape[0]:
+            raise ValueError("probabilities must be (N, C) with predictions and q_prime of shape (N,)")
+        return self.decide_unchecked(p, yhat, qp, a)
+
+    def admissions_unchecked(self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor) -> torch.Tensor:
+        """``admissions`` without validation, with the ladder's thresholds kept as tensors between calls."""
+        key = tuple((a, self.regions[a].q_prime_min, self.regions[a].thresholds) for a in self.alphas)
+        cached = getattr(self, "_tensor_cache", None)
+        if cached is None or cached[0] != key or cached[1].dtype != probabilities.dtype:
+            psi = torch.tensor([self.regions[a].thresholds for a in self.alphas], dtype=probabilities.dtype)
+            q_min = torch.tensor([self.regions[a].q_prime_min for a in self.alphas], dtype=torch.float64)
+            cached = (key, psi, q_min)
+            self._tensor_cache = cached
+        return _admissions(probabilities, predictions, q_prime, cached[1], cached[2])
+
+    def decide_unchecked(
+        self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, alpha: float
+    ) -> tuple[torch.Tensor, list[float | None], list[str | None]]:
+        """``decide`` for validated tensors and an alpha already on the ladder (hot path)."""
+        a = alpha
+        qp = q_prime
+        own = self.admissions_unchecked(probabilities, predictions, qp)
+        column = self.alphas.index(a)
+        admitted = own[:, : column + 1].any(dim=1) if self.nested else own[:, column]
         # The highest alpha whose own region admits the row (columns run from the highest alpha down).
         any_hit = own.any(dim=1)
         first = own.to(torch.int8).argmax(dim=1)

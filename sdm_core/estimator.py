@@ -22,13 +22,13 @@ import torch
 from sdm_core import __version__
 from sdm_core.adaptor import ExemplarAdaptor
 from sdm_core.artifact import ArtifactError, read_artifact, write_artifact
-from sdm_core.calibration import RegionLadder, admissions_unchecked, fit_ladder, is_ood
+from sdm_core.calibration import RegionLadder, fit_ladder
 from sdm_core.config import SDMConfig
 from sdm_core.fitting import FittedLayer, LayerStatistics, fit_estimator_layers
 from sdm_core.math import (
     as_tensor,
     distance_quantile_unchecked,
-    dkw_epsilon,
+    dkw_epsilon_unchecked,
     effective_sample_sizes_unchecked,
     rescaled_similarity_unchecked,
     sdm_probabilities_unchecked,
@@ -281,6 +281,17 @@ class SDMEstimator:
             ]
         return self._q_prime_cdf_cache
 
+    def _scoring_cdfs(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Calibration and training distance eCDFs and the q' eCDFs as float64, converted once per state."""
+        # The key holds the source lists themselves (compared by identity): fit, load and recalibrate replace them.
+        key = (self.calibration_cdfs, self.train_cdfs, self._q_prime_cdfs())
+        cached = getattr(self, "_scoring_cdf_cache", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], key)):
+            as64 = lambda cdfs: [c.to(torch.float64) for c in cdfs]  # noqa: E731
+            cached = (key, as64(self.calibration_cdfs), as64(self.train_cdfs), self._q_prime_cdfs())
+            self._scoring_cdf_cache = cached
+        return cached[1], cached[2], cached[3]
+
     def predict(self, embeddings: object) -> torch.Tensor:
         """yhat = argmax z' (never the argmax of the SDM output, SDM_SPEC §1.3)."""
         self._check_fitted()
@@ -312,25 +323,27 @@ class SDMEstimator:
             raise ValueError(f"support_ids must have {n} entries (one per embedding), got {exclude.shape[0]}")
         logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
-        sim = self.support.similarity(exemplars, predictions, exclude=exclude)
+        # Inputs are validated above; the hot path below skips re-validating its own intermediate tensors.
+        sim = self.support.similarity_unchecked(exemplars, predictions, exclude)
         q = sim.q.to(logits.dtype)
-        d = distance_quantile_unchecked(sim.d_nearest, self.calibration_cdfs)
+        calibration_cdfs, train_cdfs, q_prime_cdfs = self._scoring_cdfs()
+        d = distance_quantile_unchecked(sim.d_nearest, calibration_cdfs)
         in_train = exclude >= 0
         if bool(in_train.any()):
-            d = torch.where(in_train, distance_quantile_unchecked(sim.d_nearest, self.train_cdfs), d)
+            d = torch.where(in_train, distance_quantile_unchecked(sim.d_nearest, train_cdfs), d)
         d = d.to(logits.dtype)
         probabilities = sdm_probabilities_unchecked(logits, q, d)
         q_prime = rescaled_similarity_unchecked(q, probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        admitted, region_alpha, reasons = self.ladder.decide(probabilities, predictions, q_prime, a)
+        admitted, region_alpha, reasons = self.ladder.decide_unchecked(probabilities, predictions, q_prime, a)
 
-        ess = effective_sample_sizes_unchecked(q_prime, self._q_prime_cdfs(), self.config.effective_sample_size_rule)
-        epsilon = dkw_epsilon(ess, a).max(dim=1).values.to(logits.dtype)
+        ess = effective_sample_sizes_unchecked(q_prime, q_prime_cdfs, self.config.effective_sample_size_rule)
+        epsilon = dkw_epsilon_unchecked(ess, a).max(dim=1).values.to(logits.dtype)
         d_lower = torch.clamp(d - epsilon, 0.0, 1.0)
         d_upper = torch.clamp(d + epsilon, 0.0, 1.0)
         p_lower = sdm_probabilities_unchecked(logits, q, d_lower)
         p_upper = sdm_probabilities_unchecked(logits, q, d_upper)
         q_prime_lower = rescaled_similarity_unchecked(q, p_lower.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        own_lower = admissions_unchecked(p_lower, predictions, q_prime_lower, [self.ladder.regions[r] for r in self.ladder.alphas])
+        own_lower = self.ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
         admitted_lower = self.ladder.admitted_at(own_lower, a)
 
         neighbours: list[list[Exemplar]] = []
@@ -353,7 +366,7 @@ class SDMEstimator:
             d=d,
             probabilities=probabilities,
             q_prime=q_prime,
-            is_ood=is_ood(q_prime),
+            is_ood=torch.floor(q_prime) <= 0,
             admitted=admitted,
             region_alpha=region_alpha,
             abstention_reason=reasons,

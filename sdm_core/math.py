@@ -29,6 +29,7 @@ __all__ = [
     "rescaled_similarity_unchecked",
     "distance_quantile_unchecked",
     "effective_sample_sizes_unchecked",
+    "dkw_epsilon_unchecked",
 ]
 
 # The base of the SDM activation is 2 + q: q = 0 (OOD) still gives a valid base > 1 (SDM_SPEC §1.6).
@@ -258,6 +259,14 @@ def dkw_epsilon(n: object, alpha: float) -> torch.Tensor:
     n_t = as_tensor(n, "n", dtype=torch.float64)
     if n_t.numel() and bool((n_t < 0).any()):
         raise ValueError("n must be >= 0 (it is a sample size)")
+    if a >= 1.0:
+        return torch.ones_like(n_t)
+    return dkw_epsilon_unchecked(n_t, a)
+
+
+def dkw_epsilon_unchecked(n: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``dkw_epsilon`` without validation (hot paths): float64 n >= 0, alpha already checked."""
+    n_t, a = n, alpha
     if a >= 1.0:
         return torch.ones_like(n_t)
     numerator = math.log(2.0 / (1.0 - a))

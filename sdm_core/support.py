@@ -25,8 +25,10 @@ __all__ = ["MAX_Q", "OOD_LABEL", "SupportIndex", "SimilarityResult", "faiss_avai
 MAX_Q = 2048
 # An "OOD" exemplar's label: no prediction (always >= 0) can equal it, so it never counts as a match.
 OOD_LABEL = -1
-# Elements of one query-by-support distance block; bounds memory for large supports (4 bytes each, a few live).
-_CHUNK_ELEMENTS = 1 << 23
+# Elements of one query-by-support distance block (4 bytes each): small enough to stay in cache for the
+# reductions after the matrix product, and to bound memory for large supports.
+_CHUNK_ELEMENTS = 1 << 20
+_MIN_CHUNK_ROWS = 64
 
 
 def faiss_available() -> bool:
@@ -44,6 +46,14 @@ class SimilarityResult:
     q: torch.Tensor
     d_nearest: torch.Tensor
     nearest_index: torch.Tensor
+
+
+def _lexicographic_min(values: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise (value, position)-least entry of (B, G) candidates: the minimum value, ties to the lower position."""
+    best = values.min(dim=1).values
+    big = torch.iinfo(torch.long).max
+    pos = torch.where(values == best.unsqueeze(1), positions, torch.full_like(positions, big)).min(dim=1).values
+    return best, pos
 
 
 class SupportIndex:
@@ -68,7 +78,6 @@ class SupportIndex:
             raise ValueError(f"max_q must be >= 1, got {max_q}")
         self.backend = backend
         self.max_q = int(max_q)
-        self.exemplars = torch.empty(0, 0)
         self.labels = torch.empty(0, dtype=torch.long)
         self.predictions = torch.empty(0, dtype=torch.long)
         self.ids: list[str] = []
@@ -82,7 +91,7 @@ class SupportIndex:
 
     @property
     def dim(self) -> int:
-        return int(self.exemplars.shape[1])
+        return int(self._sorted.shape[1]) if hasattr(self, "_sorted") else 0
 
     def add(self, exemplars: object, labels: object, predictions: object, ids: Sequence[str] | None = None) -> None:
         """Append exemplars (no retraining). Labels may be ``OOD_LABEL`` for exemplars no prediction can match."""
@@ -112,12 +121,43 @@ class SupportIndex:
         for offset, identifier in enumerate(new_ids):
             self._position[identifier] = start + offset
         new_norms = torch.cat([(x[i : i + 4096].double() ** 2).sum(dim=1) for i in range(0, x.shape[0], 4096)] or [torch.empty(0, dtype=torch.float64)])
-        self.exemplars = x.contiguous().clone() if start == 0 else torch.cat([self.exemplars, x], dim=0)
-        self._norms = new_norms.to(torch.float32) if start == 0 else torch.cat([self._norms, new_norms.to(torch.float32)])
+        exemplars = x.contiguous().clone() if start == 0 else torch.cat([self.exemplars, x], dim=0)
+        norms = new_norms.to(torch.float32) if start == 0 else torch.cat([self.norms, new_norms.to(torch.float32)])
         self.labels = torch.cat([self.labels, y])
         self.predictions = torch.cat([self.predictions, p])
         self.ids.extend(new_ids)
         self._faiss = None
+        self._store(exemplars, norms)
+
+    def _store(self, exemplars: torch.Tensor, norms: torch.Tensor) -> None:
+        """Keep the exemplars sorted by match group: the correctly predicted exemplars of each class, then every
+        other one (wrong predictions and OOD labels), each group in position order. A query predicted c matches
+        exactly group c, so q needs one contiguous slice per group and no per-query match mask."""
+        correct = self.labels == self.predictions
+        group = torch.where(correct, self.predictions, torch.full_like(self.predictions, -1))
+        order = torch.sort(group, stable=True).indices
+        self._order = order  # sorted slot -> support position
+        self._slot = torch.empty_like(order)
+        self._slot[order] = torch.arange(order.shape[0])  # support position -> sorted slot
+        self._sorted = exemplars.index_select(0, order)
+        self._sorted_norms = norms.index_select(0, order)
+        sorted_group = group[order]
+        keys, counts = torch.unique_consecutive(sorted_group, return_counts=True)
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
+        # (group key, first slot, end slot); key -1 is the never-matching group.
+        self._groups = [(int(key), bounds[i], bounds[i + 1]) for i, key in enumerate(keys.tolist())]
+
+    @property
+    def exemplars(self) -> torch.Tensor:
+        """The exemplars in support-position order (N, M); a copy of the internal storage."""
+        if not hasattr(self, "_sorted"):
+            return torch.empty(0, 0)
+        return self._sorted.index_select(0, self._slot)
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """Squared L2 norms of the exemplars in support-position order (float32)."""
+        return self._sorted_norms.index_select(0, self._slot)
 
     def positions(self, ids: Sequence[str | None]) -> torch.Tensor:
         """Support position of each id, or -1 where the id is None or not in the support."""
@@ -127,15 +167,21 @@ class SupportIndex:
         return min(self.max_q, len(self))
 
     # -- search ---------------------------------------------------------------------------------------------
-    def _distances(self, queries: torch.Tensor) -> torch.Tensor:
-        """Squared L2 distances (B, N), from ||a||^2 + ||b||^2 - 2ab, clamped at 0."""
+    def _sorted_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Squared L2 distances (B, N) in sorted-slot order, from ||a||^2 + ||b||^2 - 2ab, clamped at 0."""
         q_norms = (queries.double() ** 2).sum(dim=1).to(torch.float32)
-        dist = torch.addmm(self._norms.unsqueeze(0), queries, self.exemplars.T, beta=1.0, alpha=-2.0)
+        dist = torch.addmm(self._sorted_norms.unsqueeze(0), queries, self._sorted.T, beta=1.0, alpha=-2.0)
         dist.add_(q_norms.unsqueeze(1))
         return dist.clamp_(min=0.0)
 
+    def _distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Squared L2 distances (B, N) in support-position order."""
+        return self._sorted_distances(queries).index_select(1, self._slot)
+
     def _chunk_rows(self) -> int:
-        return max(1, _CHUNK_ELEMENTS // max(len(self), 1))
+        # Blocks of about _CHUNK_ELEMENTS stay in cache for the passes after the matrix product; at least
+        # _MIN_CHUNK_ROWS rows keep that product a matrix-matrix one for large supports.
+        return max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // max(len(self), 1))
 
     def _check_queries(self, queries: object, exclude: object | None) -> tuple[torch.Tensor, torch.Tensor]:
         x = as_tensor(queries, "queries", dtype=torch.float32)
@@ -163,41 +209,87 @@ class SupportIndex:
         yhat = as_tensor(query_predictions, "query_predictions", dtype=torch.long).reshape(-1)
         if yhat.shape[0] != x.shape[0]:
             raise ValueError(f"query_predictions must have {x.shape[0]} entries, got {yhat.shape[0]}")
+        return self.similarity_unchecked(x, yhat, ex)
+
+    def similarity_unchecked(self, queries: torch.Tensor, query_predictions: torch.Tensor, exclude: torch.Tensor) -> SimilarityResult:
+        """``similarity`` for validated inputs (hot path): contiguous float32 (B, M) queries, int64 (B,)
+        predictions and exclusion positions (-1 for none)."""
         if self.backend == "faiss":
-            return self._similarity_faiss(x, yhat, ex)
-        return self._similarity_torch(x, yhat, ex)
+            return self._similarity_faiss(queries, query_predictions, exclude)
+        return self._similarity_torch(queries, query_predictions, exclude)
 
     def _similarity_torch(self, x: torch.Tensor, yhat: torch.Tensor, ex: torch.Tensor) -> SimilarityResult:
-        n = len(self)
-        correct = self.labels == self.predictions
-        positions = torch.arange(n)
         q_out = torch.empty(x.shape[0], dtype=torch.long)
         d_out = torch.empty(x.shape[0], dtype=torch.float32)
         i_out = torch.empty(x.shape[0], dtype=torch.long)
-        inf = torch.tensor(float("inf"))
+        classes = torch.unique(yhat).tolist()
+        for c in classes:
+            rows = None if len(classes) == 1 else (yhat == c).nonzero().squeeze(1)
+            xc = x if rows is None else x.index_select(0, rows)
+            exc = ex if rows is None else ex.index_select(0, rows)
+            q, d, i = self._similarity_class(xc, int(c), exc)
+            if rows is None:
+                q_out, d_out, i_out = q, d, i
+            else:
+                q_out[rows], d_out[rows], i_out[rows] = q, d, i
+        return SimilarityResult(q_out, d_out, i_out)
+
+    def _similarity_class(self, x: torch.Tensor, c: int, ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, nearest distance and position for queries that are all predicted ``c``.
+
+        q = #{matching j before the first non-matching point in (distance, position) order}, capped at k: the
+        matching points form the contiguous slots of group c, and the first non-matching point is the
+        (distance, position)-least of the other groups' minima (each group is in position order, and a
+        row-wise min returns the first, i.e. lowest-position, of tied values).
+        """
+        b = x.shape[0]
+        q_out = torch.empty(b, dtype=torch.long)
+        d_out = torch.empty(b, dtype=torch.float32)
+        i_out = torch.empty(b, dtype=torch.long)
+        match = next(((lo, hi) for key, lo, hi in self._groups if key == c and c >= 0), None)
+        others = [(lo, hi) for key, lo, hi in self._groups if key != c or c < 0]
+        inf = float("inf")
         step = self._chunk_rows()
-        for start in range(0, x.shape[0], step):
-            stop = min(start + step, x.shape[0])
-            dist = self._distances(x[start:stop])
+        for start in range(0, b, step):
+            stop = min(start + step, b)
+            dist = self._sorted_distances(x[start:stop])
             rows = torch.arange(stop - start)
             ex_chunk = ex[start:stop]
             has_ex = ex_chunk >= 0
             if bool(has_ex.any()):
-                dist[rows[has_ex], ex_chunk[has_ex]] = inf
-            nearest_d, nearest_i = dist.min(dim=1)
-            match = correct.unsqueeze(0) & (self.predictions.unsqueeze(0) == yhat[start:stop].unsqueeze(1))
-            mismatch_dist = torch.where(match, inf, dist)
-            first_d, first_i = mismatch_dist.min(dim=1)
-            before = (dist < first_d.unsqueeze(1)) | (
-                (dist == first_d.unsqueeze(1)) & (positions.unsqueeze(0) < first_i.unsqueeze(1))
-            )
-            count = (match & before & torch.isfinite(dist)).sum(dim=1)
+                dist[rows[has_ex], self._slot[ex_chunk[has_ex]]] = inf
+            segments = ([match] if match else []) + others
+            mins = [dist[:, lo:hi].min(dim=1) for lo, hi in segments]
+            values = torch.stack([m.values for m in mins], dim=1)
+            slots = torch.stack([m.indices + lo for m, (lo, _) in zip(mins, segments)], dim=1)
+            positions = self._order[slots]
+            nearest_d, nearest_p = _lexicographic_min(values, positions)
+            if match is None:
+                count = torch.zeros(stop - start, dtype=torch.long)
+            else:
+                lo, hi = match
+                if others:
+                    first_d, first_p = _lexicographic_min(values[:, 1:], positions[:, 1:])
+                else:
+                    first_d = torch.full((stop - start,), inf)
+                    first_p = torch.full((stop - start,), -1, dtype=torch.long)
+                block = dist[:, lo:hi]
+                threshold = first_d.unsqueeze(1)
+                count = (block < threshold).sum(dim=1)
+                # Ties with the first non-matching point count when their position is lower (finite ties only:
+                # an excluded point is inf and must never count).
+                tied = torch.isfinite(first_d) & (block == threshold).any(dim=1)
+                if bool(tied.any()):
+                    t_rows = tied.nonzero().squeeze(1)
+                    tie_mask = block[t_rows] == threshold[t_rows]
+                    before = self._order[lo:hi].unsqueeze(0) < first_p[t_rows].unsqueeze(1)
+                    count[t_rows] += (tie_mask & before).sum(dim=1)
             cap = self.k() - has_ex.to(torch.long)
             q_out[start:stop] = torch.minimum(count, cap)
             d_out[start:stop] = nearest_d.sqrt()
             # A row whose every support point is excluded has no nearest neighbour (as in neighbors()).
-            i_out[start:stop] = torch.where(torch.isinf(nearest_d), torch.full_like(nearest_i, -1), nearest_i)
-        return SimilarityResult(q_out, d_out, i_out)
+            i_out[start:stop] = torch.where(torch.isinf(nearest_d), torch.full_like(nearest_p, -1), nearest_p)
+        return q_out, d_out, i_out
 
     def _faiss_index(self):
         if self._faiss is None:

@@ -327,6 +327,7 @@ def test_chunked_search_gives_identical_q_nearest_and_neighbours(monkeypatch, ch
     index = SupportIndex(x, labels, preds, max_q=50)
     full, (full_d, full_p) = _search_all(index, queries, qpreds, exclude)
     monkeypatch.setattr(support_module, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(support_module, "_MIN_CHUNK_ROWS", 1)
     assert index._chunk_rows() == max(1, chunk // 200)
     chunked, (chunked_d, chunked_p) = _search_all(index, queries, qpreds, exclude)
     assert torch.equal(full.q, chunked.q)
@@ -349,6 +350,7 @@ def test_chunked_search_is_bit_identical_when_distances_are_exact(monkeypatch, c
     index = SupportIndex(x, labels, preds, max_q=30)
     full, (full_d, full_p) = _search_all(index, queries, qpreds, exclude)
     monkeypatch.setattr(support_module, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(support_module, "_MIN_CHUNK_ROWS", 1)
     chunked, (chunked_d, chunked_p) = _search_all(index, queries, qpreds, exclude)
     assert torch.equal(full.q, chunked.q) and bool((full.q > 0).any())
     assert torch.equal(full.nearest_index, chunked.nearest_index)
@@ -433,3 +435,44 @@ def test_row_whose_only_support_point_is_excluded_has_no_nearest(backend):
     assert res.nearest_index.tolist() == [-1]
     dist, pos = index.neighbors(np.zeros((1, 2), dtype=np.float32), 1, exclude=[0])
     assert pos.tolist() == [[-1]] and dist.tolist() == [[float("inf")]]
+
+
+def _brute_force_similarity(x, labels, preds, queries, qpreds, exclude, max_q):
+    """q, nearest distance and position by sorting every (distance, position) pair: the definition itself."""
+    k = min(max_q, len(x))
+    q_out, d_out, i_out = [], [], []
+    for row, yhat, ex in zip(queries, qpreds, exclude):
+        dist = ((x.astype(np.float64) - row.astype(np.float64)) ** 2).sum(axis=1)
+        order = [j for j in sorted(range(len(x)), key=lambda j: (dist[j], j)) if j != ex]
+        run = 0
+        for j in order[: k - (ex >= 0)]:
+            if labels[j] == preds[j] == yhat:
+                run += 1
+            else:
+                break
+        q_out.append(run)
+        d_out.append(np.sqrt(dist[order[0]]) if order else np.inf)
+        i_out.append(order[0] if order else -1)
+    return np.array(q_out), np.array(d_out), np.array(i_out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_search_matches_brute_force_with_three_classes_ood_labels_ties_and_exclusions(seed):
+    # Integer coordinates give exact distances and many ties across match groups; three classes, OOD-labelled
+    # exemplars and wrong predictions exercise every group; queries include support points that exclude themselves.
+    rng = np.random.default_rng(seed)
+    n = 150
+    x = rng.integers(-2, 3, size=(n, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, n)
+    labels[rng.random(n) < 0.05] = OOD_LABEL
+    preds = np.where(rng.random(n) < 0.8, np.maximum(labels, 0), rng.integers(0, 3, n))
+    queries = np.concatenate([rng.integers(-2, 3, size=(60, 3)).astype(np.float32), x[:40]])
+    qpreds = np.concatenate([rng.integers(0, 3, 60), preds[:40]])
+    exclude = np.concatenate([np.full(60, -1), np.arange(40)])
+    index = SupportIndex(x, labels, preds, max_q=40)
+    got = index.similarity(queries, qpreds, exclude=exclude)
+    q, d, i = _brute_force_similarity(x, labels, preds, queries, qpreds, exclude, max_q=40)
+    assert got.q.tolist() == q.tolist()
+    assert got.nearest_index.tolist() == i.tolist()
+    assert np.allclose(got.d_nearest.numpy(), d, rtol=1e-6)
+    assert torch.equal(index.exemplars, torch.from_numpy(x))

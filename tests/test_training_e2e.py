@@ -113,6 +113,51 @@ def test_lora_run_calibrates_into_an_adapter_bundle(tmp_path):
     assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
 
 
+def test_lora_with_trainable_last_layers_adapts_only_the_last_blocks(tmp_path):
+    from training.finetune import prepare_model
+
+    model, _ = prepare_model(tiny_config(tmp_path, lora=True, lora_r=4, lora_alpha=8, trainable_last_layers=1))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    n_blocks = len(model.get_base_model().model.layers)
+    assert all(f"layers.{n_blocks - 1}." in name for name in trainable), trainable
+    with pytest.raises(ValueError, match="trainable_last_layers"):
+        prepare_model(tiny_config(tmp_path, lora=True, trainable_last_layers=n_blocks + 1))
+
+
+def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_path):
+    # With the recipe ending at <verified>, b comes from the training forward's hidden states (no extra pass).
+    from training.finetune import load_task, prepare_model
+    from training.trainer import SDMTrainer
+
+    config = tiny_config(tmp_path, recipe_sequence_end="verified")
+    train, cal = load_task(config)
+    model, tokenizer = prepare_model(config)
+    trainer = SDMTrainer(config, model, tokenizer, train, cal)
+    from training.verification_layer import split_flags
+
+    flags = split_flags([r.id for r in train], config.seed, 0)
+    trainer.train_layer = trainer._fit_layer(train, flags, {}, "test-layer")
+    instances = trainer._draw(train[:6], "test", generate_ok=False, store={})
+    assert {i.label for i in instances} == {0, 1}
+    encoded = trainer._encode(instances)
+    prefixes = trainer._shared_prefixes(instances, encoded)
+    assert prefixes is not None and all(0 < n < len(e.input_ids) for n, e in zip(prefixes, encoded))
+    from training.encoding import collate
+    from training.verification_layer import embed_instances
+
+    separate = embed_instances(model, tokenizer, instances, trainer.chat, trainer.recipe, 8)
+    ids, mask, _ = collate(encoded, trainer.pad_id)
+    with torch.no_grad():
+        states = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True).hidden_states[-1]
+    shared = trainer._prefix_h(states, prefixes)
+    assert torch.allclose(shared, separate, rtol=1e-4, atol=1e-5), (shared - separate).abs().max()
+    _, _, bases = trainer._loss_sum_shared(encoded, instances, prefixes, flags)
+    assert torch.equal(bases, trainer._bases_from_h(shared, instances, trainer.train_layer, flags))
+    template = SDMTrainer(tiny_config(tmp_path / "t"), model, tokenizer, train, cal)
+    assert template._shared_prefixes(instances, encoded) is None  # the template recipe's h is not a prefix
+
+
 def test_an_unfinetuned_model_is_bundled_by_reference(tmp_path):
     from training.data import WordOrderConfig, build_word_order
 

@@ -283,6 +283,18 @@ def test_invalid_config_is_rejected(tmp_path):
         build_word_order(tmp_path, WordOrderConfig(tag_drop_prob=1.5, quiet=True))
 
 
+def test_max_words_bounds_the_in_distribution_splits_but_not_the_length_shift_set(tmp_path):
+    rc = main(["word-order", "--out", str(tmp_path), "--train", "30", "--calibration", "20", "--test", "10",
+               "--length-shift", "5", "--max-words", "12", "--min-words", "6", "--quiet"])
+    assert rc == 0
+    for name in ("train.jsonl", "calibration.jsonl", "test.jsonl"):
+        lengths = [len(r.reference.split()) for r in load_records(tmp_path / name)]
+        assert lengths and all(6 <= n <= 12 for n in lengths), (name, lengths)
+    assert all(len(r.reference.split()) >= 50 for r in load_records(tmp_path / "length_shift.jsonl"))
+    config = json.loads((tmp_path / "manifest.json").read_text())["config"]
+    assert (config["min_words"], config["max_words"]) == (6, 12)
+
+
 # --- CLI -----------------------------------------------------------------------------------
 
 def test_cli_builds_all_files(tmp_path, capsys):

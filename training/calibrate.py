@@ -106,7 +106,7 @@ def _load(source: dict):
 # Sizes matched to training.config's presets of the same name.
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "smollm2-cpu": {"max_new_tokens": 96, "sdm_epochs": 300, "sdm_learning_rate": 3e-4, "max_length": 384},
+    "smollm2-cpu": {"max_new_tokens": 48, "sdm_epochs": 300, "sdm_learning_rate": 3e-4, "max_length": 256},
     "tiny": {"max_new_tokens": 12, "sdm_epochs": 3, "sdm_exemplar_dim": 32, "sdm_learning_rate": 1e-3, "max_length": 256,
              "generate_batch_size": 8, "embed_batch_size": 8, "progress": False},
 }

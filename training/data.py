@@ -67,8 +67,9 @@ class WordOrderConfig:
     tag_drop_prob: float = 0.1
     attempts: int = 50  # rejection-sampling draws per shuffle (Wikipedia)
     harvard_attempts: int = 1000
-    min_words: int = 5
+    min_words: int = 5  # sentence lengths of the Wikipedia train/calibration/test splits
     max_words: int = 60
+    length_shift_max_words: int = 60  # the length-shift set holds LENGTH_SHIFT_MIN_WORDS..this
     corpora_dir: Path = field(default_factory=lambda: DEFAULT_CORPORA)
     wiki_file: str = "wikipedia/wiki_sentences_5to60.txt"
     length_shift_file: str = "wikipedia/wiki_sentences_len50to60.txt"
@@ -90,9 +91,9 @@ class WordOrderConfig:
             raise ValueError("attempts and harvard_attempts must be at least 1")
         if not 1 <= self.min_words <= self.max_words:
             raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}")
-        if self.max_words < LENGTH_SHIFT_MIN_WORDS:
-            raise ValueError(f"max_words must be >= {LENGTH_SHIFT_MIN_WORDS} (the length-shift "
-                             f"set has {LENGTH_SHIFT_MIN_WORDS}-{self.max_words}-word sentences)")
+        if self.length_shift_max_words < LENGTH_SHIFT_MIN_WORDS:
+            raise ValueError(f"length_shift_max_words must be >= {LENGTH_SHIFT_MIN_WORDS} (the length-shift "
+                             f"set has {LENGTH_SHIFT_MIN_WORDS}-{self.length_shift_max_words}-word sentences)")
 
 
 @dataclass
@@ -167,9 +168,9 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
 
     for lineno, sentence in shift:
         n = len(sentence.split())
-        if not LENGTH_SHIFT_MIN_WORDS <= n <= config.max_words:
+        if not LENGTH_SHIFT_MIN_WORDS <= n <= config.length_shift_max_words:
             raise DataError(f"length-shift sentence has {n} words, outside "
-                            f"{LENGTH_SHIFT_MIN_WORDS}-{config.max_words}; remove it from the file",
+                            f"{LENGTH_SHIFT_MIN_WORDS}-{config.length_shift_max_words}; remove it from the file",
                             shift_path, lineno)
 
     # Pool for the in-distribution splits: disjoint by text from the other two sets.
@@ -334,6 +335,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     wo.add_argument("--tag-drop-prob", type=float, default=defaults.tag_drop_prob)
     wo.add_argument("--attempts", type=int, default=defaults.attempts)
     wo.add_argument("--harvard-attempts", type=int, default=defaults.harvard_attempts)
+    wo.add_argument("--min-words", type=int, default=defaults.min_words,
+                    help="shortest Wikipedia sentence for train/calibration/test (words)")
+    wo.add_argument("--max-words", type=int, default=defaults.max_words,
+                    help="longest Wikipedia sentence for train/calibration/test (words; the paper: 60)")
     wo.add_argument("--corpora", type=Path, default=defaults.corpora_dir,
                     help="folder with the training/corpora layout")
     wo.add_argument("--quiet", action="store_true", help="no progress output")
@@ -347,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, train=args.train, calibration=args.calibration, test=args.test,
         length_shift=args.length_shift, suffix=args.suffix, tag_drop_prob=args.tag_drop_prob,
         attempts=args.attempts, harvard_attempts=args.harvard_attempts,
+        min_words=args.min_words, max_words=args.max_words,
         corpora_dir=args.corpora, quiet=args.quiet,
     )
     try:

@@ -38,7 +38,12 @@ def prepare_model(config: FinetuneConfig):
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+        n_layers = len(model.get_decoder().layers)
+        if config.trainable_last_layers > n_layers:
+            raise ValueError(f"trainable_last_layers={config.trainable_last_layers} but the model has {n_layers} blocks")
+        last = list(range(n_layers - config.trainable_last_layers, n_layers)) if config.trainable_last_layers else None
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=list(config.lora_targets),
+                          task_type="CAUSAL_LM", layers_to_transform=last, layers_pattern="layers" if last else None)
         model = get_peft_model(model, lora)
     elif config.trainable_last_layers:
         layers = model.get_decoder().layers
@@ -66,7 +71,8 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
         if not (data_dir / "manifest.json").is_file():
             n_train = config.max_train_docs or 5000
             n_cal = config.max_calibration_docs or 5000
-            build_word_order(data_dir, WordOrderConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(2000, n_cal)), quiet=True))
+            build_word_order(data_dir, WordOrderConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(2000, n_cal)),
+                                                       min_words=config.task_min_words, max_words=config.task_max_words, quiet=True))
         train_path, cal_path = str(data_dir / "train.jsonl"), str(data_dir / "calibration.jsonl")
     train = load_records(train_path)
     cal = load_records(cal_path)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdm_core import SDMConfig, SDMEstimator
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe
+from sdm_core.embedding import ChatFormat, HiddenStateRecipe, verification_text
 from training.checkpoint import atomic_dir, load_checkpoint, save_checkpoint
 from training.config import FinetuneConfig
 from training.correctness import is_verbatim, normalize_hard_negative
@@ -212,9 +212,32 @@ class SDMTrainer:
         if layer is None:
             return torch.full((len(instances),), math.e)
         h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size)
+        return self._bases_from_h(h, instances, layer, flags)
+
+    @staticmethod
+    def _bases_from_h(h: torch.Tensor, instances: Sequence[Instance], layer: SDMEstimator, flags: dict[str, bool]) -> torch.Tensor:
         scores = layer.score(h, support_ids=[i.doc_id if flags.get(i.doc_id) else None for i in instances])
         labels = torch.tensor([i.label for i in instances])
         return 2.0 + scores.probabilities.gather(1, labels.unsqueeze(1)).squeeze(1).to(torch.float32)
+
+    def _shared_prefixes(self, instances: Sequence[Instance], encoded: Sequence[EncodedInstance]) -> list[int] | None:
+        """Token counts of the instances' verification texts when each is a prefix of its training sequence, else None.
+
+        With the recipe ending at ``<verified>`` (sequence_end "verified", final layer) the verification text is a
+        prefix of the training text, and a causal LM's hidden states over a prefix do not depend on what follows:
+        the training forward pass then yields h, and the separate no-grad pass for b is skipped. The token ids are
+        compared, so a tokenisation that merges across the boundary falls back to the separate pass.
+        """
+        if self.config.loss != "sdm" or self.recipe.sequence_end != "verified" or self.recipe.layer != -1:
+            return None
+        lengths = []
+        for instance, enc in zip(instances, encoded):
+            text = verification_text(self.tokenizer, instance.prompt, instance.response, self.chat, self.recipe)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids or len(ids) > self.recipe.max_length or list(enc.input_ids[: len(ids)]) != ids:
+                return None
+            lengths.append(len(ids))
+        return lengths
 
     def _loss_sum(self, encoded: Sequence[EncodedInstance], bases: torch.Tensor) -> tuple[torch.Tensor, int]:
         ids, mask, labels = collate(encoded, self.pad_id)
@@ -223,6 +246,28 @@ class SDMTrainer:
         if self.config.loss == "sdm":
             return sdm_token_loss(logits, labels.to(device), bases.to(device))
         return ce_token_loss(logits, labels.to(device))
+
+    def _prefix_h(self, final_states: torch.Tensor, prefixes: Sequence[int]) -> torch.Tensor:
+        """h of the recipe ([mean; last] of the final layer) over the first ``prefixes[i]`` tokens of row i."""
+        states = final_states.detach().float()
+        device = states.device
+        n = torch.tensor(list(prefixes), device=device)
+        weights = (torch.arange(states.shape[1], device=device).unsqueeze(0) < n.unsqueeze(1)).float().unsqueeze(-1)
+        mean = (states * weights).sum(dim=1) / weights.sum(dim=1)
+        last = states[torch.arange(states.shape[0], device=device), n - 1]
+        return torch.cat((mean, last) if self.recipe.order == "mean_last" else (last, mean), dim=1).cpu()
+
+    def _loss_sum_shared(
+        self, encoded: Sequence[EncodedInstance], instances: Sequence[Instance], prefixes: Sequence[int], flags: dict[str, bool]
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """The SDM loss with b from the same forward pass (see ``_shared_prefixes``): (loss sum, tokens, b)."""
+        ids, mask, labels = collate(encoded, self.pad_id)
+        device = self.accelerator.device
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, output_hidden_states=True)
+        h = self._prefix_h(out.hidden_states[-1], prefixes)
+        bases = self._bases_from_h(h, instances, self.train_layer, flags)
+        loss_sum, tokens = sdm_token_loss(out.logits, labels.to(device), bases.to(device))
+        return loss_sum, tokens, bases
 
     # -- SDM layers -----------------------------------------------------------------------------------------
     def _fit_layer(self, records: Sequence[Record], flags: dict[str, bool], hard_negatives: dict, tag: str) -> SDMEstimator:
@@ -308,14 +353,21 @@ class SDMTrainer:
                 docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
                 docs = docs[self.accelerator.process_index :: self.accelerator.num_processes]
                 instances = self._draw(docs, f"train:{epoch}:{step}", generate_ok=epoch >= self.config.generate_from_epoch, store=self.state["epoch_hard_negatives"])
-                bases = self._bases(instances, self.train_layer, flags)
                 encoded = self._encode(instances)
+                prefixes = self._shared_prefixes(instances, encoded) if self.train_layer is not None else None
+                bases = self._bases(instances, self.train_layer, flags) if prefixes is None else None
+                shared_bases = []
                 tokens = torch.tensor(sum(e.trained_tokens for e in encoded), device=self.accelerator.device)
                 total_tokens = int(self.accelerator.reduce(tokens, "sum")) if self.accelerator.num_processes > 1 else int(tokens)
                 step_loss = 0.0
                 size = cfg.micro_batch_size
                 for start in range(0, len(encoded), size):
-                    loss_sum, _ = self._loss_sum(encoded[start : start + size], bases[start : start + size])
+                    if prefixes is None:
+                        loss_sum, _ = self._loss_sum(encoded[start : start + size], bases[start : start + size])
+                    else:
+                        loss_sum, _, b = self._loss_sum_shared(encoded[start : start + size], instances[start : start + size],
+                                                               prefixes[start : start + size], flags)
+                        shared_bases.append(b)
                     # Dividing by the step's total unmasked tokens (all ranks) keeps Eq. 1's token mean exact under
                     # gradient accumulation; DDP averages gradients over ranks, hence the world-size factor.
                     loss = loss_sum * self.accelerator.num_processes / max(total_tokens, 1)
@@ -323,6 +375,8 @@ class SDMTrainer:
                     step_loss += float(loss.detach()) / self.accelerator.num_processes
                 if cfg.max_grad_norm > 0:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if prefixes is not None:
+                    bases = torch.cat(shared_bases)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

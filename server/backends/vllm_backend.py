@@ -1,24 +1,44 @@
-"""The vLLM backend (skeleton): vLLM's async engine for generation, the head input from a prefill-only pass.
+"""The vLLM backend: generation on vLLM's async engine, the SDM head's input from a transformers prefill pass.
 
-Not implemented yet (another engineer completes it). The plan the interface fixes:
+Generation: each request goes to ``vllm.v1.engine.async_llm.AsyncLLM`` (``AsyncLLMEngine`` is an alias of it in
+vLLM 0.32) with its own ``SamplingParams`` (max_tokens, temperature, top_p, seed). vLLM's scheduler batches
+concurrent requests continuously by itself, so there is no batcher here. Every stop string (the verification tag
+included) is handed to vLLM with ``include_stop_str_in_output=True``; the text is then cut exactly as the
+transformers backend cuts it (at the earliest stop; ``stop`` strings removed, ``stop_inclusive`` ones kept), and
+streamed with the same hold-back rules (both use :class:`~server.backends.transformers_backend._Row`). Setting
+``request.cancel`` or cancelling the caller aborts the vLLM request.
 
-- ``load``: ``vllm.AsyncLLMEngine.from_engine_args(AsyncEngineArgs(model=<bundle>/model or the merged adapter,
-  tokenizer=<bundle>/tokenizer, dtype=..., max_model_len=...))``; the SDM head with
-  ``sdm_core.estimator.SDMEstimator.load(<bundle>/head)``; ``bundle.json`` with ``sdm_core.bundle.read_bundle_info``.
-- ``generate``: ``engine.generate(TokensPrompt(prompt_token_ids=...), SamplingParams(max_tokens, temperature,
-  top_p, seed, stop=request.stop, include_stop_str_in_output=False), request_id)``; the inclusive stop (the
-  ``<verified>`` tag) via ``stop`` plus re-appending it, or a custom logits/stop hook; stream deltas to
-  ``request.on_text``; abort the request id on cancellation (vLLM batches continuously by itself).
-- ``embed``: the head input must equal :func:`sdm_core.embedding.embed_texts` with the bundle's recipe (the
-  issue asks for 1e-4 relative error on a fixed text set): either a transformers prefill over the same weights
-  (reuse ``TransformersBackend._embed_batch``) or a vLLM pooling engine returning all final-layer hidden states
-  of the rendered verification text (mean and last over real tokens); measure both and choose.
+Head input: vLLM runs one runner type per engine (generation or pooling) and returns no final-layer hidden states
+from a generating call; the head's input is computed over a re-formatted sequence (the verification text) anyway.
+So the bundle is also loaded by a :class:`~server.backends.transformers_backend.TransformersBackend` over the same
+weights, and ``embed`` is its batched :func:`sdm_core.embedding.embed_texts` call with the bundle's recipe: the
+very function training used, so the head input equals the training-time embedding bit for bit. That backend
+also supplies ``info``, ``head`` and the event-loop tokenizer; its generation path is never used.
+
+Weights for vLLM (an HF safetensors folder; the tokenizer is always the bundle's ``tokenizer/``, handed to vLLM as a
+cached copy that also holds the model's ``config.json``, see :func:`vllm_tokenizer_folder`):
+
+- ``full`` bundles: ``<bundle>/model`` as it is.
+- ``base`` bundles: the model source's own folder (``smollm2``: the converted folder in ``$SDM_CACHE_DIR``; ``hf``:
+  the local folder) where it has one.
+- ``adapter`` bundles (and sources without a folder, e.g. ``tiny``): the transformers backend's model, with the
+  adapter merged into the base weights, saved once to ``$SDM_CACHE_DIR/vllm/<digest>`` and reused by later starts.
+
+Engine start is slow on CPU (tens of seconds: vLLM spawns an engine-core and a worker process); set
+``VLLM_CPU_KVCACHE_SPACE`` (GiB) there. See server/README.md for measured numbers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import importlib.util
-from typing import Sequence
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -26,15 +46,72 @@ from sdm_core.bundle import BundleInfo
 from sdm_core.estimator import SDMEstimator
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
 
-__all__ = ["VLLMBackend", "vllm_available"]
+__all__ = ["VLLMBackend", "vllm_available", "vllm_model_folder", "vllm_tokenizer_folder"]
+
+logger = logging.getLogger("sdm.server.vllm")
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def vllm_model_folder(info: BundleInfo, model=None) -> Path:
+    """The HF safetensors folder vLLM loads for the bundle ``info``.
+
+    ``model`` is the bundle's loaded transformers LM (adapter already merged); it is saved to the cache when the
+    bundle has no folder of its own. The cached folder's name is a digest of the bundle manifest (adapter) or the
+    model source (base) and the dtype, so a changed bundle never reuses stale weights.
+    """
+    from sdm_core.models import _atomic_folder, cache_dir, source_folder
+
+    kind = info.model.get("kind")
+    if kind == "full":
+        return info.path / info.model["path"]
+    if kind not in ("base", "adapter"):
+        raise BackendError(f"{info.path}: unknown model kind {kind!r}")
+    if kind == "base":
+        folder = source_folder(info.model["base"])
+        if folder is not None:
+            return folder
+    if model is None:
+        raise BackendError(f"{info.path}: the {kind} bundle's weights have no folder vLLM can load; pass the loaded model to save one")
+    dtype = _dtype_name(next(model.parameters()).dtype)
+    identity = info.raw.get("bundle_sha256") if kind == "adapter" else json.dumps(info.model["base"], sort_keys=True)
+    digest = hashlib.sha256(f"{kind}\n{identity}\n{dtype}".encode()).hexdigest()[:24]
+
+    def build(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+
+    return _atomic_folder(cache_dir() / "vllm" / f"{kind}-{digest}", build)
+
+
+def vllm_tokenizer_folder(info: BundleInfo, model_folder: Path) -> Path:
+    """The bundle's tokenizer in a folder vLLM reads without complaint: vLLM parses a model config from the
+    tokenizer folder (logging errors and retrying for seconds when there is none), and the bundle's ``tokenizer/``
+    holds none and cannot take one (its files are hashed). So a copy with the model's ``config.json`` is cached."""
+    from sdm_core.models import _atomic_folder, cache_dir
+
+    source = info.path / "tokenizer"
+    if (source / "config.json").is_file():
+        return source
+    identity = f"{info.raw.get('bundle_sha256')}\n{model_folder.resolve()}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+    def build(folder: Path) -> None:
+        for file in source.iterdir():
+            if file.is_file():
+                shutil.copy2(file, folder / file.name)
+        shutil.copy2(model_folder / "config.json", folder / "config.json")
+
+    return _atomic_folder(cache_dir() / "vllm" / f"tokenizer-{digest}", build)
+
+
 class VLLMBackend(Backend):
-    """Placeholder: raises a helpful error until the vLLM integration lands."""
+    """A bundle served with vLLM (generation) plus a transformers prefill pass (head input)."""
 
     def __init__(
         self,
@@ -46,6 +123,8 @@ class VLLMBackend(Backend):
         batch_wait_ms: float = 5.0,
         verify: bool = True,
         observer: BatchObserver | None = None,
+        max_model_len: int | None = None,
+        engine_args: dict[str, Any] | None = None,
     ) -> None:
         if not vllm_available():
             raise BackendError(
@@ -53,43 +132,227 @@ class VLLMBackend(Backend):
                 "or run with --backend transformers"
             )
         self.bundle_path = str(bundle_path)
-        self.settings = {"device": device, "dtype": dtype, "batch_size": batch_size, "batch_wait_ms": batch_wait_ms, "verify": verify}
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = int(batch_size)
+        self.batch_wait_ms = float(batch_wait_ms)
+        self.verify = verify
         self.observer = observer
-
-    def _todo(self) -> BackendError:
-        return BackendError("the vllm backend is not implemented yet in this version of sdm-lm; use --backend transformers")
+        self.max_model_len_setting = max_model_len
+        # Extra vllm AsyncEngineArgs (they override the defaults chosen in _engine_args).
+        self.engine_args = dict(engine_args or {})
+        self._embedder = None  # TransformersBackend: info, head, tokenizer, embed
+        self._engine = None
+        self._model_folder: Path | None = None
+        self._tokenizer_folder: Path | None = None
+        self._load_lock = asyncio.Lock()
 
     def with_bundle(self, bundle_path: str) -> "VLLMBackend":
-        return VLLMBackend(bundle_path, observer=self.observer, **self.settings)
+        return VLLMBackend(
+            bundle_path, device=self.device, dtype=self.dtype, batch_size=self.batch_size, batch_wait_ms=self.batch_wait_ms,
+            verify=self.verify, observer=self.observer, max_model_len=self.max_model_len_setting, engine_args=self.engine_args,
+        )
 
+    # -- lifecycle ---------------------------------------------------------------------------------------------
     @property
     def loaded(self) -> bool:
-        return False
+        return self._engine is not None and self._embedder is not None and self._embedder.loaded
+
+    def _embed_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _engine_args(self, folder: Path, tokenizer: Path, dtype: torch.dtype):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+
+        values: dict[str, Any] = dict(
+            model=str(folder),
+            tokenizer=str(tokenizer),
+            dtype=_dtype_name(dtype),
+            seed=0,
+            disable_log_stats=True,
+            # On CPU, eager mode starts in seconds where torch.compile takes minutes, for the same outputs.
+            enforce_eager=current_platform.is_cpu(),
+        )
+        if self.max_model_len_setting is not None:
+            values["max_model_len"] = int(self.max_model_len_setting)
+        values.update(self.engine_args)
+        return AsyncEngineArgs(**values)
 
     async def load(self) -> None:
-        raise self._todo()
+        from server.backends.transformers_backend import TransformersBackend
+
+        async with self._load_lock:
+            if self.loaded:
+                return
+            embedder = TransformersBackend(
+                self.bundle_path, device=self._embed_device(), dtype=self.dtype, batch_size=self.batch_size,
+                batch_wait_ms=self.batch_wait_ms, verify=self.verify, observer=self.observer,
+            )
+            try:
+                await embedder.load()
+                loop = asyncio.get_running_loop()
+                model = embedder.model
+                folder = await loop.run_in_executor(None, vllm_model_folder, embedder.info, model)
+                tokenizer = await loop.run_in_executor(None, vllm_tokenizer_folder, embedder.info, folder)
+                args = self._engine_args(folder, tokenizer, next(model.parameters()).dtype)
+                # Built off the event loop: starting the engine-core processes blocks for tens of seconds on CPU.
+                # AsyncLLM binds to the running loop lazily, on its first request.
+                engine = await loop.run_in_executor(None, self._start_engine, args)
+            except BaseException:
+                await embedder.close()
+                raise
+            self._embedder, self._engine = embedder, engine
+            self._model_folder, self._tokenizer_folder = folder, tokenizer
+
+    @staticmethod
+    def _start_engine(args):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            return AsyncLLM.from_engine_args(args)
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; the message is what matters
+            raise BackendError(f"vLLM could not start on {args.model}: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
-        return None
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+            # AsyncLLM.__del__ shuts down again; at interpreter exit vLLM's module globals are gone by then and it
+            # prints a TypeError traceback. It is already shut down: make that second call a no-op.
+            engine.shutdown = lambda *args, **kwargs: None
+        embedder, self._embedder = self._embedder, None
+        if embedder is not None:
+            await embedder.close()
+
+    # -- what the pipeline reads -------------------------------------------------------------------------------
+    def _loaded(self):
+        if self._embedder is None or self._engine is None:
+            raise BackendError("the backend is not loaded yet: await load() first")
+        return self._embedder
 
     @property
     def info(self) -> BundleInfo:
-        raise self._todo()
+        return self._loaded().info
 
     @property
     def head(self) -> SDMEstimator:
-        raise self._todo()
+        return self._loaded().head
 
     @property
     def tokenizer(self):
-        raise self._todo()
+        return self._loaded().tokenizer
+
+    @property
+    def model(self):
+        """The transformers LM that computes the head input (for tests and tools)."""
+        return self._loaded().model
+
+    @property
+    def worker_tokenizer(self):
+        return self._loaded().worker_tokenizer
+
+    @property
+    def engine(self):
+        """The vLLM AsyncLLM (for tests and tools)."""
+        self._loaded()
+        return self._engine
+
+    @property
+    def model_folder(self) -> Path | None:
+        """The safetensors folder vLLM loaded."""
+        return self._model_folder
+
+    @property
+    def tokenizer_folder(self) -> Path | None:
+        """The tokenizer folder vLLM loaded."""
+        return self._tokenizer_folder
 
     @property
     def max_model_len(self) -> int:
-        raise self._todo()
+        self._loaded()
+        return int(self._engine.model_config.max_model_len)
+
+    # -- work --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def sampling_params(request: GenerationRequest):
+        """vLLM SamplingParams for ``request``: every stop string goes to vLLM and stays in the text (cut after)."""
+        from vllm import SamplingParams as VSamplingParams
+
+        params = request.params
+        stops = [s for s in (*request.stop, *request.stop_inclusive) if s]
+        return VSamplingParams(
+            n=1,
+            max_tokens=int(params.max_tokens),
+            temperature=float(params.temperature) if not params.greedy else 0.0,
+            top_p=float(params.top_p) if not params.greedy else 1.0,
+            seed=None if params.greedy or params.seed is None else int(params.seed) % (2**63),
+            stop=stops or None,
+            include_stop_str_in_output=True,
+            skip_special_tokens=True,
+        )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        raise self._todo()
+        from vllm.inputs import TokensPrompt
+
+        from server.backends.transformers_backend import _Row
+
+        if self._engine is None:
+            raise BackendError("the backend is not loaded (or was closed)")
+        engine = self._engine
+        row = _Row(request)
+        request_id = f"sdm-{uuid.uuid4().hex}"
+        stream = engine.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), self.sampling_params(request), request_id)
+        finished = False
+        try:
+            if request.cancel.is_set():
+                row.finish("cancelled", None, "")
+                return row.result()
+            async for output in stream:
+                completion = output.outputs[0]
+                row.text = completion.text
+                row.count = len(completion.token_ids)
+                finished = output.finished
+                if request.cancel.is_set():
+                    row.finish("cancelled", None, row.text)
+                    break
+                hit = row.find_stop()
+                if hit is not None:
+                    at, stop, inclusive = hit
+                    row.finish("stop", stop, row.text[: at + len(stop)] if inclusive else row.text[:at])
+                    break
+                if finished:
+                    reason = completion.finish_reason
+                    if reason == "length":
+                        row.finish("length", None, row.text)
+                    elif reason == "stop":
+                        # No stop string in the text: EOS (stop_reason None) or a stop token id.
+                        row.finish("stop", "eos", row.text)
+                    else:  # "abort" (the engine dropped it) or anything new
+                        row.finish("cancelled", None, row.text)
+                    break
+                row.stream()
+            if not row.done:  # the stream ended without a finished output
+                row.finish("cancelled", None, row.text)
+            return row.result()
+        except asyncio.CancelledError:
+            request.cancel.set()
+            raise
+        finally:
+            if not finished:
+                await self._abort(engine, request_id)
+            await stream.aclose()
+
+    @staticmethod
+    async def _abort(engine, request_id: str) -> None:
+        try:
+            await engine.abort(request_id)
+        except Exception:  # noqa: BLE001 - aborting an already finished request must not hide the result
+            logger.debug("abort of %s failed", request_id, exc_info=True)
 
     async def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        raise self._todo()
+        if self._embedder is None:
+            raise BackendError("the backend is not loaded (or was closed)")
+        return await self._embedder.embed(texts)

