@@ -36,7 +36,7 @@ RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin sdm
 
 # Settings: every SDM_* variable of python -m server --help; these are the image's defaults.
 ENV SDM_BUNDLE=/bundles/default \
-    SDM_BACKEND=transformers \
+    SDM_BACKEND=vllm \
     SDM_HOST=0.0.0.0 \
     SDM_PORT=8000 \
     SDM_LOG_LEVEL=info \

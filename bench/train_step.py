@@ -1,10 +1,12 @@
 """Training-step cost of the SDM loss against cross-entropy on the same batch (no generation), and hidden-state
 extraction throughput batched against one document at a time. Prints one JSON line.
 
-The SDM step includes everything the SDM loss adds: the no-grad embedding pass over the instances' verification
-texts, the SDM layer's scoring for b, and the change-of-base loss; the CE step is the same update with CE.
+The SDM step includes everything the SDM loss adds, as the trainer does it: with the reference's sequence end
+(`template`) a no-grad embedding pass over the instances' verification texts; with the paper's (`verified`) h from
+the training forward's own hidden states; then the SDM layer's scoring for b and the change-of-base loss. The CE
+step is the same update with CE.
 
-    python bench/train_step.py --model smollm2 [--batch 8] [--repeats 3] [--trainable-last-layers 4]
+    python bench/train_step.py --model smollm2 [--batch 8] [--repeats 3] [--trainable-last-layers 4] [--recipe-sequence-end verified]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from training.data import WordOrderConfig, build_word_order  # noqa: E402
 from training.encoding import collate, encode_instance  # noqa: E402
 from training.loss import ce_token_loss, sdm_token_loss  # noqa: E402
 from training.records import load_records  # noqa: E402
+from training.verification_layer import Instance, prefix_embeddings, shared_prefix_lengths  # noqa: E402
 
 
 def main() -> None:
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--trainable-last-layers", type=int, default=0, help="0: full fine-tuning")
     parser.add_argument("--embed-docs", type=int, default=32)
     parser.add_argument("--data", default="runs/bench-data")
+    parser.add_argument("--recipe-sequence-end", default="template", choices=("template", "verified"))
     args = parser.parse_args()
     source = {"kind": args.model} if args.model in ("smollm2", "tiny") else {"kind": "hf", "path": args.model}
     tokenizer = load_tokenizer(source)
@@ -51,7 +55,7 @@ def main() -> None:
     if not (data / "manifest.json").is_file():
         build_word_order(data, WordOrderConfig(train=200, calibration=200, test=200, quiet=True))
     records = load_records(data / "train.jsonl")
-    chat, recipe = ChatFormat(), HiddenStateRecipe()
+    chat, recipe = ChatFormat(), HiddenStateRecipe(sequence_end=args.recipe_sequence_end)
     batch = records[: args.batch]
     instances = [(r.prompt, r.positive if i % 2 == 0 else r.negative, 1 - i % 2) for i, r in enumerate(batch)]
     texts = [verification_text(tokenizer, p, s, chat, recipe) for p, s, _ in instances]
@@ -67,14 +71,23 @@ def main() -> None:
     ids, mask, labels = collate(encoded, tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
+    prefixes = shared_prefix_lengths(tokenizer, [Instance(str(i), p, s, label) for i, (p, s, label) in enumerate(instances)],
+                                     [e.input_ids for e in encoded], chat, recipe)
+    y_batch = torch.tensor([label for *_, label in instances])
+
     def step(kind: str) -> float:
         started = time.perf_counter()
-        if kind == "sdm":
+        if kind == "sdm" and prefixes is None:
             hb = embed_texts(model, tokenizer, texts, recipe, batch_size=args.batch)
-            scores = layer.score(hb)
-            base = 2.0 + scores.probabilities.gather(1, torch.tensor([l for *_, l in instances]).unsqueeze(1)).squeeze(1)
+            base = 2.0 + layer.score(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
         model.train()
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        if kind == "sdm" and prefixes is not None:
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+            hb = prefix_embeddings(out.hidden_states[-1], prefixes, recipe)
+            base = 2.0 + layer.score(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
+            logits = out.logits
+        else:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         loss_sum, n = sdm_token_loss(logits, labels, base) if kind == "sdm" else ce_token_loss(logits, labels)
         (loss_sum / n).backward()
         optimizer.step()
@@ -103,6 +116,8 @@ def main() -> None:
         "batch": args.batch,
         "mean_tokens": round(float(mask.sum(1).float().mean()), 1),
         "trainable_last_layers": args.trainable_last_layers,
+        "recipe_sequence_end": args.recipe_sequence_end,
+        "b_from_training_forward": prefixes is not None,
         "ce_step_s": round(statistics.median(ce), 3),
         "sdm_step_s": round(statistics.median(sdm), 3),
         "sdm_over_ce": round(statistics.median(sdm) / statistics.median(ce), 3),

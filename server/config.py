@@ -66,6 +66,9 @@ class ServerConfig:
     max_exemplars: int = field(default=32, metadata=_meta("largest return_exemplars a request may ask for"))
     drain_timeout_s: float = field(default=30.0, metadata=_meta("on SIGTERM, how long in-flight requests may take to finish"))
     verify_bundle: bool = field(default=True, metadata=_meta("check the sha256 of every bundle file on load"))
+    vllm_max_model_len: int = field(default=0, metadata=_meta("vllm backend: longest sequence (prompt + completion) in tokens; 0 = the model's own limit"))
+    vllm_gpu_memory_utilization: float = field(default=0.0, metadata=_meta("vllm backend: share of GPU memory for weights + KV cache; 0 = vLLM's default (leave room for the verification pass)"))
+    vllm_tensor_parallel_size: int = field(default=1, metadata=_meta("vllm backend: GPUs to split the model across"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(k.strip() for k in self.api_keys if k and k.strip()))
@@ -86,6 +89,11 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(_hint(name, f"must be an integer >= 0, got {value!r}"))
+        _positive_int(self, "vllm_tensor_parallel_size")
+        if not isinstance(self.vllm_max_model_len, int) or isinstance(self.vllm_max_model_len, bool) or self.vllm_max_model_len < 0:
+            raise ConfigError(_hint("vllm_max_model_len", f"must be an integer >= 0 (0: the model's limit), got {self.vllm_max_model_len!r}"))
+        if not (0.0 <= self.vllm_gpu_memory_utilization < 1.0):
+            raise ConfigError(_hint("vllm_gpu_memory_utilization", f"must be in [0, 1) (0: vLLM's default), got {self.vllm_gpu_memory_utilization!r}"))
         if self.default_max_tokens > self.max_tokens_cap:
             raise ConfigError(_hint("default_max_tokens", f"({self.default_max_tokens}) must not exceed --max-tokens-cap ({self.max_tokens_cap}); lower it or raise the cap"))
         for name in ("request_timeout_s", "drain_timeout_s"):
@@ -108,6 +116,15 @@ class ServerConfig:
             object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys + tuple(keys))))
 
     # -- derived values --------------------------------------------------------------------------------------
+    def vllm_settings(self) -> dict:
+        """The vllm backend's engine settings from the vllm_* options (unset ones are left to vLLM)."""
+        engine_args: dict = {}
+        if self.vllm_gpu_memory_utilization > 0:
+            engine_args["gpu_memory_utilization"] = self.vllm_gpu_memory_utilization
+        if self.vllm_tensor_parallel_size > 1:
+            engine_args["tensor_parallel_size"] = self.vllm_tensor_parallel_size
+        return {"max_model_len": self.vllm_max_model_len or None, "engine_args": engine_args}
+
     @property
     def served_model_name(self) -> str:
         """--model-name, else the bundle folder's name (its parent's for a folder called "bundle": runs/smollm2/bundle -> smollm2)."""

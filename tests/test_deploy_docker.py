@@ -137,8 +137,8 @@ def test_runs_as_non_root_with_healthcheck_and_volumes(dockerfile) -> None:
     assert env["SDM_BUNDLE"].startswith("/bundles/")
     assert env["SDM_CACHE_DIR"].startswith("/cache/") and env["HF_HOME"].startswith("/cache/")
     assert env["SDM_HOST"] == "0.0.0.0" and env["SDM_PORT"] == "8000"
-    # The GPU image runs the transformers backend on the GPU until the vLLM backend is implemented.
-    assert env["SDM_BACKEND"] == "transformers"
+    # The GPU image (top-level Dockerfile) generates with vLLM, the CPU image with transformers.
+    assert env["SDM_BACKEND"] == ("vllm" if dockerfile.path.name == "Dockerfile" else "transformers")
     assert env["SDM_PORT"] in " ".join(dockerfile.all("EXPOSE")).split(), "EXPOSE the server port"
 
 
@@ -204,7 +204,7 @@ def test_compose_files_and_builds_exist(compose) -> None:
                 assert (COMPOSE.parent / source).exists(), f"{name} mounts {source}, which does not exist"
     gpu = compose["services"]["server-gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert gpu["environment"]["SDM_BACKEND"] == "transformers"
+    assert gpu["environment"]["SDM_BACKEND"] == "vllm"
     assert compose["services"]["server-cpu"]["environment"]["SDM_BACKEND"] == "transformers"
 
 

@@ -52,6 +52,9 @@ def test_config_flags_win_over_environment(fake_bundle: Path, tmp_path: Path) ->
         (["--api-key-file", "/nonexistent/keys"], {"SDM_BUNDLE": "@"}, "--api-key-file (env SDM_API_KEY_FILE)"),
         ([], {"SDM_BUNDLE": "@", "SDM_WARMUP": "maybe"}, "SDM_WARMUP must be one of"),
         (["--request-timeout-s", "0"], {"SDM_BUNDLE": "@"}, "must be > 0 seconds"),
+        ([], {"SDM_BUNDLE": "@", "SDM_VLLM_GPU_MEMORY_UTILIZATION": "1.5"}, "SDM_VLLM_GPU_MEMORY_UTILIZATION) must be in [0, 1)"),
+        (["--vllm-tensor-parallel-size", "0"], {"SDM_BUNDLE": "@"}, "--vllm-tensor-parallel-size (env SDM_VLLM_TENSOR_PARALLEL_SIZE)"),
+        (["--vllm-max-model-len", "-1"], {"SDM_BUNDLE": "@"}, "--vllm-max-model-len (env SDM_VLLM_MAX_MODEL_LEN) must be an integer >= 0"),
     ],
 )
 def test_config_errors_say_what_to_do(fake_bundle: Path, argv, env, fragment) -> None:
@@ -61,6 +64,15 @@ def test_config_errors_say_what_to_do(fake_bundle: Path, argv, env, fragment) ->
     with pytest.raises(ConfigError) as info:
         ServerConfig.from_sources(argv, environ)
     assert fragment in str(info.value)
+
+
+def test_vllm_settings_pass_only_what_was_set(fake_bundle: Path) -> None:
+    from server.config import ServerConfig
+
+    assert ServerConfig(bundle=str(fake_bundle)).vllm_settings() == {"max_model_len": None, "engine_args": {}}
+    config = ServerConfig.from_sources(["--vllm-max-model-len", "512"], {"SDM_BUNDLE": str(fake_bundle),
+                                        "SDM_VLLM_GPU_MEMORY_UTILIZATION": "0.7", "SDM_VLLM_TENSOR_PARALLEL_SIZE": "2"})
+    assert config.vllm_settings() == {"max_model_len": 512, "engine_args": {"gpu_memory_utilization": 0.7, "tensor_parallel_size": 2}}
 
 
 def test_help_lists_every_setting_and_its_variable(capsys) -> None:

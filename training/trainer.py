@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdm_core import SDMConfig, SDMEstimator
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, verification_text
+from sdm_core.embedding import ChatFormat, HiddenStateRecipe
 from training.checkpoint import atomic_dir, load_checkpoint, save_checkpoint
 from training.config import FinetuneConfig
 from training.correctness import is_verbatim, normalize_hard_negative
@@ -43,7 +43,9 @@ from training.verification_layer import (
     draw_layer_instances,
     embed_instances,
     fit_verification_layer,
+    prefix_embeddings,
     prompt_of,
+    shared_prefix_lengths,
     split_flags,
 )
 
@@ -221,23 +223,10 @@ class SDMTrainer:
         return 2.0 + scores.probabilities.gather(1, labels.unsqueeze(1)).squeeze(1).to(torch.float32)
 
     def _shared_prefixes(self, instances: Sequence[Instance], encoded: Sequence[EncodedInstance]) -> list[int] | None:
-        """Token counts of the instances' verification texts when each is a prefix of its training sequence, else None.
-
-        With the recipe ending at ``<verified>`` (sequence_end "verified", final layer) the verification text is a
-        prefix of the training text, and a causal LM's hidden states over a prefix do not depend on what follows:
-        the training forward pass then yields h, and the separate no-grad pass for b is skipped. The token ids are
-        compared, so a tokenisation that merges across the boundary falls back to the separate pass.
-        """
-        if self.config.loss != "sdm" or self.recipe.sequence_end != "verified" or self.recipe.layer != -1:
+        """See :func:`training.verification_layer.shared_prefix_lengths` (SDM loss only)."""
+        if self.config.loss != "sdm":
             return None
-        lengths = []
-        for instance, enc in zip(instances, encoded):
-            text = verification_text(self.tokenizer, instance.prompt, instance.response, self.chat, self.recipe)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids or len(ids) > self.recipe.max_length or list(enc.input_ids[: len(ids)]) != ids:
-                return None
-            lengths.append(len(ids))
-        return lengths
+        return shared_prefix_lengths(self.tokenizer, instances, [e.input_ids for e in encoded], self.chat, self.recipe)
 
     def _loss_sum(self, encoded: Sequence[EncodedInstance], bases: torch.Tensor) -> tuple[torch.Tensor, int]:
         ids, mask, labels = collate(encoded, self.pad_id)
@@ -248,14 +237,7 @@ class SDMTrainer:
         return ce_token_loss(logits, labels.to(device))
 
     def _prefix_h(self, final_states: torch.Tensor, prefixes: Sequence[int]) -> torch.Tensor:
-        """h of the recipe ([mean; last] of the final layer) over the first ``prefixes[i]`` tokens of row i."""
-        states = final_states.detach().float()
-        device = states.device
-        n = torch.tensor(list(prefixes), device=device)
-        weights = (torch.arange(states.shape[1], device=device).unsqueeze(0) < n.unsqueeze(1)).float().unsqueeze(-1)
-        mean = (states * weights).sum(dim=1) / weights.sum(dim=1)
-        last = states[torch.arange(states.shape[0], device=device), n - 1]
-        return torch.cat((mean, last) if self.recipe.order == "mean_last" else (last, mean), dim=1).cpu()
+        return prefix_embeddings(final_states, prefixes, self.recipe)
 
     def _loss_sum_shared(
         self, encoded: Sequence[EncodedInstance], instances: Sequence[Instance], prefixes: Sequence[int], flags: dict[str, bool]

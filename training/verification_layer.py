@@ -13,7 +13,8 @@ from sdm_core import SDMConfig, SDMEstimator
 from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
 from training.records import Record
 
-__all__ = ["Instance", "split_flags", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES"]
+__all__ = ["Instance", "split_flags", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES",
+           "shared_prefix_lengths", "prefix_embeddings"]
 
 CLASS_NAMES = ("No", "Yes")
 
@@ -59,6 +60,39 @@ def draw_layer_instances(
 def embed_instances(model, tokenizer, instances: Sequence[Instance], chat: ChatFormat, recipe: HiddenStateRecipe, batch_size: int, progress: bool = False) -> torch.Tensor:
     texts = [verification_text(tokenizer, i.prompt, i.response, chat, recipe) for i in instances]
     return embed_texts(model, tokenizer, texts, recipe, batch_size=batch_size, progress=progress)
+
+
+def shared_prefix_lengths(
+    tokenizer, instances: Sequence[Instance], input_ids: Sequence[Sequence[int]], chat: ChatFormat, recipe: HiddenStateRecipe
+) -> list[int] | None:
+    """Token counts of the instances' verification texts when each is a prefix of its training sequence, else None.
+
+    With the recipe ending at ``<verified>`` (sequence_end "verified", final layer) the verification text is a
+    prefix of the training text, and a causal LM's hidden states over a prefix do not depend on what follows:
+    the training forward pass then yields h (:func:`prefix_embeddings`), with no second pass. Token ids are
+    compared, so a tokenisation that merges across the boundary falls back to the separate pass (None).
+    """
+    if recipe.sequence_end != "verified" or recipe.layer != -1:
+        return None
+    lengths = []
+    for instance, ids_full in zip(instances, input_ids):
+        text = verification_text(tokenizer, instance.prompt, instance.response, chat, recipe)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids or len(ids) > recipe.max_length or list(ids_full[: len(ids)]) != ids:
+            return None
+        lengths.append(len(ids))
+    return lengths
+
+
+def prefix_embeddings(final_states: torch.Tensor, lengths: Sequence[int], recipe: HiddenStateRecipe) -> torch.Tensor:
+    """h of the recipe ([mean; last] of the final layer) over the first ``lengths[i]`` tokens of row i: (B, 2H) on CPU."""
+    states = final_states.detach().float()
+    device = states.device
+    n = torch.tensor(list(lengths), device=device)
+    weights = (torch.arange(states.shape[1], device=device).unsqueeze(0) < n.unsqueeze(1)).float().unsqueeze(-1)
+    mean = (states * weights).sum(dim=1) / weights.sum(dim=1)
+    last = states[torch.arange(states.shape[0], device=device), n - 1]
+    return torch.cat((mean, last) if recipe.order == "mean_last" else (last, mean), dim=1).cpu()
 
 
 def fit_verification_layer(

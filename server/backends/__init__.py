@@ -25,8 +25,10 @@ def make_backend(
     batch_wait_ms: float = 5.0,
     verify: bool = True,
     observer: BatchObserver | None = None,
+    vllm: dict | None = None,
 ) -> Backend:
-    """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``."""
+    """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``; ``vllm`` holds the vllm
+    backend's ``max_model_len`` and ``engine_args``."""
     settings = dict(device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer)
     if kind == "transformers":
         from server.backends.transformers_backend import TransformersBackend
@@ -35,5 +37,5 @@ def make_backend(
     if kind == "vllm":
         from server.backends.vllm_backend import VLLMBackend
 
-        return VLLMBackend(bundle_path, **settings)
+        return VLLMBackend(bundle_path, **settings, **(vllm or {}))
     raise BackendError(f"unknown backend {kind!r}; use 'transformers' or 'vllm'")
