@@ -67,16 +67,13 @@ def _greedy(model, tokenizer, prompts, chat, max_new_tokens):
     return out
 
 
-def _build(root: Path) -> TinyBundle:
+def fit_toy_head(model, tokenizer):
+    """(head, chat, recipe): an SDM head that separates prompt family A (label 1) from family B (label 0)."""
     import torch
 
     from sdm_core import SDMConfig, SDMEstimator
-    from sdm_core.bundle import write_bundle
     from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
-    from sdm_core.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer({"kind": "tiny"})
-    model = load_model({"kind": "tiny"}).eval()
     chat, recipe = ChatFormat(), HiddenStateRecipe(max_length=256)
     prompts = [family_a(i) for i in range(48)] + [family_b(i) for i in range(48)]
     labels = torch.tensor([1] * 48 + [0] * 48)
@@ -86,6 +83,17 @@ def _build(root: Path) -> TinyBundle:
                                   alpha_ladder=ALPHAS, class_names=("No", "Yes")))
     head.fit(h[train], labels[train], h[cal], labels[cal], num_classes=2,
              train_ids=[f"doc-{int(i)}" for i in train], calibration_ids=[f"doc-{int(i)}" for i in cal])
+    return head, chat, recipe
+
+
+def _build(root: Path) -> TinyBundle:
+    from sdm_core.bundle import write_bundle
+    from sdm_core.embedding import embed_texts, verification_text
+    from sdm_core.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer({"kind": "tiny"})
+    model = load_model({"kind": "tiny"}).eval()
+    head, chat, recipe = fit_toy_head(model, tokenizer)
     path = root / "bundle"
     write_bundle(path, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, base_model={"kind": "tiny"},
                  provenance={"purpose": "server tests"})

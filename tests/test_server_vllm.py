@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_server_support import ALPHAS, DEFAULT_ALPHA, family_a, family_b, make_config, serve
+from test_server_support import fit_toy_head, family_a, family_b, make_config, serve
 
 SOURCE = {"kind": "tiny", "seed": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
 MAX_TOKENS = 12
@@ -49,9 +49,7 @@ def test_vllm_is_importable_when_required() -> None:
 def _build_adapter_bundle(path: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from sdm_core import SDMConfig, SDMEstimator
     from sdm_core.bundle import write_bundle
-    from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
     from sdm_core.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(SOURCE)
@@ -61,15 +59,7 @@ def _build_adapter_bundle(path: Path) -> Path:
         # Random A and B (not peft's B=0 start), so the merged weights differ from the base.
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
     model.eval()
-    chat, recipe = ChatFormat(), HiddenStateRecipe(max_length=256)
-    prompts = [family_a(i) for i in range(48)] + [family_b(i) for i in range(48)]
-    labels = torch.tensor([1] * 48 + [0] * 48)
-    h = embed_texts(model, tokenizer, [verification_text(tokenizer, p, "", chat, recipe) for p in prompts], recipe)
-    train, cal = torch.arange(0, 96, 2), torch.arange(1, 96, 2)
-    head = SDMEstimator(SDMConfig(epochs=3, exemplar_dim=16, learning_rate=1e-2, progress=False, alpha=DEFAULT_ALPHA,
-                                  alpha_ladder=ALPHAS, class_names=("No", "Yes")))
-    head.fit(h[train], labels[train], h[cal], labels[cal], num_classes=2,
-             train_ids=[f"doc-{int(i)}" for i in train], calibration_ids=[f"doc-{int(i)}" for i in cal])
+    head, chat, recipe = fit_toy_head(model, tokenizer)
     return write_bundle(path, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, base_model=SOURCE,
                         provenance={"purpose": "vllm backend tests"})
 
