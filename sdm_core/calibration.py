@@ -212,7 +212,7 @@ class RegionLadder:
         p = as_tensor(probabilities, "probabilities")
         yhat = as_tensor(predictions, "predictions", dtype=torch.long).reshape(-1)
         qp = as_tensor(q_prime, "q_prime").reshape(-1)
-        return admissions_unchecked(p, yhat, qp, [self.regions[a] for a in self.alphas])
+        return self.admissions_unchecked(p, yhat, qp)
 
     def admitted_at(self, own: torch.Tensor, alpha: float) -> torch.Tensor:
         """Admission at ``alpha`` from the (N, L) own-region matrix: nested (any alpha' >= alpha) or own."""
@@ -246,8 +246,7 @@ class RegionLadder:
         self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, alpha: float
     ) -> tuple[torch.Tensor, list[float | None], list[str | None]]:
         """``decide`` for validated tensors and an alpha already on the ladder (hot path)."""
-        a = alpha
-        qp = q_prime
+        a, qp = alpha, q_prime
         own = self.admissions_unchecked(probabilities, predictions, qp)
         column = self.alphas.index(a)
         admitted = own[:, : column + 1].any(dim=1) if self.nested else own[:, column]
