@@ -25,6 +25,8 @@ __all__ = [
     "chat_messages",
     "verification_text",
     "embed_texts",
+    "pool_states",
+    "final_norm",
 ]
 
 VERIFIED_OPEN = "<verified>"
@@ -111,6 +113,34 @@ def verification_text(tokenizer, prompt: str | Sequence[dict], response: str, ch
     return text
 
 
+def _pool(states: torch.Tensor, mask: torch.Tensor, recipe: HiddenStateRecipe) -> torch.Tensor:
+    """(B, T, H) final-layer states of right-padded rows -> (B, 2H) h: the mean over real tokens and the last one."""
+    weights = mask.unsqueeze(-1).float()
+    mean = (states * weights).sum(dim=1) / weights.sum(dim=1)
+    last = states[torch.arange(states.shape[0], device=states.device), mask.sum(dim=1) - 1]
+    pair = (mean, last) if recipe.order == "mean_last" else (last, mean)
+    return torch.cat(pair, dim=1)
+
+
+def pool_states(states: torch.Tensor, recipe: HiddenStateRecipe) -> torch.Tensor:
+    """h (2H,) float32 from one sequence's final-layer states (T, H), pooled exactly as :func:`embed_texts` pools.
+
+    For callers that already hold the states of the whole verification sequence (a server that captured them
+    while generating); the states must be the recipe's layer after the final norm, one row per token."""
+    if states.ndim != 2 or states.shape[0] < 1:
+        raise ValueError(f"states must be (T, H) with T >= 1, got shape {tuple(states.shape)}")
+    states = states.float()
+    mask = torch.ones(1, states.shape[0], dtype=torch.long, device=states.device)
+    return _pool(states.unsqueeze(0), mask, recipe)[0]
+
+
+def final_norm(model):
+    """The module whose output is the final layer's hidden states after the final norm (what ``embed_texts``
+    reads with the default layer), or None when the architecture names it differently."""
+    norm = getattr(_backbone(model), "norm", None)
+    return norm if isinstance(norm, torch.nn.Module) else None
+
+
 def _backbone(model):
     """The transformer without its LM head: h needs hidden states only, and the vocabulary projection is a large
     share of a small model's compute. Its last hidden state is the final layer after the final norm."""
@@ -157,12 +187,7 @@ def embed_texts(
             mask[row, : len(encoded[i])] = 1
         result = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=recipe.layer != -1, use_cache=False)
         states = (result.last_hidden_state if recipe.layer == -1 else result.hidden_states[recipe.layer]).float()
-        weights = mask.to(device).unsqueeze(-1).float()
-        mean = (states * weights).sum(dim=1) / weights.sum(dim=1)
-        lengths = mask.sum(dim=1).to(device) - 1
-        last = states[torch.arange(len(index), device=device), lengths]
-        pair = (mean, last) if recipe.order == "mean_last" else (last, mean)
-        h = torch.cat(pair, dim=1).cpu()
+        h = _pool(states, mask.to(device), recipe).cpu()
         for row, i in enumerate(index):
             out[i] = h[row]
     model.train(was_training)

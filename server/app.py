@@ -76,7 +76,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         backend = make_backend(
             config.backend, config.bundle, device=config.resolved_device(), dtype=config.dtype, batch_size=config.batch_size,
             batch_wait_ms=config.batch_wait_ms, verify=config.verify_bundle, observer=metrics.observe_batch,
-            vllm=config.vllm_settings(),
+            vllm=config.vllm_settings(), hidden_states=config.hidden_states,
         )
     elif getattr(backend, "observer", "missing") is None:
         backend.observer = metrics.observe_batch

@@ -24,6 +24,7 @@ __all__ = ["ServerConfig", "ConfigError", "build_parser", "ENV_PREFIX"]
 ENV_PREFIX = "SDM_"
 BACKENDS = ("transformers", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HIDDEN_STATE_MODES = ("auto", "reuse", "forward")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -56,6 +57,7 @@ class ServerConfig:
     request_timeout_s: float = field(default=120.0, metadata=_meta("per-request limit, queue included (exceeded: 504)"))
     batch_size: int = field(default=8, metadata=_meta("most requests per generation / hidden-state batch"))
     batch_wait_ms: float = field(default=5.0, metadata=_meta("how long a batch waits for more requests before it runs"))
+    hidden_states: str = field(default="auto", metadata=_meta("transformers backend: where the head's input comes from: reuse (the states generation computed, when they cover the verification text exactly), forward (a separate pass, as training ran it), auto (reuse with a float32 model, else forward)", HIDDEN_STATE_MODES))
     api_keys: tuple[str, ...] = field(default=(), metadata=_meta("comma-separated API keys (prefer SDM_API_KEYS or --api-key-file: flags show in ps)", metavar="KEYS"))
     api_key_file: str = field(default="", metadata=_meta("file with one API key a line (# comments allowed)", metavar="PATH"))
     metrics_require_key: bool = field(default=True, metadata=_meta("whether GET /metrics needs an API key when keys are configured"))
@@ -80,6 +82,7 @@ class ServerConfig:
             raise ConfigError(_hint("bundle", f"{self.bundle!r} {what}; point it at a folder written by python -m training.calibrate"))
         _choice(self, "backend", BACKENDS)
         _choice(self, "dtype", DTYPES)
+        _choice(self, "hidden_states", HIDDEN_STATE_MODES)
         _choice(self, "log_level", LOG_LEVELS)
         if not (1 <= self.port <= 65535):
             raise ConfigError(_hint("port", f"must be between 1 and 65535, got {self.port}"))

@@ -38,6 +38,7 @@ class ServerMetrics:
         self.attempts = Histogram("sdm_attempts", "Generation attempts per request", buckets=_ATTEMPT_BUCKETS, registry=r)
         self.batch_size = Histogram("sdm_batch_size", "Requests per backend batch (generate, embed)", ["kind"], buckets=_BATCH_BUCKETS, registry=r)
         self.cancelled = Counter("sdm_cancelled_requests", "Requests whose client disconnected before the answer", ["route"], registry=r)
+        self.hidden_state_sources = Counter("sdm_hidden_state_sources", "Head inputs by source: states captured while generating (reused) or a separate forward pass (forward)", ["source"], registry=r)
         self.reloads = Counter("sdm_bundle_reloads", "Bundle reloads by result", ["result"], registry=r)
         self.ready = Gauge("sdm_ready", "1 when the model and head are loaded and warmed up", registry=r)
         self.bundle = Info("sdm_bundle", "The bundle served: model, head version, default alpha, calibration admitted proportion", registry=r)
@@ -70,6 +71,12 @@ class ServerMetrics:
         self.errors.labels(route=route, status=str(status)).inc()
 
     def observe_batch(self, kind: str, size: int) -> None:
+        """A backend batch ("generate", "embed") or head inputs served from captured states ("reused")."""
+        if kind == "reused":
+            self.hidden_state_sources.labels(source="reused").inc(size)
+            return
+        if kind == "embed":
+            self.hidden_state_sources.labels(source="forward").inc(size)
         self.batch_size.labels(kind=kind).observe(size)
 
     def set_bundle(self, facts: dict) -> None:

@@ -206,7 +206,7 @@ class SelectivePipeline:
         )
         generated = time.perf_counter()
         text = self.verification_text(request.prompt.chat_prompt, generation.text)
-        h = await self.backend.embed([text])
+        h = await self.backend.embed_generation(text, request.prompt.ids, generation)
         score = functools.partial(self.head.score, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
         scores = await asyncio.get_running_loop().run_in_executor(self._head_thread, score)
         verified = time.perf_counter()

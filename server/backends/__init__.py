@@ -26,14 +26,16 @@ def make_backend(
     verify: bool = True,
     observer: BatchObserver | None = None,
     vllm: dict | None = None,
+    hidden_states: str = "auto",
 ) -> Backend:
     """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``; ``vllm`` holds the vllm
-    backend's ``max_model_len`` and ``engine_args``."""
+    backend's ``max_model_len`` and ``engine_args``; ``hidden_states`` is the transformers backend's source of head
+    inputs (``auto``, ``reuse`` or ``forward``)."""
     settings = dict(device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer)
     if kind == "transformers":
         from server.backends.transformers_backend import TransformersBackend
 
-        return TransformersBackend(bundle_path, **settings)
+        return TransformersBackend(bundle_path, **settings, hidden_states=hidden_states)
     if kind == "vllm":
         from server.backends.vllm_backend import VLLMBackend
 

@@ -64,6 +64,10 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str  # "stop" (a stop string or EOS), "length" (max_tokens) or "cancelled"
     stop_reason: str | None = None  # the stop string that ended it, "eos", or None
+    # The generated token ids and, when the backend captured them while generating, the final-layer states
+    # (after the final norm) of the prompt tokens followed by as many generated tokens as were fed back (T, H).
+    token_ids: tuple[int, ...] = ()
+    states: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 class Backend(ABC):
@@ -124,3 +128,9 @@ class Backend(ABC):
     @abstractmethod
     async def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) float32 head inputs for rendered verification texts: ``embed_texts`` with the bundle's recipe."""
+
+    async def embed_generation(self, text: str, prompt_ids: Sequence[int], generation: GenerationResult) -> torch.Tensor:
+        """(1, D) head input for the verification text of a generation. Backends that keep the states of the
+        generation's own forward passes reuse them when they cover exactly the text's tokens; this default runs
+        the separate hidden-state pass."""
+        return await self.embed([text])

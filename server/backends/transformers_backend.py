@@ -6,8 +6,13 @@ per-row logits processor samples the rows that asked for sampling, each with its
 token, so greedy decoding then picks the sampled token. A per-row stopping criterion ends each row at its own
 ``max_tokens``, EOS, stop strings (the verification tag included) or cancellation, and streams text deltas.
 
-Hidden states: verification texts of concurrent requests are batched into one
-:func:`sdm_core.embedding.embed_texts` call with the bundle's recipe, the function training used.
+Hidden states: by default (``hidden_states="auto"`` with a float32 model) the final-layer states that generation
+computes anyway are captured (a hook on the final norm) and pooled with the recipe's
+:func:`sdm_core.embedding.pool_states`, when the verification text tokenises to exactly the prompt's tokens followed
+by generated ones; each row is fed one more step after its stop so its last token's state exists. Otherwise
+(a tag the model did not write, a truncated sequence, another recipe layer, ``"forward"``) verification texts of
+concurrent requests are batched into one :func:`sdm_core.embedding.embed_texts` call, the function training used.
+The two agree to float rounding (a test checks 1e-4); see docs/decisions.md.
 
 All model calls run in one worker thread; a second tokenizer instance serves the event loop thread (fast
 tokenizers must not be shared across threads).
@@ -26,7 +31,7 @@ from typing import Sequence
 import torch
 
 from sdm_core.bundle import Bundle, BundleInfo, load_bundle
-from sdm_core.embedding import embed_texts
+from sdm_core.embedding import embed_texts, final_norm, pool_states
 from sdm_core.estimator import SDMEstimator
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
 from server.batching import DynamicBatcher
@@ -34,6 +39,7 @@ from server.batching import DynamicBatcher
 __all__ = ["TransformersBackend"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HIDDEN_STATE_MODES = ("auto", "reuse", "forward")
 
 
 class _Row:
@@ -127,11 +133,14 @@ class _RowSampler:
 class _RowStopper:
     """Stopping criterion: per-row max_tokens, EOS, stop strings and cancellation; streams text deltas."""
 
-    def __init__(self, rows: list[_Row], tokenizer, eos_ids: set[int], width: int) -> None:
+    def __init__(self, rows: list[_Row], tokenizer, eos_ids: set[int], width: int, linger: bool = False) -> None:
         self.rows = rows
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.width = width
+        # With captured states, a row that stops stays in the batch for one more step, so its last token is fed
+        # back and gets a hidden state (the extra token is discarded).
+        self.linger = linger
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
@@ -156,7 +165,7 @@ class _RowStopper:
                     row.finish("length", None, row.text)
                 else:
                     row.stream()
-            done[i] = row.done
+            done[i] = row.done and not (self.linger and row.finish_reason == "stop" and row.stop_reason in row.request.stop_inclusive)
         return done.to(input_ids.device)
 
 
@@ -173,7 +182,12 @@ class TransformersBackend(Backend):
         batch_wait_ms: float = 5.0,
         verify: bool = True,
         observer: BatchObserver | None = None,
+        hidden_states: str = "auto",
     ) -> None:
+        if hidden_states not in HIDDEN_STATE_MODES:
+            raise BackendError(f"hidden_states must be one of {HIDDEN_STATE_MODES}, got {hidden_states!r}")
+        self.hidden_states = hidden_states
+        self.reused_states = 0  # verifications served from captured generation states (the rest ran a forward pass)
         self.bundle_path = str(bundle_path)
         self.device = device
         self.dtype = dtype
@@ -189,11 +203,12 @@ class TransformersBackend(Backend):
         self._eos_ids: set[int] = set()
         self._pad_id = 0
         self._load_lock = threading.Lock()
+        self._norm: torch.nn.Module | None = None
 
     def with_bundle(self, bundle_path: str) -> "TransformersBackend":
         return TransformersBackend(
             bundle_path, device=self.device, dtype=self.dtype, batch_size=self.batch_size, batch_wait_ms=self.batch_wait_ms,
-            verify=self.verify, observer=self.observer,
+            verify=self.verify, observer=self.observer, hidden_states=self.hidden_states,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -249,6 +264,15 @@ class TransformersBackend(Backend):
             self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos_ids)
             self._loop_tokenizer = AutoTokenizer.from_pretrained(str(Path(self.bundle_path) / "tokenizer"))
             self._bundle = bundle
+            self._norm = self._capture_point(bundle)
+
+    def _capture_point(self, bundle: Bundle) -> torch.nn.Module | None:
+        """The final norm to capture generation states from, or None when verification runs its own pass."""
+        if self.hidden_states == "forward" or bundle.info.recipe.layer != -1:
+            return None
+        if self.hidden_states == "auto" and next(bundle.model.parameters()).dtype != torch.float32:
+            return None  # low-precision cached decoding drifts further from a fresh pass than float32 does
+        return final_norm(bundle.model)
 
     async def close(self) -> None:
         for batcher in (self._generator, self._embedder):
@@ -333,14 +357,70 @@ class TransformersBackend(Backend):
             eos_token_id=sorted(self._eos_ids),
             pad_token_id=self._pad_id,
         )
-        bundle.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            generation_config=config,
-            logits_processor=LogitsProcessorList([_RowSampler(rows)]),
-            stopping_criteria=StoppingCriteriaList([_RowStopper(rows, bundle.tokenizer, self._eos_ids, width)]),
-        )
-        return [row.result() for row in rows]
+        captured: list[torch.Tensor] = []
+        hook = None
+        if self._norm is not None:
+            hook = self._norm.register_forward_hook(lambda _m, _a, out: captured.append(out.detach()) if isinstance(out, torch.Tensor) else None)
+        try:
+            sequences = bundle.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([_RowSampler(rows)]),
+                stopping_criteria=StoppingCriteriaList([_RowStopper(rows, bundle.tokenizer, self._eos_ids, width, linger=hook is not None)]),
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
+        sequences = sequences.cpu()
+        results = [row.result() for row in rows]
+        prompt_states, step_states = self._split_captured(captured, len(rows), width)
+        out = []
+        for i, (row, result) in enumerate(zip(rows, results)):
+            tokens = tuple(int(t) for t in sequences[i, width : width + row.count])
+            states = None
+            if prompt_states is not None:
+                n, fed = len(row.request.prompt_ids), min(row.count, step_states.shape[1])
+                states = torch.cat([prompt_states[i, width - n :], step_states[i, :fed]])
+            out.append(GenerationResult(result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason,
+                                        result.stop_reason, token_ids=tokens, states=states))
+        return out
+
+    @staticmethod
+    def _split_captured(captured: list[torch.Tensor], batch: int, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(prompt states (B, width, H), fed-back generated tokens' states (B, S, H)) from the hook's outputs: the
+        prefill first, then one state per row per decoding step; (None, None) when the calls do not look like that."""
+        if not captured or tuple(captured[0].shape[:2]) != (batch, width):
+            return None, None
+        steps = captured[1:]
+        if any(tuple(c.shape[:2]) != (batch, 1) for c in steps):
+            return None, None
+        prompt = captured[0].float().cpu()
+        fed = torch.cat(steps, dim=1).float().cpu() if steps else prompt.new_zeros(batch, 0, prompt.shape[-1])
+        return prompt, fed
+
+    async def embed_generation(self, text: str, prompt_ids: Sequence[int], generation: GenerationResult) -> torch.Tensor:
+        h = self._reuse_states(text, prompt_ids, generation)
+        if h is None:
+            return await self.embed([text])
+        self.reused_states += 1
+        if self.observer is not None:
+            self.observer("reused", 1)
+        return h
+
+    def _reuse_states(self, text: str, prompt_ids: Sequence[int], generation: GenerationResult) -> torch.Tensor | None:
+        """h from the generation's captured states when they cover exactly the tokens ``embed_texts`` would feed
+        for ``text`` (the prompt's tokens, then a prefix of the generated ones); None otherwise."""
+        if generation.states is None:
+            return None
+        recipe = self.info.recipe
+        ids = self.encode(text)
+        n = len(prompt_ids)
+        if len(ids) > recipe.max_length or len(ids) > generation.states.shape[0] or len(ids) <= n:
+            return None
+        if tuple(ids[:n]) != tuple(prompt_ids) or tuple(ids[n:]) != tuple(generation.token_ids[: len(ids) - n]):
+            return None
+        return pool_states(generation.states[: len(ids)], recipe).unsqueeze(0)
 
     def _embed_batch(self, groups: list[list[str]]) -> list[torch.Tensor]:
         bundle = self._loaded()
