@@ -19,9 +19,11 @@ every level sends the same prompts in the same order. Each level starts with war
 measured (one round of N by default). Per level: requests/s and completion tokens/s over the measured wall time
 and their ratio to sequential serving, client-side p50 / p95 end-to-end latency, and from each response's
 ``timings``: the verification share sum(verification_ms) / sum(total_ms), the generation share, p50 / p95 of
-queue_ms, plus admitted / abstained / error counts and the mean backend batch size (from ``/metrics``). The server's
-verification_ms runs from the end of generation to the head's answer, so it includes the wait for the model (the
-hidden-state batch shares the model lock with generation batches), not only the embedding pass and the head.
+queue_ms, plus admitted / abstained / error counts, the mean backend batch size and the share of head inputs
+pooled from the states generation captured (from ``/metrics``). The server's verification_ms runs from the end of
+generation to the head's answer: with a separate hidden-state pass it includes the wait for the model (that batch
+shares the model lock with generation batches); with captured states it is tokenising, pooling and the head.
+``--hidden-states forward`` measures the separate pass.
 ``max_tokens`` defaults to the ``max_new_tokens`` the bundle was calibrated with.
 
 Prompts: ``--prompts FILE.jsonl`` (records with a ``prompt`` field, or ``messages``), else the word-ordering test
@@ -270,6 +272,7 @@ async def closed_loop(client: httpx.AsyncClient, bodies: list[dict], clients: in
 
 
 _METRIC_LINE = re.compile(r'^sdm_batch_size_(sum|count)\{kind="(\w+)"\}\s+(\S+)$')
+_SOURCE_LINE = re.compile(r'^sdm_hidden_state_sources_total\{source="(\w+)"\}\s+(\S+)$')
 
 
 async def batch_totals(client: httpx.AsyncClient) -> dict[tuple[str, str], float]:
@@ -285,6 +288,9 @@ async def batch_totals(client: httpx.AsyncClient) -> dict[tuple[str, str], float
         match = _METRIC_LINE.match(line)
         if match:
             totals[(match.group(2), match.group(1))] = float(match.group(3))
+        match = _SOURCE_LINE.match(line)
+        if match:
+            totals[("source", match.group(1))] = float(match.group(2))
     return totals
 
 
@@ -294,6 +300,8 @@ def mean_batches(before: dict, after: dict) -> dict:
         count = after.get((kind, "count"), 0.0) - before.get((kind, "count"), 0.0)
         total = after.get((kind, "sum"), 0.0) - before.get((kind, "sum"), 0.0)
         out[kind] = {"batches": int(count), "mean_size": round(total / count, 3) if count else None}
+    reused, forward = (after.get(("source", s), 0.0) - before.get(("source", s), 0.0) for s in ("reused", "forward"))
+    out["hidden_states_reused_share"] = round(reused / (reused + forward), 3) if reused + forward else None
     return out
 
 
@@ -425,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-wait-ms", type=float, default=None, help="the batched server's --batch-wait-ms (default: the server's)")
     parser.add_argument("--request-timeout-s", type=float, default=1800.0, help="the server's and the client's per-request limit")
     parser.add_argument("--ready-timeout-s", type=float, default=900.0, help="how long to wait for /ready")
+    parser.add_argument("--hidden-states", default=None, choices=("auto", "reuse", "forward"),
+                        help="both servers' --hidden-states (transformers backend; default: the server's)")
     parser.add_argument("--skip-sequential", action="store_true", help="leave out the sequential-serving baseline")
     parser.add_argument("--keep-logs", default=None, help="copy the server logs into this folder and delete the temporary one")
     args = parser.parse_args(argv)
@@ -448,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         "request_timeout_s": args.request_timeout_s,
         "log_level": "info",
     }
+    if args.hidden_states is not None:
+        common["hidden_states"] = args.hidden_states
     batched = {
         **common,
         "batch_size": args.batch_size if args.batch_size is not None else defaults["batch_size"].default,

@@ -49,6 +49,8 @@ def test_server_load_benchmark_runs_end_to_end(tiny_bundle: TinyBundle, tmp_path
         assert 0 < figures["latency_p50_ms"] <= figures["latency_p95_ms"]
         assert figures["queue_p50_ms"] >= 0
         assert figures["backend_batches"]["generate"]["batches"] >= 1
+        # The tiny model never writes <verified>, so every head input comes from the separate pass.
+        assert figures["backend_batches"]["hidden_states_reused_share"] == 0.0
     for figures in out["levels"]:
         assert figures["requests_per_s_vs_sequential"] > 0
     assert out["sequential"]["backend_batches"]["generate"]["mean_size"] == 1.0

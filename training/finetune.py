@@ -97,12 +97,18 @@ def _setup_logging(output_dir: Path) -> None:
 
 
 def run(config: FinetuneConfig, resume: bool = False):
+    """Fine-tune; under ``accelerate launch`` / ``torchrun`` every rank calls this, and rank 0 writes the outputs."""
+    from accelerate import Accelerator
+
     from training.trainer import SDMTrainer
 
-    _setup_logging(Path(config.output_dir))
-    train, cal = load_task(config)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.is_main_process:
+        _setup_logging(Path(config.output_dir))
+    with accelerator.main_process_first():  # rank 0 builds the task's data folder; the others then read it
+        train, cal = load_task(config)
     model, tokenizer = prepare_model(config)
-    trainer = SDMTrainer(config, model, tokenizer, train, cal)
+    trainer = SDMTrainer(config, model, tokenizer, train, cal, accelerator=accelerator)
     return trainer.train(resume=resume)
 
 
@@ -115,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     print(json.dumps({"output_dir": str(result.output_dir), "best": str(result.best_dir), "best_eval_loss": result.best_eval_loss,
                       "best_step": result.best_step, "steps": result.steps}))
     return 0

@@ -165,6 +165,24 @@ class SDMTrainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def _sum_across_ranks(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=self.accelerator.device), "sum"))
+
+    def _union_across_ranks(self, store: dict[str, list[str]]) -> dict[str, list[str]]:
+        """The union of every rank's {document id: hard negatives} (each document belongs to one rank a step)."""
+        if self.accelerator.num_processes == 1:
+            return store
+        from accelerate.utils import gather_object
+
+        merged: dict[str, list[str]] = {}
+        for part in gather_object([store]):
+            for doc_id, negatives in part.items():
+                kept = merged.setdefault(doc_id, [])
+                kept.extend(n for n in negatives if n not in kept)
+        return merged
+
     def _log(self, record: dict) -> None:
         self.state["history"].append(record)
         if self.accelerator.is_main_process:
@@ -335,13 +353,16 @@ class SDMTrainer:
                 docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
                 docs = docs[self.accelerator.process_index :: self.accelerator.num_processes]
                 instances = self._draw(docs, f"train:{epoch}:{step}", generate_ok=epoch >= self.config.generate_from_epoch, store=self.state["epoch_hard_negatives"])
+                # Every rank keeps every rank's hard negatives: the next epoch's training layer (fitted on each rank)
+                # and the checkpoint (written by rank 0) need all of them.
+                self.state["epoch_hard_negatives"] = self._union_across_ranks(self.state["epoch_hard_negatives"])
                 encoded = self._encode(instances)
                 prefixes = self._shared_prefixes(instances, encoded) if self.train_layer is not None else None
                 bases = self._bases(instances, self.train_layer, flags) if prefixes is None else None
                 shared_bases = []
                 tokens = torch.tensor(sum(e.trained_tokens for e in encoded), device=self.accelerator.device)
                 total_tokens = int(self.accelerator.reduce(tokens, "sum")) if self.accelerator.num_processes > 1 else int(tokens)
-                step_loss = 0.0
+                step_loss = 0.0  # this rank's share of the step's token-mean loss; summed over ranks below
                 size = cfg.micro_batch_size
                 for start in range(0, len(encoded), size):
                     if prefixes is None:
@@ -355,16 +376,18 @@ class SDMTrainer:
                     loss = loss_sum * self.accelerator.num_processes / max(total_tokens, 1)
                     self.accelerator.backward(loss)
                     step_loss += float(loss.detach()) / self.accelerator.num_processes
+                step_loss = self._sum_across_ranks(step_loss)
                 if cfg.max_grad_norm > 0:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 if prefixes is not None:
                     bases = torch.cat(shared_bases)
+                mean_base = self._sum_across_ranks(float(bases.sum())) / max(self._sum_across_ranks(float(len(bases))), 1.0)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] = step + 1
                 record = {"step": step + 1, "epoch": epoch + (local + 1) / self.steps_per_epoch, "loss": step_loss,
-                          "lr": self.scheduler.get_last_lr()[0], "mean_base": float(bases.mean()), "seconds": round(time.perf_counter() - started, 1),
+                          "lr": self.scheduler.get_last_lr()[0], "mean_base": mean_base, "seconds": round(time.perf_counter() - started, 1),
                           "hard_negatives": sum(len(v) for v in self.state["epoch_hard_negatives"].values())}
                 last = step + 1 == self.total_steps
                 if (step + 1) % cfg.eval_steps == 0 or last:
