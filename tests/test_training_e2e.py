@@ -83,13 +83,16 @@ def _finetune(out: Path, *extra: str, env: dict | None = None) -> subprocess.Com
     return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True, timeout=600)
 
 
-def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path):
-    straight = _finetune(tmp_path / "straight")
+@pytest.mark.parametrize("timing", ["step", "epoch"])
+def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, timing):
+    # Step 3 is inside epoch 2, where hard negatives are generated (with "epoch" timing, decoded at the epoch start
+    # and carried by the checkpoint until drawn).
+    straight = _finetune(tmp_path / "straight", "--generation-timing", timing)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    crashed = _finetune(tmp_path / "crashed", env={"SDM_TEST_CRASH_AFTER_STEP": "3"})
+    crashed = _finetune(tmp_path / "crashed", "--generation-timing", timing, env={"SDM_TEST_CRASH_AFTER_STEP": "3"})
     assert crashed.returncode == 137, crashed.stderr[-2000:]
     assert not (tmp_path / "crashed" / "final").exists()
-    resumed = _finetune(tmp_path / "crashed", "--resume")
+    resumed = _finetune(tmp_path / "crashed", "--generation-timing", timing, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "crashed" / "final" / "model.safetensors"))
@@ -170,3 +173,33 @@ def test_an_unfinetuned_model_is_bundled_by_reference(tmp_path):
     bundle = load_bundle(bundle_dir)
     text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
     assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
+
+
+def test_epoch_generation_timing_decodes_the_drawn_documents_once_at_the_epoch_start(tmp_path):
+    """With (almost) frozen weights, decoding at the epoch start gives the same hard negatives and losses as decoding
+    in each step; every pre-generated prompt is drawn, and none is decoded twice."""
+    from training import trainer as trainer_module
+
+    calls: list[int] = []
+    original = trainer_module.greedy_generate
+
+    def counting(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return original(model, tokenizer, prompts, *args, **kwargs)
+
+    frozen = dict(epochs=1, generate_from_epoch=0, gamma_generate=1.0, learning_rate=1e-12, eval_steps=100)
+    trainer_module.greedy_generate = counting
+    try:
+        per_step = run(tiny_config(tmp_path / "step", **frozen))
+        step_calls, calls = list(calls), []
+        per_epoch = run(tiny_config(tmp_path / "epoch", generation_timing="epoch", **frozen))
+    finally:
+        trainer_module.greedy_generate = original
+    drawn = [r for r in per_epoch.history if "hard_negatives" in r]
+    assert [r["hard_negatives"] for r in drawn] == [r["hard_negatives"] for r in per_step.history if "hard_negatives" in r]
+    assert drawn[-1]["hard_negatives"] > 0
+    assert [r["loss"] for r in per_epoch.history] == pytest.approx([r["loss"] for r in per_step.history], rel=1e-5)
+    # The same prompts are decoded in both runs, each once, but the epoch's training draws in one batched call.
+    assert sum(calls) == sum(step_calls) and len(calls) == len(step_calls) - per_step.steps + 1
+    state = json.loads((tmp_path / "epoch" / "checkpoint" / "checkpoint.json").read_text())["trainer"]
+    assert state["pregenerated"] == {}, "every pre-generated prompt was drawn"

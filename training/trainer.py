@@ -144,6 +144,7 @@ class SDMTrainer:
             "previous_hard_negatives": {},  # from the last completed epoch: feeds the next training layer
             "epoch_hard_negatives": {},  # generated in the current epoch
             "validation_hard_negatives": {},  # from the last evaluation: feeds the next validation layer
+            "pregenerated": {},  # generation_timing "epoch": this epoch's decoded prompts not yet drawn, by document
             "history": [],
         }
         self.train_layer: SDMEstimator | None = None
@@ -191,22 +192,45 @@ class SDMTrainer:
             log.info(json.dumps(record))
 
     # -- instances ------------------------------------------------------------------------------------------
+    def _plan(self, record: Record, tag: str, generate_ok: bool) -> tuple[random.Random, str]:
+        """The document's draw for ``tag``: its RNG (also used to pick among negatives) and the instance kind."""
+        cfg = self.config
+        rng = random.Random(f"{cfg.seed}:{tag}:{record.id}")
+        if rng.random() < cfg.gamma_positive:
+            return rng, "positive"
+        if generate_ok and rng.random() < cfg.gamma_generate:
+            return rng, "generate"
+        return rng, "negative"
+
+    def _pregenerate(self, epoch: int, order: Sequence[Record]) -> dict[str, str]:
+        """generation_timing "epoch": decode, in batches and with the epoch-start weights, every prompt this rank's
+        draws of the epoch will generate for."""
+        if self.config.generation_timing != "epoch" or epoch < self.config.generate_from_epoch:
+            return {}
+        wanted = []
+        for local in range(self.steps_per_epoch):
+            step = epoch * self.steps_per_epoch + local
+            docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
+            for record in docs[self.accelerator.process_index :: self.accelerator.num_processes]:
+                if self._plan(record, f"train:{epoch}:{step}", True)[1] == "generate":
+                    wanted.append(record)
+        if not wanted:
+            return {}
+        texts = greedy_generate(self.unwrapped, self.tokenizer, [prompt_of(r) for r in wanted], self.chat, self.config.max_new_tokens,
+                                self.config.generate_batch_size, self.config.progress, f"epoch {epoch + 1} hard negatives")
+        return dict(zip([r.id for r in wanted], texts))
+
     def _draw(self, records: Sequence[Record], tag: str, generate_ok: bool, store: dict) -> list[Instance]:
         """Each document's instance; generated hard negatives (checked by the verbatim rule) go into ``store``."""
         cfg = self.config
-        plans = []
-        for record in records:
-            rng = random.Random(f"{cfg.seed}:{tag}:{record.id}")
-            if rng.random() < cfg.gamma_positive:
-                plans.append((record, rng, "positive"))
-            elif generate_ok and rng.random() < cfg.gamma_generate:
-                plans.append((record, rng, "generate"))
-            else:
-                plans.append((record, rng, "negative"))
-        to_generate = [record for record, _, kind in plans if kind == "generate"]
-        generations = dict(zip([r.id for r in to_generate], greedy_generate(
-            self.unwrapped, self.tokenizer, [prompt_of(r) for r in to_generate], self.chat, cfg.max_new_tokens, cfg.generate_batch_size,
-        ))) if to_generate else {}
+        plans = [(record, *self._plan(record, tag, generate_ok)) for record in records]
+        pregenerated = self.state.setdefault("pregenerated", {}) if tag.startswith("train:") else {}
+        generations = {r.id: pregenerated.pop(r.id) for r, _, kind in plans if kind == "generate" and r.id in pregenerated}
+        to_generate = [record for record, _, kind in plans if kind == "generate" and record.id not in generations]
+        if to_generate:
+            generations.update(zip([r.id for r in to_generate], greedy_generate(
+                self.unwrapped, self.tokenizer, [prompt_of(r) for r in to_generate], self.chat, cfg.max_new_tokens, cfg.generate_batch_size,
+            )))
         instances = []
         for record, rng, kind in plans:
             if kind == "positive":
@@ -348,6 +372,7 @@ class SDMTrainer:
                 if cfg.loss == "sdm":
                     self.train_layer = self._fit_layer(self.train_records, flags, self.state["previous_hard_negatives"], f"train-layer:{epoch}")
                 self.state["epoch_hard_negatives"] = {}
+                self.state["pregenerated"] = self._pregenerate(epoch, order)
             for local in range(self.state["step"] - first_step, self.steps_per_epoch):
                 step = first_step + local
                 docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
