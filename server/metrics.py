@@ -39,6 +39,8 @@ class ServerMetrics:
         self.batch_size = Histogram("sdm_batch_size", "Requests per backend batch (generate, embed)", ["kind"], buckets=_BATCH_BUCKETS, registry=r)
         self.cancelled = Counter("sdm_cancelled_requests", "Requests whose client disconnected before the answer", ["route"], registry=r)
         self.hidden_state_sources = Counter("sdm_hidden_state_sources", "Head inputs by source: states captured while generating (reused) or a separate forward pass (forward)", ["source"], registry=r)
+        for source in ("reused", "forward"):  # exported at 0 from the start, so ratios exist before the first request
+            self.hidden_state_sources.labels(source=source)
         self.reloads = Counter("sdm_bundle_reloads", "Bundle reloads by result", ["result"], registry=r)
         self.ready = Gauge("sdm_ready", "1 when the model and head are loaded and warmed up", registry=r)
         self.bundle = Info("sdm_bundle", "The bundle served: model, head version, default alpha, calibration admitted proportion", registry=r)

@@ -177,6 +177,12 @@ def build() -> dict:
     d = d.with_panel(ts("Batch size", "Mean requests per backend batch, for generation and for the hidden-state pass.",
                         [q(f"sum by (kind) (rate(sdm_batch_size_sum{{{SEL}}}[{WINDOW}])) / sum by (kind) (rate(sdm_batch_size_count{{{SEL}}}[{WINDOW}]))", "{{kind}}")],
                         "short", min_val=0))
+    d = d.with_panel(ts("Head inputs from generation states", "Share of head inputs pooled from the states captured while "
+                        "generating (transformers backend, SDM_HIDDEN_STATES auto/reuse); the rest ran a separate "
+                        "hidden-state pass. A falling share means more outputs end without the model writing <verified>.",
+                        [q(f'(sum(rate(sdm_hidden_state_sources_total{{{SEL}, source="reused"}}[{WINDOW}])) or on () vector(0)) '
+                           f'/ sum(rate(sdm_hidden_state_sources_total{{{SEL}}}[{WINDOW}]))', "reused share")],
+                        "percentunit", min_val=0))
 
     # -- errors ----------------------------------------------------------------------------------------------------
     d = d.with_row(dash.Row("Errors"))
