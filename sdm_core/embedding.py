@@ -25,6 +25,7 @@ __all__ = [
     "chat_messages",
     "verification_text",
     "embed_texts",
+    "pool_prefixes",
     "pool_states",
     "final_norm",
 ]
@@ -113,11 +114,15 @@ def verification_text(tokenizer, prompt: str | Sequence[dict], response: str, ch
     return text
 
 
-def _pool(states: torch.Tensor, mask: torch.Tensor, recipe: HiddenStateRecipe) -> torch.Tensor:
-    """(B, T, H) final-layer states of right-padded rows -> (B, 2H) h: the mean over real tokens and the last one."""
-    weights = mask.unsqueeze(-1).float()
+def pool_prefixes(states: torch.Tensor, lengths: torch.Tensor | Sequence[int], recipe: HiddenStateRecipe) -> torch.Tensor:
+    """h (B, 2H) from final-layer states (B, T, H) whose row i holds its sequence in the first ``lengths[i]``
+    positions: the recipe's mean over those positions and the last of them. The one pooling that
+    :func:`embed_texts`, :func:`pool_states` and training's b from the training forward all use."""
+    device = states.device
+    n = torch.as_tensor(lengths, device=device)
+    weights = (torch.arange(states.shape[1], device=device).unsqueeze(0) < n.unsqueeze(1)).float().unsqueeze(-1)
     mean = (states * weights).sum(dim=1) / weights.sum(dim=1)
-    last = states[torch.arange(states.shape[0], device=states.device), mask.sum(dim=1) - 1]
+    last = states[torch.arange(states.shape[0], device=device), n - 1]
     pair = (mean, last) if recipe.order == "mean_last" else (last, mean)
     return torch.cat(pair, dim=1)
 
@@ -129,9 +134,7 @@ def pool_states(states: torch.Tensor, recipe: HiddenStateRecipe) -> torch.Tensor
     while generating); the states must be the recipe's layer after the final norm, one row per token."""
     if states.ndim != 2 or states.shape[0] < 1:
         raise ValueError(f"states must be (T, H) with T >= 1, got shape {tuple(states.shape)}")
-    states = states.float()
-    mask = torch.ones(1, states.shape[0], dtype=torch.long, device=states.device)
-    return _pool(states.unsqueeze(0), mask, recipe)[0]
+    return pool_prefixes(states.float().unsqueeze(0), [states.shape[0]], recipe)[0]
 
 
 def final_norm(model):
@@ -187,7 +190,7 @@ def embed_texts(
             mask[row, : len(encoded[i])] = 1
         result = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=recipe.layer != -1, use_cache=False)
         states = (result.last_hidden_state if recipe.layer == -1 else result.hidden_states[recipe.layer]).float()
-        h = _pool(states, mask.to(device), recipe).cpu()
+        h = pool_prefixes(states, mask.sum(dim=1), recipe).cpu()
         for row, i in enumerate(index):
             out[i] = h[row]
     model.train(was_training)

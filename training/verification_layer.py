@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import torch
 
 from sdm_core import SDMConfig, SDMEstimator
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
+from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, pool_prefixes, verification_text
 from training.records import Record
 
 __all__ = ["Instance", "split_flags", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES",
@@ -86,13 +86,7 @@ def shared_prefix_lengths(
 
 def prefix_embeddings(final_states: torch.Tensor, lengths: Sequence[int], recipe: HiddenStateRecipe) -> torch.Tensor:
     """h of the recipe ([mean; last] of the final layer) over the first ``lengths[i]`` tokens of row i: (B, 2H) on CPU."""
-    states = final_states.detach().float()
-    device = states.device
-    n = torch.tensor(list(lengths), device=device)
-    weights = (torch.arange(states.shape[1], device=device).unsqueeze(0) < n.unsqueeze(1)).float().unsqueeze(-1)
-    mean = (states * weights).sum(dim=1) / weights.sum(dim=1)
-    last = states[torch.arange(states.shape[0], device=device), n - 1]
-    return torch.cat((mean, last) if recipe.order == "mean_last" else (last, mean), dim=1).cpu()
+    return pool_prefixes(final_states.detach().float(), list(lengths), recipe).cpu()
 
 
 def fit_verification_layer(
