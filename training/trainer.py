@@ -166,10 +166,11 @@ class SDMTrainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
-    def _sum_across_ranks(self, value: float) -> float:
+    def _sum_across_ranks(self, *values: float) -> list[float]:
+        """Each value summed over ranks, in one reduction."""
         if self.accelerator.num_processes == 1:
-            return value
-        return float(self.accelerator.reduce(torch.tensor(value, dtype=torch.float64, device=self.accelerator.device), "sum"))
+            return list(values)
+        return self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device), "sum").tolist()
 
     def _union_across_ranks(self, store: dict[str, list[str]]) -> dict[str, list[str]]:
         """The union of every rank's {document id: hard negatives} (each document belongs to one rank a step)."""
@@ -202,6 +203,11 @@ class SDMTrainer:
             return rng, "generate"
         return rng, "negative"
 
+    def _step_docs(self, order: Sequence[Record], local: int) -> Sequence[Record]:
+        """This rank's documents of the epoch's ``local``-th step."""
+        docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
+        return docs[self.accelerator.process_index :: self.accelerator.num_processes]
+
     def _pregenerate(self, epoch: int, order: Sequence[Record]) -> dict[str, str]:
         """generation_timing "epoch": decode, in batches and with the epoch-start weights, every prompt this rank's
         draws of the epoch will generate for."""
@@ -210,8 +216,7 @@ class SDMTrainer:
         wanted = []
         for local in range(self.steps_per_epoch):
             step = epoch * self.steps_per_epoch + local
-            docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
-            for record in docs[self.accelerator.process_index :: self.accelerator.num_processes]:
+            for record in self._step_docs(order, local):
                 if self._plan(record, f"train:{epoch}:{step}", True)[1] == "generate":
                     wanted.append(record)
         if not wanted:
@@ -220,11 +225,12 @@ class SDMTrainer:
                                 self.config.generate_batch_size, self.config.progress, f"epoch {epoch + 1} hard negatives")
         return dict(zip([r.id for r in wanted], texts))
 
-    def _draw(self, records: Sequence[Record], tag: str, generate_ok: bool, store: dict) -> list[Instance]:
-        """Each document's instance; generated hard negatives (checked by the verbatim rule) go into ``store``."""
+    def _draw(self, records: Sequence[Record], tag: str, generate_ok: bool, store: dict, pregenerated: dict | None = None) -> list[Instance]:
+        """Each document's instance; generated hard negatives (checked by the verbatim rule) go into ``store``.
+        Texts already decoded for a document (``pregenerated``, consumed here) stand in for its generation."""
         cfg = self.config
         plans = [(record, *self._plan(record, tag, generate_ok)) for record in records]
-        pregenerated = self.state.setdefault("pregenerated", {}) if tag.startswith("train:") else {}
+        pregenerated = {} if pregenerated is None else pregenerated
         generations = {r.id: pregenerated.pop(r.id) for r, _, kind in plans if kind == "generate" and r.id in pregenerated}
         to_generate = [record for record, _, kind in plans if kind == "generate" and record.id not in generations]
         if to_generate:
@@ -375,12 +381,13 @@ class SDMTrainer:
                 self.state["pregenerated"] = self._pregenerate(epoch, order)
             for local in range(self.state["step"] - first_step, self.steps_per_epoch):
                 step = first_step + local
-                docs = order[local * self.docs_per_step : (local + 1) * self.docs_per_step]
-                docs = docs[self.accelerator.process_index :: self.accelerator.num_processes]
-                instances = self._draw(docs, f"train:{epoch}:{step}", generate_ok=epoch >= self.config.generate_from_epoch, store=self.state["epoch_hard_negatives"])
+                found: dict[str, list[str]] = {}
+                instances = self._draw(self._step_docs(order, local), f"train:{epoch}:{step}", generate_ok=epoch >= self.config.generate_from_epoch,
+                                       store=found, pregenerated=self.state.setdefault("pregenerated", {}))
                 # Every rank keeps every rank's hard negatives: the next epoch's training layer (fitted on each rank)
-                # and the checkpoint (written by rank 0) need all of them.
-                self.state["epoch_hard_negatives"] = self._union_across_ranks(self.state["epoch_hard_negatives"])
+                # and the checkpoint (written by rank 0) need all of them. A document is drawn once an epoch, so
+                # only the step's new ones travel.
+                self.state["epoch_hard_negatives"].update(self._union_across_ranks(found))
                 encoded = self._encode(instances)
                 prefixes = self._shared_prefixes(instances, encoded) if self.train_layer is not None else None
                 bases = self._bases(instances, self.train_layer, flags) if prefixes is None else None
@@ -401,12 +408,12 @@ class SDMTrainer:
                     loss = loss_sum * self.accelerator.num_processes / max(total_tokens, 1)
                     self.accelerator.backward(loss)
                     step_loss += float(loss.detach()) / self.accelerator.num_processes
-                step_loss = self._sum_across_ranks(step_loss)
                 if cfg.max_grad_norm > 0:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 if prefixes is not None:
                     bases = torch.cat(shared_bases)
-                mean_base = self._sum_across_ranks(float(bases.sum())) / max(self._sum_across_ranks(float(len(bases))), 1.0)
+                step_loss, base_sum, base_count = self._sum_across_ranks(step_loss, float(bases.sum()), float(len(bases)))
+                mean_base = base_sum / max(base_count, 1.0)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,8 @@ from sdm_core.estimator import SDMEstimator
 
 __all__ = ["Backend", "SamplingParams", "GenerationRequest", "GenerationResult", "BackendError", "BatchObserver"]
 
-# (kind, batch size): called once per batch a backend runs ("generate" or "embed").
+# (kind, size): called once per batch a backend runs ("generate" or "embed"), and with "reused" for head inputs
+# pooled from states captured while generating (no batch ran for those).
 BatchObserver = Callable[[str, int], None]
 
 
