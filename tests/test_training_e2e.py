@@ -151,8 +151,9 @@ def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_p
 
     separate = embed_instances(model, tokenizer, instances, trainer.chat, trainer.recipe, 8)
     ids, mask, _ = collate(encoded, trainer.pad_id)
+    device = next(model.parameters()).device  # the trainer's accelerator moved the model (a GPU where there is one)
     with torch.no_grad():
-        states = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True).hidden_states[-1]
+        states = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, output_hidden_states=True).hidden_states[-1]
     shared = trainer._prefix_h(states, prefixes)
     assert torch.allclose(shared, separate, rtol=1e-4, atol=1e-5), (shared - separate).abs().max()
     _, _, bases = trainer._loss_sum_shared(encoded, instances, prefixes, flags)

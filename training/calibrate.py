@@ -25,7 +25,7 @@ from sdm_core import SDMConfig
 from sdm_core.bundle import VerificationTags, write_bundle
 from sdm_core.calibration import DEFAULT_ALPHA_LADDER
 from sdm_core.embedding import ChatFormat, HiddenStateRecipe
-from sdm_core.models import load_model, load_tokenizer
+from sdm_core.models import load_model, load_tokenizer, resolve_device
 from training.config import build_parser, config_from_args
 from training.correctness import get_correctness, is_verbatim, normalize_hard_negative
 from training.generation import greedy_generate
@@ -60,6 +60,7 @@ class CalibrateConfig:
     split_seed: int = 23
     instance_seed: int = 53
     seed: int = 0
+    device: str = "auto"  # auto: the first GPU when there is one, else the CPU
     progress: bool = True
 
     def validate(self) -> None:
@@ -119,8 +120,9 @@ def calibrate(config: CalibrateConfig) -> dict:
     limit = config.max_calibration_docs or int(training.get("max_calibration_docs") or 0)
     if limit:
         records = records[:limit]
+    device = resolve_device(config.device)
     model, tokenizer = _load(source)
-    model.eval()
+    model.to(device).eval()
     chat = ChatFormat(system_prompt=training.get("system_prompt", config.system_prompt))
     recipe = HiddenStateRecipe(sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end), max_length=config.max_length)
     correct = get_correctness(config.correctness)
@@ -157,6 +159,7 @@ def calibrate(config: CalibrateConfig) -> dict:
         "calibration_generation_accuracy": n_correct / max(len(records), 1),
         "hard_negatives": len(hard_negatives),
         "torch": torch.__version__,
+        "device": device,
     }
     base = source.get("base") if source["kind"] == "adapter" else (training.get("model") or source)
     # A model source given with --model (not a run) is used unchanged: the bundle records the source, not a copy.
@@ -175,6 +178,9 @@ def calibrate(config: CalibrateConfig) -> dict:
         "alpha": head.ladder.default_alpha,
         "q_prime_min": region.q_prime_min if region.exists else None,
         "calibration_hr_proportion": region.calibration_admitted / max(region.calibration_size, 1),
+        # Every alpha of the ladder: the admitted share of the head's calibration split, or None where no region exists.
+        "regions": {str(a): (r.calibration_admitted / max(r.calibration_size, 1) if r.exists else None)
+                    for a, r in sorted(head.ladder.regions.items(), reverse=True)},
     }
 
 

@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 
 from sdm_core.embedding import embed_texts, verification_text
+from sdm_core.models import resolve_device
 from sdm_core.report import render_markdown, selective_report
 from training.config import build_parser, config_from_args
 from training.correctness import first_sentence, get_correctness
@@ -58,7 +59,7 @@ class EvaluateConfig:
     generate_batch_size: int = 16
     embed_batch_size: int = 16
     alpha: float | None = None  # None: each bundle's default alpha; otherwise it must be on every bundle's ladder
-    device: str = "cpu"
+    device: str = "auto"  # auto: the first GPU when there is one, else the CPU
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -473,7 +474,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     }
     for bundle_name, bundle_path in bundle_paths.items():
         try:
-            bundle = load_bundle(bundle_path, device=config.device)
+            bundle = load_bundle(bundle_path, device=resolve_device(config.device))
         except ValueError as exc:
             raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
         head = bundle.head
