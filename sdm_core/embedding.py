@@ -144,6 +144,16 @@ def final_norm(model):
     return norm if isinstance(norm, torch.nn.Module) else None
 
 
+def _is_sharded(model) -> bool:
+    """Whether ``model`` is FSDP-sharded (FSDP2 ``fully_shard`` or an FSDP1 wrapper). A sharded model's parameters
+    are gathered by its root module's forward hooks, so it must be called as a whole, never through a submodule."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(model, (FSDPModule, FullyShardedDataParallel))
+
+
 def _backbone(model):
     """The transformer without its LM head: h needs hidden states only, and the vocabulary projection is a large
     share of a small model's compute. Its last hidden state is the final layer after the final norm."""
@@ -151,6 +161,17 @@ def _backbone(model):
         model = model.get_base_model()
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     return decoder if decoder is not None else model
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the (peft-unwrapped) model's forward takes ``logits_to_keep``."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 @torch.no_grad()
@@ -176,7 +197,11 @@ def embed_texts(
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    backbone = _backbone(model)
+    sharded = _is_sharded(model)
+    # A sharded model runs whole (its LM head included) with hidden_states[layer]; HF's hidden_states[-1] is the
+    # final norm's output, the decoder's last_hidden_state. Logits for the last position only, when supported.
+    backbone = model if sharded else _backbone(model)
+    head_kwargs = {"logits_to_keep": 1} if sharded and _keeps_logits(model) else {}
     was_training = model.training
     model.eval()
     out: list[torch.Tensor | None] = [None] * len(texts)
@@ -188,8 +213,9 @@ def embed_texts(
         for row, i in enumerate(index):
             ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             mask[row, : len(encoded[i])] = 1
-        result = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=recipe.layer != -1, use_cache=False)
-        states = (result.last_hidden_state if recipe.layer == -1 else result.hidden_states[recipe.layer]).float()
+        result = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=sharded or recipe.layer != -1,
+                          use_cache=False, **head_kwargs)
+        states = (result.last_hidden_state if recipe.layer == -1 and not sharded else result.hidden_states[recipe.layer]).float()
         h = pool_prefixes(states, mask.sum(dim=1), recipe).cpu()
         for row, i in enumerate(index):
             out[i] = h[row]

@@ -23,9 +23,15 @@ def greedy_generate(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "generating",
+    synced: bool = False,
 ) -> list[str]:
-    """Greedy completions (special tokens skipped), in input order. Stops at the tokenizer's EOS."""
-    if not prompts:
+    """Greedy completions (special tokens skipped), in input order. Stops at the tokenizer's EOS.
+
+    ``synced`` (a sharded model: every forward is collective): every rank must call this, with its own prompts or
+    none; ranks run the same number of batches (a rank short of batches decodes a one-token filler) and the same
+    number of decoding steps (``synced_gpus``), so no rank waits on a forward the others never make.
+    """
+    if not prompts and not synced:
         return []
     texts = [generation_prompt(tokenizer, p, chat) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -35,8 +41,14 @@ def greedy_generate(
     was_training = model.training
     model.eval()
     out: list[str] = [""] * len(texts)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        index = order[start : start + batch_size]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    fillers = 0
+    if synced:
+        count = torch.tensor([len(batches)], device=device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        fillers = int(count.item()) - len(batches)
+    extra = {"synced_gpus": True} if synced else {}
+    for index in tqdm(batches, desc=desc, disable=not progress, leave=False):
         width = max(len(encoded[i]) for i in index)
         ids = torch.full((len(index), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(index), width), dtype=torch.long)
@@ -51,8 +63,13 @@ def greedy_generate(
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
+            **extra,
         )
         for row, i in enumerate(index):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+    for _ in range(fillers):  # output discarded; only the collective forwards matter
+        filler = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+        model.generate(input_ids=filler, attention_mask=torch.ones_like(filler), max_new_tokens=max_new_tokens, do_sample=False,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **extra)
     model.train(was_training)
     return out

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from sdm_core import SDMConfig, SDMEstimator
 from sdm_core.embedding import ChatFormat, HiddenStateRecipe
-from training.checkpoint import atomic_dir, load_checkpoint, save_checkpoint
+from training.checkpoint import atomic_dir, is_sharded, load_checkpoint, save_checkpoint
 from training.config import FinetuneConfig
 from training.correctness import is_verbatim, normalize_hard_negative
 from training.encoding import EncodedInstance, collate, encode_instance
@@ -77,6 +77,17 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def _retie(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gathered state dict holds tied parameters (embeddings and LM head) as separate copies; pointing each alias
+    at one tensor again lets ``save_pretrained`` drop the alias, as it does for an unsharded model."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        primary = first.setdefault(id(p), name)
+        if primary != name and name in state_dict and primary in state_dict:
+            state_dict[name] = state_dict[primary]
+    return state_dict
+
+
 class SDMTrainer:
     """Fine-tunes ``model`` on CONTRASTIVE-MASKING instances with the SDM next-token loss (or CE)."""
 
@@ -90,6 +101,7 @@ class SDMTrainer:
         accelerator=None,
     ) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.config = config
         self.tokenizer = tokenizer
@@ -100,6 +112,10 @@ class SDMTrainer:
         self.chat = ChatFormat(system_prompt=config.system_prompt)
         self.recipe = HiddenStateRecipe(sequence_end=config.recipe_sequence_end, max_length=config.max_length)
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        if self.accelerator.distributed_type == DistributedType.FSDP and not self.accelerator.is_fsdp2:
+            # FSDP1 wraps the model so that its unwrapped module holds flattened shards: the no-grad passes and the
+            # checkpoints here are written for FSDP2 (fully_shard), where the model stays the root module.
+            raise ValueError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config (training/accelerate/fsdp.yaml)")
         self.out = Path(config.output_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.sdm_config = SDMConfig(
@@ -132,6 +148,14 @@ class SDMTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.scheduler = scheduler
+        # FSDP2: parameters are shards; forwards, generation and state gathering are collective over the ranks.
+        self.sharded = is_sharded(self.model)
+        if self.sharded:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            # peft's generate decodes with the inner model, past the root module's hooks; registered, it enters
+            # through the root like a forward (nested root forwards are no-ops, so plain models are unaffected).
+            register_fsdp_forward_method(self.model, "generate")
         eval_rng = random.Random(f"{config.seed}:eval-docs")
         eval_docs = list(self.calibration_records)
         eval_rng.shuffle(eval_docs)
@@ -171,6 +195,14 @@ class SDMTrainer:
         if self.accelerator.num_processes == 1:
             return list(values)
         return self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device), "sum").tolist()
+
+    def _generate(self, prompts: Sequence, progress: bool = False, desc: str = "generating") -> list[str]:
+        """Greedy completions. Sharded: every rank takes part, with or without prompts of its own, because each
+        forward gathers the weights from all ranks."""
+        if not prompts and not self.sharded:
+            return []
+        return greedy_generate(self.unwrapped, self.tokenizer, prompts, self.chat, self.config.max_new_tokens,
+                               self.config.generate_batch_size, progress, desc, synced=self.sharded)
 
     def _union_across_ranks(self, store: dict[str, list[str]]) -> dict[str, list[str]]:
         """The union of every rank's {document id: hard negatives} (each document belongs to one rank a step)."""
@@ -219,24 +251,17 @@ class SDMTrainer:
             for record in self._step_docs(order, local):
                 if self._plan(record, f"train:{epoch}:{step}", True)[1] == "generate":
                     wanted.append(record)
-        if not wanted:
-            return {}
-        texts = greedy_generate(self.unwrapped, self.tokenizer, [prompt_of(r) for r in wanted], self.chat, self.config.max_new_tokens,
-                                self.config.generate_batch_size, self.config.progress, f"epoch {epoch + 1} hard negatives")
+        texts = self._generate([prompt_of(r) for r in wanted], self.config.progress, f"epoch {epoch + 1} hard negatives")
         return dict(zip([r.id for r in wanted], texts))
 
     def _draw(self, records: Sequence[Record], tag: str, generate_ok: bool, store: dict, pregenerated: dict | None = None) -> list[Instance]:
         """Each document's instance; generated hard negatives (checked by the verbatim rule) go into ``store``.
         Texts already decoded for a document (``pregenerated``, consumed here) stand in for its generation."""
-        cfg = self.config
         plans = [(record, *self._plan(record, tag, generate_ok)) for record in records]
         pregenerated = {} if pregenerated is None else pregenerated
         generations = {r.id: pregenerated.pop(r.id) for r, _, kind in plans if kind == "generate" and r.id in pregenerated}
         to_generate = [record for record, _, kind in plans if kind == "generate" and record.id not in generations]
-        if to_generate:
-            generations.update(zip([r.id for r in to_generate], greedy_generate(
-                self.unwrapped, self.tokenizer, [prompt_of(r) for r in to_generate], self.chat, cfg.max_new_tokens, cfg.generate_batch_size,
-            )))
+        generations.update(zip([r.id for r in to_generate], self._generate([prompt_of(r) for r in to_generate])))
         instances = []
         for record, rng, kind in plans:
             if kind == "positive":
@@ -334,10 +359,15 @@ class SDMTrainer:
 
     # -- saving ---------------------------------------------------------------------------------------------
     def save_model(self, folder: Path) -> None:
+        """Rank 0 writes the model; every rank calls this (a sharded model's full weights are gathered collectively)."""
         model = self.unwrapped
+        state_dict = _retie(model, self.accelerator.get_state_dict(self.model)) if self.sharded else None
 
         def write(tmp: Path) -> None:
-            model.save_pretrained(tmp)
+            if state_dict is None:
+                model.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=state_dict)
             self.tokenizer.save_pretrained(tmp)
             (tmp / "sdm_training.json").write_text(json.dumps({"model_source": self.config.model, "lora": self.config.lora, "step": self.state["step"]}, indent=1))
 
@@ -345,11 +375,11 @@ class SDMTrainer:
             atomic_dir(folder, write)
 
     def _checkpoint(self) -> None:
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,
-                            trainer_state=self.state, train_layer=self.train_layer)
+        save_checkpoint(self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,
+                        trainer_state=self.state, train_layer=self.train_layer, write=self.accelerator.is_main_process)
         crash_after = os.environ.get("SDM_TEST_CRASH_AFTER_STEP")
         if crash_after and self.state["step"] >= int(crash_after):
+            self.accelerator.wait_for_everyone()  # rank 0 may still be writing; a rank's exit ends the launch
             os._exit(137)  # a test hook that simulates kill -9 right after a checkpoint
 
     # -- the loop -------------------------------------------------------------------------------------------
