@@ -44,6 +44,9 @@ class ExemplarAdaptor(nn.Module):
     @torch.no_grad()
     def infer(self, embeddings: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched no-grad forward pass in eval mode."""
+        if not self.training and embeddings.shape[0] <= batch_size:
+            # The scoring hot path (one request is a few rows): no mode switch, no concatenation copies.
+            return self(embeddings)
         was_training = self.training
         self.eval()
         logits, exemplars = [], []

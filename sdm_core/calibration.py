@@ -155,8 +155,16 @@ def admissions_unchecked(
 
 
 def _admissions(
-    probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, psi: torch.Tensor, q_min: torch.Tensor
+    probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, psi: torch.Tensor, q_min: torch.Tensor,
+    exclusive: bool = False,
 ) -> torch.Tensor:
+    """(N, L) HR admissions. ``exclusive``: every region with a finite q'_min has all thresholds > 0.5, so at most one
+    class can pass (the outputs sum to 1) and only the predicted class needs checking (the hot path's case)."""
+    if exclusive:
+        # q_min is inf where there is no region; q' is finite, so the comparison alone rejects those rows.
+        similar = q_prime.to(torch.float64).unsqueeze(1) >= q_min.unsqueeze(0)
+        passes = probabilities.gather(1, predictions.unsqueeze(1)) >= psi.T.index_select(0, predictions)
+        return similar & passes & (torch.floor(q_prime) > 0).unsqueeze(1)
     passing = probabilities.unsqueeze(1) >= psi.unsqueeze(0)  # (N, L, C)
     single = passing.sum(dim=2) == 1
     index = predictions.view(-1, 1, 1).expand(-1, psi.shape[0], 1)
@@ -238,9 +246,10 @@ class RegionLadder:
         if cached is None or cached[0] != key or cached[1].dtype != probabilities.dtype:
             psi = torch.tensor([self.regions[a].thresholds for a in self.alphas], dtype=probabilities.dtype)
             q_min = torch.tensor([self.regions[a].q_prime_min for a in self.alphas], dtype=torch.float64)
-            cached = (key, psi, q_min)
+            exclusive = all(min(r.thresholds) > 0.5 for r in self.regions.values() if math.isfinite(r.q_prime_min))
+            cached = (key, psi, q_min, exclusive)
             self._tensor_cache = cached
-        return _admissions(probabilities, predictions, q_prime, cached[1], cached[2])
+        return _admissions(probabilities, predictions, q_prime, cached[1], cached[2], cached[3])
 
     def decide_unchecked(
         self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, alpha: float

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -321,6 +322,17 @@ class SDMEstimator:
         exclude = self.support.positions(support_ids) if support_ids is not None else torch.full((n,), -1, dtype=torch.long)
         if exclude.shape[0] != n:
             raise ValueError(f"support_ids must have {n} entries (one per embedding), got {exclude.shape[0]}")
+        # Inference mode skips autograd's per-op bookkeeping (~0.4 ms of a ~5 ms single-document call); the
+        # results are cloned outside it so callers get ordinary tensors they may modify or use in autograd.
+        with torch.inference_mode():
+            scores = self._score_validated(x, a, exclude, support_ids is not None, int(return_exemplars))
+        return dataclasses.replace(scores, **{f.name: getattr(scores, f.name).clone() for f in dataclasses.fields(scores)
+                                              if isinstance(getattr(scores, f.name), torch.Tensor)})
+
+    def _score_validated(
+        self, x: torch.Tensor, a: float, exclude: torch.Tensor, from_support: bool, return_exemplars: int
+    ) -> SDMScores:
+        """``score`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions (-1: none)."""
         logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
         # Inputs are validated above; the hot path below skips re-validating its own intermediate tensors.
@@ -328,9 +340,10 @@ class SDMEstimator:
         q = sim.q.to(logits.dtype)
         calibration_cdfs, train_cdfs, q_prime_cdfs = self._scoring_cdfs()
         d = distance_quantile_unchecked(sim.d_nearest, calibration_cdfs)
-        in_train = exclude >= 0
-        if bool(in_train.any()):
-            d = torch.where(in_train, distance_quantile_unchecked(sim.d_nearest, train_cdfs), d)
+        if from_support:
+            in_train = exclude >= 0
+            if bool(in_train.any()):
+                d = torch.where(in_train, distance_quantile_unchecked(sim.d_nearest, train_cdfs), d)
         d = d.to(logits.dtype)
         probabilities = sdm_probabilities_unchecked(logits, q, d)
         q_prime = rescaled_similarity_unchecked(q, probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))

@@ -100,7 +100,9 @@ def fit_layer(
     if config.normalize:
         adaptor.set_normalization(float(train_embeddings.mean()), float(train_embeddings.std(correction=1)))
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(adaptor.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    # The fused kernel is the same Adam update in one pass over each tensor (about a third of a small layer's step
+    # time on CPU); it may round differently from the per-op loop, so fits from before this choice differ slightly.
+    optimizer = torch.optim.Adam(adaptor.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
     q_train = torch.full((n_train,), math.e - 2.0)
     d_train = torch.ones(n_train)

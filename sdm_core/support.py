@@ -27,7 +27,7 @@ MAX_Q = 2048
 OOD_LABEL = -1
 # Elements of one query-by-support distance block (4 bytes each): small enough to stay in cache for the
 # reductions after the matrix product, and to bound memory for large supports.
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 22
 _MIN_CHUNK_ROWS = 64
 
 
@@ -50,6 +50,8 @@ class SimilarityResult:
 
 def _lexicographic_min(values: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise (value, position)-least entry of (B, G) candidates: the minimum value, ties to the lower position."""
+    if values.shape[1] == 1:  # one candidate per row (two classes): nothing to compare
+        return values[:, 0], positions[:, 0]
     best = values.min(dim=1).values
     big = torch.iinfo(torch.long).max
     pos = torch.where(values == best.unsqueeze(1), positions, torch.full_like(positions, big)).min(dim=1).values
@@ -167,10 +169,13 @@ class SupportIndex:
         return min(self.max_q, len(self))
 
     # -- search ---------------------------------------------------------------------------------------------
-    def _sorted_distances(self, queries: torch.Tensor) -> torch.Tensor:
-        """Squared L2 distances (B, N) in sorted-slot order, from ||a||^2 + ||b||^2 - 2ab, clamped at 0."""
+    def _sorted_distances(self, queries: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared L2 distances (B, N) in sorted-slot order, from ||a||^2 + ||b||^2 - 2ab, clamped at 0.
+
+        ``out`` (B, N) is written in place when given: reusing one block buffer across a batch's chunks avoids
+        re-faulting a fresh multi-megabyte allocation per chunk."""
         q_norms = (queries.double() ** 2).sum(dim=1).to(torch.float32)
-        dist = torch.addmm(self._sorted_norms.unsqueeze(0), queries, self._sorted.T, beta=1.0, alpha=-2.0)
+        dist = torch.addmm(self._sorted_norms.unsqueeze(0), queries, self._sorted.T, beta=1.0, alpha=-2.0, out=out)
         dist.add_(q_norms.unsqueeze(1))
         return dist.clamp_(min=0.0)
 
@@ -219,19 +224,16 @@ class SupportIndex:
         return self._similarity_torch(queries, query_predictions, exclude)
 
     def _similarity_torch(self, x: torch.Tensor, yhat: torch.Tensor, ex: torch.Tensor) -> SimilarityResult:
+        classes = sorted(set(yhat.tolist()))
+        if len(classes) == 1:
+            return SimilarityResult(*self._similarity_class(x, int(classes[0]), ex))
         q_out = torch.empty(x.shape[0], dtype=torch.long)
         d_out = torch.empty(x.shape[0], dtype=torch.float32)
         i_out = torch.empty(x.shape[0], dtype=torch.long)
-        classes = torch.unique(yhat).tolist()
         for c in classes:
-            rows = None if len(classes) == 1 else (yhat == c).nonzero().squeeze(1)
-            xc = x if rows is None else x.index_select(0, rows)
-            exc = ex if rows is None else ex.index_select(0, rows)
-            q, d, i = self._similarity_class(xc, int(c), exc)
-            if rows is None:
-                q_out, d_out, i_out = q, d, i
-            else:
-                q_out[rows], d_out[rows], i_out[rows] = q, d, i
+            rows = (yhat == c).nonzero().squeeze(1)
+            q, d, i = self._similarity_class(x.index_select(0, rows), int(c), ex.index_select(0, rows))
+            q_out[rows], d_out[rows], i_out[rows] = q, d, i
         return SimilarityResult(q_out, d_out, i_out)
 
     def _similarity_class(self, x: torch.Tensor, c: int, ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,22 +245,23 @@ class SupportIndex:
         row-wise min returns the first, i.e. lowest-position, of tied values).
         """
         b = x.shape[0]
-        q_out = torch.empty(b, dtype=torch.long)
-        d_out = torch.empty(b, dtype=torch.float32)
-        i_out = torch.empty(b, dtype=torch.long)
         match = next(((lo, hi) for key, lo, hi in self._groups if key == c and c >= 0), None)
         others = [(lo, hi) for key, lo, hi in self._groups if key != c or c < 0]
+        segments = ([match] if match else []) + others
         inf = float("inf")
+        k = self.k()
         step = self._chunk_rows()
+        q_parts, d_parts, i_parts = [], [], []
+        buffer = torch.empty(min(step, b), len(self)) if b > step else None
         for start in range(0, b, step):
             stop = min(start + step, b)
-            dist = self._sorted_distances(x[start:stop])
-            rows = torch.arange(stop - start)
+            dist = self._sorted_distances(x[start:stop], None if buffer is None else buffer[: stop - start])
             ex_chunk = ex[start:stop]
             has_ex = ex_chunk >= 0
-            if bool(has_ex.any()):
+            excluding = bool(has_ex.any())
+            if excluding:
+                rows = torch.arange(stop - start)
                 dist[rows[has_ex], self._slot[ex_chunk[has_ex]]] = inf
-            segments = ([match] if match else []) + others
             mins = [dist[:, lo:hi].min(dim=1) for lo, hi in segments]
             values = torch.stack([m.values for m in mins], dim=1)
             slots = torch.stack([m.indices + lo for m, (lo, _) in zip(mins, segments)], dim=1)
@@ -284,12 +287,18 @@ class SupportIndex:
                     tie_mask = block[t_rows] == threshold[t_rows]
                     before = self._order[lo:hi].unsqueeze(0) < first_p[t_rows].unsqueeze(1)
                     count[t_rows] += (tie_mask & before).sum(dim=1)
-            cap = self.k() - has_ex.to(torch.long)
-            q_out[start:stop] = torch.minimum(count, cap)
-            d_out[start:stop] = nearest_d.sqrt()
-            # A row whose every support point is excluded has no nearest neighbour (as in neighbors()).
-            i_out[start:stop] = torch.where(torch.isinf(nearest_d), torch.full_like(nearest_p, -1), nearest_p)
-        return q_out, d_out, i_out
+            if excluding:
+                q_parts.append(torch.minimum(count, k - has_ex.to(torch.long)))
+                # A row whose every support point is excluded has no nearest neighbour (as in neighbors()).
+                i_parts.append(torch.where(torch.isinf(nearest_d), torch.full_like(nearest_p, -1), nearest_p))
+            else:
+                # Without exclusions every distance is finite, so each row has a nearest neighbour.
+                q_parts.append(count.clamp_(max=k))
+                i_parts.append(nearest_p)
+            d_parts.append(nearest_d.sqrt())
+        if len(q_parts) == 1:
+            return q_parts[0], d_parts[0], i_parts[0]
+        return torch.cat(q_parts), torch.cat(d_parts), torch.cat(i_parts)
 
     def _faiss_index(self):
         if self._faiss is None:

@@ -456,3 +456,31 @@ def test_nested_ladder_is_nested_on_random_sets():
             admitted_any += int(admitted.sum())
             assert ladder.regions[a].calibration_admitted == int(admitted.sum())
     assert admitted_any > 0
+
+
+def test_ladder_fast_admission_path_equals_the_general_rule_on_random_sets():
+    # Fitted regions have every threshold >= alpha > 0.5, so the ladder checks only the predicted class; the
+    # general rule (exactly one passing class, and it is the prediction) must give the same matrix.
+    from sdm_core.calibration import _admissions
+
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(20):
+        probs, q_prime, labels, _ = _random_calibration(rng)
+        preds = torch.from_numpy(probs).argmax(dim=1)
+        ladder = fit_ladder(probs, q_prime, labels, preds, (0.99, 0.95, 0.9, 0.8, 0.6), 0.9)
+        p, qp = torch.as_tensor(probs), torch.as_tensor(q_prime)
+        fast = ladder.admissions(p, preds, qp)
+        assert ladder._tensor_cache[3], "fitted regions must take the exclusive path"
+        _, psi, q_min, _ = ladder._tensor_cache
+        assert torch.equal(fast, _admissions(p, preds, qp, psi, q_min, exclusive=False))
+        checked += int(fast.sum())
+    assert checked > 0
+
+
+def test_ladder_with_artificial_low_thresholds_uses_the_general_rule():
+    region = Region(0.9, 1.0, (0.3, 0.3))
+    ladder = RegionLadder(regions={0.9: region}, default_alpha=0.9)
+    p = torch.tensor([[0.5, 0.5], [0.8, 0.2]])
+    admitted, _, reasons = ladder.decide(p, torch.tensor([0, 0]), torch.tensor([5.0, 5.0]))
+    assert admitted.tolist() == [False, True] and reasons[0] == "below_threshold"
