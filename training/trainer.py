@@ -204,6 +204,29 @@ class SDMTrainer:
         return greedy_generate(self.unwrapped, self.tokenizer, prompts, self.chat, self.config.max_new_tokens,
                                self.config.generate_batch_size, progress, desc, synced=self.sharded)
 
+    def _missing_passes(self, passes: int) -> int:
+        """How many passes this rank runs with no documents of its own so that every rank runs as many forward and
+        backward passes as the busiest one: DDP reduces gradients in each backward and FSDP gathers weights in each
+        forward, so a rank short of documents in an epoch's last step would leave the others waiting for ever."""
+        if self.accelerator.num_processes == 1:
+            return 0
+        count = torch.tensor([passes], device=self.accelerator.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count.item()) - passes
+
+    def _on_every_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.accelerator.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        return bool(value.item())
+
+    def _idle_loss(self) -> torch.Tensor:
+        """A zero loss over one padding token: the collective passes run, the gradients do not change."""
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.accelerator.device)
+        return self.model(input_ids=ids, use_cache=False).logits.sum() * 0.0
+
     def _union_across_ranks(self, store: dict[str, list[str]]) -> dict[str, list[str]]:
         """The union of every rank's {document id: hard negatives} (each document belongs to one rank a step)."""
         if self.accelerator.num_processes == 1:
@@ -287,6 +310,10 @@ class SDMTrainer:
         if layer is None:
             return torch.full((len(instances),), math.e)
         h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size)
+        if self.sharded:  # each embedding batch is a collective forward; match the rank with the most instances
+            with torch.no_grad():
+                for _ in range(self._missing_passes(math.ceil(len(instances) / self.config.embed_batch_size))):
+                    self._idle_loss()
         return self._bases_from_h(h, instances, layer, flags)
 
     @staticmethod
@@ -420,12 +447,17 @@ class SDMTrainer:
                 self.state["epoch_hard_negatives"].update(self._union_across_ranks(found))
                 encoded = self._encode(instances)
                 prefixes = self._shared_prefixes(instances, encoded) if self.train_layer is not None else None
+                if self.train_layer is not None and not self._on_every_rank(prefixes is not None):
+                    # One decision for the step, as one process makes it over all the step's documents; it also
+                    # keeps a sharded model's collective forwards in step across ranks.
+                    prefixes = None
                 bases = self._bases(instances, self.train_layer, flags) if prefixes is None else None
                 shared_bases = []
                 tokens = torch.tensor(sum(e.trained_tokens for e in encoded), device=self.accelerator.device)
                 total_tokens = int(self.accelerator.reduce(tokens, "sum")) if self.accelerator.num_processes > 1 else int(tokens)
                 step_loss = 0.0  # this rank's share of the step's token-mean loss; summed over ranks below
                 size = cfg.micro_batch_size
+                idle_passes = self._missing_passes(math.ceil(len(encoded) / size))
                 for start in range(0, len(encoded), size):
                     if prefixes is None:
                         loss_sum, _ = self._loss_sum(encoded[start : start + size], bases[start : start + size])
@@ -438,10 +470,12 @@ class SDMTrainer:
                     loss = loss_sum * self.accelerator.num_processes / max(total_tokens, 1)
                     self.accelerator.backward(loss)
                     step_loss += float(loss.detach()) / self.accelerator.num_processes
+                for _ in range(idle_passes):
+                    self.accelerator.backward(self._idle_loss())
                 if cfg.max_grad_norm > 0:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 if prefixes is not None:
-                    bases = torch.cat(shared_bases)
+                    bases = torch.cat(shared_bases) if shared_bases else torch.zeros(0)
                 step_loss, base_sum, base_count = self._sum_across_ranks(step_loss, float(bases.sum()), float(len(bases)))
                 mean_base = base_sum / max(base_count, 1.0)
                 self.optimizer.step()
