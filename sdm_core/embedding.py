@@ -28,6 +28,7 @@ __all__ = [
     "pool_prefixes",
     "pool_states",
     "final_norm",
+    "is_sharded",
 ]
 
 VERIFIED_OPEN = "<verified>"
@@ -144,7 +145,7 @@ def final_norm(model):
     return norm if isinstance(norm, torch.nn.Module) else None
 
 
-def _is_sharded(model) -> bool:
+def is_sharded(model) -> bool:
     """Whether ``model`` is FSDP-sharded (FSDP2 ``fully_shard`` or an FSDP1 wrapper). A sharded model's parameters
     are gathered by its root module's forward hooks, so it must be called as a whole, never through a submodule."""
     try:
@@ -197,7 +198,7 @@ def embed_texts(
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    sharded = _is_sharded(model)
+    sharded = is_sharded(model)
     # A sharded model runs whole (its LM head included) with hidden_states[layer]; HF's hidden_states[-1] is the
     # final norm's output, the decoder's last_hidden_state. Logits for the last position only, when supported.
     backbone = model if sharded else _backbone(model)

@@ -23,19 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from sdm_core import SDMEstimator
 from sdm_core.artifact import sha256_file
+from sdm_core.embedding import is_sharded
 
-__all__ = ["save_checkpoint", "load_checkpoint", "trainable_state", "atomic_dir", "is_sharded"]
+__all__ = ["save_checkpoint", "load_checkpoint", "trainable_state", "atomic_dir"]
 
 COMPLETE = "checkpoint.json"
-
-
-def is_sharded(model) -> bool:
-    """Whether the model's parameters are DTensors (FSDP2 ``fully_shard``): then every state is gathered collectively."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _full_options(**kwargs):

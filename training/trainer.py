@@ -29,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sdm_core import SDMConfig, SDMEstimator
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe
-from training.checkpoint import atomic_dir, is_sharded, load_checkpoint, save_checkpoint
+from sdm_core.embedding import ChatFormat, HiddenStateRecipe, is_sharded
+from training.checkpoint import atomic_dir, load_checkpoint, save_checkpoint
 from training.config import FinetuneConfig
 from training.correctness import is_verbatim, normalize_hard_negative
 from training.encoding import EncodedInstance, collate, encode_instance
@@ -214,13 +214,14 @@ class SDMTrainer:
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         return int(count.item()) - passes
 
-    def _on_every_rank(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on every rank."""
+    def _step_agreement(self, tokens: int, micro_batches: int, shared: bool) -> tuple[int, int, bool]:
+        """What the ranks must agree on before a step's passes, in one collective: the step's unmasked tokens over
+        all ranks, how many idle passes this rank runs (see :meth:`_missing_passes`), and whether every rank can
+        take b from the training forward."""
         if self.accelerator.num_processes == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=self.accelerator.device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-        return bool(value.item())
+            return tokens, 0, shared
+        rows = self.accelerator.gather(torch.tensor([[tokens, micro_batches, int(shared)]], device=self.accelerator.device))
+        return int(rows[:, 0].sum()), int(rows[:, 1].max()) - micro_batches, bool(rows[:, 2].min())
 
     def _idle_loss(self) -> torch.Tensor:
         """A zero loss over one padding token: the collective passes run, the gradients do not change."""
@@ -447,17 +448,16 @@ class SDMTrainer:
                 self.state["epoch_hard_negatives"].update(self._union_across_ranks(found))
                 encoded = self._encode(instances)
                 prefixes = self._shared_prefixes(instances, encoded) if self.train_layer is not None else None
-                if self.train_layer is not None and not self._on_every_rank(prefixes is not None):
+                size = cfg.micro_batch_size
+                total_tokens, idle_passes, shared = self._step_agreement(
+                    sum(e.trained_tokens for e in encoded), math.ceil(len(encoded) / size), prefixes is not None)
+                if not shared:
                     # One decision for the step, as one process makes it over all the step's documents; it also
                     # keeps a sharded model's collective forwards in step across ranks.
                     prefixes = None
                 bases = self._bases(instances, self.train_layer, flags) if prefixes is None else None
                 shared_bases = []
-                tokens = torch.tensor(sum(e.trained_tokens for e in encoded), device=self.accelerator.device)
-                total_tokens = int(self.accelerator.reduce(tokens, "sum")) if self.accelerator.num_processes > 1 else int(tokens)
                 step_loss = 0.0  # this rank's share of the step's token-mean loss; summed over ranks below
-                size = cfg.micro_batch_size
-                idle_passes = self._missing_passes(math.ceil(len(encoded) / size))
                 for start in range(0, len(encoded), size):
                     if prefixes is None:
                         loss_sum, _ = self._loss_sum(encoded[start : start + size], bases[start : start + size])
