@@ -106,7 +106,6 @@ def fit_layer(
 
     q_train = torch.full((n_train,), math.e - 2.0)
     d_train = torch.ones(n_train)
-    self_positions = torch.arange(n_train)
     best: dict | None = None
     history: list[dict] = []
     bar = tqdm(range(1, config.epochs + 1), desc=f"SDM layer (J={iteration + 1})", disable=not config.progress, leave=False)
@@ -116,7 +115,7 @@ def fit_layer(
         total, count = 0.0, 0
         for start in range(0, n_train, config.batch_size):
             batch = order[start : start + config.batch_size]
-            logits, _ = adaptor(train_embeddings[batch])
+            logits = adaptor.logits(train_embeddings[batch])
             loss = sdm_loss(logits, q_train[batch], d_train[batch], train_labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -128,7 +127,7 @@ def fit_layer(
         cal_logits, cal_exemplars = adaptor.infer(calibration_embeddings, config.eval_batch_size)
         train_pred = train_logits.argmax(dim=1)
         support = SupportIndex(train_exemplars, train_labels, train_pred, train_ids, backend=config.backend, max_q=config.max_q)
-        train_sim = support.similarity(train_exemplars, train_pred, exclude=self_positions)
+        train_sim = support.self_similarity()  # each training point excludes itself by identity
         train_cdf = class_cdfs(train_sim.d_nearest, train_labels, train_sim.q, num_classes)
         q_train = train_sim.q.to(torch.float32)
         d_train = distance_quantile(train_sim.d_nearest, train_cdf)

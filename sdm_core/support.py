@@ -29,6 +29,8 @@ OOD_LABEL = -1
 # reductions after the matrix product, and to bound memory for large supports.
 _CHUNK_ELEMENTS = 1 << 22
 _MIN_CHUNK_ROWS = 64
+# Largest N x N support-against-itself distance matrix (4 bytes each) computed as one symmetric product.
+_GRAM_ELEMENTS = 1 << 26
 
 
 def faiss_available() -> bool:
@@ -56,6 +58,12 @@ def _lexicographic_min(values: torch.Tensor, positions: torch.Tensor) -> tuple[t
     big = torch.iinfo(torch.long).max
     pos = torch.where(values == best.unsqueeze(1), positions, torch.full_like(positions, big)).min(dim=1).values
     return best, pos
+
+
+def _concat(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 class SupportIndex:
@@ -236,69 +244,111 @@ class SupportIndex:
             q_out[rows], d_out[rows], i_out[rows] = q, d, i
         return SimilarityResult(q_out, d_out, i_out)
 
+    def _segments(self, c: int) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+        """(the slots of match group c or None, the slot ranges of every other group)."""
+        match = next(((lo, hi) for key, lo, hi in self._groups if key == c and c >= 0), None)
+        others = [(lo, hi) for key, lo, hi in self._groups if key != c or c < 0]
+        return match, others
+
     def _similarity_class(self, x: torch.Tensor, c: int, ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, nearest distance and position for queries that are all predicted ``c``.
+        """q, nearest distance and position for queries that are all predicted ``c``, in memory-bounded blocks."""
+        b = x.shape[0]
+        step = self._chunk_rows()
+        parts = []
+        buffer = torch.empty(min(step, b), len(self)) if b > step else None
+        for start in range(0, b, step):
+            stop = min(start + step, b)
+            dist = self._sorted_distances(x[start:stop], None if buffer is None else buffer[: stop - start])
+            parts.append(self._reduce_block(dist, c, ex[start:stop]))
+        return _concat(parts)
+
+    def _reduce_block(self, dist: torch.Tensor, c: int, ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, nearest distance and position from one (B, N) block of squared distances in sorted-slot order, for
+        queries all predicted ``c`` with exclusion positions ``ex`` (-1 for none). ``dist`` is modified.
 
         q = #{matching j before the first non-matching point in (distance, position) order}, capped at k: the
         matching points form the contiguous slots of group c, and the first non-matching point is the
         (distance, position)-least of the other groups' minima (each group is in position order, and a
         row-wise min returns the first, i.e. lowest-position, of tied values).
         """
-        b = x.shape[0]
-        match = next(((lo, hi) for key, lo, hi in self._groups if key == c and c >= 0), None)
-        others = [(lo, hi) for key, lo, hi in self._groups if key != c or c < 0]
+        rows_n = dist.shape[0]
+        match, others = self._segments(c)
         segments = ([match] if match else []) + others
         inf = float("inf")
         k = self.k()
+        has_ex = ex >= 0
+        excluding = bool(has_ex.any())
+        if excluding:
+            rows = torch.arange(rows_n)
+            dist[rows[has_ex], self._slot[ex[has_ex]]] = inf
+        mins = [dist[:, lo:hi].min(dim=1) for lo, hi in segments]
+        values = torch.stack([m.values for m in mins], dim=1)
+        slots = torch.stack([m.indices + lo for m, (lo, _) in zip(mins, segments)], dim=1)
+        positions = self._order[slots]
+        nearest_d, nearest_p = _lexicographic_min(values, positions)
+        if match is None:
+            count = torch.zeros(rows_n, dtype=torch.long)
+        else:
+            lo, hi = match
+            if others:
+                first_d, first_p = _lexicographic_min(values[:, 1:], positions[:, 1:])
+            else:
+                first_d = torch.full((rows_n,), inf)
+                first_p = torch.full((rows_n,), -1, dtype=torch.long)
+            block = dist[:, lo:hi]
+            threshold = first_d.unsqueeze(1)
+            count = (block < threshold).sum(dim=1)
+            # Ties with the first non-matching point count when their position is lower (finite ties only:
+            # an excluded point is inf and must never count).
+            tied = torch.isfinite(first_d) & (block == threshold).any(dim=1)
+            if bool(tied.any()):
+                t_rows = tied.nonzero().squeeze(1)
+                tie_mask = block[t_rows] == threshold[t_rows]
+                before = self._order[lo:hi].unsqueeze(0) < first_p[t_rows].unsqueeze(1)
+                count[t_rows] += (tie_mask & before).sum(dim=1)
+        if excluding:
+            q = torch.minimum(count, k - has_ex.to(torch.long))
+            # A row whose every support point is excluded has no nearest neighbour (as in neighbors()).
+            nearest = torch.where(torch.isinf(nearest_d), torch.full_like(nearest_p, -1), nearest_p)
+        else:
+            # Without exclusions every distance is finite, so each row has a nearest neighbour.
+            q = count.clamp_(max=k)
+            nearest = nearest_p
+        return q, nearest_d.sqrt(), nearest
+
+    def self_similarity(self) -> SimilarityResult:
+        """q, nearest distance and nearest position of every support point against the others (each excludes
+        itself by identity), predicted as the support records: the training split's statistics in a fit.
+
+        Equal to ``similarity(exemplars, predictions, exclude=arange(N))``. For supports whose N x N distance
+        matrix fits in _GRAM_ELEMENTS, the torch backend computes it as one symmetric Gram product (BLAS syrk,
+        about two thirds of the time of the general product) instead of query-by-support blocks.
+        """
+        n = len(self)
+        if n == 0:
+            raise ValueError("the support index is empty; fit or add exemplars first")
+        positions = torch.arange(n)
+        if self.backend == "faiss" or n * n > _GRAM_ELEMENTS:
+            return self.similarity_unchecked(self.exemplars, self.predictions, positions)
+        # numpy's matmul of an array with its own transpose runs BLAS syrk (one triangle, then mirrored); the
+        # squared distances are then formed row block by row block, as in _sorted_distances.
+        sorted_np = self._sorted.numpy()
+        gram = torch.from_numpy(sorted_np @ sorted_np.T)
+        norms = self._sorted_norms
+        predictions = self.predictions.index_select(0, self._order)  # prediction of each sorted slot
+        q_out = torch.empty(n, dtype=torch.long)
+        d_out = torch.empty(n, dtype=torch.float32)
+        i_out = torch.empty(n, dtype=torch.long)
         step = self._chunk_rows()
-        q_parts, d_parts, i_parts = [], [], []
-        buffer = torch.empty(min(step, b), len(self)) if b > step else None
-        for start in range(0, b, step):
-            stop = min(start + step, b)
-            dist = self._sorted_distances(x[start:stop], None if buffer is None else buffer[: stop - start])
-            ex_chunk = ex[start:stop]
-            has_ex = ex_chunk >= 0
-            excluding = bool(has_ex.any())
-            if excluding:
-                rows = torch.arange(stop - start)
-                dist[rows[has_ex], self._slot[ex_chunk[has_ex]]] = inf
-            mins = [dist[:, lo:hi].min(dim=1) for lo, hi in segments]
-            values = torch.stack([m.values for m in mins], dim=1)
-            slots = torch.stack([m.indices + lo for m, (lo, _) in zip(mins, segments)], dim=1)
-            positions = self._order[slots]
-            nearest_d, nearest_p = _lexicographic_min(values, positions)
-            if match is None:
-                count = torch.zeros(stop - start, dtype=torch.long)
-            else:
-                lo, hi = match
-                if others:
-                    first_d, first_p = _lexicographic_min(values[:, 1:], positions[:, 1:])
-                else:
-                    first_d = torch.full((stop - start,), inf)
-                    first_p = torch.full((stop - start,), -1, dtype=torch.long)
-                block = dist[:, lo:hi]
-                threshold = first_d.unsqueeze(1)
-                count = (block < threshold).sum(dim=1)
-                # Ties with the first non-matching point count when their position is lower (finite ties only:
-                # an excluded point is inf and must never count).
-                tied = torch.isfinite(first_d) & (block == threshold).any(dim=1)
-                if bool(tied.any()):
-                    t_rows = tied.nonzero().squeeze(1)
-                    tie_mask = block[t_rows] == threshold[t_rows]
-                    before = self._order[lo:hi].unsqueeze(0) < first_p[t_rows].unsqueeze(1)
-                    count[t_rows] += (tie_mask & before).sum(dim=1)
-            if excluding:
-                q_parts.append(torch.minimum(count, k - has_ex.to(torch.long)))
-                # A row whose every support point is excluded has no nearest neighbour (as in neighbors()).
-                i_parts.append(torch.where(torch.isinf(nearest_d), torch.full_like(nearest_p, -1), nearest_p))
-            else:
-                # Without exclusions every distance is finite, so each row has a nearest neighbour.
-                q_parts.append(count.clamp_(max=k))
-                i_parts.append(nearest_p)
-            d_parts.append(nearest_d.sqrt())
-        if len(q_parts) == 1:
-            return q_parts[0], d_parts[0], i_parts[0]
-        return torch.cat(q_parts), torch.cat(d_parts), torch.cat(i_parts)
+        for c in sorted(set(predictions.tolist())):
+            slots = (predictions == c).nonzero().squeeze(1)
+            for start in range(0, slots.shape[0], step):
+                rows = slots[start : start + step]
+                dist = gram.index_select(0, rows).mul_(-2.0).add_(norms.unsqueeze(0)).add_(norms[rows].unsqueeze(1)).clamp_(min=0.0)
+                own = self._order[rows]
+                q, d, i = self._reduce_block(dist, int(c), own)
+                q_out[own], d_out[own], i_out[own] = q, d, i
+        return SimilarityResult(q_out, d_out, i_out)
 
     def _faiss_index(self):
         if self._faiss is None:

@@ -476,3 +476,43 @@ def test_grouped_search_matches_brute_force_with_three_classes_ood_labels_ties_a
     assert got.nearest_index.tolist() == i.tolist()
     assert np.allclose(got.d_nearest.numpy(), d, rtol=1e-6)
     assert torch.equal(index.exemplars, torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("gram", [True, False], ids=["gram", "blocks"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_self_similarity_matches_brute_force_with_identity_exclusion(monkeypatch, seed, gram):
+    # The fit's training-split statistics: every support point against the others, itself excluded by identity,
+    # with duplicates (ties across groups), three classes, OOD labels and a q cap below the support size; both the
+    # one-Gram path and the block fallback for supports too large for it.
+    if not gram:
+        monkeypatch.setattr(support_module, "_GRAM_ELEMENTS", 0)
+    rng = np.random.default_rng(seed)
+    n = 160
+    x = rng.integers(-2, 3, size=(n, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, n)
+    labels[rng.random(n) < 0.05] = OOD_LABEL
+    preds = np.where(rng.random(n) < 0.8, np.maximum(labels, 0), rng.integers(0, 3, n))
+    # A far clump of 40 correct class-1 points (some duplicates) whose runs reach the cap k - 1 = 29.
+    clump = (10 + rng.integers(0, 2, size=(40, 3))).astype(np.float32)
+    x, labels, preds = np.concatenate([x, clump]), np.concatenate([labels, np.ones(40, int)]), np.concatenate([preds, np.ones(40, int)])
+    n = len(x)
+    index = SupportIndex(x, labels, preds, max_q=30)
+    got = index.self_similarity()
+    q, d, i = _brute_force_similarity(x, labels, preds, x, preds, np.arange(n), max_q=30)
+    assert got.q.tolist() == q.tolist()
+    assert got.nearest_index.tolist() == i.tolist()
+    assert np.allclose(got.d_nearest.numpy(), d, rtol=1e-6)
+    assert bool((got.q > 0).any()) and bool((got.q == 29).any())  # the cap k - 1 is reached: not vacuous
+
+
+def test_self_similarity_equals_the_general_search_on_random_data():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(700, 24)).astype(np.float32)
+    labels = rng.integers(0, 2, 700)
+    preds = np.where(rng.random(700) < 0.85, labels, 1 - labels)
+    index = SupportIndex(x, labels, preds)
+    fast, general = index.self_similarity(), index.similarity(x, preds, exclude=np.arange(700))
+    assert torch.equal(fast.q, general.q)
+    assert torch.equal(fast.nearest_index, general.nearest_index)
+    assert torch.allclose(fast.d_nearest, general.d_nearest, rtol=1e-5)
+    assert bool((fast.nearest_index != torch.arange(700)).all())
