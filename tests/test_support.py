@@ -456,16 +456,21 @@ def _brute_force_similarity(x, labels, preds, queries, qpreds, exclude, max_q):
     return np.array(q_out), np.array(d_out), np.array(i_out)
 
 
+def _tied_three_class_support(rng, n):
+    """Integer 3-D points (exact distances, many ties), three classes, ~5 % OOD labels, ~20 % wrong predictions."""
+    x = rng.integers(-2, 3, size=(n, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, n)
+    labels[rng.random(n) < 0.05] = OOD_LABEL
+    preds = np.where(rng.random(n) < 0.8, np.maximum(labels, 0), rng.integers(0, 3, n))
+    return x, labels, preds
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_grouped_search_matches_brute_force_with_three_classes_ood_labels_ties_and_exclusions(seed):
     # Integer coordinates give exact distances and many ties across match groups; three classes, OOD-labelled
     # exemplars and wrong predictions exercise every group; queries include support points that exclude themselves.
     rng = np.random.default_rng(seed)
-    n = 150
-    x = rng.integers(-2, 3, size=(n, 3)).astype(np.float32)
-    labels = rng.integers(0, 3, n)
-    labels[rng.random(n) < 0.05] = OOD_LABEL
-    preds = np.where(rng.random(n) < 0.8, np.maximum(labels, 0), rng.integers(0, 3, n))
+    x, labels, preds = _tied_three_class_support(rng, 150)
     queries = np.concatenate([rng.integers(-2, 3, size=(60, 3)).astype(np.float32), x[:40]])
     qpreds = np.concatenate([rng.integers(0, 3, 60), preds[:40]])
     exclude = np.concatenate([np.full(60, -1), np.arange(40)])
@@ -487,11 +492,7 @@ def test_self_similarity_matches_brute_force_with_identity_exclusion(monkeypatch
     if not gram:
         monkeypatch.setattr(support_module, "_GRAM_ELEMENTS", 0)
     rng = np.random.default_rng(seed)
-    n = 160
-    x = rng.integers(-2, 3, size=(n, 3)).astype(np.float32)
-    labels = rng.integers(0, 3, n)
-    labels[rng.random(n) < 0.05] = OOD_LABEL
-    preds = np.where(rng.random(n) < 0.8, np.maximum(labels, 0), rng.integers(0, 3, n))
+    x, labels, preds = _tied_three_class_support(rng, 160)
     # A far clump of 40 correct class-1 points (some duplicates) whose runs reach the cap k - 1 = 29.
     clump = (10 + rng.integers(0, 2, size=(40, 3))).astype(np.float32)
     x, labels, preds = np.concatenate([x, clump]), np.concatenate([labels, np.ones(40, int)]), np.concatenate([preds, np.ones(40, int)])
