@@ -41,19 +41,6 @@ class ExemplarAdaptor(nn.Module):
         exemplars = self.exemplar(x)
         return self.output(exemplars), exemplars
 
-    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """z' alone, through the composed affine map (C x D): the same function as ``forward``'s logits.
-
-        With no nonlinearity, z' = W'(W x + b) + b' = (W'W) x + (W'b + b'). Training needs only z', so this
-        skips the exemplars' (B, M) product and its backward: per step a (C, M) x (M, D) product instead of two
-        (B, D) x (D, M) ones, with the same gradients up to rounding.
-        """
-        with torch.no_grad():
-            x = (embeddings - self.input_mean) / self.input_std
-        weight = self.output.weight @ self.exemplar.weight
-        bias = self.output.weight @ self.exemplar.bias + self.output.bias
-        return nn.functional.linear(x, weight, bias)
-
     @torch.no_grad()
     def infer(self, embeddings: torch.Tensor, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched no-grad forward pass in eval mode."""

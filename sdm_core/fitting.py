@@ -115,7 +115,7 @@ def fit_layer(
         total, count = 0.0, 0
         for start in range(0, n_train, config.batch_size):
             batch = order[start : start + config.batch_size]
-            logits = adaptor.logits(train_embeddings[batch])
+            logits, _ = adaptor(train_embeddings[batch])
             loss = sdm_loss(logits, q_train[batch], d_train[batch], train_labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

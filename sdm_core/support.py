@@ -29,8 +29,12 @@ OOD_LABEL = -1
 # reductions after the matrix product, and to bound memory for large supports.
 _CHUNK_ELEMENTS = 1 << 22
 _MIN_CHUNK_ROWS = 64
-# Largest N x N support-against-itself distance matrix (4 bytes each) computed as one symmetric product.
+# The N x N support-against-itself distances (4 bytes each) come from one symmetric product for supports of
+# _GRAM_MIN_SUPPORT to sqrt(_GRAM_ELEMENTS) points. Smaller supports keep the query-by-support blocks: they cost
+# little either way, and the block path rounds like every later search of the same points, so small layers (the
+# ones fine-tuning fits) give the same statistics as before, whatever the order their points arrive in.
 _GRAM_ELEMENTS = 1 << 26
+_GRAM_MIN_SUPPORT = 1024
 
 
 def faiss_available() -> bool:
@@ -320,15 +324,16 @@ class SupportIndex:
         """q, nearest distance and nearest position of every support point against the others (each excludes
         itself by identity), predicted as the support records: the training split's statistics in a fit.
 
-        Equal to ``similarity(exemplars, predictions, exclude=arange(N))``. For supports whose N x N distance
-        matrix fits in _GRAM_ELEMENTS, the torch backend computes it as one symmetric Gram product (BLAS syrk,
-        about two thirds of the time of the general product) instead of query-by-support blocks.
+        Equal to ``similarity(exemplars, predictions, exclude=arange(N))``. For supports of _GRAM_MIN_SUPPORT
+        points up to an N x N matrix of _GRAM_ELEMENTS, the torch backend computes the distances as one symmetric
+        Gram product (BLAS syrk, about two thirds of the time of the general product) instead of query-by-support
+        blocks; the results agree to float32 rounding.
         """
         n = len(self)
         if n == 0:
             raise ValueError("the support index is empty; fit or add exemplars first")
         positions = torch.arange(n)
-        if self.backend == "faiss" or n * n > _GRAM_ELEMENTS:
+        if self.backend == "faiss" or n < _GRAM_MIN_SUPPORT or n * n > _GRAM_ELEMENTS:
             return self.similarity_unchecked(self.exemplars, self.predictions, positions)
         # numpy's matmul of an array with its own transpose runs BLAS syrk (one triangle, then mirrored); the
         # squared distances are then formed row block by row block, as in _sorted_distances.

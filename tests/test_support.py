@@ -489,6 +489,7 @@ def test_self_similarity_matches_brute_force_with_identity_exclusion(monkeypatch
     # The fit's training-split statistics: every support point against the others, itself excluded by identity,
     # with duplicates (ties across groups), three classes, OOD labels and a q cap below the support size; both the
     # one-Gram path and the block fallback for supports too large for it.
+    monkeypatch.setattr(support_module, "_GRAM_MIN_SUPPORT", 1)  # these supports are small
     if not gram:
         monkeypatch.setattr(support_module, "_GRAM_ELEMENTS", 0)
     rng = np.random.default_rng(seed)
@@ -506,7 +507,8 @@ def test_self_similarity_matches_brute_force_with_identity_exclusion(monkeypatch
     assert bool((got.q > 0).any()) and bool((got.q == 29).any())  # the cap k - 1 is reached: not vacuous
 
 
-def test_self_similarity_equals_the_general_search_on_random_data():
+def test_self_similarity_equals_the_general_search_on_random_data(monkeypatch):
+    monkeypatch.setattr(support_module, "_GRAM_MIN_SUPPORT", 1)
     rng = np.random.default_rng(3)
     x = rng.normal(size=(700, 24)).astype(np.float32)
     labels = rng.integers(0, 2, 700)
