@@ -352,11 +352,8 @@ def test_support_ids_use_training_distance_cdfs_and_reproduce_them(fitted, data)
     s = fitted.score(data["xtr"], support_ids=ids)
     assert torch.equal(s.d, distance_quantile(s.d_nearest, fitted.train_cdfs))
     expected = class_cdfs(s.d_nearest, torch.as_tensor(data["ytr"]), s.q, 2)
-    # The fit computes the training split against itself with one symmetric Gram product, scoring with one
-    # query-by-support product: the same distances up to float32 rounding (docs/decisions.md).
     for got, want in zip(fitted.train_cdfs, expected):
-        assert got.shape == want.shape
-        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got, want)
 
 
 def test_support_ids_apply_per_row_and_unknown_ids_mean_no_exclusion(fitted, data):
