@@ -76,6 +76,42 @@ def _statistics(logits: torch.Tensor, q: torch.Tensor, d_nearest: torch.Tensor, 
     return LayerStatistics(logits, predictions, q, d_nearest, d, probabilities, q_prime)
 
 
+def _adam_step(
+    adaptor: ExemplarAdaptor,
+    optimizer: torch.optim.Optimizer,
+    embeddings: torch.Tensor,
+    q: torch.Tensor,
+    d: torch.Tensor,
+    labels: torch.Tensor,
+) -> float:
+    """One optimizer step on a batch's SDM loss; returns the loss.
+
+    The layer is affine, z' = V(Wx + b) + c, so autograd's route (the batch's exemplars Wx + b forward, then their
+    backward) costs two B x M x D products, while the loss needs only x's C directions: with G = dL/dz' (B x C),
+    dW = V^T (G^T x), db = V^T (G^T 1), dV = (G^T x) W^T + (G^T 1) b^T and dc = G^T 1, and the forward is
+    z' = x (VW)^T + (Vb + c). The same function and gradients at O(C·M·D) a step: about a third of a large fit's
+    time, which was spent in those two products.
+    """
+    weight, bias = adaptor.exemplar.weight, adaptor.exemplar.bias
+    out_weight, out_bias = adaptor.output.weight, adaptor.output.bias
+    with torch.no_grad():
+        x = (embeddings - adaptor.input_mean) / adaptor.input_std
+        composed = out_weight @ weight  # (C, D)
+        offset = out_weight @ bias + out_bias  # (C,)
+    logits = torch.addmm(offset, x, composed.T).requires_grad_(True)
+    loss = sdm_loss(logits, q, d, labels)
+    (g,) = torch.autograd.grad(loss, logits)  # (B, C)
+    with torch.no_grad():
+        gx = g.T @ x  # (C, D)
+        g1 = g.sum(dim=0)  # (C,)
+        weight.grad = out_weight.T @ gx
+        bias.grad = out_weight.T @ g1
+        out_weight.grad = gx @ weight.T + torch.outer(g1, bias)
+        out_bias.grad = g1
+    optimizer.step()
+    return float(loss.detach())
+
+
 def fit_layer(
     train_embeddings: torch.Tensor,
     train_labels: torch.Tensor,
@@ -115,12 +151,8 @@ def fit_layer(
         total, count = 0.0, 0
         for start in range(0, n_train, config.batch_size):
             batch = order[start : start + config.batch_size]
-            logits, _ = adaptor(train_embeddings[batch])
-            loss = sdm_loss(logits, q_train[batch], d_train[batch], train_labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * batch.numel()
+            loss = _adam_step(adaptor, optimizer, train_embeddings[batch], q_train[batch], d_train[batch], train_labels[batch])
+            total += loss * batch.numel()
             count += batch.numel()
 
         train_logits, train_exemplars = adaptor.infer(train_embeddings, config.eval_batch_size)
