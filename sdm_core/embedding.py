@@ -96,13 +96,14 @@ def verification_prefix(response: str, verified_open: str = VERIFIED_OPEN) -> st
 
 
 def chat_messages(prompt: str | Sequence[dict], chat: ChatFormat) -> list[dict]:
-    """A prompt string (wrapped with the system prompt) or an existing message list, as chat messages."""
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-        if chat.system_prompt is not None:
-            messages.insert(0, {"role": "system", "content": chat.system_prompt})
-        return messages
-    return [dict(m) for m in prompt]
+    """A prompt string (one user turn) or a message list, as chat messages; either gets the chat format's system
+    prompt first unless it brings a system turn of its own. A chat of one user turn is thus conditioned exactly as
+    the same text given as a string (otherwise the template would add its own default system turn, which the SDM
+    head was not calibrated under)."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if chat.system_prompt is not None and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": chat.system_prompt})
+    return messages
 
 
 def verification_text(tokenizer, prompt: str | Sequence[dict], response: str, chat: ChatFormat, recipe: HiddenStateRecipe) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdm_core.embedding import ChatFormat
+from sdm_core.embedding import ChatFormat, HiddenStateRecipe, chat_messages, verification_text
 from training.encoding import IGNORE_INDEX, collate, encode_instance
 from training.loss import ce_token_loss, sdm_token_loss
 
@@ -52,6 +52,19 @@ def test_negative_without_no_tag_is_rejected(tiny_tokenizer):
 def test_messages_prompt_is_encoded_like_a_string_prompt(tiny_tokenizer):
     messages = [{"role": "system", "content": CHAT.system_prompt}, {"role": "user", "content": PROMPT}]
     assert encode_instance(tiny_tokenizer, messages, POSITIVE, 1, CHAT) == encode_instance(tiny_tokenizer, PROMPT, POSITIVE, 1, CHAT)
+
+
+def test_a_chat_without_a_system_turn_gets_the_formats_system_prompt(tiny_tokenizer):
+    # One user turn must be conditioned as the same string prompt (the server's chat route relies on it); the
+    # template's own default system turn would be text the SDM head never saw.
+    user_only = [{"role": "user", "content": PROMPT}]
+    as_string = encode_instance(tiny_tokenizer, PROMPT, POSITIVE, 1, CHAT)
+    assert encode_instance(tiny_tokenizer, user_only, POSITIVE, 1, CHAT) == as_string
+    assert verification_text(tiny_tokenizer, user_only, POSITIVE, CHAT, HiddenStateRecipe()) == verification_text(
+        tiny_tokenizer, PROMPT, POSITIVE, CHAT, HiddenStateRecipe())
+    own = [{"role": "system", "content": "Answer tersely."}, {"role": "user", "content": PROMPT}]
+    assert chat_messages(own, CHAT) == own, "a chat's own system turn is kept, not doubled"
+    assert chat_messages(user_only, ChatFormat(system_prompt=None)) == user_only
 
 
 def test_collate_right_pads_and_masks_padding(tiny_tokenizer):
