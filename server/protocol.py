@@ -99,8 +99,8 @@ class SelectiveParams(BaseModel):
     @field_validator("alpha")
     @classmethod
     def _alpha_range(cls, value: float | None) -> float | None:
-        if value is not None and not (0.0 < value < 1.0):
-            raise ValueError(f"alpha must be in (0, 1), got {value}")
+        if value is not None and not (0.5 < value <= 1.0):  # sdm_core's domain of alpha (Algorithm 1 needs > 0.5)
+            raise ValueError(f"alpha must be in (0.5, 1], got {value}")
         return value
 
 
@@ -151,6 +151,9 @@ class GenerateRequest(SelectiveParams):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
+        if self.prompt is not None and not self.prompt.strip():
+            # The model would answer an empty turn with unrelated text at full generation cost.
+            raise ValueError("prompt must not be empty or whitespace; send the instruction to answer")
         return self
 
 
@@ -258,6 +261,14 @@ class CompletionRequest(_OpenAIRequest):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | list[str]) -> str | list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or any(not p.strip() for p in prompts):
+            raise ValueError("prompt must not be empty or whitespace; send the instruction to answer")
+        return value
 
     @field_validator("max_tokens")
     @classmethod

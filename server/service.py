@@ -92,7 +92,9 @@ def parse_request(model: type[M], data: Any) -> M:
                 message = message[len(prefix) :]
         if error.get("type") == "missing":
             message = "this field is required"
-        raise invalid_request(f"{param}: {message}" if param else message, param, error.get("type")) from None
+        if param and not message.startswith(param):  # "alpha must be ..." already names its field
+            message = f"{param}: {message}"
+        raise invalid_request(message, param, error.get("type")) from None
 
 
 # -- results ---------------------------------------------------------------------------------------------------
