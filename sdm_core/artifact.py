@@ -91,6 +91,8 @@ def read_artifact(
     """Verify and read an artifact: (manifest, tensors per file, JSON per file)."""
     root = Path(folder)
     manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise ArtifactError(f"no such artifact folder: {root} (check the path)")
     if not manifest_path.is_file():
         raise ArtifactError(f"{root} is not an artifact: {MANIFEST} is missing (was writing interrupted? write it again)")
     try:

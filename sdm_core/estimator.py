@@ -61,7 +61,13 @@ class Exemplar:
 
 @dataclass
 class SDMScores:
-    """Per-input estimator outputs (row i describes input i). Tensors are CPU tensors."""
+    """Per-input estimator outputs (row i describes input i). Tensors are CPU tensors.
+
+    ``probabilities_lower`` / ``probabilities_upper`` are the whole SDM output at d_lower / d_upper (ACT Eqs. 16-17):
+    they bound the predicted class's probability (lower <= point <= upper), while the other classes' entries move
+    the opposite way, since a smaller d flattens the distribution. ``probability_lower`` / ``probability_upper`` in
+    :meth:`record` are the predicted class's bounds.
+    """
 
     alpha: float
     logits: torch.Tensor
@@ -122,6 +128,7 @@ class SDMScores:
             "sdm_output_lower": [float(v) for v in self.probabilities_lower[i]],
             "sdm_output_upper": [float(v) for v in self.probabilities_upper[i]],
             "probability_lower": float(self.probabilities_lower[i, self.predictions[i]]),
+            "probability_upper": float(self.probabilities_upper[i, self.predictions[i]]),
             "q_prime_lower": float(self.q_prime_lower[i]),
             "admitted_lower": bool(self.admitted_lower[i]),
             "nearest_id": self.nearest_id[i],

@@ -147,8 +147,8 @@ def test_missing_artifact_file_is_refused(copy, name):
         SDMEstimator.load(copy)
 
 
-def test_nonexistent_artifact_folder_is_refused(tmp_path):
-    with pytest.raises(ArtifactError):
+def test_nonexistent_artifact_folder_is_refused_as_a_wrong_path(tmp_path):
+    with pytest.raises(ArtifactError, match="no such artifact folder"):
         SDMEstimator.load(tmp_path / "nothing-here")
 
 

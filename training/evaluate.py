@@ -463,6 +463,7 @@ def evaluate(config: EvaluateConfig) -> dict:
         if not records:
             raise ValueError(f"data {name!r}: {path} holds no records")
         datasets[name] = records
+    device = resolve_device(config.device)  # a bad --device is the flag's error, before any bundle loads
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -474,7 +475,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     }
     for bundle_name, bundle_path in bundle_paths.items():
         try:
-            bundle = load_bundle(bundle_path, device=resolve_device(config.device))
+            bundle = load_bundle(bundle_path, device=device)
         except ValueError as exc:
             raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
         head = bundle.head
