@@ -204,3 +204,19 @@ def test_epoch_generation_timing_decodes_the_drawn_documents_once_at_the_epoch_s
     assert sum(calls) == sum(step_calls) and len(calls) == len(step_calls) - per_step.steps + 1
     state = json.loads((tmp_path / "epoch" / "checkpoint" / "checkpoint.json").read_text())["trainer"]
     assert state["pregenerated"] == {}, "every pre-generated prompt was drawn"
+
+
+@pytest.mark.parametrize("module", ["training.finetune", "training.calibrate", "training.evaluate"])
+def test_every_training_flag_has_a_help_line(module: str) -> None:
+    from dataclasses import fields
+
+    from training.evaluate import EvaluateConfig
+
+    cls = {"training.finetune": FinetuneConfig, "training.calibrate": CalibrateConfig, "training.evaluate": EvaluateConfig}[module]
+    missing = [f.name for f in fields(cls) if not cls.HELP.get(f.name)]
+    assert not missing, f"{cls.__name__} fields without a --help line: {missing}"
+    assert not set(cls.HELP) - {f.name for f in fields(cls)}, "help for fields that do not exist"
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert cls.HELP["progress"] in " ".join(done.stdout.split())

@@ -17,7 +17,7 @@ import random
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -62,6 +62,34 @@ class CalibrateConfig:
     seed: int = 0
     device: str = "auto"  # auto: the first GPU when there is one, else the CPU
     progress: bool = True
+
+    # One line of --help per field (a test checks that every field has one).
+    HELP: ClassVar[dict[str, str]] = {
+        "run": "a training.finetune output folder: its checkpoint, config and data are used",
+        "checkpoint": "best or final (within --run)",
+        "model": "instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline",
+        "calibration": "calibration records (JSONL); default: the run's",
+        "out": "bundle folder to write (required)",
+        "correctness": "correctness function r by name (decides hard negatives)",
+        "max_calibration_docs": "use the first N calibration documents (0: all)",
+        "max_new_tokens": "tokens to generate at most per calibration prompt",
+        "generate_batch_size": "prompts per batched greedy generation",
+        "embed_batch_size": "instances per no-grad hidden-state pass",
+        "sdm_epochs": "epochs of the final SDM head",
+        "sdm_exemplar_dim": "exemplar dimension M of the head",
+        "sdm_batch_size": "mini-batch size of the head",
+        "sdm_learning_rate": "Adam learning rate of the head",
+        "alpha": "the bundle's default alpha (must be on the ladder)",
+        "alphas": "comma-separated alpha ladder of the nested regions",
+        "system_prompt": "system turn put before every prompt; default: the run's",
+        "recipe_sequence_end": "where h's sequence ends (template or verified); default: the run's",
+        "max_length": "longest hidden-state sequence in tokens",
+        "split_seed": "seed of the head's 50/50 support/calibration split",
+        "instance_seed": "seed of the per-document instance draw",
+        "seed": "seed of the head's fit",
+        "device": "auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N",
+        "progress": "show progress bars",
+    }
 
     def validate(self) -> None:
         if not self.out:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = ["FinetuneConfig", "PRESETS", "build_parser", "config_from_args"]
 
@@ -71,6 +71,55 @@ class FinetuneConfig:
     generate_batch_size: int = 16
     recipe_sequence_end: str = "template"
     progress: bool = True
+
+    # One line of --help per field (a test checks that every field has one).
+    HELP: ClassVar[dict[str, str]] = {
+        "train": "training records (JSONL); empty: build the word-ordering task into OUTPUT_DIR/data",
+        "calibration": "calibration records (JSONL) for evaluation and the validation SDM layer; empty: the built task's",
+        "output_dir": "run folder: config.json, train.log, metrics.jsonl, checkpoint/, best/, final/",
+        "correctness": "correctness function r by name (decides hard negatives)",
+        "max_train_docs": "use the first N training documents (0: all)",
+        "max_calibration_docs": "use the first N calibration documents (0: all)",
+        "task_min_words": "shortest sentence (words) when the word-ordering task is built",
+        "task_max_words": "longest sentence (words) when the word-ordering task is built",
+        "model": "model source: smollm2, tiny, a Hugging Face folder, or JSON such as '{\"kind\": \"hf\", \"path\": ...}'",
+        "dtype": "float32 or bfloat16 weights and compute",
+        "lora": "train LoRA adapters (peft) instead of the full weights",
+        "lora_r": "LoRA rank",
+        "lora_alpha": "LoRA scaling alpha",
+        "lora_targets": "comma-separated module names that get LoRA adapters",
+        "trainable_last_layers": "train only the last N blocks (0: all), a CPU budget option",
+        "gradient_checkpointing": "recompute activations in the backward pass to save memory",
+        "system_prompt": "system turn put before every prompt (and before a chat that brings none)",
+        "loss": "sdm (Eq. 1, base 2 + SDM(z')_y) or ce (the cross-entropy baseline on the same encoding)",
+        "gamma_positive": "probability that a document's instance is its positive",
+        "gamma_generate": "probability that a negative instance is a fresh greedy generation (hard negative)",
+        "generate_from_epoch": "0-based epoch from which hard negatives are generated",
+        "generation_timing": "step: decode in the step that draws it; epoch: decode an epoch's draws in batches at its start",
+        "max_new_tokens": "tokens to generate at most per hard negative",
+        "max_length": "longest training sequence in tokens (a longer one keeps its end, which holds the completion)",
+        "epochs": "training epochs",
+        "micro_batch_size": "instances per forward/backward pass on each process",
+        "gradient_accumulation": "micro-batches per optimiser step",
+        "learning_rate": "AdamW peak learning rate",
+        "warmup_steps": "linear warmup steps, then linear decay to 0",
+        "weight_decay": "AdamW weight decay",
+        "max_grad_norm": "gradient clipping norm (0: off)",
+        "eval_steps": "evaluate (and keep the best checkpoint) every N optimiser steps",
+        "save_steps": "write the resumable checkpoint every N optimiser steps",
+        "max_eval_docs": "calibration documents in each evaluation (0: all)",
+        "validation_layer_docs": "calibration documents for the validation SDM layer (0: all)",
+        "seed": "seed of every draw, shuffle and initialisation",
+        "sdm_epochs": "epochs of each SDM layer fitted during training",
+        "sdm_exemplar_dim": "exemplar dimension M of those SDM layers",
+        "sdm_batch_size": "mini-batch size of those SDM layers",
+        "sdm_learning_rate": "Adam learning rate of those SDM layers",
+        "alpha": "alpha of the SDM layers' HIGH-RELIABILITY region",
+        "embed_batch_size": "instances per no-grad hidden-state pass",
+        "generate_batch_size": "prompts per batched greedy generation",
+        "recipe_sequence_end": "where h's sequence ends: template (reference code) or verified (the paper: at <verified>)",
+        "progress": "show progress bars",
+    }
 
     def __post_init__(self) -> None:
         positive_ints = ("epochs", "micro_batch_size", "gradient_accumulation", "eval_steps", "save_steps", "sdm_epochs",
@@ -242,7 +291,9 @@ def build_parser(prog: str = "python -m training.finetune", description: str = "
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         current = getattr(defaults, f.name)
-        parser.add_argument(flag, dest=f.name, default=None, metavar="VALUE", help=f"env {env_prefix}{f.name.upper()} (default {current!r})")
+        text = getattr(cls, "HELP", {}).get(f.name)
+        where = f"env {env_prefix}{f.name.upper()}, default {current!r}"
+        parser.add_argument(flag, dest=f.name, default=None, metavar="VALUE", help=f"{text} ({where})" if text else where)
     return parser
 
 

@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -61,6 +61,21 @@ class EvaluateConfig:
     alpha: float | None = None  # None: each bundle's default alpha; otherwise it must be on every bundle's ladder
     device: str = "auto"  # auto: the first GPU when there is one, else the CPU
     progress: bool = True
+
+    # One line of --help per field (a test checks that every field has one).
+    HELP: ClassVar[dict[str, str]] = {
+        "bundles": "comma-separated NAME=PATH bundles (or bundle folders, named after the folder) to compare",
+        "data": "comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)",
+        "out": "folder for metrics.json, report.md, predictions and plots (required)",
+        "correctness": "correctness function r by name",
+        "max_docs": "use the first N documents of each dataset (0: all)",
+        "max_new_tokens": "tokens to generate at most per prompt",
+        "generate_batch_size": "prompts per batched greedy generation",
+        "embed_batch_size": "instances per no-grad hidden-state pass",
+        "alpha": "alpha to report at (on every bundle's ladder); default: each bundle's own",
+        "device": "auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N",
+        "progress": "show progress bars",
+    }
 
     def __post_init__(self) -> None:
         # The CLI hands strings for fields whose default is None or a tuple; normalise them here.
