@@ -44,6 +44,11 @@ def test_sdm_run_writes_outputs_and_generates_hard_negatives(sdm_run):
     assert any("eval_loss" in r for r in records)
     assert max(r["hard_negatives"] for r in records) > 0
     assert all(2.0 <= r["mean_base"] <= 3.0 for r in records)
+    # uniform_bases counts the step's instances at b = 2.5 (d = 0); a step whose mean is 2.5 has them all there.
+    per_step = PRESETS["tiny"]["micro_batch_size"] * PRESETS["tiny"]["gradient_accumulation"]
+    assert all(0 <= r["uniform_bases"] <= per_step for r in records)
+    assert all(r["uniform_bases"] == per_step for r in records if r["mean_base"] == 2.5)
+    assert all(r["uniform_bases"] < per_step for r in records if r["mean_base"] != 2.5)
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["loss"] == "sdm" and "git_revision" in config
     assert (out / "best" / "model.safetensors").is_file() and (out / "checkpoint" / "checkpoint.json").is_file()
@@ -75,6 +80,7 @@ def test_cross_entropy_baseline_runs_on_the_same_encoding(tmp_path):
     result = run(tiny_config(tmp_path / "ce", loss="ce", epochs=1))
     records = [json.loads(line) for line in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()]
     assert result.steps == len(records) and all(abs(r["mean_base"] - 2.718281828) < 1e-6 for r in records)
+    assert all(r["uniform_bases"] == 0 for r in records), "no SDM layer under CE"
     assert (tmp_path / "ce" / "best" / "model.safetensors").is_file()
 
 

@@ -426,6 +426,7 @@ class SDMTrainer:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=f"fine-tuning ({cfg.loss})", disable=not cfg.progress)
         started = time.perf_counter()
+        warned_uniform: set[int] = set()  # epochs already warned about an all-uniform step
         for epoch in range(self.state["epoch"], cfg.epochs):
             first_step = epoch * self.steps_per_epoch
             order = list(self.train_records)
@@ -476,14 +477,24 @@ class SDMTrainer:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 if prefixes is not None:
                     bases = torch.cat(shared_bases) if shared_bases else torch.zeros(0)
-                step_loss, base_sum, base_count = self._sum_across_ranks(step_loss, float(bases.sum()), float(len(bases)))
+                # b = 2.5 exactly means SDM(z') = (1/2, 1/2), i.e. d = 0: h has left the distance range of the layer
+                # fitted at the epoch start, and Eq. 1 is then a fixed-base cross-entropy for that instance.
+                uniform = float((bases == 2.5).sum()) if cfg.loss == "sdm" and self.train_layer is not None else 0.0
+                step_loss, base_sum, base_count, uniform = self._sum_across_ranks(step_loss, float(bases.sum()), float(len(bases)), uniform)
                 mean_base = base_sum / max(base_count, 1.0)
+                if uniform and uniform == base_count and epoch not in warned_uniform:
+                    warned_uniform.add(epoch)
+                    log.warning("step %d: every instance has d = 0 under the epoch's training layer (its h lie beyond the "
+                                "layer's calibration distances; typically h has moved since the epoch start), so the SDM loss "
+                                "is a fixed-base cross-entropy there; 'uniform_bases' in metrics.jsonl counts such instances "
+                                "per step. A lower --learning-rate keeps h within range (docs/training.md).", step + 1)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] = step + 1
                 record = {"step": step + 1, "epoch": epoch + (local + 1) / self.steps_per_epoch, "loss": step_loss,
-                          "lr": self.scheduler.get_last_lr()[0], "mean_base": mean_base, "seconds": round(time.perf_counter() - started, 1),
+                          "lr": self.scheduler.get_last_lr()[0], "mean_base": mean_base, "uniform_bases": int(uniform),
+                          "seconds": round(time.perf_counter() - started, 1),
                           "hard_negatives": sum(len(v) for v in self.state["epoch_hard_negatives"].values())}
                 last = step + 1 == self.total_steps
                 if (step + 1) % cfg.eval_steps == 0 or last:
