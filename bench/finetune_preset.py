@@ -65,7 +65,8 @@ def main() -> None:
         "steps": result.steps,
         "best_step": result.best_step,
         "best_eval_loss": result.best_eval_loss,
-        **{f"calibration_{k}": v for k, v in summary.items() if k != "bundle"},
+        # calibrate's own summary, prefixed once ("calibration_docs" stays "calibration_docs", not doubled)
+        **{(k if k.startswith("calibration_") else f"calibration_{k}"): v for k, v in summary.items() if k != "bundle"},
         "bundle": summary["bundle"],
     }))
 
