@@ -89,8 +89,8 @@ def _adam_step(
     The layer is affine, z' = V(Wx + b) + c, so autograd's route (the batch's exemplars Wx + b forward, then their
     backward) costs two B x M x D products, while the loss needs only x's C directions: with G = dL/dz' (B x C),
     dW = V^T (G^T x), db = V^T (G^T 1), dV = (G^T x) W^T + (G^T 1) b^T and dc = G^T 1, and the forward is
-    z' = x (VW)^T + (Vb + c). The same function and gradients at O(C·M·D) a step: about a third of a large fit's
-    time, which was spent in those two products.
+    z' = x (VW)^T + (Vb + c). The same function and gradients at O(C·M·D) a step; what remains is mostly Adam's
+    pass over the parameters (a 5,000-point epoch's 100 steps: 0.36 s before, 0.26 s now; docs/performance.md).
     """
     weight, bias = adaptor.exemplar.weight, adaptor.exemplar.bias
     out_weight, out_bias = adaptor.output.weight, adaptor.output.bias
