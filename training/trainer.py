@@ -487,7 +487,7 @@ class SDMTrainer:
                     log.warning("step %d: every instance has d = 0 under the epoch's training layer (its h lie beyond the "
                                 "layer's calibration distances; typically h has moved since the epoch start), so the SDM loss "
                                 "is a fixed-base cross-entropy there; 'uniform_bases' in metrics.jsonl counts such instances "
-                                "per step. A lower --learning-rate keeps h within range (docs/training.md).", step + 1)
+                                "per step (docs/training.md).", step + 1)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
