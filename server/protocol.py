@@ -110,6 +110,12 @@ def _check_max_tokens(value: int | None) -> int | None:
     return value
 
 
+def _check_prompts(prompts: list[str]) -> None:
+    # The model would answer an empty turn with unrelated text at full generation cost.
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("prompt must not be empty or whitespace; send the instruction to answer")
+
+
 def _normalize_stop(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
@@ -151,9 +157,8 @@ class GenerateRequest(SelectiveParams):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
-        if self.prompt is not None and not self.prompt.strip():
-            # The model would answer an empty turn with unrelated text at full generation cost.
-            raise ValueError("prompt must not be empty or whitespace; send the instruction to answer")
+        if self.prompt is not None:
+            _check_prompts([self.prompt])
         return self
 
 
@@ -265,9 +270,7 @@ class CompletionRequest(_OpenAIRequest):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str | list[str]) -> str | list[str]:
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts or any(not p.strip() for p in prompts):
-            raise ValueError("prompt must not be empty or whitespace; send the instruction to answer")
+        _check_prompts([value] if isinstance(value, str) else value)
         return value
 
     @field_validator("max_tokens")
