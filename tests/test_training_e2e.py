@@ -4,6 +4,7 @@ bundle that loads and scores, and resume after a simulated crash (kill -9 right 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,6 +211,23 @@ def test_epoch_generation_timing_decodes_the_drawn_documents_once_at_the_epoch_s
     assert sum(calls) == sum(step_calls) and len(calls) == len(step_calls) - per_step.steps + 1
     state = json.loads((tmp_path / "epoch" / "checkpoint" / "checkpoint.json").read_text())["trainer"]
     assert state["pregenerated"] == {}, "every pre-generated prompt was drawn"
+
+
+def test_bf16_mixed_precision_trains_float32_weights_under_autocast(tmp_path):
+    settings = dict(epochs=1, generate_from_epoch=0, gamma_generate=1.0)
+    full = run(tiny_config(tmp_path / "fp32", **settings))
+    mixed = run(tiny_config(tmp_path / "bf16", mixed_precision="bf16", **settings))
+    first_full, first_mixed = full.history[0], mixed.history[0]
+    # Same draws and instances; the step-1 loss differs by bfloat16 rounding only (so autocast was on).
+    assert first_mixed["loss"] != first_full["loss"]
+    assert first_mixed["loss"] == pytest.approx(first_full["loss"], rel=0.02)
+    assert all(math.isfinite(r["loss"]) for r in mixed.history) and math.isfinite(mixed.best_eval_loss)
+    weights = load_file(str(tmp_path / "bf16" / "final" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values()), "master weights stay float32"
+    with pytest.raises(ValueError, match="mixed_precision"):
+        tiny_config(tmp_path, mixed_precision="fp16")
+    with pytest.raises(ValueError, match="float32 weights"):
+        tiny_config(tmp_path, mixed_precision="bf16", dtype="bfloat16")
 
 
 @pytest.mark.parametrize("module", ["training.finetune", "training.calibrate", "training.evaluate"])

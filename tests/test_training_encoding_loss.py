@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sdm_core.embedding import ChatFormat, HiddenStateRecipe, chat_messages, verification_text
 from training.encoding import IGNORE_INDEX, collate, encode_instance
-from training.loss import ce_token_loss, sdm_token_loss
+from training.loss import ce_token_loss, logits_to_keep, sdm_token_loss
 
 PROMPT = "Complete the sentence 'Neat plans' by reordering all of the following without adding new punctuation nor words: 'fail luck. without'."
 POSITIVE = "<sentence>Neat plans fail without luck.</sentence>\n<verified>Yes</verified>"
@@ -119,3 +119,36 @@ def test_sdm_loss_base_is_detached_and_gradient_flows_to_logits():
 def test_sdm_loss_rejects_a_base_at_or_below_one():
     with pytest.raises(ValueError, match="base"):
         sdm_token_loss(torch.randn(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), torch.tensor([1.0]))
+
+
+def test_losses_over_the_kept_final_logits_equal_the_losses_over_all_logits():
+    # The trainer asks the model for the logits of the last logits_to_keep(labels) positions only.
+    torch.manual_seed(2)
+    logits = torch.randn(3, 9, 13)
+    labels = torch.randint(0, 13, (3, 9))
+    labels[0, :6] = IGNORE_INDEX  # rows whose masked prompts differ in length, as in a right-padded batch
+    labels[1, :4] = IGNORE_INDEX
+    labels[1, 7:] = IGNORE_INDEX  # padding
+    labels[2, :] = IGNORE_INDEX  # a row with nothing to train
+    keep = logits_to_keep(labels)
+    assert keep == 9 - 3  # position 3's logits predict row 1's first unmasked label (position 4)
+    base = torch.tensor([2.2, 2.7, 2.9])
+    full, n_full = sdm_token_loss(logits, labels, base)
+    kept, n_kept = sdm_token_loss(logits[:, -keep:], labels, base)
+    assert n_kept == n_full and torch.allclose(kept, full, atol=1e-6)
+    ce_full, _ = ce_token_loss(logits, labels)
+    ce_kept, _ = ce_token_loss(logits[:, -keep:], labels)
+    assert torch.allclose(ce_kept, ce_full, atol=1e-6)
+    # Too few kept positions would drop trained tokens: the count shows it.
+    assert sdm_token_loss(logits[:, -(keep - 1):], labels, base)[1] < n_full
+
+
+def test_logits_to_keep_is_one_when_nothing_is_trained():
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    assert logits_to_keep(labels) == 1
+    assert sdm_token_loss(torch.randn(2, 1, 4), labels, torch.tensor([2.5, 2.5]))[1] == 0
+
+
+def test_loss_rejects_more_logit_positions_than_labels():
+    with pytest.raises(ValueError, match="last K"):
+        ce_token_loss(torch.randn(1, 4, 3), torch.zeros(1, 3, dtype=torch.long))

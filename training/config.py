@@ -28,6 +28,9 @@ class FinetuneConfig:
     # model
     model: dict = field(default_factory=lambda: {"kind": "smollm2"})
     dtype: str = "float32"
+    # "bf16": the fine-tuning loop's LM passes (training steps, its SDM layers' embeddings, hard-negative decoding,
+    # evaluation) run under bfloat16 autocast over float32 weights; calibration and serving stay at ``dtype``.
+    mixed_precision: str = "no"
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
@@ -84,6 +87,7 @@ class FinetuneConfig:
         "task_max_words": "longest sentence (words) when the word-ordering task is built",
         "model": "model source: smollm2, tiny, a Hugging Face folder, or JSON such as '{\"kind\": \"hf\", \"path\": ...}'",
         "dtype": "float32 or bfloat16 weights and compute",
+        "mixed_precision": "no, or bf16: bfloat16 autocast over float32 weights in the fine-tuning loop's LM passes only",
         "lora": "train LoRA adapters (peft) instead of the full weights",
         "lora_r": "LoRA rank",
         "lora_alpha": "LoRA scaling alpha",
@@ -138,6 +142,10 @@ class FinetuneConfig:
             raise ValueError(f"loss must be 'sdm' or 'ce', got {self.loss!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+        if self.mixed_precision == "bf16" and self.dtype != "float32":
+            raise ValueError("mixed_precision bf16 autocasts over float32 weights; with dtype bfloat16 use mixed_precision no")
         if self.learning_rate <= 0 or self.sdm_learning_rate <= 0:
             raise ValueError("learning rates must be > 0")
         if not 0.5 < self.alpha <= 1.0:

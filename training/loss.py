@@ -6,6 +6,10 @@ also scaled by ln b. With b = e it is exactly cross-entropy.
 
 Both functions return the SUM over unmasked tokens and the token count, so that a caller can divide by the
 number of unmasked tokens of the whole optimiser step and stay exact under gradient accumulation.
+
+``logits`` may cover only the last K positions of the sequence (transformers' ``logits_to_keep=K``, with K from
+:func:`logits_to_keep`): the vocabulary projection and the softmax over the prompt, which no label reads, are then
+never computed, and the loss is the same.
 """
 
 from __future__ import annotations
@@ -15,13 +19,26 @@ import torch.nn.functional as F
 
 from training.encoding import IGNORE_INDEX
 
-__all__ = ["sdm_token_loss", "ce_token_loss"]
+__all__ = ["sdm_token_loss", "ce_token_loss", "logits_to_keep"]
+
+
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many final positions' logits the loss needs: from the first one that predicts an unmasked label (B, T)."""
+    targets = labels[:, 1:] != IGNORE_INDEX
+    rows = targets.any(dim=1)
+    if not bool(rows.any()):
+        return 1  # nothing is trained; one position keeps the forward's output well formed
+    first = int(targets[rows].float().argmax(dim=1).min())
+    return labels.shape[1] - first
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be (B, T, V) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    return logits[:, :-1, :], labels[:, 1:]
+    """Logits of positions T-K..T-2 with the labels they predict (positions T-K+1..T-1)."""
+    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[0] != labels.shape[0] or not 1 <= logits.shape[1] <= labels.shape[1]:
+        raise ValueError(f"logits must be (B, K, V) for the last K <= T positions and labels (B, T); "
+                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    kept = logits.shape[1]
+    return logits[:, :-1, :], labels[:, labels.shape[1] - kept + 1 :]
 
 
 def sdm_token_loss(logits: torch.Tensor, labels: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -21,6 +21,7 @@ import os
 import random
 import subprocess
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,7 +36,7 @@ from training.config import FinetuneConfig
 from training.correctness import is_verbatim, normalize_hard_negative
 from training.encoding import EncodedInstance, collate, encode_instance
 from training.generation import greedy_generate
-from training.loss import ce_token_loss, sdm_token_loss
+from training.loss import ce_token_loss, logits_to_keep, sdm_token_loss
 from training.records import Record
 from training.verification_layer import (
     CLASS_NAMES,
@@ -201,8 +202,23 @@ class SDMTrainer:
         forward gathers the weights from all ranks."""
         if not prompts and not self.sharded:
             return []
-        return greedy_generate(self.unwrapped, self.tokenizer, prompts, self.chat, self.config.max_new_tokens,
-                               self.config.generate_batch_size, progress, desc, synced=self.sharded)
+        with self._autocast():
+            return greedy_generate(self.unwrapped, self.tokenizer, prompts, self.chat, self.config.max_new_tokens,
+                                   self.config.generate_batch_size, progress, desc, synced=self.sharded)
+
+    def _autocast(self):
+        """bfloat16 autocast for the LM's passes under ``mixed_precision`` bf16. The SDM layers' fitting and scoring
+        stay outside it: their nearest-neighbour distances need float32."""
+        if self.config.mixed_precision != "bf16":
+            return nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, keep: int = 0, hidden_states: bool = False):
+        """The training model's forward (under :meth:`_autocast`); ``keep``: logits of the last ``keep`` positions
+        only (0: all), see :func:`training.loss.logits_to_keep`."""
+        with self._autocast():
+            return self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep,
+                              output_hidden_states=hidden_states)
 
     def _missing_passes(self, passes: int) -> int:
         """How many passes this rank runs with no documents of its own so that every rank runs as many forward and
@@ -226,7 +242,7 @@ class SDMTrainer:
     def _idle_loss(self) -> torch.Tensor:
         """A zero loss over one padding token: the collective passes run, the gradients do not change."""
         ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.accelerator.device)
-        return self.model(input_ids=ids, use_cache=False).logits.sum() * 0.0
+        return self._forward(ids).logits.sum() * 0.0
 
     def _union_across_ranks(self, store: dict[str, list[str]]) -> dict[str, list[str]]:
         """The union of every rank's {document id: hard negatives} (each document belongs to one rank a step)."""
@@ -310,7 +326,8 @@ class SDMTrainer:
         """b = 2 + SDM(z')_y per instance (e for the CE baseline, where b does not enter the loss)."""
         if layer is None:
             return torch.full((len(instances),), math.e)
-        h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size)
+        with self._autocast():
+            h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size)
         if self.sharded:  # each embedding batch is a collective forward; match the rank with the most instances
             with torch.no_grad():
                 for _ in range(self._missing_passes(math.ceil(len(instances) / self.config.embed_batch_size))):
@@ -332,7 +349,7 @@ class SDMTrainer:
     def _loss_sum(self, encoded: Sequence[EncodedInstance], bases: torch.Tensor) -> tuple[torch.Tensor, int]:
         ids, mask, labels = collate(encoded, self.pad_id)
         device = self.accelerator.device
-        logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logits = self._forward(ids.to(device), mask.to(device), keep=logits_to_keep(labels)).logits
         if self.config.loss == "sdm":
             return sdm_token_loss(logits, labels.to(device), bases.to(device))
         return ce_token_loss(logits, labels.to(device))
@@ -346,7 +363,7 @@ class SDMTrainer:
         """The SDM loss with b from the same forward pass (see ``_shared_prefixes``): (loss sum, tokens, b)."""
         ids, mask, labels = collate(encoded, self.pad_id)
         device = self.accelerator.device
-        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, output_hidden_states=True)
+        out = self._forward(ids.to(device), mask.to(device), keep=logits_to_keep(labels), hidden_states=True)
         h = self._prefix_h(out.hidden_states[-1], prefixes)
         bases = self._bases_from_h(h, instances, self.train_layer, flags)
         loss_sum, tokens = sdm_token_loss(out.logits, labels.to(device), bases.to(device))
@@ -356,7 +373,9 @@ class SDMTrainer:
     def _fit_layer(self, records: Sequence[Record], flags: dict[str, bool], hard_negatives: dict, tag: str) -> SDMEstimator:
         rng = random.Random(f"{self.config.seed}:{tag}")
         instances = draw_layer_instances(records, hard_negatives, rng, self.config.gamma_positive)
-        h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size, self.config.progress)
+        with self._autocast():
+            h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size,
+                                self.config.progress)
         return fit_verification_layer(h, instances, flags, self.sdm_config)
 
     # -- evaluation -----------------------------------------------------------------------------------------
