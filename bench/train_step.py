@@ -6,7 +6,12 @@ The SDM step includes everything the SDM loss adds, as the trainer does it: with
 the training forward's own hidden states; then the SDM layer's scoring for b and the change-of-base loss. The CE
 step is the same update with CE.
 
+The forward asks for the logits that the loss reads only (``logits_to_keep``), as the trainer does;
+``--mixed-precision bf16`` runs both steps' LM passes under bfloat16 autocast, as ``--mixed-precision bf16`` of
+``training.finetune`` does, and ``--lora R`` trains LoRA adapters of rank R on every block (the smollm2-cpu preset).
+
     python bench/train_step.py --model smollm2 [--batch 8] [--repeats 3] [--trainable-last-layers 4] [--recipe-sequence-end verified]
+        [--lora 8] [--mixed-precision bf16]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,7 +33,7 @@ from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verif
 from sdm_core.models import load_model, load_tokenizer  # noqa: E402
 from training.data import WordOrderConfig, build_word_order  # noqa: E402
 from training.encoding import collate, encode_instance  # noqa: E402
-from training.loss import ce_token_loss, sdm_token_loss  # noqa: E402
+from training.loss import ce_token_loss, logits_to_keep, sdm_token_loss  # noqa: E402
 from training.records import load_records  # noqa: E402
 from training.verification_layer import Instance, prefix_embeddings, shared_prefix_lengths  # noqa: E402
 
@@ -41,6 +47,8 @@ def main() -> None:
     parser.add_argument("--embed-docs", type=int, default=32)
     parser.add_argument("--data", default="runs/bench-data")
     parser.add_argument("--recipe-sequence-end", default="template", choices=("template", "verified"))
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on every block (0: no LoRA)")
+    parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16"))
     args = parser.parse_args()
     source = {"kind": args.model} if args.model in ("smollm2", "tiny") else {"kind": "hf", "path": args.model}
     tokenizer = load_tokenizer(source)
@@ -51,6 +59,15 @@ def main() -> None:
         for block in model.get_decoder().layers[-args.trainable_last_layers :]:
             for p in block.parameters():
                 p.requires_grad_(True)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules=targets))
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if args.mixed_precision == "bf16" else nullcontext()
+
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
         build_word_order(data, WordOrderConfig(train=200, calibration=200, test=200, quiet=True))
@@ -69,6 +86,7 @@ def main() -> None:
 
     encoded = [encode_instance(tokenizer, p, s, label, chat) for p, s, label in instances]
     ids, mask, labels = collate(encoded, tokenizer.pad_token_id)
+    keep = logits_to_keep(labels)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     prefixes = shared_prefix_lengths(tokenizer, [Instance(str(i), p, s, label) for i, (p, s, label) in enumerate(instances)],
@@ -78,16 +96,19 @@ def main() -> None:
     def step(kind: str) -> float:
         started = time.perf_counter()
         if kind == "sdm" and prefixes is None:
-            hb = embed_texts(model, tokenizer, texts, recipe, batch_size=args.batch)
+            with autocast():
+                hb = embed_texts(model, tokenizer, texts, recipe, batch_size=args.batch)
             base = 2.0 + layer.score(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
         model.train()
         if kind == "sdm" and prefixes is not None:
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+            with autocast():
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True, logits_to_keep=keep)
             hb = prefix_embeddings(out.hidden_states[-1], prefixes, recipe)
             base = 2.0 + layer.score(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
             logits = out.logits
         else:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            with autocast():
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep).logits
         loss_sum, n = sdm_token_loss(logits, labels, base) if kind == "sdm" else ce_token_loss(logits, labels)
         (loss_sum / n).backward()
         optimizer.step()
@@ -117,6 +138,8 @@ def main() -> None:
         "mean_tokens": round(float(mask.sum(1).float().mean()), 1),
         "trainable_last_layers": args.trainable_last_layers,
         "recipe_sequence_end": args.recipe_sequence_end,
+        "lora": args.lora,
+        "mixed_precision": args.mixed_precision,
         "b_from_training_forward": prefixes is not None,
         "ce_step_s": round(statistics.median(ce), 3),
         "sdm_step_s": round(statistics.median(sdm), 3),

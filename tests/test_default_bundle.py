@@ -21,8 +21,20 @@ def test_default_bundle_stays_under_the_25_mb_budget():
     assert size <= 25 * 1024 * 1024, size
 
 
-def test_default_bundle_head_has_the_documented_region():
+def test_default_bundle_head_has_the_documented_region_at_alpha_095():
     head = SDMEstimator.load(BUNDLE / "head")
     regions = head.ladder.regions
-    assert regions[0.6].exists and regions[0.6].calibration_admitted == 56
-    assert not any(regions[a].exists for a in regions if a >= 0.65)
+    assert head.config.alpha == 0.95
+    assert regions[0.95].exists and regions[0.95].calibration_admitted == 26 and regions[0.95].q_prime_min == 47.0
+    assert regions[0.6].calibration_admitted == 57
+    assert not any(regions[a].exists for a in regions if a >= 0.97)
+
+
+def test_default_bundle_was_trained_by_the_smollm2_cpu_preset():
+    import json
+
+    from training.config import PRESETS
+
+    trained = json.loads((BUNDLE / "bundle.json").read_text())["provenance"]["training_config"]
+    assert {k: trained[k] for k in PRESETS["smollm2-cpu"]} == {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in PRESETS["smollm2-cpu"].items()}

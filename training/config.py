@@ -186,10 +186,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-cpu": {
         "model": {"kind": "smollm2"},
         "dtype": "float32",
+        # bfloat16 autocast in the fine-tuning loop (float32 weights; calibration and serving stay float32): a step
+        # is ~3x faster on CPUs with AVX512-BF16 or AMX, which puts 864 documents within the 45-minute budget.
+        "mixed_precision": "bf16",
         # Sentences of 5-14 words (the paper: 5-60): a 135M model on 2 cores learns the short task in the budget,
         # and generations are ~4x shorter to decode. See docs/decisions.md.
         "task_max_words": 14,
-        "max_train_docs": 288,
+        # 864 training documents: with 288 the model decoded ~39 % of calibration prompts and its head had no
+        # region at any alpha; with 864 it decodes ~55 % and has one at 0.95 (docs/performance.md).
+        "max_train_docs": 864,
         "max_calibration_docs": 256,
         "max_eval_docs": 32,
         "validation_layer_docs": 80,

@@ -78,6 +78,14 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 products natively on this CPU (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: unknown means no warning
+        return True
+
+
 def _retie(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A gathered state dict holds tied parameters (embeddings and LM head) as separate copies; pointing each alias
     at one tensor again lets ``save_pretrained`` drop the alias, as it does for an unsharded model."""
@@ -117,6 +125,9 @@ class SDMTrainer:
             # FSDP1 wraps the model so that its unwrapped module holds flattened shards: the no-grad passes and the
             # checkpoints here are written for FSDP2 (fully_shard), where the model stays the root module.
             raise ValueError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config (training/accelerate/fsdp.yaml)")
+        if config.mixed_precision == "bf16" and self.accelerator.device.type == "cpu" and not _cpu_has_bf16():
+            log.warning("mixed_precision bf16 on a CPU without native bfloat16 instructions (AVX512-BF16 or AMX): "
+                        "the autocast products are emulated and likely slower than float32; use --mixed-precision no")
         self.out = Path(config.output_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.sdm_config = SDMConfig(
