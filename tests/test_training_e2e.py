@@ -77,6 +77,29 @@ def test_calibrate_builds_a_bundle_that_loads_and_scores(sdm_run, tmp_path):
         read_bundle_info(bundle_dir)
 
 
+def test_generations_calibration_half_holds_each_documents_own_labelled_generation(sdm_run, tmp_path):
+    from sdm_core import SDMEstimator
+    from training.correctness import get_correctness
+    from training.records import load_records
+
+    out, _ = sdm_run
+    settings = {**CALIBRATE_PRESETS["tiny"], "run": str(out)}
+    calibrate(replace(CalibrateConfig(), **settings, out=str(tmp_path / "mixture")))
+    calibrate(replace(CalibrateConfig(), **settings, out=str(tmp_path / "generations"), calibration_instances="generations"))
+    mixture = SDMEstimator.load(tmp_path / "mixture" / "head")
+    own = SDMEstimator.load(tmp_path / "generations" / "head")
+    generations = {json.loads(line)["id"]: json.loads(line)["generation"]
+                   for line in (tmp_path / "generations.calibration_generations.jsonl").read_text().splitlines()}
+    references = {r.id: r.reference or r.positive for r in load_records(out / "data" / "calibration.jsonl")}
+    correct = get_correctness("word_order")
+    assert own.calibration_ids == mixture.calibration_ids
+    assert own.calibration_labels.tolist() == [int(bool(correct(generations[i], references[i]))) for i in own.calibration_ids]
+    # The mixture's calibration half holds references (label 1); the tiny model's own generations are all wrong.
+    assert 1 in mixture.calibration_labels.tolist() and own.calibration_labels.tolist() != mixture.calibration_labels.tolist()
+    with pytest.raises(ValueError, match="calibration_instances"):
+        CalibrateConfig(out="x", run="y", calibration_instances="test").validate()
+
+
 def test_cross_entropy_baseline_runs_on_the_same_encoding(tmp_path):
     result = run(tiny_config(tmp_path / "ce", loss="ce", epochs=1))
     records = [json.loads(line) for line in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,8 @@ Greedy-decode the calibration set with the chosen model; every generation that i
 nor a verbatim negative and that the task's correctness function marks wrong becomes that document's hard
 negative (gamma_gen = gamma_diversity = 1). One instance per document (positive with probability 0.5, else its
 hard negative when it has one, else its static negative), split 50/50 into the head's support and calibration
-sets, one SDM layer fitted, and the bundle written.
+sets, one SDM layer fitted, and the bundle written. ``--calibration-instances generations`` puts each calibration-set
+document's own generation (labelled by the correctness function) in the head's calibration half instead.
 
     python -m training.calibrate --run runs/tiny --out bundles/tiny           # the run's best checkpoint
     python -m training.calibrate --model smollm2 --calibration data/calibration.jsonl --out bundles/base  # un-fine-tuned baseline
@@ -31,7 +32,7 @@ from training.correctness import get_correctness, is_verbatim, normalize_hard_ne
 from training.generation import greedy_generate
 from training.records import load_records
 from training.trainer import git_revision
-from training.verification_layer import CLASS_NAMES, draw_layer_instances, embed_instances, fit_verification_layer, prompt_of
+from training.verification_layer import CLASS_NAMES, Instance, draw_layer_instances, embed_instances, fit_verification_layer, prompt_of
 
 __all__ = ["CalibrateConfig", "calibrate", "main"]
 
@@ -59,6 +60,10 @@ class CalibrateConfig:
     max_length: int = 2048
     split_seed: int = 23
     instance_seed: int = 53
+    # "mixture" (SDM_SPEC §3.7): both halves of the head hold the drawn instances (reference, hard or static
+    # negative). "generations": the calibration half holds each document's own greedy generation labelled by r,
+    # the distribution the server scores, so that Algorithm 1's region is estimated on it (docs/decisions.md).
+    calibration_instances: str = "mixture"
     seed: int = 0
     device: str = "auto"  # auto: the first GPU when there is one, else the CPU
     progress: bool = True
@@ -86,6 +91,7 @@ class CalibrateConfig:
         "max_length": "longest hidden-state sequence in tokens",
         "split_seed": "seed of the head's 50/50 support/calibration split",
         "instance_seed": "seed of the per-document instance draw",
+        "calibration_instances": "the head's calibration half: mixture (the paper's drawn instances) or generations (each document's own greedy generation, labelled by r)",
         "seed": "seed of the head's fit",
         "device": "auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N",
         "progress": "show progress bars",
@@ -98,6 +104,8 @@ class CalibrateConfig:
             raise ValueError("give --run (a fine-tuning output folder) or --model (a model source such as smollm2)")
         if self.checkpoint not in ("best", "final"):
             raise ValueError(f"checkpoint must be 'best' or 'final', got {self.checkpoint!r}")
+        if self.calibration_instances not in ("mixture", "generations"):
+            raise ValueError(f"calibration_instances must be 'mixture' or 'generations', got {self.calibration_instances!r}")
 
 
 def _resolve(config: CalibrateConfig) -> tuple[dict, str, dict]:
@@ -158,16 +166,21 @@ def calibrate(config: CalibrateConfig) -> dict:
     generations = greedy_generate(model, tokenizer, [prompt_of(r) for r in records], chat, config.max_new_tokens,
                                   config.generate_batch_size, config.progress, "decoding calibration set")
     hard_negatives: dict[str, list[str]] = {}
-    n_correct = 0
+    labels: list[int] = []
     for record, text in zip(records, generations):
-        label = correct(text, record.reference or record.positive)
-        n_correct += int(label)
+        label = int(bool(correct(text, record.reference or record.positive)))
+        labels.append(label)
         if not label and not is_verbatim(text, record.positive):
             hard_negatives[record.id] = [normalize_hard_negative(text)]
+    n_correct = sum(labels)
     ids = [r.id for r in records]
     split_rng = random.Random(config.split_seed)
     flags = {doc_id: split_rng.random() < 0.5 for doc_id in ids}
     instances = draw_layer_instances(records, hard_negatives, random.Random(config.instance_seed), 0.5, prefer_hard_negatives=True)
+    if config.calibration_instances == "generations":
+        # The raw generation, as the server and training.evaluate pass it to the recipe.
+        instances = [drawn if flags[drawn.doc_id] else Instance(drawn.doc_id, drawn.prompt, text, label)
+                     for drawn, text, label in zip(instances, generations, labels)]
     h = embed_instances(model, tokenizer, instances, chat, recipe, config.embed_batch_size, config.progress)
     alphas = tuple(float(a) for a in config.alphas)
     sdm_config = SDMConfig(
