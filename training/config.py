@@ -143,9 +143,10 @@ class FinetuneConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16' (--mixed-precision / SDM_MIXED_PRECISION), got {self.mixed_precision!r}")
         if self.mixed_precision == "bf16" and self.dtype != "float32":
-            raise ValueError("mixed_precision bf16 autocasts over float32 weights; with dtype bfloat16 use mixed_precision no")
+            raise ValueError("mixed_precision bf16 (the smollm2-cpu preset sets it) autocasts over float32 weights; with dtype bfloat16 "
+                             "pass --mixed-precision no (or SDM_MIXED_PRECISION=no)")
         if self.learning_rate <= 0 or self.sdm_learning_rate <= 0:
             raise ValueError("learning rates must be > 0")
         if not 0.5 < self.alpha <= 1.0:
