@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdm_core import SDMConfig, SDMEstimator  # noqa: E402
 from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text  # noqa: E402
 from sdm_core.models import load_model, load_tokenizer  # noqa: E402
+from training.config import FinetuneConfig  # noqa: E402
 from training.data import WordOrderConfig, build_word_order  # noqa: E402
 from training.encoding import collate, encode_instance  # noqa: E402
 from training.loss import ce_token_loss, logits_to_keep, sdm_token_loss  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        targets = list(FinetuneConfig().lora_targets)
         model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules=targets))
 
     def autocast():

@@ -24,12 +24,10 @@ __all__ = ["sdm_token_loss", "ce_token_loss", "logits_to_keep"]
 
 def logits_to_keep(labels: torch.Tensor) -> int:
     """How many final positions' logits the loss needs: from the first one that predicts an unmasked label (B, T)."""
-    targets = labels[:, 1:] != IGNORE_INDEX
-    rows = targets.any(dim=1)
-    if not bool(rows.any()):
+    trained = (labels[:, 1:] != IGNORE_INDEX).any(dim=0)  # per position, over the batch
+    if not bool(trained.any()):
         return 1  # nothing is trained; one position keeps the forward's output well formed
-    first = int(targets[rows].float().argmax(dim=1).min())
-    return labels.shape[1] - first
+    return labels.shape[1] - int(trained.float().argmax())
 
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -224,6 +224,11 @@ class SDMTrainer:
             return nullcontext()
         return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
 
+    def _embed(self, instances: Sequence[Instance], progress: bool = False) -> torch.Tensor:
+        """The instances' h from a no-grad pass of the current weights (under :meth:`_autocast`)."""
+        with self._autocast():
+            return embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size, progress)
+
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, keep: int = 0, hidden_states: bool = False):
         """The training model's forward (under :meth:`_autocast`); ``keep``: logits of the last ``keep`` positions
         only (0: all), see :func:`training.loss.logits_to_keep`."""
@@ -337,8 +342,7 @@ class SDMTrainer:
         """b = 2 + SDM(z')_y per instance (e for the CE baseline, where b does not enter the loss)."""
         if layer is None:
             return torch.full((len(instances),), math.e)
-        with self._autocast():
-            h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size)
+        h = self._embed(instances)
         if self.sharded:  # each embedding batch is a collective forward; match the rank with the most instances
             with torch.no_grad():
                 for _ in range(self._missing_passes(math.ceil(len(instances) / self.config.embed_batch_size))):
@@ -384,9 +388,7 @@ class SDMTrainer:
     def _fit_layer(self, records: Sequence[Record], flags: dict[str, bool], hard_negatives: dict, tag: str) -> SDMEstimator:
         rng = random.Random(f"{self.config.seed}:{tag}")
         instances = draw_layer_instances(records, hard_negatives, rng, self.config.gamma_positive)
-        with self._autocast():
-            h = embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size,
-                                self.config.progress)
+        h = self._embed(instances, self.config.progress)
         return fit_verification_layer(h, instances, flags, self.sdm_config)
 
     # -- evaluation -----------------------------------------------------------------------------------------
