@@ -31,7 +31,8 @@ from sdm_core.artifact import ArtifactError, canonical_json, sha256_file
 from sdm_core.embedding import ChatFormat, HiddenStateRecipe
 from sdm_core.estimator import SDMEstimator
 
-__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "VerificationTags", "BundleInfo", "Bundle", "write_bundle", "read_bundle_info", "load_bundle"]
+__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "VerificationTags", "BundleInfo", "Bundle", "write_bundle", "read_bundle_info", "load_bundle",
+           "seal_bundle"]
 
 BUNDLE_FORMAT = "sdm-lm-bundle"
 BUNDLE_VERSION = 1
@@ -102,6 +103,7 @@ def write_bundle(
     base_model: dict | None = None,
     provenance: dict | None = None,
     reference_only: bool = False,
+    certification: dict | None = None,
 ) -> Path:
     """Write a bundle atomically (built under a temporary name, then renamed into place).
 
@@ -140,10 +142,10 @@ def write_bundle(
             "recipe": recipe.to_dict(),
             "head": {"path": "head", **head.summary()},
             "provenance": provenance or {},
-            "files": _files_digest(tmp),
         }
-        body["bundle_sha256"] = hashlib.sha256(canonical_json(body).encode()).hexdigest()
-        (tmp / BUNDLE_JSON).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+        if certification is not None:
+            body["certification"] = certification
+        _write_manifest(tmp, body)
         if target.exists():
             target.rmdir()
         os.replace(tmp, target)
@@ -151,6 +153,37 @@ def write_bundle(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write_manifest(root: Path, body: dict) -> None:
+    """Write ``bundle.json`` for the files now under ``root``: their sha256, then the manifest's own."""
+    body = {k: v for k, v in body.items() if k not in ("files", "bundle_sha256")}
+    body["files"] = _files_digest(root)
+    body["bundle_sha256"] = hashlib.sha256(canonical_json(body).encode()).hexdigest()
+    (root / BUNDLE_JSON).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+
+
+def seal_bundle(folder: str | os.PathLike, updates: dict | None = None) -> BundleInfo:
+    """Re-seal a bundle in place after its files were changed on purpose (a recalibrated or extended head, a new
+    certification): the head summary is re-read from ``head/``, ``updates`` replace top-level manifest entries
+    (e.g. ``certification``, ``provenance``), and every file's sha256 and the manifest's own are recomputed.
+
+    The manifest must still parse and name this format; its old checksums are not checked (that is the point)."""
+    root = Path(folder)
+    path = root / BUNDLE_JSON
+    if not path.is_file():
+        raise ArtifactError(f"{root} is not an sdm-lm bundle: {BUNDLE_JSON} is missing")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
+    if raw.get("format") != BUNDLE_FORMAT or raw.get("format_version") != BUNDLE_VERSION:
+        raise ArtifactError(f"{root} is not an sdm-lm bundle of format_version {BUNDLE_VERSION}")
+    head = SDMEstimator.load(root / raw["head"]["path"])
+    body = {**raw, **(updates or {})}
+    body["head"] = {"path": raw["head"]["path"], **head.summary()}
+    _write_manifest(root, body)
+    return read_bundle_info(root)
 
 
 def read_bundle_info(folder: str | os.PathLike, verify: bool = True) -> BundleInfo:
