@@ -4,11 +4,13 @@ controller; no global state). The lifespan loads the bundle in the background, s
 
 Routes: ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /v1/models``, ``POST /generate``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` for server-sent events) and
-``POST /admin/reload``. Every error is the OpenAI envelope with its HTTP status.
+``POST /admin/reload``, and ``POST /v1/feedback`` (labels for served answers, kept in the traffic store with every
+verification; see server/traffic.py and server/feedback.py). Every error is the OpenAI envelope with its HTTP status.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,8 +24,9 @@ from starlette.responses import JSONResponse, Response
 
 from server.admission import AdmissionController
 from server.backends import Backend, make_backend
-from server.config import ServerConfig
+from server.config import ServerConfig, traffic_url
 from server.errors import APIError, internal_error, invalid_request, method_not_allowed, not_found, permission_error
+from server.feedback import FeedbackHandler, FeedbackItem
 from server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.model_manager import ModelManager
@@ -38,10 +41,11 @@ from server.protocol import (
     ReloadRequest,
 )
 from server.service import ClientDisconnected, GenerationService, parse_request, read_json
+from server.traffic import TrafficMetrics, TrafficRecorder, TrafficSettings, make_record
 
 __all__ = ["create_app", "ServerState", "ROUTES"]
 
-ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/generate", "/v1/completions", "/v1/chat/completions", "/admin/reload")
+ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/generate", "/v1/completions", "/v1/chat/completions", "/admin/reload", "/v1/feedback")
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
 
 
@@ -55,6 +59,7 @@ class ServerState:
     admission: AdmissionController
     service: GenerationService
     logger: logging.Logger
+    traffic: TrafficRecorder | None = None
 
 
 def _route_label(path: str) -> str:
@@ -81,8 +86,17 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     elif getattr(backend, "observer", "missing") is None:
         backend.observer = metrics.observe_batch
 
+    traffic_metrics = TrafficMetrics(metrics.registry)
+    traffic = TrafficRecorder(
+        TrafficSettings(url=traffic_url(config), store_text=config.store_text, sample_rate=config.traffic_sample_rate,
+                        queue_size=config.traffic_queue_size, retention_s=config.traffic_retention_days * 86400.0, max_rows=config.traffic_max_rows),
+        traffic_metrics, logging.getLogger("sdm.server.traffic"),
+    )
+    feedback = FeedbackHandler(config, traffic, traffic_metrics)
+
     def loaded(facts: dict) -> None:
         metrics.set_bundle({k: v for k, v in facts.items() if k != "alphas"})
+        traffic_metrics.set_ladder(facts.get("alphas", ()))
         metrics.ready.set(1)
 
     manager = ModelManager(backend, model_name=config.served_model_name, warmup=config.warmup,
@@ -94,11 +108,14 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
 
     admission = AdmissionController(config.max_concurrent_requests, config.max_queue_size, queue_changed)
     service = GenerationService(config, manager, admission, metrics, logger)
-    state = ServerState(config, metrics, manager, admission, service, logger)
+    if traffic.enabled:
+        service.on_answer = lambda rid, route, facts, prompt, result: traffic.submit(make_record(rid, route, facts, result, prompt))
+    state = ServerState(config, metrics, manager, admission, service, logger, traffic)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         logger.info("starting", extra={"config": config.to_dict()})
+        traffic.start()
         manager.start()
         try:
             yield
@@ -106,6 +123,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
             logger.info("shutting down")
             metrics.ready.set(0)
             await manager.close()
+            await asyncio.to_thread(traffic.close)
 
     app = FastAPI(
         title="sdm-lm selective generation",
@@ -141,7 +159,8 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     async def ready() -> Response:
         if manager.ready:
             facts = manager.current.facts
-            return JSONResponse({"status": "ready", "model": facts["model"], "bundle": facts["bundle"], "head_version": facts["head_version"]})
+            return JSONResponse({"status": "ready", "model": facts["model"], "bundle": facts["bundle"], "head_version": facts["head_version"],
+                                 "traffic_store": traffic.status()})
         message = f"not ready: {manager.state}" + (f" ({manager.error})" if manager.error else "")
         error = APIError(503, message, "service_unavailable", None, manager.state, {"Retry-After": "5"})
         return JSONResponse(error.envelope(), status_code=503, headers=error.headers)
@@ -174,6 +193,12 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=_body_schema(ChatCompletionRequest, components), summary="OpenAI-compatible chat completions (+ sdm)")
     async def chat_completions(request: Request):
         return await service.chat_completions(request)
+
+    @app.post("/v1/feedback", responses={**_ERRORS, 503: {"model": ErrorResponse}},
+              openapi_extra=_body_schema(FeedbackItem, components),
+              summary="Label served answers (correct, wrong, ood) by response id; one object or a list")
+    async def post_feedback(request: Request) -> dict:
+        return await feedback.handle(request)
 
     @app.post("/admin/reload", responses=_ERRORS, openapi_extra=_body_schema(ReloadRequest, components),
               summary="Swap in a bundle (default: re-read the current one) without dropping in-flight requests")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["ServerConfig", "ConfigError", "build_parser", "ENV_PREFIX"]
+__all__ = ["ServerConfig", "ConfigError", "build_parser", "ENV_PREFIX", "traffic_url"]
 
 ENV_PREFIX = "SDM_"
 BACKENDS = ("transformers", "vllm")
@@ -71,6 +71,16 @@ class ServerConfig:
     vllm_max_model_len: int = field(default=0, metadata=_meta("vllm backend: longest sequence (prompt + completion) in tokens; 0 = the model's own limit"))
     vllm_gpu_memory_utilization: float = field(default=0.0, metadata=_meta("vllm backend: share of GPU memory for weights + KV cache; 0 = vLLM's default (leave room for the verification pass)"))
     vllm_tensor_parallel_size: int = field(default=1, metadata=_meta("vllm backend: GPUs to split the model across"))
+    # -- the traffic store and feedback (server/traffic.py, server/feedback.py) --
+    data_dir: str = field(default="sdm-data", metadata=_meta("folder for the server's own data: the default traffic store (SQLite) lives here", metavar="PATH"))
+    traffic_store: str = field(default="sqlite", metadata=_meta("where every verification is recorded: sqlite (a file under --data-dir), off, or a SQLAlchemy URL shared by replicas (postgresql+psycopg://user@host/db)", metavar="STORE"))
+    store_text: bool = field(default=False, metadata=_meta("also record prompt and answer text (off: only decisions and the head's input; see docs/operations.md on privacy)"))
+    traffic_sample_rate: float = field(default=1.0, metadata=_meta("share of answers recorded, in (0, 1]; unrecorded answers cannot get feedback"))
+    traffic_queue_size: int = field(default=10000, metadata=_meta("records waiting for the background writer; beyond it they are dropped (sdm_traffic_records_dropped_total)"))
+    traffic_retention_days: float = field(default=30.0, metadata=_meta("delete records older than this many days (0: keep them)"))
+    traffic_max_rows: int = field(default=1_000_000, metadata=_meta("keep at most this many records, deleting the oldest (0: no limit)"))
+    feedback_max_items: int = field(default=1000, metadata=_meta("most labels one POST /v1/feedback may carry"))
+    feedback_max_note_chars: int = field(default=2000, metadata=_meta("longest note a label may carry, in characters"))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(k.strip() for k in self.api_keys if k and k.strip()))
@@ -104,6 +114,7 @@ class ServerConfig:
                 raise ConfigError(_hint(name, f"must be > 0 seconds, got {getattr(self, name)!r}"))
         if not (self.batch_wait_ms >= 0):
             raise ConfigError(_hint("batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms!r}"))
+        _check_traffic(self)
         device = self.device.strip().lower()
         if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ConfigError(_hint("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"))
@@ -162,6 +173,10 @@ class ServerConfig:
 
     def to_dict(self, redact: bool = True) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if redact and "://" in self.traffic_store:
+            from sdm_core.traffic import redact_url
+
+            data["traffic_store"] = redact_url(self.traffic_store)
         data["api_keys"] = [f"<{len(self.api_keys)} keys>"] if redact and self.api_keys else list(self.api_keys)
         return data
 
@@ -181,6 +196,34 @@ class ServerConfig:
             if variable in env and env[variable] != "":
                 values[f.name] = _convert(f, env[variable], variable)
         return cls(**values)
+
+
+def _check_traffic(config: ServerConfig) -> None:
+    store = config.traffic_store.strip()
+    if not store:
+        raise ConfigError(_hint("traffic_store", "must be sqlite, off, or a SQLAlchemy URL such as postgresql+psycopg://user@host/db"))
+    if store not in ("sqlite", "off") and "://" not in store:
+        raise ConfigError(_hint("traffic_store", f"must be sqlite, off, or a SQLAlchemy URL (driver://...), got {store!r}"))
+    if store == "sqlite" and not config.data_dir.strip():
+        raise ConfigError(_hint("data_dir", "is required when --traffic-store is sqlite (the store is a file in it)"))
+    if not (0.0 < config.traffic_sample_rate <= 1.0):
+        raise ConfigError(_hint("traffic_sample_rate", f"must be in (0, 1] (use --traffic-store off to record nothing), got {config.traffic_sample_rate!r}"))
+    if not (config.traffic_retention_days >= 0):
+        raise ConfigError(_hint("traffic_retention_days", f"must be >= 0 (0: keep records), got {config.traffic_retention_days!r}"))
+    for name in ("traffic_queue_size", "feedback_max_items", "feedback_max_note_chars"):
+        _positive_int(config, name)
+    if not isinstance(config.traffic_max_rows, int) or isinstance(config.traffic_max_rows, bool) or config.traffic_max_rows < 0:
+        raise ConfigError(_hint("traffic_max_rows", f"must be an integer >= 0 (0: no limit), got {config.traffic_max_rows!r}"))
+
+
+def traffic_url(config: ServerConfig) -> str | None:
+    """The SQLAlchemy URL of the traffic store, or None when recording is off."""
+    store = config.traffic_store.strip()
+    if store == "off":
+        return None
+    if store == "sqlite":
+        return "sqlite:///" + str((Path(config.data_dir).expanduser() / "traffic.sqlite3").resolve())
+    return store
 
 
 def env_name(name: str) -> str:

@@ -131,6 +131,13 @@ class _Plan:
     request: VerificationRequest
     stream: bool = False
     include_usage: bool = False
+    # The response's id, known before the answer so the traffic record and the response carry the same one.
+    response_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.response_id:
+            prefix = {"/generate": "gen-", "/v1/completions": "cmpl-", "/v1/chat/completions": "chatcmpl-"}.get(self.route, "req-")
+            self.response_id = prefix + uuid.uuid4().hex
 
 
 def _messages(messages: Sequence[ChatMessage]) -> list[dict]:
@@ -152,6 +159,9 @@ class GenerationService:
         self.admission = admission
         self.metrics = metrics
         self.logger = logger or logging.getLogger("sdm.server")
+        # Called with (plan's response id, route, served model's facts, prompt, result) for every answer; set by the
+        # app when the traffic store is on (server/traffic.py). It must not block.
+        self.on_answer: Callable[[str, str, dict, Any, VerificationResult], None] | None = None
 
     # -- validation --------------------------------------------------------------------------------------------
     def _plan(self, route: str, served: ServedModel, prompt: str | list[dict], prompt_param: str, max_tokens: int | None,
@@ -267,10 +277,15 @@ class GenerationService:
             self.metrics.cancelled.labels(route=plan.route).inc()
             self.logger.info("client disconnected; generation cancelled")
             raise
-        return self._completed(plan.route, result, queue_s, started)
+        return self._completed(plan.route, result, queue_s, started, plan)
 
-    def _completed(self, route: str, result: VerificationResult, queue_s: float, started: float) -> Completed:
+    def _completed(self, route: str, result: VerificationResult, queue_s: float, started: float, plan: _Plan | None = None) -> Completed:
         done = Completed(result, queue_s * 1000.0, (time.perf_counter() - started) * 1000.0)
+        if plan is not None and self.on_answer is not None:
+            try:
+                self.on_answer(plan.response_id, route, plan.served.facts, plan.request.prompt.prompt, result)
+            except Exception:  # noqa: BLE001 - recording must never fail an answer
+                self.logger.error("recording the answer failed", exc_info=True)
         self.metrics.observe_result(route, result)
         self.metrics.latency.labels(stage="queue").observe(queue_s)
         self.metrics.latency.labels(stage="total").observe(done.total_ms / 1000.0)
@@ -290,12 +305,13 @@ class GenerationService:
         served = self.manager.hold()
         try:
             vreq = self._plan("/generate", served, prompt, param, body.max_tokens, body.temperature, body.top_p, body.seed, body.stop or [], body)
-            done = await self._execute(_Plan("/generate", served, vreq), request, started)
+            plan = _Plan("/generate", served, vreq)
+            done = await self._execute(plan, request, started)
         finally:
             self.manager.release(served)
         r = done.result
         return GenerateResponse(
-            id="gen-" + uuid.uuid4().hex, model=self.config.served_model_name, text=r.text, verified=r.verified, probability=r.probability,
+            id=plan.response_id, model=self.config.served_model_name, text=r.text, verified=r.verified, probability=r.probability,
             probability_lower=r.probability_lower, admitted=r.admitted, abstained=r.abstained, abstention_reason=r.abstention_reason,
             withheld=r.withheld, alpha=r.alpha, region_alpha=r.region_alpha, q=r.q, q_prime=r.q_prime, d=r.d,
             exemplars=[Exemplar(**e) for e in r.exemplars], attempts=r.attempts, finish_reason=r.finish_reason,
@@ -344,9 +360,9 @@ class GenerationService:
         name = self.config.served_model_name
         if chat:
             choice = ChatCompletionChoice(index=0, message=ChatCompletionMessage(content=r.text), finish_reason=r.finish_reason, sdm=done.verification())
-            return ChatCompletionResponse(id="chatcmpl-" + uuid.uuid4().hex, model=name, choices=[choice], usage=done.usage())
+            return ChatCompletionResponse(id=plan.response_id, model=name, choices=[choice], usage=done.usage())
         choice = CompletionChoice(index=0, text=r.text or "", finish_reason=r.finish_reason, sdm=done.verification())
-        return CompletionResponse(id="cmpl-" + uuid.uuid4().hex, model=name, choices=[choice], usage=done.usage())
+        return CompletionResponse(id=plan.response_id, model=name, choices=[choice], usage=done.usage())
 
     # -- streaming ---------------------------------------------------------------------------------------------
     async def _stream(self, plan: _Plan, request: Request, started: float, chat: bool) -> StreamingResponse:
@@ -373,7 +389,7 @@ class GenerationService:
                 self.admission.release(None)  # granted at the very moment we gave up
             await stack.aclose()
             raise
-        response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        response_id = plan.response_id
         created = int(time.time())
         name = self.config.served_model_name
         loop = asyncio.get_running_loop()
@@ -432,7 +448,7 @@ class GenerationService:
                         self.metrics.observe_error(plan.route, value.status)
                         yield "data: " + json.dumps(value.envelope()) + "\n\n"
                         break
-                    done = self._completed(plan.route, value, queue_s, started)
+                    done = self._completed(plan.route, value, queue_s, started, plan)
                     final = done.result.text
                     if final:
                         if not final.startswith(streamed):

@@ -22,7 +22,8 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle: TinyBundle,
     log_path = tmp_path / "server.log"
     log_file = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SDM_BUNDLE": str(tiny_bundle.path), "SDM_PORT": str(port),
-           "SDM_MAX_TOKENS_CAP": "256", "SDM_MODEL_NAME": "tiny-sdm", "SDM_DEVICE": "cpu"}
+           "SDM_MAX_TOKENS_CAP": "256", "SDM_MODEL_NAME": "tiny-sdm", "SDM_DEVICE": "cpu",
+           "SDM_DATA_DIR": str(tmp_path / "data")}
     proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--log-level", "info"], cwd=str(ROOT), env=env,
                             stdout=log_file, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

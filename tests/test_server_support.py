@@ -136,7 +136,8 @@ def make_config(bundle: TinyBundle | Path, **overrides):
 
     path = bundle.path if isinstance(bundle, TinyBundle) else bundle
     values = dict(bundle=str(path), device="cpu", default_max_tokens=MAX_TOKENS, max_tokens_cap=64, max_prompt_tokens=200,
-                  batch_wait_ms=5.0, warmup=True, model_name="tiny-sdm")
+                  batch_wait_ms=5.0, warmup=True, model_name="tiny-sdm",
+                  traffic_store="off")  # tests that record traffic pass their own store (tests/test_traffic_*.py)
     values.update(overrides)
     return ServerConfig(**values)
 

@@ -1,0 +1,1 @@
+"""Alembic migrations of the traffic store (run by :meth:`sdm_core.traffic.TrafficStore.migrate`)."""
