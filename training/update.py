@@ -1,0 +1,275 @@
+"""``python -m training.update``: a new bundle from labelled served traffic, without retraining.
+
+    python -m training.update --bundle runs/smollm2/bundle --store sqlite:////srv/sdm-data/traffic.sqlite3 --out runs/smollm2/bundle-u1
+
+The server records every verification with the head's input ``h`` in its traffic store (sdm_core.traffic) and
+clients label answers through ``POST /v1/feedback``. This command reads the labelled rows and:
+
+1. drops the rows it cannot use: ``h`` of another width than the head's input, rows the head already holds (an
+   earlier update), and rows outside ``--since``/``--until``/``--head-version`` when given;
+2. splits the ``correct``/``wrong`` rows deterministically (sha256 of ``--seed`` and the row id, so the same store
+   gives the same split) into the head's support (``1 - --calibration-fraction``) and its calibration set; ``ood``
+   rows all join the support as OOD exemplars (no prediction matches them, so q falls near them);
+   ``correct`` is the positive class (the answer followed the instruction: ``Yes``), ``wrong`` the other one;
+3. appends the support rows (``SDMEstimator.add_exemplars``), scores the calibration rows against the new support
+   and appends their outputs to the stored calibration outputs, and re-runs Algorithm 1 over the ladder
+   (``SDMEstimator.recalibrate``): the same alphas, the same default;
+4. writes the result as a new sealed bundle (``sdm_core.bundle.seal_bundle``): the model files are hard links to
+   the old bundle's where the file system allows (never modified), ``head/`` is new (so is the head version),
+   ``feedback_rows.json`` lists every row used and its role, and the provenance names the store, the row count and
+   the time range. A certification of the old head does not hold for the new one: it moves to the provenance.
+
+Roll it out with ``POST /admin/reload {"bundle": "<out>"}``; ``/ready``, ``/v1/models`` and ``sdm_bundle_info``
+then report the new head version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from sqlalchemy.exc import SQLAlchemyError
+
+from sdm_core.artifact import ArtifactError
+from sdm_core.bundle import read_bundle_info, seal_bundle
+from sdm_core.estimator import SDMEstimator
+from sdm_core.fitting import LayerStatistics
+from sdm_core.traffic import StoreError, TrafficRecord, TrafficStore, redact_url
+
+__all__ = ["UpdateConfig", "UpdateResult", "update_bundle", "split_role", "main"]
+
+ROWS_FILE = "feedback_rows.json"
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    bundle: str
+    store: str
+    out: str
+    calibration_fraction: float = 0.5
+    seed: int = 0
+    since: float | None = None
+    until: float | None = None
+    head_versions: tuple[str, ...] = ()
+
+
+@dataclass
+class UpdateResult:
+    out: str
+    head_version: str
+    previous_head_version: str
+    rows: int
+    support_added: int
+    ood_added: int
+    calibration_added: int
+    skipped: dict = field(default_factory=dict)
+    labelled_from: str | None = None
+    labelled_to: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class UpdateError(ValueError):
+    """Nothing to update, or inputs that do not fit; the message says what to do."""
+
+
+def split_role(identifier: str, label: str, fraction: float, seed: int) -> str:
+    """``support``, ``calibration`` or ``ood`` for one row: a pure function of (seed, id, label, fraction)."""
+    if label == "ood":
+        return "ood"
+    digest = hashlib.sha256(f"{seed}:{identifier}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    return "calibration" if u < fraction else "support"
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _head_version(info) -> str:
+    return str(info.raw.get("files", {}).get(f"{info.head.get('path', 'head')}/manifest.json", ""))[:16]
+
+
+def _append_calibration(head: SDMEstimator, x: torch.Tensor, labels: torch.Tensor, ids: list[str]) -> None:
+    """Score rows against the current support and append their outputs to the calibration outputs."""
+    s = head.score(x)
+    cal = head.calibration
+    assert cal is not None
+    new = LayerStatistics(s.logits, s.predictions, s.q, s.d_nearest, s.d, s.probabilities, s.q_prime)
+    head.calibration = LayerStatistics(*(torch.cat([getattr(cal, f), getattr(new, f).to(getattr(cal, f).dtype)]) for f in LayerStatistics.__dataclass_fields__))
+    head.calibration_labels = torch.cat([head.calibration_labels, labels.to(head.calibration_labels.dtype)])
+    head.calibration_ids = list(head.calibration_ids) + ids
+
+
+def _copy_bundle(source: Path, target: Path, head_dir: str) -> None:
+    """Hard-link the bundle's files (never modified by an update) and copy ``head/`` (rewritten)."""
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        dest = target / rel
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if rel.parts and rel.parts[0] == head_dir:
+            shutil.copy2(path, dest)
+            continue
+        try:
+            os.link(path, dest)
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copy2(path, dest)
+
+
+def update_bundle(config: UpdateConfig) -> UpdateResult:
+    if not (0.0 <= config.calibration_fraction < 1.0):
+        raise UpdateError(f"--calibration-fraction must be in [0, 1), got {config.calibration_fraction}")
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()):
+        raise UpdateError(f"{out} exists and is not empty; choose another --out")
+    info = read_bundle_info(config.bundle)
+    head_dir = info.head.get("path", "head")
+    head = SDMEstimator.load(Path(config.bundle) / head_dir)
+    if head.num_classes != 2:
+        raise UpdateError(f"the head has {head.num_classes} classes; feedback labels (correct/wrong) map onto a 2-class verification head only")
+    positive = info.tags.positive_class
+    class_of = {"correct": positive, "wrong": 1 - positive}
+
+    store = TrafficStore(config.store)
+    try:
+        if store.revision() is None:
+            raise UpdateError(f"{redact_url(config.store)} holds no traffic store (no schema); point --store at the server's store")
+        rows = store.labelled(since=config.since, until=config.until, head_versions=list(config.head_versions) or None)
+    finally:
+        store.close()
+    known = set(head.support.ids) | set(head.calibration_ids)
+    skipped = {"already_in_head": 0, "wrong_width": 0}
+    used: list[TrafficRecord] = []
+    for row in rows:
+        if row.id in known:
+            skipped["already_in_head"] += 1
+        elif row.h_dim != head.input_dim:
+            skipped["wrong_width"] += 1
+        else:
+            used.append(row)
+    if not used:
+        raise UpdateError(f"no usable labelled rows in {redact_url(config.store)} ({len(rows)} labelled, skipped: {skipped}); "
+                          "label answers with POST /v1/feedback first")
+
+    roles = {r.id: split_role(r.id, r.label or "", config.calibration_fraction, config.seed) for r in used}
+    support = [r for r in used if roles[r.id] in ("support", "ood")]
+    calibration = [r for r in used if roles[r.id] == "calibration"]
+    if support:
+        x = torch.from_numpy(np.stack([r.embedding() for r in support]))
+        head.add_exemplars(x, ["ood" if r.label == "ood" else class_of[r.label] for r in support], [r.id for r in support])
+    if calibration:
+        x = torch.from_numpy(np.stack([r.embedding() for r in calibration]))
+        _append_calibration(head, x, torch.tensor([class_of[r.label] for r in calibration], dtype=torch.long), [r.id for r in calibration])
+    ladder = head.ladder
+    head.recalibrate(list(ladder.alphas), ladder.default_alpha, head.config.nested_regions)
+
+    times = [r.labelled_at for r in used if r.labelled_at is not None]
+    previous_version = _head_version(info)
+    summary = {
+        "at": _iso(time.time()),
+        "from_bundle": str(Path(config.bundle).resolve()),
+        "from_head_version": previous_version,
+        "store": redact_url(config.store),
+        "rows": len(used),
+        "support_added": sum(1 for r in support if r.label != "ood"),
+        "ood_added": sum(1 for r in support if r.label == "ood"),
+        "calibration_added": len(calibration),
+        "labels": {label: sum(1 for r in used if r.label == label) for label in ("correct", "wrong", "ood")},
+        "labelled_from": _iso(min(times)) if times else None,
+        "labelled_to": _iso(max(times)) if times else None,
+        "calibration_fraction": config.calibration_fraction,
+        "seed": config.seed,
+        "skipped": skipped,
+        "rows_file": ROWS_FILE,
+    }
+    head.metadata = {**head.metadata, "updates": list(head.metadata.get("updates", [])) + [summary]}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        _copy_bundle(Path(config.bundle), tmp, head_dir)
+        head.save(tmp / head_dir)
+        listing = [{"id": r.id, "label": r.label, "role": roles[r.id], "labelled_at": r.labelled_at, "created_at": r.created_at,
+                    "head_version": r.head_version, "admitted": r.admitted, "alpha": r.alpha} for r in used]
+        (tmp / ROWS_FILE).write_text(json.dumps({"store": redact_url(config.store), "rows": listing}, indent=1) + "\n")
+        provenance = dict(info.provenance)
+        provenance["updates"] = list(provenance.get("updates", [])) + [summary]
+        updates: dict = {"provenance": provenance}
+        if info.raw.get("certification") is not None:
+            # The certificate was issued for the old head; the new head has none until it is certified again.
+            provenance["previous_certification"] = info.raw["certification"]
+            updates["certification"] = None
+        seal_bundle(tmp, updates)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    new_info = read_bundle_info(out)
+    return UpdateResult(out=str(out), head_version=_head_version(new_info), previous_head_version=previous_version, rows=len(used),
+                        support_added=summary["support_added"], ood_added=summary["ood_added"], calibration_added=len(calibration),
+                        skipped=skipped, labelled_from=summary["labelled_from"], labelled_to=summary["labelled_to"])
+
+
+def _time(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO time (2026-12-01T00:00:00Z) or epoch seconds, got {text!r}") from None
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.update", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True, help="the bundle the labelled answers came from (read, never changed)")
+    parser.add_argument("--store", required=True, help="the server's traffic store: a SQLAlchemy URL (sqlite:////path/traffic.sqlite3, postgresql+psycopg://...)")
+    parser.add_argument("--out", required=True, help="the new bundle's folder (must not exist or be empty)")
+    parser.add_argument("--calibration-fraction", type=float, default=0.5,
+                        help="share of correct/wrong rows that join the calibration set instead of the support (deterministic by id) [0.5]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the support/calibration split [0]")
+    parser.add_argument("--since", type=_time, default=None, help="only labels given at or after this time (ISO or epoch seconds)")
+    parser.add_argument("--until", type=_time, default=None, help="only labels given at or before this time")
+    parser.add_argument("--head-version", action="append", default=[], help="only rows served by this head version (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = UpdateConfig(bundle=args.bundle, store=args.store, out=args.out, calibration_fraction=args.calibration_fraction, seed=args.seed,
+                          since=args.since, until=args.until, head_versions=tuple(args.head_version))
+    try:
+        result = update_bundle(config)
+    except (UpdateError, StoreError, ArtifactError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"error: cannot read the traffic store {redact_url(config.store)}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
