@@ -115,7 +115,7 @@ def _append_calibration(head: SDMEstimator, x: torch.Tensor, labels: torch.Tenso
 
 
 def _copy_bundle(source: Path, target: Path, head_dir: str) -> None:
-    """Hard-link the bundle's files (never modified by an update) and copy ``head/`` (rewritten)."""
+    """Hard-link the bundle's files (never modified by an update) and copy ``head/`` and ``bundle.json`` (rewritten)."""
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
         dest = target / rel
@@ -123,7 +123,7 @@ def _copy_bundle(source: Path, target: Path, head_dir: str) -> None:
             dest.mkdir(parents=True, exist_ok=True)
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if rel.parts and rel.parts[0] == head_dir:
+        if (rel.parts and rel.parts[0] == head_dir) or rel.as_posix() == "bundle.json":  # both are rewritten in place
             shutil.copy2(path, dest)
             continue
         try:
