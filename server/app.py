@@ -41,7 +41,7 @@ from server.protocol import (
     ReloadRequest,
 )
 from server.service import ClientDisconnected, GenerationService, parse_request, read_json
-from server.traffic import TrafficMetrics, TrafficRecorder, TrafficSettings, make_record
+from server.traffic import TrafficRecorder, TrafficSettings, make_record
 
 __all__ = ["create_app", "ServerState", "ROUTES"]
 
@@ -86,7 +86,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     elif getattr(backend, "observer", "missing") is None:
         backend.observer = metrics.observe_batch
 
-    traffic_metrics = TrafficMetrics(metrics.registry)
+    traffic_metrics = metrics.traffic
     traffic = TrafficRecorder(
         TrafficSettings(url=traffic_url(config), store_text=config.store_text, sample_rate=config.traffic_sample_rate,
                         queue_size=config.traffic_queue_size, retention_s=config.traffic_retention_days * 86400.0, max_rows=config.traffic_max_rows),

@@ -20,7 +20,8 @@ from sdm_core.traffic import Feedback
 from server.config import ServerConfig
 from server.errors import APIError, invalid_request, not_found
 from server.service import parse_request
-from server.traffic import StoreUnavailable, TrafficMetrics, TrafficRecorder
+from server.traffic import StoreUnavailable, TrafficRecorder
+from server.traffic_metrics import TrafficMetrics
 
 __all__ = ["FeedbackItem", "FeedbackHandler"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from server.traffic_metrics import TrafficMetrics
+
 __all__ = ["ServerMetrics", "CONTENT_TYPE_LATEST", "OUTCOMES", "STAGES"]
 
 OUTCOMES = ("admitted", "abstained", "error")
@@ -50,6 +52,8 @@ class ServerMetrics:
                 self.requests.labels(route=route, outcome=outcome)
         for stage in STAGES:
             self.latency.labels(stage=stage)
+        # The traffic store and feedback (server/traffic.py, server/feedback.py).
+        self.traffic = TrafficMetrics(r)
 
     def observe_result(self, route: str, result) -> None:
         """Record a served answer (a :class:`server.pipeline.VerificationResult`)."""

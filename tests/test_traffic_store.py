@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 
 from pg_support import PostgresServer
 from sdm_core.traffic import Feedback, StoreError, TrafficRecord, TrafficStore, redact_url, sqlite_url
-from server.traffic import TrafficMetrics, TrafficRecorder, TrafficSettings
+from server.traffic import TrafficRecorder, TrafficSettings
+from server.traffic_metrics import TrafficMetrics
 from test_server_support import metric_value
 
 
@@ -120,7 +121,7 @@ def metrics_text(metrics: TrafficMetrics) -> str:
 def make_recorder(url: str | None, **settings) -> TrafficRecorder:
     registry = CollectorRegistry()
     metrics = TrafficMetrics(registry)
-    metrics.registry = registry
+    metrics.registry = registry  # kept for metrics_text
     return TrafficRecorder(TrafficSettings(url=url, **settings), metrics, rng=random.Random(0))
 
 
