@@ -31,8 +31,8 @@ RUN python3 -c "import torch, vllm; print(f'torch=={torch.__version__}'); print(
  && rm /tmp/image-pins.txt
 
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin sdm \
- && mkdir -p /bundles /cache/sdm /cache/huggingface /cache/vllm \
- && chown -R sdm:sdm /bundles /cache
+ && mkdir -p /bundles /cache/sdm /cache/huggingface /cache/vllm /data \
+ && chown -R sdm:sdm /bundles /cache /data
 
 # Settings: every SDM_* variable of python -m server --help; these are the image's defaults.
 ENV SDM_BUNDLE=/bundles/default \
@@ -42,11 +42,13 @@ ENV SDM_BUNDLE=/bundles/default \
     SDM_LOG_LEVEL=info \
     SDM_DRAIN_TIMEOUT_S=60 \
     SDM_CACHE_DIR=/cache/sdm \
+    SDM_DATA_DIR=/data \
     HF_HOME=/cache/huggingface \
     VLLM_CACHE_ROOT=/cache/vllm
 
-# /bundles: the bundles to serve (mount read-only); /cache: converted models, Hugging Face and vLLM caches.
-VOLUME ["/bundles", "/cache"]
+# /bundles: the bundles to serve (mount read-only); /cache: converted models, Hugging Face and vLLM caches;
+# /data: the traffic store (SQLite by default; see docs/operations.md, "Learning from served traffic").
+VOLUME ["/bundles", "/cache", "/data"]
 USER 10001:10001
 EXPOSE 8000
 # Loading a large model can take minutes: the start period covers it.

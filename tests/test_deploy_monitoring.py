@@ -1,7 +1,7 @@
 """Monitoring end to end: the server (started with the CPU image's start command, outside the container, on a
 tiny bundle, with API keys) and a real Prometheus (Debian's package, on 127.0.0.1, temporary storage, 1 s scrape
 and rule intervals, deploy/prometheus/prometheus.yml and its rule files) scraping it with a key. After admitted,
-abstained and failed requests (400, 401, 429), every dashboard panel query and every recording and alerting
+abstained and failed requests (400, 401, 429) and labels for the answers (POST /v1/feedback), every dashboard panel query and every recording and alerting
 rule expression is evaluated through Prometheus' HTTP API: all must succeed, every rule must evaluate without
 error, and the panels must return data (the abstention, probability and latency panels among them)."""
 
@@ -143,12 +143,14 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
         # -- traffic: admitted, abstained, failed ------------------------------------------------------------
         start = time.time()
         outcomes = {"admitted": 0, "abstained": 0}
+        answers: list[dict] = []
         url = server.url
         with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
             for _ in range(6):
                 for prompt in (bundle.admitted_prompt, bundle.abstained_prompt, bundle.predicted_no_prompt):
                     body = client.post("/generate", json={"prompt": prompt}).json()
                     outcomes["admitted" if body["admitted"] else "abstained"] += 1
+                    answers.append(body)
                 r = client.post("/v1/chat/completions", json={"model": "tiny-sdm", "messages": [{"role": "user", "content": bundle.admitted_prompt}]})
                 assert r.status_code == 200, r.text
                 for bad, expected in ((dict(prompt="x", alpha=0.123), 400), (dict(max_tokens=4), 400), (dict(prompt="x", max_tokens=0), 400)):
@@ -157,6 +159,10 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
                 r = httpx.post(f"{url}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"}, timeout=30)
                 assert r.status_code == 401
                 time.sleep(1.0)
+            # Labels for the answers (the live-accuracy rules and panel): alternately correct and wrong.
+            feedback = [{"id": a["id"], "label": ("correct", "wrong")[n % 2]} for n, a in enumerate(answers)]
+            r = client.post("/v1/feedback", json=feedback)
+            assert r.status_code == 200, r.text
             # A burst larger than one slot + one queue place: some requests are rejected with 429.
             results: list[int] = []
 

@@ -203,7 +203,7 @@ def container_env(dockerfile: Dockerfile, bundle: Path, tmp: Path, **overrides: 
             value = str(bundle) if value.rstrip("/") == "/bundles/default" else str(tmp / value.lstrip("/"))
         elif key == "SDM_CACHE_DIR" and os.environ.get("SDM_CACHE_DIR"):
             value = os.environ["SDM_CACHE_DIR"]  # reuse this machine's model cache
-        elif value.startswith("/cache") or value.startswith("/home") or value.startswith("/opt"):
+        elif value.startswith(("/cache", "/home", "/opt", "/data")):
             value = str(tmp / value.lstrip("/"))
         env[key] = value
     env.update({"SDM_HOST": "127.0.0.1", "SDM_PORT": str(free_port()), "PYTHONPATH": str(ROOT)})

@@ -38,6 +38,17 @@ ANSWERED = f'sum(rate(sdm_requests_total{{{SEL}, outcome=~"admitted|abstained"}}
 ADMITTED = f'sum(rate(sdm_requests_total{{{SEL}, outcome="admitted"}}[{WINDOW}]))'
 
 
+ACCURACY_WINDOW = "1d"  # labels are sparse: the accuracy panel and SDMAdmittedAccuracyBelowAlpha use a day
+
+
+def wilson(successes: str, trials: str, sign: int, z: float = 1.96) -> str:
+    """PromQL for the Wilson score interval's lower (sign -1) or upper (sign +1) end of successes / trials."""
+    p = f"({successes} / ({trials} > 0))"
+    n = f"({trials})"
+    op = "-" if sign < 0 else "+"
+    return f"({p} + {z * z:.4f} / (2 * {n}) {op} {z} * sqrt({p} * (1 - {p}) / {n} + {z * z:.4f} / (4 * {n} ^ 2))) / (1 + {z * z:.4f} / {n})"
+
+
 def q(expr: str, legend: str = "", ref: str = "A", *, instant: bool = False, fmt: PromQueryFormat | None = None) -> prometheus.Dataquery:
     query = prometheus.Dataquery().expr(expr).legend_format(legend or "__auto").ref_id(ref).editor_mode(QueryEditorMode.CODE).datasource(DS)
     query = query.instant() if instant else query.range()
@@ -183,6 +194,36 @@ def build() -> dict:
                         [q(f'(sum(rate(sdm_hidden_state_sources_total{{{SEL}, source="reused"}}[{WINDOW}])) or on () vector(0)) '
                            f'/ sum(rate(sdm_hidden_state_sources_total{{{SEL}}}[{WINDOW}]))', "reused share")],
                         "percentunit", min_val=0))
+
+    # -- live accuracy (client labels) ---------------------------------------------------------------------------
+    d = d.with_row(dash.Row("Live accuracy of admitted answers"))
+    labelled = f'sum by (alpha) (increase(sdm_feedback_labels_total{{{SEL}, decision="admitted", label=~"correct|wrong"}}[{ACCURACY_WINDOW}]))'
+    correct = f'sum by (alpha) (increase(sdm_feedback_labels_total{{{SEL}, decision="admitted", label="correct"}}[{ACCURACY_WINDOW}]))'
+    d = d.with_panel(ts("Observed accuracy of admitted answers vs alpha", "Per alpha, over the last day: correct / (correct + "
+                        "wrong) among admitted answers that clients labelled (POST /v1/feedback), with its Wilson 95 % band, "
+                        "against the alpha itself (dashed) and the number of labels (right axis). SDMAdmittedAccuracyBelowAlpha "
+                        "fires when, with at least 30 labels, the whole band lies below alpha.",
+                        [q(f"{correct} / ({labelled} > 0)", "accuracy α={{alpha}}", "A"),
+                         q(wilson(correct, labelled, -1), "Wilson lower α={{alpha}}", "B"),
+                         q(wilson(correct, labelled, +1), "Wilson upper α={{alpha}}", "C"),
+                         q(f"max by (alpha) (sdm_ladder_alpha{{{SEL}}})", "alpha {{alpha}}", "D"),
+                         q(labelled, "labels α={{alpha}}", "E")],
+                        "percentunit", w=24, h=9)
+                     .override_by_query("E", [DynamicConfigValue(id_val="custom.axisPlacement", value="right"),
+                                              DynamicConfigValue(id_val="unit", value="short"),
+                                              DynamicConfigValue(id_val="custom.drawStyle", value="bars")])
+                     .override_by_query("D", [DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]})]))
+    d = d.with_panel(ts("Labels received", "Labels per second by the labelled answer's decision and the label.",
+                        [q(f"sum by (decision, label) (rate(sdm_feedback_labels_total{{{SEL}}}[{WINDOW}]))", "{{decision}} {{label}}")],
+                        "short", min_val=0))
+    d = d.with_panel(ts("Traffic store", "Records written per second, records dropped per second by reason (queue_full: "
+                        "the writer's queue was full; store_error: the store failed), and instances whose store is down "
+                        "(right axis; SDMTrafficStoreDown).",
+                        [q(f"sum(rate(sdm_traffic_records_written_total{{{SEL}}}[{WINDOW}]))", "written/s", "A"),
+                         q(f"sum by (reason) (rate(sdm_traffic_records_dropped_total{{{SEL}}}[{WINDOW}]))", "dropped/s {{reason}}", "B"),
+                         q(f"count(sdm_traffic_store_up{{{SEL}}} == 0) or on () vector(0)", "stores down", "C")],
+                        "short", min_val=0)
+                     .override_by_query("C", [DynamicConfigValue(id_val="custom.axisPlacement", value="right")]))
 
     # -- errors ----------------------------------------------------------------------------------------------------
     d = d.with_row(dash.Row("Errors"))
