@@ -136,18 +136,36 @@ def test_update_names_an_unreachable_store(tiny_bundle: TinyBundle, tmp_path, ca
     assert "cannot read the traffic store postgresql+psycopg://sdm:***@127.0.0.1:1/none" in err and "pw" not in err
 
 
-def test_a_certified_bundle_loses_its_certificate_to_the_provenance(tiny_bundle: TinyBundle, tmp_path) -> None:
+def test_a_certified_bundle_is_recertified_on_held_out_rows(tiny_bundle: TinyBundle, tmp_path) -> None:
+    from sdm_core.certification import Certification, certify_ladder
+
     source = tmp_path / "b1"
     shutil.copytree(tiny_bundle.path, source)
-    seal_bundle(source, {"certification": {"alpha": 0.8, "passed": True}})
+    head = head_of(source)
+    x = torch.randn(40, head.input_dim)
+    s = head.score(x)
+    old, _ = certify_ladder(head.ladder, s.probabilities, s.predictions, s.q_prime, torch.ones(40, dtype=torch.bool), min_admitted=2,
+                            source={"kind": "test"})
+    seal_bundle(source, {"certification": old.to_dict()})
     url = sqlite_url(tmp_path / "t.sqlite3")
     TrafficStore(url).migrate()
-    fill(url, head_of(source).input_dim, ["correct", "wrong"])
-    result = update_bundle(UpdateConfig(bundle=str(source), store=url, out=str(tmp_path / "b2"), calibration_fraction=0.0))
+    labels = ["correct", "wrong"] * 20
+    ids = fill(url, head.input_dim, labels)
+    result = update_bundle(UpdateConfig(bundle=str(source), store=url, out=str(tmp_path / "b2"), calibration_fraction=0.0,
+                                        certification_fraction=0.5, seed=1))
+    held = [i for i, lab in zip(ids, labels) if split_role(i, lab, 0.0, 1, 0.5) == "certification"]
+    assert 0 < result.certification_rows == len(held) < len(ids) and result.support_added == len(ids) - len(held)
     info = read_bundle_info(result.out)
-    assert info.raw["certification"] is None
-    assert info.provenance["previous_certification"] == {"alpha": 0.8, "passed": True}
-    assert result.head_version != result.previous_head_version and result.support_added == 2
+    new = Certification.from_dict(info.raw["certification"])
+    assert new.source["kind"] == "update" and new.documents == len(held)
+    assert (new.policy, new.min_admitted) == (old.policy, old.min_admitted)  # the old certification's rules
+    assert info.provenance["previous_certification"] == old.to_dict()
+    assert result.certified == list(new.certified) and result.head_version != result.previous_head_version
+    assert not (set(held) & set(head_of(result.out).support.ids))  # held-out rows never join the head
+
+    # Nothing held out: the new head has no certification (the old one does not hold for it).
+    result = update_bundle(UpdateConfig(bundle=str(source), store=url, out=str(tmp_path / "b3"), certification_fraction=0.0))
+    assert read_bundle_info(result.out).raw["certification"] is None and result.certified is None
 
 
 def test_seal_makes_a_hand_edited_bundle_loadable(tiny_bundle: TinyBundle, tmp_path, capsys) -> None:

@@ -9,7 +9,8 @@ clients label answers through ``POST /v1/feedback``. This command reads the labe
    earlier update), and rows outside ``--since``/``--until``/``--head-version`` when given;
 2. splits the ``correct``/``wrong`` rows deterministically (sha256 of ``--seed`` and the row id, so the same store
    gives the same split) into the head's support (``1 - --calibration-fraction``) and its calibration set; ``ood``
-   rows all join the support as OOD exemplars (no prediction matches them, so q falls near them);
+   rows all join the support as OOD exemplars (no prediction matches them, so q falls near them); when the bundle
+   is certified, a further ``--certification-fraction`` is held out of the head to re-certify the new ladder;
    ``correct`` is the positive class (the answer followed the instruction: ``Yes``), ``wrong`` the other one;
 3. appends the support rows (``SDMEstimator.add_exemplars``), scores the calibration rows against the new support
    and appends their outputs to the stored calibration outputs, and re-runs Algorithm 1 over the ladder
@@ -17,7 +18,9 @@ clients label answers through ``POST /v1/feedback``. This command reads the labe
 4. writes the result as a new sealed bundle (``sdm_core.bundle.seal_bundle``): the model files are hard links to
    the old bundle's where the file system allows (never modified), ``head/`` is new (so is the head version),
    ``feedback_rows.json`` lists every row used and its role, and the provenance names the store, the row count and
-   the time range. A certification of the old head does not hold for the new one: it moves to the provenance.
+   the time range. The old certification moves to the provenance; the new ladder is certified on the held-out
+   rows with the old certification's policy (sdm_core.certification), and its withdrawn regions are what the
+   server will serve.
 
 Roll it out with ``POST /admin/reload {"bundle": "<out>"}``; ``/ready``, ``/v1/models`` and ``sdm_bundle_info``
 then report the new head version.
@@ -44,6 +47,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sdm_core.artifact import ArtifactError
 from sdm_core.bundle import read_bundle_info, seal_bundle
+from sdm_core.certification import certify_ladder
 from sdm_core.estimator import SDMEstimator
 from sdm_core.fitting import LayerStatistics
 from sdm_core.traffic import StoreError, TrafficRecord, TrafficStore, redact_url
@@ -59,6 +63,8 @@ class UpdateConfig:
     store: str
     out: str
     calibration_fraction: float = 0.5
+    # Share of correct/wrong rows held out of the head to re-certify its ladder (bundles with a certification only).
+    certification_fraction: float = 0.25
     seed: int = 0
     since: float | None = None
     until: float | None = None
@@ -74,6 +80,8 @@ class UpdateResult:
     support_added: int
     ood_added: int
     calibration_added: int
+    certification_rows: int = 0
+    certified: list | None = None
     skipped: dict = field(default_factory=dict)
     labelled_from: str | None = None
     labelled_to: str | None = None
@@ -86,13 +94,17 @@ class UpdateError(ValueError):
     """Nothing to update, or inputs that do not fit; the message says what to do."""
 
 
-def split_role(identifier: str, label: str, fraction: float, seed: int) -> str:
-    """``support``, ``calibration`` or ``ood`` for one row: a pure function of (seed, id, label, fraction)."""
+def split_role(identifier: str, label: str, fraction: float, seed: int, certification_fraction: float = 0.0) -> str:
+    """``support``, ``calibration``, ``certification`` or ``ood`` for one row: a pure function of its arguments.
+    A uniform number from sha256(seed, id) below ``fraction`` means calibration, in the next
+    ``certification_fraction`` certification, else support."""
     if label == "ood":
         return "ood"
     digest = hashlib.sha256(f"{seed}:{identifier}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
-    return "calibration" if u < fraction else "support"
+    if u < fraction:
+        return "calibration"
+    return "certification" if u < fraction + certification_fraction else "support"
 
 
 def _iso(t: float | None) -> str | None:
@@ -133,8 +145,10 @@ def _copy_bundle(source: Path, target: Path, head_dir: str) -> None:
 
 
 def update_bundle(config: UpdateConfig) -> UpdateResult:
-    if not (0.0 <= config.calibration_fraction < 1.0):
-        raise UpdateError(f"--calibration-fraction must be in [0, 1), got {config.calibration_fraction}")
+    if not (0.0 <= config.calibration_fraction < 1.0) or not (0.0 <= config.certification_fraction < 1.0):
+        raise UpdateError(f"--calibration-fraction and --certification-fraction must be in [0, 1), got {config.calibration_fraction}, {config.certification_fraction}")
+    if config.calibration_fraction + config.certification_fraction >= 1.0:
+        raise UpdateError("--calibration-fraction + --certification-fraction must leave some rows for the support (sum < 1)")
     out = Path(config.out)
     if out.exists() and any(out.iterdir()):
         raise UpdateError(f"{out} exists and is not empty; choose another --out")
@@ -167,9 +181,13 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         raise UpdateError(f"no usable labelled rows in {redact_url(config.store)} ({len(rows)} labelled, skipped: {skipped}); "
                           "label answers with POST /v1/feedback first")
 
-    roles = {r.id: split_role(r.id, r.label or "", config.calibration_fraction, config.seed) for r in used}
+    previous_certification = info.certification
+    # Rows are held out to re-certify only when the bundle was certified (an uncertified bundle stays uncertified).
+    cert_fraction = config.certification_fraction if previous_certification is not None else 0.0
+    roles = {r.id: split_role(r.id, r.label or "", config.calibration_fraction, config.seed, cert_fraction) for r in used}
     support = [r for r in used if roles[r.id] in ("support", "ood")]
     calibration = [r for r in used if roles[r.id] == "calibration"]
+    held_out = [r for r in used if roles[r.id] == "certification"]
     if support:
         x = torch.from_numpy(np.stack([r.embedding() for r in support]))
         head.add_exemplars(x, ["ood" if r.label == "ood" else class_of[r.label] for r in support], [r.id for r in support])
@@ -178,6 +196,18 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         _append_calibration(head, x, torch.tensor([class_of[r.label] for r in calibration], dtype=torch.long), [r.id for r in calibration])
     ladder = head.ladder
     head.recalibrate(list(ladder.alphas), ladder.default_alpha, head.config.nested_regions)
+    certification = None
+    if previous_certification is not None and held_out:
+        # Re-certify the new ladder on labelled rows it never saw, with the old certification's rules.
+        scores = head.score(torch.from_numpy(np.stack([r.embedding() for r in held_out])))
+        certification, _ = certify_ladder(
+            head.ladder, scores.probabilities, scores.predictions, scores.q_prime,
+            torch.tensor([r.label == "correct" for r in held_out], dtype=torch.bool), positive,
+            policy=previous_certification.policy, min_admitted=previous_certification.min_admitted,
+            violation_p=previous_certification.violation_p, confidence=previous_certification.confidence,
+            source={"kind": "update", "documents": len(held_out), "store": redact_url(config.store), "seed": config.seed,
+                    "certification_fraction": cert_fraction},
+        )
 
     times = [r.labelled_at for r in used if r.labelled_at is not None]
     previous_version = _head_version(info)
@@ -190,6 +220,7 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         "support_added": sum(1 for r in support if r.label != "ood"),
         "ood_added": sum(1 for r in support if r.label == "ood"),
         "calibration_added": len(calibration),
+        "certification_rows": len(held_out),
         "labels": {label: sum(1 for r in used if r.label == label) for label in ("correct", "wrong", "ood")},
         "labelled_from": _iso(min(times)) if times else None,
         "labelled_to": _iso(max(times)) if times else None,
@@ -212,9 +243,10 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         provenance["updates"] = list(provenance.get("updates", [])) + [summary]
         updates: dict = {"provenance": provenance}
         if info.raw.get("certification") is not None:
-            # The certificate was issued for the old head; the new head has none until it is certified again.
+            # The old certificate was issued for the old head: it is kept in the provenance, and the new head gets
+            # its own from the held-out rows, or none when there were none to certify on.
             provenance["previous_certification"] = info.raw["certification"]
-            updates["certification"] = None
+            updates["certification"] = certification.to_dict() if certification is not None else None
         seal_bundle(tmp, updates)
         if out.exists():
             out.rmdir()
@@ -225,6 +257,7 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
     new_info = read_bundle_info(out)
     return UpdateResult(out=str(out), head_version=_head_version(new_info), previous_head_version=previous_version, rows=len(used),
                         support_added=summary["support_added"], ood_added=summary["ood_added"], calibration_added=len(calibration),
+                        certification_rows=len(held_out), certified=list(certification.certified) if certification else None,
                         skipped=skipped, labelled_from=summary["labelled_from"], labelled_to=summary["labelled_to"])
 
 
@@ -248,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="the new bundle's folder (must not exist or be empty)")
     parser.add_argument("--calibration-fraction", type=float, default=0.5,
                         help="share of correct/wrong rows that join the calibration set instead of the support (deterministic by id) [0.5]")
+    parser.add_argument("--certification-fraction", type=float, default=0.25,
+                        help="share of correct/wrong rows held out to re-certify the new ladder, when the bundle has a certification [0.25]")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support/calibration split [0]")
     parser.add_argument("--since", type=_time, default=None, help="only labels given at or after this time (ISO or epoch seconds)")
     parser.add_argument("--until", type=_time, default=None, help="only labels given at or before this time")
@@ -257,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = UpdateConfig(bundle=args.bundle, store=args.store, out=args.out, calibration_fraction=args.calibration_fraction, seed=args.seed,
+    config = UpdateConfig(bundle=args.bundle, store=args.store, out=args.out, calibration_fraction=args.calibration_fraction,
+                          certification_fraction=args.certification_fraction, seed=args.seed,
                           since=args.since, until=args.until, head_versions=tuple(args.head_version))
     try:
         result = update_bundle(config)
