@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-states", default=None, choices=("auto", "reuse", "forward"),
                         help="both servers' --hidden-states (transformers backend; default: the server's)")
     parser.add_argument("--skip-sequential", action="store_true", help="leave out the sequential-serving baseline")
+    parser.add_argument("--traffic-store", default="sqlite",
+                        help="the servers' --traffic-store: sqlite (a file in the temporary folder: every answer recorded), off, or a SQLAlchemy URL [sqlite]")
     parser.add_argument("--keep-logs", default=None, help="copy the server logs into this folder and delete the temporary one")
     args = parser.parse_args(argv)
     bundle = Path(args.bundle).expanduser().resolve()
@@ -469,6 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     sequential = {**common, **SEQUENTIAL_FLAGS}
 
     tmp = Path(tempfile.mkdtemp(prefix="sdm-server-load-"))
+    # Both servers record their traffic (the server's default) into the temporary folder, or not at all.
+    for flags in (batched, sequential):
+        flags["traffic_store"] = args.traffic_store
+        flags["data_dir"] = str(tmp / "data")
     log(f"temporary folder (server logs{'' if args.keep_logs else ', kept'}): {tmp}")
     started = time.perf_counter()
     prompts_path, prompts = choose_prompts(args, tmp)
@@ -520,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": 0.0,
             "prompts": str(prompts_path),
             "n_prompts": len(prompts),
-            "server_batched": {k: v for k, v in batched.items() if k != "bundle"},
-            "server_sequential": None if args.skip_sequential else {k: v for k, v in sequential.items() if k != "bundle"},
+            "server_batched": {k: v for k, v in batched.items() if k not in ("bundle", "data_dir")},
+            "server_sequential": None if args.skip_sequential else {k: v for k, v in sequential.items() if k not in ("bundle", "data_dir")},
         },
         "sequential": baseline,
         "levels": levels,
