@@ -197,3 +197,24 @@ def test_a_store_outage_is_reported_and_healed_without_losing_queued_records(pos
             connection.exec_driver_sql("DELETE FROM sdm_verifications")
     finally:
         recorder.close()
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+def test_the_store_settings_are_validated_and_name_their_flag(tmp_path) -> None:
+    from server.config import ConfigError, ServerConfig, traffic_url
+    from test_server_support import tiny_bundle_cached
+
+    bundle = str(tiny_bundle_cached().path)
+    assert traffic_url(ServerConfig(bundle=bundle, data_dir=str(tmp_path / "d"))) == f"sqlite:///{(tmp_path / 'd' / 'traffic.sqlite3').resolve()}"
+    assert traffic_url(ServerConfig(bundle=bundle, traffic_store="off")) is None
+    url = "postgresql+psycopg://sdm:secret@db/sdm"
+    config = ServerConfig(bundle=bundle, traffic_store=url)
+    assert traffic_url(config) == url and config.to_dict()["traffic_store"] == "postgresql+psycopg://sdm:***@db/sdm"
+    for bad, flag in ((dict(traffic_store="mysql"), "--traffic-store"), (dict(traffic_sample_rate=0.0), "--traffic-sample-rate"),
+                      (dict(traffic_sample_rate=1.5), "--traffic-sample-rate"), (dict(traffic_queue_size=0), "--traffic-queue-size"),
+                      (dict(traffic_retention_days=-1.0), "--traffic-retention-days"), (dict(traffic_max_rows=-5), "--traffic-max-rows"),
+                      (dict(feedback_max_items=0), "--feedback-max-items"), (dict(data_dir=""), "--data-dir")):
+        with pytest.raises(ConfigError, match=flag):
+            ServerConfig(bundle=bundle, **bad)
+    env = ServerConfig.from_sources(["--bundle", bundle], {"SDM_TRAFFIC_STORE": "off", "SDM_STORE_TEXT": "true", "SDM_TRAFFIC_SAMPLE_RATE": "0.5"})
+    assert (env.traffic_store, env.store_text, env.traffic_sample_rate) == ("off", True, 0.5)
