@@ -28,7 +28,7 @@ from sdm_core.calibration import DEFAULT_ALPHA_LADDER
 from sdm_core.embedding import ChatFormat, HiddenStateRecipe
 from sdm_core.models import load_model, load_tokenizer, resolve_device
 from training.config import build_parser, config_from_args
-from training.correctness import get_correctness, is_verbatim, normalize_hard_negative
+from training.correctness import CORRECTNESS_HELP, get_correctness, is_verbatim, normalize_hard_negative
 from training.generation import greedy_generate
 from training.records import load_records
 from training.trainer import git_revision
@@ -75,7 +75,7 @@ class CalibrateConfig:
         "model": "instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline",
         "calibration": "calibration records (JSONL); default: the run's",
         "out": "bundle folder to write (required)",
-        "correctness": "correctness function r by name (decides hard negatives)",
+        "correctness": CORRECTNESS_HELP + " (labels the calibration generations; decides hard negatives)",
         "max_calibration_docs": "use the first N calibration documents (0: all)",
         "max_new_tokens": "tokens to generate at most per calibration prompt",
         "generate_batch_size": "prompts per batched greedy generation",
@@ -106,6 +106,7 @@ class CalibrateConfig:
             raise ValueError(f"checkpoint must be 'best' or 'final', got {self.checkpoint!r}")
         if self.calibration_instances not in ("mixture", "generations"):
             raise ValueError(f"calibration_instances must be 'mixture' or 'generations', got {self.calibration_instances!r}")
+        get_correctness(self.correctness)  # a bad --correctness fails before any model loads
 
 
 def _resolve(config: CalibrateConfig) -> tuple[dict, str, dict]:

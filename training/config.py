@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
+from training.correctness import CORRECTNESS_HELP
+
 __all__ = ["FinetuneConfig", "PRESETS", "build_parser", "config_from_args"]
 
 
@@ -80,7 +82,7 @@ class FinetuneConfig:
         "train": "training records (JSONL); empty: build the word-ordering task into OUTPUT_DIR/data",
         "calibration": "calibration records (JSONL) for evaluation and the validation SDM layer; empty: the built task's",
         "output_dir": "run folder: config.json, train.log, metrics.jsonl, checkpoint/, best/, final/",
-        "correctness": "correctness function r by name (decides hard negatives)",
+        "correctness": CORRECTNESS_HELP + " (checked at start and recorded in config.json; the loop's hard negatives are every non-verbatim generation)",
         "max_train_docs": "use the first N training documents (0: all)",
         "max_calibration_docs": "use the first N calibration documents (0: all)",
         "task_min_words": "shortest sentence (words) when the word-ordering task is built",

@@ -38,7 +38,7 @@ from sdm_core.embedding import embed_texts, verification_text
 from sdm_core.models import resolve_device
 from sdm_core.report import render_markdown, selective_report
 from training.config import build_parser, config_from_args
-from training.correctness import first_sentence, get_correctness
+from training.correctness import CORRECTNESS_HELP, first_sentence, get_correctness
 from training.generation import greedy_generate
 from training.records import Record, load_records
 
@@ -67,7 +67,7 @@ class EvaluateConfig:
         "bundles": "comma-separated NAME=PATH bundles (or bundle folders, named after the folder) to compare",
         "data": "comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)",
         "out": "folder for metrics.json, report.md, predictions and plots (required)",
-        "correctness": "correctness function r by name",
+        "correctness": CORRECTNESS_HELP,
         "max_docs": "use the first N documents of each dataset (0: all)",
         "max_new_tokens": "tokens to generate at most per prompt",
         "generate_batch_size": "prompts per batched greedy generation",

@@ -20,6 +20,7 @@ import torch
 
 from sdm_core.models import load_model, load_tokenizer
 from training.config import FinetuneConfig, build_parser, config_from_args
+from training.correctness import get_correctness
 from training.records import DataError, Record, load_records
 
 __all__ = ["prepare_model", "load_task", "run", "main"]
@@ -102,6 +103,7 @@ def run(config: FinetuneConfig, resume: bool = False):
 
     from training.trainer import SDMTrainer
 
+    get_correctness(config.correctness)  # a bad --correctness fails before any data or model loads
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         _setup_logging(Path(config.output_dir))
