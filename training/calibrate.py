@@ -148,6 +148,9 @@ PRESETS: dict[str, dict] = {
     "tiny": {"max_new_tokens": 12, "sdm_epochs": 3, "sdm_exemplar_dim": 32, "sdm_learning_rate": 1e-3, "max_length": 256,
              "generate_batch_size": 8, "embed_batch_size": 8, "progress": False},
 }
+# The arithmetic task's presets: the same sizes, labelled by its correctness function (exact value).
+PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "correctness": "arithmetic"}
+PRESETS["arithmetic-cpu"] = {**PRESETS["smollm2-cpu"], "correctness": "arithmetic", "max_new_tokens": 32}
 
 
 def calibrate(config: CalibrateConfig) -> dict:

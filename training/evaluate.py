@@ -126,6 +126,9 @@ PRESETS: dict[str, dict] = {
     "smollm2-cpu": {"max_new_tokens": 96},
     "tiny": {"max_new_tokens": 12, "max_docs": 16, "generate_batch_size": 8, "embed_batch_size": 8, "progress": False},
 }
+# The arithmetic task's presets: labelled by its correctness function (exact value).
+PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "correctness": "arithmetic"}
+PRESETS["arithmetic-cpu"] = {"max_new_tokens": 32, "correctness": "arithmetic"}
 
 
 def parse_named_paths(specs: Sequence[str], kind: str) -> dict[str, Path]:
