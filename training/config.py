@@ -284,7 +284,7 @@ PRESETS["arithmetic-cpu"] = {
     # products, which gives the head something to separate.
     "task_min_digits": 2,
     "task_max_digits": 3,
-    # "<answer>-99999</answer>" and the verification tag are ~25 tokens in SmolLM2's tokenizer.
+    # "<answer>-99999</answer>\n<verified>Yes</verified>" is 20 tokens in SmolLM2's tokenizer (word ordering's: ~40).
     "max_new_tokens": 32,
 }
 
