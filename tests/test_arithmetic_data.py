@@ -29,15 +29,20 @@ def test_the_same_seed_gives_the_same_files_and_another_seed_does_not(tmp_path):
 
 
 def test_splits_are_disjoint_and_resizing_train_keeps_the_earlier_splits(tmp_path):
-    build_arithmetic(tmp_path / "a", ArithmeticConfig(**SMALL))
+    build_arithmetic(tmp_path / "a", ArithmeticConfig(**SMALL, holdout=15))
     build_arithmetic(tmp_path / "b", ArithmeticConfig(**{**SMALL, "train": 120}))
+    assert not (tmp_path / "b" / "holdout.jsonl").exists(), "no holdout file unless one is asked for"
+    assert len(load_records(tmp_path / "a" / "holdout.jsonl")) == 15
     seen: set = set()
-    for split in ("test", "calibration", "train", "digits_shift"):
+    for split in ("test", "calibration", "train", "holdout", "digits_shift"):
         problems = _problems(tmp_path / "a" / f"{split}.jsonl")
         assert len(set(problems)) == len(problems) and not seen & set(problems), split
         seen |= set(problems)
-    for split in ("test", "calibration"):
-        assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes()
+    for split in ("test", "calibration", "train", "digits_shift"):
+        if split != "train":
+            assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes(), split
+    # A larger train split starts with the smaller one's problems (its draw continues), and a holdout changes no train record.
+    assert _problems(tmp_path / "b" / "train.jsonl")[:60] == _problems(tmp_path / "a" / "train.jsonl")
 
 
 def test_operands_positives_and_negatives(tmp_path):

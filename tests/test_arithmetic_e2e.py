@@ -58,8 +58,9 @@ def test_calibration_labels_generations_by_exact_value(pipeline):
     references = {r.id: r.reference for r in load_records(root / "run" / "data" / "calibration.jsonl")}
     rows = [json.loads(line) for line in (root / "bundle.calibration_generations.jsonl").read_text().splitlines()]
     assert len(rows) == summary["calibration_docs"] == 16
-    correct = sum(arithmetic(row["generation"], references[row["id"]]) for row in rows)
-    assert summary["generation_accuracy"] == correct / len(rows)
+    assert [row["label"] for row in rows] == [int(arithmetic(row["generation"], references[row["id"]])) for row in rows]
+    assert summary["generation_accuracy"] == sum(row["label"] for row in rows) / len(rows)
+    assert bundle_info["certification"]["documents"] == CALIBRATE_PRESETS["arithmetic-tiny"]["certification_docs"]
 
 
 def test_evaluation_labels_each_prediction_by_exact_value(pipeline):

@@ -20,6 +20,8 @@ from test_server_support import free_port
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "your-task.md"
 BLOCK_RE = re.compile(r"<!-- doc-test(?:: (?P<kind>\w+))? -->\n```bash\n(?P<body>.*?)```", re.DOTALL)
+DOC_SIZES = "--train 864 --calibration 512 --test 256 --shift 256"
+TINY_SIZES = "--train 32 --calibration 24 --test 16 --shift 16"
 pytestmark = pytest.mark.slow
 
 
@@ -36,7 +38,7 @@ def test_the_marked_blocks_cover_the_whole_path():
                     "curl -s localhost:8000/generate"):
         assert command in text, f"no tested block runs {command!r}"
     assert [kind for kind, _ in blocks].count("server") == 1 and "python -m server" in dict(blocks)["server"]
-    assert "arithmetic-cpu" in text, "the page documents the real preset; the test swaps in the tiny one"
+    assert "arithmetic-cpu" in text and DOC_SIZES in text, "the page documents the real preset; the test swaps in the tiny one"
 
 
 def test_the_documents_commands_run_on_the_tiny_model(tmp_path):
@@ -55,8 +57,9 @@ def test_the_documents_commands_run_on_the_tiny_model(tmp_path):
     env.pop("PYTHONPATH", None)
 
     def adapt(body: str) -> str:
+        # Smaller splits: calibrate decodes every calibration document, and the tiny model needs only a few.
         return (body.replace("arithmetic-cpu", "arithmetic-tiny").replace("localhost:8000", f"localhost:{port}")
-                .replace("--port 8000", f"--port {port}"))
+                .replace("--port 8000", f"--port {port}").replace(DOC_SIZES, TINY_SIZES))
 
     server = None
     server_log = tmp_path / "server.log"
@@ -90,7 +93,8 @@ def test_the_documents_commands_run_on_the_tiny_model(tmp_path):
     validated = outputs[0]
     assert validated.count("OK") == 3, validated
     assert "my_task.checks:city resolves and checks" in outputs[1]
-    assert (work / "bundles" / "arith" / "bundle.json").is_file()
+    info = json.loads((work / "bundles" / "arith" / "bundle.json").read_text())
+    assert info["certification"]["documents"] == 4, "the tiny preset certifies on 4 held-out documents"
     metrics = json.loads((work / "reports" / "arith" / "metrics.json").read_text())
     assert metrics["config"]["correctness"] == "arithmetic" and set(metrics["results"]["arith"]) == {"test", "shift"}
     answer = json.loads(outputs[-1].strip().splitlines()[-1])

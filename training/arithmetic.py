@@ -6,15 +6,16 @@ function ``arithmetic`` (training.correctness) compares the integer in the first
 ``<answer>`` with the reference. Nothing is read from disk, so there is no licence question.
 
     python -m training.data arithmetic --out data/arith [--seed 0] [--train 5000]
-        [--calibration 2000] [--test 1000] [--shift 500] [--min-digits 2] [--max-digits 4]
+        [--calibration 2000] [--test 1000] [--holdout 0] [--shift 500] [--min-digits 2] [--max-digits 4]
         [--operations +,-,*] [--tag-drop-prob 0.1]
 
-Writes train.jsonl, calibration.jsonl, test.jsonl (operands of min..max digits),
-digits_shift.jsonl (operands of max+1..max+2 digits: out of distribution, as word
+Writes train.jsonl, calibration.jsonl, test.jsonl (operands of min..max digits), holdout.jsonl
+when --holdout is given (more problems of the same kind that fine-tuning never sees, for calibration and
+certification, as word ordering's holdout split), digits_shift.jsonl (operands of max+1..max+2 digits: out of distribution, as word
 ordering's length-shift set is) and manifest.json.
 
 How the problems are drawn: each split has its own RNG (seeded with "<seed>:<split>") and
-the splits are drawn in the order test, calibration, train, digits_shift; a problem
+the splits are drawn in the order test, calibration, train, holdout, digits_shift; a problem
 (a, operation, b) already taken by an earlier split is drawn again, so the splits are
 disjoint and resizing one split never changes the records of the splits drawn before it.
 Each operand's digit count is uniform in the range, then its value uniform among numbers of
@@ -41,7 +42,7 @@ PROMPT_TEMPLATE = (
 )
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 TAG_DROPS = ("open", "close", "both")
-SPLITS = ("test", "calibration", "train", "digits_shift")
+SPLITS = ("test", "calibration", "train", "holdout", "digits_shift")
 # How many draws a split may spend per record before the digit range is declared too small for it.
 _MAX_DRAWS_PER_RECORD = 100
 
@@ -54,6 +55,7 @@ class ArithmeticConfig:
     train: int = 5000
     calibration: int = 2000
     test: int = 1000
+    holdout: int = 0  # problems after train that fine-tuning never sees (holdout.jsonl, written when > 0)
     shift: int = 500  # digits_shift records (operands of max_digits+1 .. max_digits+2 digits)
     min_digits: int = 2
     max_digits: int = 4
@@ -63,7 +65,7 @@ class ArithmeticConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
-        for name in ("train", "calibration", "test", "shift"):
+        for name in ("train", "calibration", "test", "holdout", "shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.min_digits <= self.max_digits:
@@ -162,6 +164,8 @@ def build_arithmetic(out_dir: str | Path, config: ArithmeticConfig | None = None
     in_range = (config.min_digits, config.max_digits)
     splits: dict[str, dict] = {}
     for split in SPLITS:
+        if split == "holdout" and not config.holdout:
+            continue
         size = config.shift if split == "digits_shift" else getattr(config, split)
         digits = (config.max_digits + 1, config.max_digits + 2) if split == "digits_shift" else in_range
         records = _draw_split(split, size, digits, config, taken)

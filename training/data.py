@@ -369,6 +369,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     ar.add_argument("--train", type=int, default=ad.train)
     ar.add_argument("--calibration", type=int, default=ad.calibration)
     ar.add_argument("--test", type=int, default=ad.test)
+    ar.add_argument("--holdout", type=int, default=ad.holdout,
+                    help="problems after the training split that fine-tuning never sees (calibration/certification data)")
     ar.add_argument("--shift", type=int, default=ad.shift, help="digits-shift records (operands of max+1..max+2 digits)")
     ar.add_argument("--min-digits", type=int, default=ad.min_digits, help="fewest digits of an operand")
     ar.add_argument("--max-digits", type=int, default=ad.max_digits, help="most digits of an operand")
@@ -411,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "arithmetic":
         try:
             arithmetic = ArithmeticConfig(
-                seed=args.seed, train=args.train, calibration=args.calibration, test=args.test, shift=args.shift,
+                seed=args.seed, train=args.train, calibration=args.calibration, test=args.test, holdout=args.holdout,
+                shift=args.shift,
                 min_digits=args.min_digits, max_digits=args.max_digits,
                 operations=tuple(op.strip() for op in args.operations.split(",") if op.strip()),
                 tag_drop_prob=args.tag_drop_prob, quiet=args.quiet)
