@@ -16,7 +16,6 @@ import codecs
 import json
 import os
 from dataclasses import dataclass, field
-from functools import cache
 from importlib.resources import files
 from typing import Any
 
@@ -54,9 +53,8 @@ class FileReport:
         return not self.problems
 
 
-@cache
 def load_schema() -> dict[str, Any]:
-    """The record schema shipped in the package (read once per process; it never changes at run time)."""
+    """The record schema shipped in the package (read through importlib.resources, so an installed copy finds it)."""
     return json.loads(files("training").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8"))
 
 
