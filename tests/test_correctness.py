@@ -148,6 +148,12 @@ def test_arithmetic_rejects_anything_but_the_exact_value(generation):
     assert not arithmetic(generation, "5758")
 
 
+def test_arithmetic_without_a_reference_takes_the_value_from_the_positive():
+    positive = f"<answer>5758</answer>\n{YES_TAG}"
+    assert arithmetic(f"<answer>5,758</answer>\n{YES_TAG}", positive)
+    assert not arithmetic(f"<answer>5759</answer>\n{YES_TAG}", positive)
+
+
 def test_arithmetic_refuses_a_reference_that_is_not_an_integer():
     with pytest.raises(ValueError, match="reference"):
         arithmetic("<answer>1</answer><verified>Yes</verified>", "one")

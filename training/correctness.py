@@ -82,11 +82,14 @@ def parse_integer(text: str) -> int | None:
 
 def arithmetic(generation: str, reference: str) -> bool:
     """r for the arithmetic task: the first paired ``<answer>`` holds an integer equal in value
-    to the reference ("0042" and "42" agree; "42.0", "forty-two" and "42 apples" do not)."""
+    to the reference ("0042" and "42" agree; "42.0", "forty-two" and "42 apples" do not). A record
+    without a reference passes its positive, whose own first answer then gives the value."""
     expected = parse_integer(reference)
     if expected is None:
-        raise ValueError(f"arithmetic reference {reference!r} is not an integer; the record's 'reference' "
-                         "must hold the exact value, e.g. \"5758\"")
+        expected = parse_integer(first_tagged(reference, "answer"))
+    if expected is None:
+        raise ValueError(f"arithmetic reference {reference[:80]!r} is not an integer; the record's 'reference' "
+                         "must hold the exact value, e.g. \"5758\" (or its positive an <answer> with it)")
     return parse_integer(first_tagged(generation, "answer")) == expected
 
 
