@@ -40,7 +40,7 @@ from sdm_core.models import resolve_device
 from sdm_core.report import render_markdown, selective_report
 from training.baselines import METHODS, ScoredGenerations, aurocs, compare_methods, risk_coverage
 from training.config import build_parser, config_from_args
-from training.correctness import first_sentence, get_correctness
+from training.correctness import CORRECTNESS_HELP, first_sentence, get_correctness
 from training.generation import decode_and_label
 from training.records import Record, load_records
 from training.tag_probability import tag_probabilities
@@ -70,7 +70,7 @@ class EvaluateConfig:
         "bundles": "comma-separated NAME=PATH bundles (or bundle folders, named after the folder) to compare",
         "data": "comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)",
         "out": "folder for metrics.json, report.md, predictions and plots (required)",
-        "correctness": "correctness function r by name",
+        "correctness": CORRECTNESS_HELP,
         "max_docs": "use the first N documents of each dataset (0: all)",
         "max_new_tokens": "tokens to generate at most per prompt",
         "generate_batch_size": "prompts per batched greedy generation",
@@ -129,6 +129,9 @@ PRESETS: dict[str, dict] = {
     "smollm2-cpu": {"max_new_tokens": 96},
     "tiny": {"max_new_tokens": 12, "max_docs": 16, "generate_batch_size": 8, "embed_batch_size": 8, "progress": False},
 }
+# The arithmetic task's presets: labelled by its correctness function (exact value).
+PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "correctness": "arithmetic"}
+PRESETS["arithmetic-cpu"] = {"max_new_tokens": 32, "correctness": "arithmetic"}
 
 
 def parse_named_paths(specs: Sequence[str], kind: str) -> dict[str, Path]:
