@@ -291,7 +291,7 @@ class GenerationService:
         self.metrics.latency.labels(stage="total").observe(done.total_ms / 1000.0)
         self.logger.info(
             "answered",
-            extra={"route": route, "admitted": result.admitted, "abstention_reason": result.abstention_reason, "probability": round(result.probability, 6),
+            extra={"id": plan.response_id if plan is not None else None, "route": route, "admitted": result.admitted, "abstention_reason": result.abstention_reason, "probability": round(result.probability, 6),
                    "attempts": result.attempts, "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                    "total_ms": round(done.total_ms, 2)},
         )
