@@ -82,7 +82,11 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         backend.observer = metrics.observe_batch
 
     def loaded(facts: dict) -> None:
-        metrics.set_bundle({k: v for k, v in facts.items() if k != "alphas"})
+        metrics.set_bundle({k: v for k, v in facts.items() if k not in ("alphas", "certification")})
+        metrics.set_certification(facts.get("certification"))
+        certification = facts.get("certification")
+        logger.info("certification", extra={"bundle": facts["bundle"], "certification": certification["summary"] if certification
+                                             else "none recorded: the ladder was not checked on held-out documents"})
         metrics.ready.set(1)
 
     manager = ModelManager(backend, model_name=config.served_model_name, warmup=config.warmup,

@@ -38,6 +38,24 @@ def bundle_facts(backend: Backend, model_name: str) -> dict:
         "calibration_admitted": region.calibration_admitted,
         "calibration_size": region.calibration_size,
         "calibration_admitted_proportion": region.calibration_admitted / region.calibration_size if region.calibration_size else 0.0,
+        "certification": certification_facts(info.certification),
+    }
+
+
+def certification_facts(certification) -> dict | None:
+    """The bundle's held-out certification as /v1/models shows it: which alphas it certified and withdrew, and per
+    alpha the admitted and correct answers on the certification split with the test's p-value and lower bound."""
+    if certification is None:
+        return None
+    return {
+        "documents": certification.documents,
+        "policy": certification.policy,
+        "certified_alphas": list(certification.certified),
+        "withdrawn_alphas": list(certification.withdrawn),
+        "summary": certification.summary(),
+        "alphas": {f"{r.alpha:g}": {"admitted": r.admitted, "correct": r.correct, "accuracy": r.accuracy,
+                                    "p_value": r.p_value, "lower_bound": r.lower_bound, "status": r.status}
+                   for r in certification.rows},
     }
 
 
