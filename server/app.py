@@ -83,8 +83,7 @@ def _body_schema(model, components: dict, required: bool = True) -> dict:
     """OpenAPI request body for a route that parses its body itself (for exact 400s); the models go to components."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(schema.pop("$defs", {}))
-    components[model.__name__] = schema
-    return {"requestBody": {"required": required, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
 
 
 def _set_maximum(schema: dict, value: int) -> None:
@@ -170,8 +169,9 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         # The limits this server enforces (they are settings, so they are not in the models).
         limits = {"max_tokens": config.max_tokens_cap, "max_completion_tokens": config.max_tokens_cap,
                   "return_exemplars": config.max_exemplars, "max_attempts": config.max_attempts_cap}
-        for model in ("GenerateRequest", "CompletionRequest", "ChatCompletionRequest"):
-            properties = known.get(model, {}).get("properties", {})
+        for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
+            body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            properties = body.get("properties", {})
             for name, value in limits.items():
                 if name in properties:
                     _set_maximum(properties[name], value)

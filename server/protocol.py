@@ -281,7 +281,7 @@ class _OpenAIRequest(SelectiveParams):
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default 0 (greedy, as the head was calibrated), unlike OpenAI's 1")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="only 1")
+    n: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1}, description="only 1")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop | None = None
