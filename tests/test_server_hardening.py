@@ -496,3 +496,39 @@ def test_a_written_bundle_is_readable_by_other_users(tiny_bundle) -> None:
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [tiny_bundle.path, *tiny_bundle.path.rglob("*")]}
     wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o777 if p.is_dir() else 0o666) & ~mask}
     assert not wrong
+
+
+def test_work_cancelled_by_the_server_is_answered_503_or_ends_the_stream() -> None:
+    """uvicorn's backstop: what still runs 2 s after the drain timeout is cancelled; the middleware answers it."""
+    from server.middleware import RequestContextMiddleware
+
+    async def slow_json(scope, receive, send) -> None:
+        await asyncio.sleep(60)
+
+    async def slow_stream(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+        await asyncio.sleep(60)
+
+    async def run(app) -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        middleware = RequestContextMiddleware(app, api_keys=(), open_paths=(), max_body_bytes=100, drain_timeout_s=3.0)
+        task = asyncio.ensure_future(middleware({"type": "http", "method": "GET", "path": "/generate", "headers": []}, receive, send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return sent
+
+    sent = asyncio.run(run(slow_json))
+    assert sent[0]["status"] == 503 and json.loads(sent[1]["body"])["error"]["code"] == "shutting_down"
+    sent = asyncio.run(run(slow_stream))
+    tail = sent[-1]["body"].decode()
+    assert '"shutting_down"' in tail and tail.endswith("data: [DONE]\n\n") and sent[-1]["more_body"] is False
