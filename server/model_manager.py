@@ -108,7 +108,8 @@ class ModelManager:
             served = await self._prepare(self._initial, set_state=True)
         except Exception as exc:  # noqa: BLE001 - reported by /ready and the log
             self.state = "failed"
-            self.error = f"{type(exc).__name__}: {exc}"
+            path = self._initial.bundle_path  # the error reaches /ready and 503s: the bundle by name, not by host path
+            self.error = f"{type(exc).__name__}: {_without_paths(str(exc), path, Path(path).name)}"
             self.logger.error("loading the bundle failed: %s", self.error, exc_info=True)
             await self._initial.close()
             return

@@ -170,6 +170,12 @@ def test_reload_takes_names_under_the_bundles_root_and_reveals_no_paths(admin, n
     assert str(tiny_bundle.path.parent) not in error["message"] and "/etc" not in error["message"].replace(repr(name), "")
 
 
+def test_reload_refuses_a_path_even_to_a_real_bundle(admin, tiny_bundle) -> None:
+    for path in (str(tiny_bundle.path2), f"../{tiny_bundle.path2.name}", str(tiny_bundle.path2.relative_to(tiny_bundle.path2.anchor))):
+        error = error_of(admin.post("/admin/reload", json={"bundle": path}), 400)
+        assert error["param"] == "bundle" and "not a path" in error["message"]
+
+
 def test_the_same_error_for_a_missing_folder_and_a_folder_without_a_bundle(admin, tiny_bundle) -> None:
     (tiny_bundle.path.parent / "not-a-bundle").mkdir(exist_ok=True)
     missing = error_of(admin.post("/admin/reload", json={"bundle": "nothing-here"}), 400)["message"]
@@ -532,3 +538,28 @@ def test_work_cancelled_by_the_server_is_answered_503_or_ends_the_stream() -> No
     sent = asyncio.run(run(slow_stream))
     tail = sent[-1]["body"].decode()
     assert '"shutting_down"' in tail and tail.endswith("data: [DONE]\n\n") and sent[-1]["more_body"] is False
+
+
+def test_a_bundle_that_fails_to_load_is_reported_without_its_host_path(tiny_bundle, tmp_path) -> None:
+    import shutil
+
+    from server.app import create_app
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle.path, broken)
+    head = next(p for p in (broken / "head").iterdir() if p.suffix == ".safetensors")
+    head.write_bytes(b"not a tensor file")
+
+    async def go():
+        app = create_app(make_config(broken, warmup=False))
+        async with serve(app, ready=False) as c:
+            for _ in range(600):
+                if app.state.server.manager.state == "failed":
+                    break
+                await asyncio.sleep(0.05)
+            return app.state.server.manager.state, await c.get("/ready"), await c.post("/generate", json={"prompt": "hi"})
+
+    state, ready, generate = asyncio.run(go())
+    assert state == "failed"
+    for r in (ready, generate):
+        assert r.status_code == 503 and str(tmp_path) not in r.text, r.text
