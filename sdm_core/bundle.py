@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from sdm_core.artifact import ArtifactError, canonical_json, sha256_file
+from sdm_core.artifact import ArtifactError, canonical_json, sha256_file, share_like_umask
 from sdm_core.certification import Certification, withdraw_regions
 from sdm_core.embedding import ChatFormat, HiddenStateRecipe
 from sdm_core.estimator import SDMEstimator
@@ -156,6 +156,7 @@ def write_bundle(
         if baselines is not None:
             body["baselines"] = baselines
         _write_manifest(tmp, body)
+        share_like_umask(tmp)  # mkdtemp made it 0700: readable by other users (a container's) like any folder
         if target.exists():
             target.rmdir()
         os.replace(tmp, target)
