@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdm_core import SDMConfig, SDMEstimator  # noqa: E402
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text  # noqa: E402
-from sdm_core.models import load_model, load_tokenizer  # noqa: E402
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text  # noqa: E402
+from sdm_core.lm.models import load_model, load_tokenizer  # noqa: E402
 from training.config import FinetuneConfig  # noqa: E402
 from training.data import WordOrderConfig, build_word_order  # noqa: E402
 from training.encoding import collate, encode_instance  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sdm_core.embedding import verification_prefix, verification_text
+from sdm_core.lm.embedding import verification_prefix, verification_text
 from sdm_core.estimator import SDMScores
 from sdm_core.support import OOD_LABEL
 from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams

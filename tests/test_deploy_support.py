@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"gpu": ROOT / "Dockerfile", "cpu": DEPLOY / "docker" / "Dockerfile.cpu"}
 # SDM_* variables that are not server flags but are read elsewhere in the project.
-NON_FLAG_SDM_VARIABLES = {"SDM_CACHE_DIR"}  # sdm_core.models: where converted models are cached
+NON_FLAG_SDM_VARIABLES = {"SDM_CACHE_DIR"}  # sdm_core.lm.models: where converted models are cached
 
 
 # -- Dockerfiles -------------------------------------------------------------------------------------------------

@@ -304,8 +304,8 @@ def test_metrics_move_with_admitted_abstained_and_failed_requests(client, tiny_b
 # -- the head input is the training-time recipe -----------------------------------------------------------------------
 def test_head_input_equals_the_training_embedding(tiny_bundle) -> None:
     """The server's head input for a generation equals embed_texts (and training's embed_instances) of the same text."""
-    from sdm_core.bundle import load_bundle
-    from sdm_core.embedding import embed_texts, verification_text
+    from sdm_core.lm.bundle import load_bundle
+    from sdm_core.lm.embedding import embed_texts, verification_text
     from server.app import create_app
     from server.pipeline import VerificationRequest
     from training.verification_layer import Instance, embed_instances

@@ -179,12 +179,13 @@ def test_admission_queues_then_refuses_with_retry_after() -> None:
 # -- stop strings and streaming -------------------------------------------------------------------------------------
 def _run_rows(tokenizer, text: str, stop=(), inclusive=("<verified>",), max_tokens=64, cancel_at=None):
     from server.backends.base import GenerationRequest, SamplingParams
-    from server.backends.transformers_backend import _Row, _RowStopper
+    from server.backends.row import GenerationRow
+    from server.backends.transformers_backend import _RowStopper
 
     deltas: list[str] = []
     prompt = [1, 2, 3]
     request = GenerationRequest(prompt, SamplingParams(max_tokens), stop=tuple(stop), stop_inclusive=tuple(inclusive), on_text=deltas.append)
-    row = _Row(request)
+    row = GenerationRow(request)
     stopper = _RowStopper([row], tokenizer, {tokenizer.eos_token_id}, len(prompt))
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     for step, token in enumerate(tokens, start=1):
@@ -221,12 +222,13 @@ def test_max_tokens_eos_and_cancel_end_a_row(tiny_tokenizer) -> None:
 
 def test_sampler_is_seeded_per_row_and_respects_top_p() -> None:
     from server.backends.base import GenerationRequest, SamplingParams
-    from server.backends.transformers_backend import _Row, _RowSampler
+    from server.backends.row import GenerationRow
+    from server.backends.transformers_backend import _RowSampler
 
     scores = torch.randn(3, 50)
 
     def draw(params_list):
-        rows = [_Row(GenerationRequest([1], p)) for p in params_list]
+        rows = [GenerationRow(GenerationRequest([1], p)) for p in params_list]
         out = _RowSampler(rows)(torch.zeros(len(rows), 1, dtype=torch.long), scores[: len(rows)].clone())
         return out.argmax(dim=1).tolist(), out
 

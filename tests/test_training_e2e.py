@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdm_core.bundle import load_bundle, read_bundle_info
-from sdm_core.embedding import embed_texts, verification_text
+from sdm_core.lm.bundle import load_bundle, read_bundle_info
+from sdm_core.lm.embedding import embed_texts, verification_text
 from training.calibrate import PRESETS as CALIBRATE_PRESETS
 from training.calibrate import CalibrateConfig, calibrate
 from training.config import PRESETS, FinetuneConfig

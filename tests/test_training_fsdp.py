@@ -173,8 +173,8 @@ def _synced_generation() -> None:
 
     from torch.distributed.fsdp import fully_shard
 
-    from sdm_core.embedding import ChatFormat
-    from sdm_core.models import load_model, load_tokenizer
+    from sdm_core.lm.embedding import ChatFormat
+    from sdm_core.lm.models import load_model, load_tokenizer
     from training.generation import greedy_generate
 
     torch.distributed.init_process_group("gloo")

@@ -23,10 +23,10 @@ from typing import ClassVar, Sequence
 import torch
 
 from sdm_core import SDMConfig
-from sdm_core.bundle import VerificationTags, write_bundle
+from sdm_core.lm.bundle import VerificationTags, write_bundle
 from sdm_core.calibration import DEFAULT_ALPHA_LADDER
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe
-from sdm_core.models import load_model, load_tokenizer, resolve_device
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
+from sdm_core.lm.models import load_model, load_tokenizer, resolve_device
 from training.config import build_parser, config_from_args
 from training.correctness import get_correctness, is_verbatim, normalize_hard_negative
 from training.generation import greedy_generate

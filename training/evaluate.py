@@ -34,8 +34,8 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from sdm_core.embedding import embed_texts, verification_text
-from sdm_core.models import resolve_device
+from sdm_core.lm.embedding import embed_texts, verification_text
+from sdm_core.lm.models import resolve_device
 from sdm_core.report import render_markdown, selective_report
 from training.config import build_parser, config_from_args
 from training.correctness import first_sentence, get_correctness
@@ -465,7 +465,7 @@ def render_report(metrics: dict) -> str:
 
 def evaluate(config: EvaluateConfig) -> dict:
     """Run the evaluation and write its outputs; returns the metrics dict (also written as metrics.json)."""
-    from sdm_core.bundle import load_bundle
+    from sdm_core.lm.bundle import load_bundle
 
     config.validate()
     bundle_paths = parse_named_paths(config.bundles, "bundle")

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from sdm_core.models import load_model, load_tokenizer
+from sdm_core.lm.models import load_model, load_tokenizer
 from training.config import FinetuneConfig, build_parser, config_from_args
 from training.records import DataError, Record, load_records
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sdm_core.embedding import ChatFormat
+from sdm_core.lm.embedding import ChatFormat
 from training.encoding import generation_prompt
 
 __all__ = ["greedy_generate"]

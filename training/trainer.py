@@ -30,8 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sdm_core import SDMConfig, SDMEstimator
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, is_sharded
-from training.checkpoint import atomic_dir, load_checkpoint, save_checkpoint
+from sdm_core.folders import atomic_folder
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, is_sharded
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import FinetuneConfig
 from training.correctness import is_verbatim, normalize_hard_negative
 from training.encoding import EncodedInstance, collate, encode_instance
@@ -432,7 +433,7 @@ class SDMTrainer:
             (tmp / "sdm_training.json").write_text(json.dumps({"model_source": self.config.model, "lora": self.config.lora, "step": self.state["step"]}, indent=1))
 
         if self.accelerator.is_main_process:
-            atomic_dir(folder, write)
+            atomic_folder(folder, write, if_exists="replace")
 
     def _checkpoint(self) -> None:
         save_checkpoint(self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,

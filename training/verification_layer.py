@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import torch
 
 from sdm_core import SDMConfig, SDMEstimator
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, pool_prefixes, verification_text
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, pool_prefixes, verification_text
 from training.records import Record
 
 __all__ = ["Instance", "split_flags", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES",
