@@ -108,9 +108,11 @@ def test_cross_entropy_baseline_runs_on_the_same_encoding(tmp_path):
     assert (tmp_path / "ce" / "best" / "model.safetensors").is_file()
 
 
-def _finetune(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "training.finetune", "--preset", "tiny", "--output-dir", str(out), "--epochs", "2", *extra]
-    return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True, timeout=600)
+def _finetune(out: Path, *extra: str, crash_after_step: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m training.finetune`` on the tiny preset, or the same run killed after a checkpoint (tests/crashing_finetune.py)."""
+    entry = ["-m", "training.finetune"] if crash_after_step is None else [str(ROOT / "tests" / "crashing_finetune.py"), str(crash_after_step)]
+    command = [sys.executable, *entry, "--preset", "tiny", "--output-dir", str(out), "--epochs", "2", *extra]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("timing", ["step", "epoch"])
@@ -119,7 +121,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, timing):
     # and carried by the checkpoint until drawn).
     straight = _finetune(tmp_path / "straight", "--generation-timing", timing)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    crashed = _finetune(tmp_path / "crashed", "--generation-timing", timing, env={"SDM_TEST_CRASH_AFTER_STEP": "3"})
+    crashed = _finetune(tmp_path / "crashed", "--generation-timing", timing, crash_after_step=3)
     assert crashed.returncode == 137, crashed.stderr[-2000:]
     assert not (tmp_path / "crashed" / "final").exists()
     resumed = _finetune(tmp_path / "crashed", "--generation-timing", timing, "--resume")
@@ -160,6 +162,7 @@ def test_lora_with_trainable_last_layers_adapts_only_the_last_blocks(tmp_path):
 
 def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_path):
     # With the recipe ending at <verified>, b comes from the training forward's hidden states (no extra pass).
+    from training.bases import bases_from_h
     from training.finetune import load_task, prepare_model
     from training.trainer import SDMTrainer
 
@@ -171,7 +174,7 @@ def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_p
 
     flags = split_flags([r.id for r in train], config.seed, 0)
     trainer.train_layer = trainer._fit_layer(train, flags, {}, "test-layer")
-    instances = trainer._draw(train[:6], "test", generate_ok=False, store={})
+    instances = trainer.sampler.draw(train[:6], "test", generate_ok=False, store={})
     assert {i.label for i in instances} == {0, 1}
     encoded = trainer._encode(instances)
     prefixes = trainer._shared_prefixes(instances, encoded)
@@ -187,7 +190,7 @@ def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_p
     shared = trainer._prefix_h(states, prefixes)
     assert torch.allclose(shared, separate, rtol=1e-4, atol=1e-5), (shared - separate).abs().max()
     _, _, bases = trainer._loss_sum_shared(encoded, instances, prefixes, flags)
-    assert torch.equal(bases, trainer._bases_from_h(shared, instances, trainer.train_layer, flags))
+    assert torch.equal(bases, bases_from_h(shared, instances, trainer.train_layer, flags))
     template = SDMTrainer(tiny_config(tmp_path / "t"), model, tokenizer, train, cal)
     assert template._shared_prefixes(instances, encoded) is None  # the template recipe's h is not a prefix
 
