@@ -99,13 +99,13 @@ def main() -> None:
         if kind == "sdm" and prefixes is None:
             with autocast():
                 hb = embed_texts(model, tokenizer, texts, recipe, batch_size=args.batch)
-            base = 2.0 + layer.score(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
+            base = 2.0 + layer.predict_scores(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
         model.train()
         if kind == "sdm" and prefixes is not None:
             with autocast():
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True, logits_to_keep=keep)
             hb = prefix_embeddings(out.hidden_states[-1], prefixes, recipe)
-            base = 2.0 + layer.score(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
+            base = 2.0 + layer.predict_scores(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
             logits = out.logits
         else:
             with autocast():

@@ -329,5 +329,5 @@ def test_head_input_equals_the_training_embedding(tiny_bundle) -> None:
         assert torch.equal(result.embedding, direct)
         trained = embed_instances(bundle.model, bundle.tokenizer, [Instance("d", prompt, result.generated_text, 1)], bundle.info.chat, bundle.info.recipe, 8)[0]
         assert torch.equal(result.embedding, trained)
-        scores = bundle.head.score(direct.unsqueeze(0), alpha=DEFAULT_ALPHA)
+        scores = bundle.head.predict_scores(direct.unsqueeze(0), alpha=DEFAULT_ALPHA)
         assert float(scores.probabilities[0, int(scores.predictions[0])]) == pytest.approx(result.probability, abs=0.0)

@@ -104,7 +104,7 @@ def _build(root: Path) -> TinyBundle:
     candidates = [family_a(i) for i in range(0, 12)] + [family_b(i) for i in range(0, 12)] + ["What is the capital of France?"]
     generations = _greedy(model, tokenizer, candidates, chat, MAX_TOKENS)
     texts = [verification_text(tokenizer, p, g, chat, recipe) for p, g in zip(candidates, generations)]
-    scores = head.score(embed_texts(model, tokenizer, texts, recipe), alpha=DEFAULT_ALPHA)
+    scores = head.predict_scores(embed_texts(model, tokenizer, texts, recipe), alpha=DEFAULT_ALPHA)
     admitted = [p for i, p in enumerate(candidates) if scores.admitted[i] and int(scores.predictions[i]) == 1]
     predicted_no = [p for i, p in enumerate(candidates) if scores.admitted[i] and int(scores.predictions[i]) == 0]
     abstained = [(p, scores.abstention_reason[i]) for i, p in enumerate(candidates) if not scores.admitted[i]]

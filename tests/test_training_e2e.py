@@ -67,7 +67,7 @@ def test_calibrate_builds_a_bundle_that_loads_and_scores(sdm_run, tmp_path):
     bundle = load_bundle(bundle_dir)
     text = verification_text(bundle.tokenizer, "Order: 'b a'", "<sentence>a b</sentence>\n<verified>Yes</verified>", info.chat, info.recipe)
     assert text.endswith("<verified><|im_end|>\n")
-    scores = bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe))
+    scores = bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe))
     record = scores.record(0)
     assert 0.0 <= record["probability"] <= 1.0 and record["prediction"] in (0, 1)
     # A tampered bundle file is refused.
@@ -145,7 +145,7 @@ def test_lora_run_calibrates_into_an_adapter_bundle(tmp_path):
     bundle = load_bundle(bundle_dir)
     assert not hasattr(bundle.model, "peft_config")  # merged for serving
     text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
-    assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
+    assert bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
 
 
 def test_lora_with_trainable_last_layers_adapts_only_the_last_blocks(tmp_path):
@@ -206,7 +206,7 @@ def test_an_unfinetuned_model_is_bundled_by_reference(tmp_path):
     assert info.model["kind"] == "base" and not (bundle_dir / "model").exists()
     bundle = load_bundle(bundle_dir)
     text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
-    assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
+    assert bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
 
 
 def test_epoch_generation_timing_decodes_the_drawn_documents_once_at_the_epoch_start(tmp_path):

@@ -22,7 +22,7 @@ UNIFORM_BASE = 2.5
 
 def bases_from_h(h: torch.Tensor, instances: Sequence[Instance], layer: SDMEstimator, flags: Mapping[str, bool]) -> torch.Tensor:
     """b per instance from its h; documents in the layer's support (flag True) are excluded from their own search."""
-    scores = layer.score(h, support_ids=[i.doc_id if flags.get(i.doc_id) else None for i in instances])
+    scores = layer.predict_scores(h, support_ids=[i.doc_id if flags.get(i.doc_id) else None for i in instances])
     labels = torch.tensor([i.label for i in instances])
     return 2.0 + scores.probabilities.gather(1, labels.unsqueeze(1)).squeeze(1).to(torch.float32)
 

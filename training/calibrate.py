@@ -32,7 +32,16 @@ from training.correctness import get_correctness, is_verbatim, normalize_hard_ne
 from training.generation import greedy_generate
 from training.records import load_records
 from training.trainer import git_revision
-from training.verification_layer import CLASS_NAMES, Instance, draw_layer_instances, embed_instances, fit_verification_layer, prompt_of
+from training.verification_layer import (
+    CLASS_NAMES,
+    PAPER_INSTANCE_SEED,
+    PAPER_SPLIT_SEED,
+    Instance,
+    draw_layer_instances,
+    embed_instances,
+    fit_verification_layer,
+    prompt_of,
+)
 
 __all__ = ["CalibrateConfig", "calibrate", "main"]
 
@@ -58,8 +67,8 @@ class CalibrateConfig:
     system_prompt: str | None = "You are a helpful AI assistant."
     recipe_sequence_end: str = "template"
     max_length: int = 2048
-    split_seed: int = 23
-    instance_seed: int = 53
+    split_seed: int = PAPER_SPLIT_SEED
+    instance_seed: int = PAPER_INSTANCE_SEED
     # "mixture" (SDM_SPEC §3.7): both halves of the head hold the drawn instances (reference, hard or static
     # negative). "generations": the calibration half holds each document's own greedy generation labelled by r,
     # the distribution the server scores, so that Algorithm 1's region is estimated on it (docs/decisions.md).

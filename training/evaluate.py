@@ -34,6 +34,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
+from sdm_core.calibration import same_alpha
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from sdm_core.report import render_markdown, selective_report
@@ -228,7 +229,7 @@ def _aggregate_surface(rows: list[dict]) -> dict:
 
 def _row_at(report: dict, alpha: float) -> dict:
     for row in report["alphas"]:
-        if abs(row["alpha"] - alpha) < 1e-9:
+        if same_alpha(row["alpha"], alpha):
             return row
     raise ValueError(f"alpha {alpha} is not in the report")
 
@@ -251,7 +252,7 @@ def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Re
     started = time.perf_counter()
     h = embed_texts(model, tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
     embed_seconds = time.perf_counter() - started
-    s = head.score(h, alpha=alpha)
+    s = head.predict_scores(h, alpha=alpha)
     report = selective_report(s.probabilities, s.probabilities_lower, s.predictions, s.q_prime, s.q_prime_lower, labels,
                               head.ladder, head.class_names)
 

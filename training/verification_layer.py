@@ -14,9 +14,15 @@ from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, po
 from training.records import Record
 
 __all__ = ["Instance", "split_flags", "negative_candidates", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES",
+           "PAPER_SPLIT_SEED", "PAPER_INSTANCE_SEED",
            "shared_prefix_lengths", "prefix_embeddings"]
 
 CLASS_NAMES = ("No", "Yes")
+
+# The reference code's seeds for the final test-time layer (SDM_SPEC §3.7): Random(23) splits the calibration
+# documents into its support and calibration halves, Random(46 + 7) draws each document's instance.
+PAPER_SPLIT_SEED = 23
+PAPER_INSTANCE_SEED = 53
 
 
 @dataclass(frozen=True)
