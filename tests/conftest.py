@@ -26,3 +26,10 @@ def tiny_model():
     from sdm_core.lm.models import load_model
 
     return load_model({"kind": "tiny"})
+
+
+@pytest.fixture()
+def fake_bundle(tmp_path: Path) -> Path:
+    """A folder that passes the server configuration's bundle check (a bundle.json exists); nothing loads it."""
+    (tmp_path / "bundle.json").write_text("{}")
+    return tmp_path

@@ -188,8 +188,16 @@ def test_wrong_format_name_is_refused(copy):
         SDMEstimator.load(copy)
 
 
-def test_artifact_error_is_a_value_error():
-    assert issubclass(ArtifactError, ValueError)
+def test_a_refused_artifact_is_a_value_error_and_a_cli_usage_error(copy, capsys):
+    """Callers catch bad input as ValueError (the training CLIs do), and python -m sdm_core reports a refused
+    artifact as a usage error (exit status 2) naming the file, not as a traceback."""
+    from sdm_core.cli import main
+
+    _flip_byte(copy / "weights.safetensors")
+    with pytest.raises(ValueError, match="weights.safetensors"):
+        SDMEstimator.load(copy)
+    assert main(["recalibrate", "--artifact", str(copy), "--alphas", "0.9"]) == 2
+    assert "error:" in (err := capsys.readouterr().err) and "weights.safetensors" in err
 
 
 # --------------------------------------------------------------------------------------------------------------

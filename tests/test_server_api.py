@@ -121,15 +121,28 @@ def test_messages_equal_the_prompt_in_the_bundle_chat_format(client, tiny_bundle
     assert by_messages["usage"] == by_prompt["usage"]
 
 
-def test_sampling_is_reproducible_with_a_seed_and_attempts_resample(client, tiny_bundle) -> None:
+def test_sampling_is_reproducible_with_a_seed(client, tiny_bundle) -> None:
     request = {"prompt": tiny_bundle.abstained_prompt, "temperature": 1.0, "top_p": 0.95, "seed": 11, "max_tokens": 6}
     first = client.post("/generate", json=request).json()
     again = client.post("/generate", json=request).json()
     assert first["text"] == again["text"] and first["probability"] == again["probability"]
-    many = client.post("/generate", json={**request, "prompt": "What is the capital of France?", "max_attempts": 3}).json()
-    assert 1 <= many["attempts"] <= 3
-    if not many["admitted"]:
-        assert many["attempts"] == 3
+
+
+def test_attempts_resample_until_admitted_and_return_the_best_attempt(client) -> None:
+    """Attempt k samples with derive_seed(seed, k): each attempt is replayed alone as a one-attempt request, and the
+    resampling request must stop at the first admitted one (else after all 3) and return the best by (admitted,
+    probability)."""
+    from server.pipeline import derive_seed
+
+    request = {"prompt": "What is the capital of France?", "temperature": 1.0, "top_p": 0.95, "max_tokens": 6}
+    alone = [client.post("/generate", json={**request, "seed": derive_seed(11, k)}).json() for k in range(3)]
+    admitted = [a["admitted"] for a in alone]
+    tried = alone[: admitted.index(True) + 1] if True in admitted else alone
+    best = max(tried, key=lambda a: (a["admitted"], a["probability"]))
+    many = client.post("/generate", json={**request, "seed": 11, "max_attempts": 3}).json()
+    assert many["attempts"] == len(tried)
+    assert many["admitted"] is best["admitted"] and many["text"] == best["text"]
+    assert many["probability"] == pytest.approx(best["probability"], abs=1e-6)
 
 
 def test_user_stop_strings_end_the_generation(client, tiny_bundle) -> None:
