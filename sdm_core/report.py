@@ -13,7 +13,7 @@ import torch
 
 from sdm_core.calibration import RegionLadder, admissions_unchecked
 
-__all__ = ["Cell", "selective_report", "render_markdown"]
+__all__ = ["Cell", "selective_report", "render_markdown", "auroc"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,30 @@ def render_markdown(report: dict, title: str = "SDM estimator evaluation") -> st
             lines.append(f"| SDM_{estimator} | {row['alpha']:.2f} | {q_min} | " + " | ".join(_cells(row[estimator])) + " |")
     lines.append("")
     return "\n".join(lines)
+
+
+def auroc(scores: object, labels: object) -> float | None:
+    """Area under the ROC curve of ``scores`` ranking positives (label 1) above negatives (label 0): the
+    Mann-Whitney probability that a random positive outscores a random negative, ties counting one half.
+    None when either class is absent (the area is undefined)."""
+    s = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+    y = torch.as_tensor(labels).reshape(-1).bool()
+    if s.shape[0] != y.shape[0]:
+        raise ValueError(f"scores has {s.shape[0]} rows but labels has {y.shape[0]}")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    # Average ranks (1-based) make ties count one half.
+    order = torch.argsort(s)
+    ranks = torch.empty_like(s)
+    sorted_scores = s[order]
+    i = 0
+    n = s.shape[0]
+    values = sorted_scores.tolist()
+    while i < n:
+        j = i
+        while j + 1 < n and values[j + 1] == values[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))

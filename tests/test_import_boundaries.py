@@ -68,6 +68,7 @@ def within(name: str, package: str) -> bool:
 
 def violations() -> list[str]:
     problems = []
+    known_seen = set()
     for path in project_modules():
         module = module_name(path)
         rel = path.relative_to(ROOT).as_posix()
@@ -87,8 +88,12 @@ def violations() -> list[str]:
                 problems.append(f"{rel}: training imports {imported}")
             private = name is not None and name.startswith("_") and not name.startswith("__")
             if private and imported.split(".")[0] in PACKAGES and imported != module:
-                if (rel, imported, name) not in KNOWN_PRIVATE_IMPORTS:
+                if (rel, imported, name) in KNOWN_PRIVATE_IMPORTS:
+                    known_seen.add((rel, imported, name))
+                else:
                     problems.append(f"{rel}: imports the private name {name} from {imported}")
+    problems.extend(f"{rel}: no longer imports {name} from {imported}; drop it from KNOWN_PRIVATE_IMPORTS"
+                    for rel, imported, name in KNOWN_PRIVATE_IMPORTS - known_seen)
     return sorted(set(problems))
 
 

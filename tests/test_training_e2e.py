@@ -61,7 +61,13 @@ def test_calibrate_builds_a_bundle_that_loads_and_scores(sdm_run, tmp_path):
     bundle_dir = tmp_path / "bundle"
     summary = calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
     assert summary["calibration_docs"] == 16 and summary["hard_negatives"] > 0
+    assert summary["documents_by_split"]["certification"] == CALIBRATE_PRESETS["tiny"]["certification_docs"]
     info = read_bundle_info(bundle_dir)
+    # Every alpha of the ladder is certified on the held-out documents and the table is sealed into bundle.json.
+    certification = info.certification
+    assert certification is not None and certification.documents == 4
+    assert [r.alpha for r in certification.rows] == list(load_bundle(bundle_dir).head.ladder.alphas)
+    assert set(info.raw["baselines"]["tag_probability"]["thresholds"]) == {f"{a:g}" for a in certification_alphas(info)}
     assert info.recipe.sequence_end == "template" and info.tags.yes == "Yes"
     assert info.model["kind"] == "full" and info.model["base"] == {"kind": "tiny", "seed": 0}
     bundle = load_bundle(bundle_dir)
@@ -77,6 +83,10 @@ def test_calibrate_builds_a_bundle_that_loads_and_scores(sdm_run, tmp_path):
         read_bundle_info(bundle_dir)
 
 
+def certification_alphas(info) -> list[float]:
+    return [r.alpha for r in info.certification.rows if r.alpha < 1.0]
+
+
 def test_generations_calibration_half_holds_each_documents_own_labelled_generation(sdm_run, tmp_path):
     from sdm_core import SDMEstimator
     from training.correctness import get_correctness
@@ -84,8 +94,8 @@ def test_generations_calibration_half_holds_each_documents_own_labelled_generati
 
     out, _ = sdm_run
     settings = {**CALIBRATE_PRESETS["tiny"], "run": str(out)}
-    calibrate(replace(CalibrateConfig(), **settings, out=str(tmp_path / "mixture")))
-    calibrate(replace(CalibrateConfig(), **settings, out=str(tmp_path / "generations"), calibration_instances="generations"))
+    calibrate(replace(CalibrateConfig(), **settings, out=str(tmp_path / "mixture"), calibration_instances="mixture"))
+    calibrate(replace(CalibrateConfig(), **settings, out=str(tmp_path / "generations")))  # the default
     mixture = SDMEstimator.load(tmp_path / "mixture" / "head")
     own = SDMEstimator.load(tmp_path / "generations" / "head")
     generations = {json.loads(line)["id"]: json.loads(line)["generation"]
@@ -94,6 +104,12 @@ def test_generations_calibration_half_holds_each_documents_own_labelled_generati
     correct = get_correctness("word_order")
     assert own.calibration_ids == mixture.calibration_ids
     assert own.calibration_labels.tolist() == [int(bool(correct(generations[i], references[i]))) for i in own.calibration_ids]
+    # No certification document is in either half of the head.
+    rows = [json.loads(line) for line in (tmp_path / "generations.calibration_generations.jsonl").read_text().splitlines()]
+    held = {r["id"] for r in rows if r["split"] == "certification"}
+    assert len(held) == CALIBRATE_PRESETS["tiny"]["certification_docs"]
+    assert not held & (set(own.calibration_ids) | set(own.support.ids))
+    assert all(r["label"] == int(bool(correct(r["generation"], references[r["id"]]))) for r in rows)
     # The mixture's calibration half holds references (label 1); the tiny model's own generations are all wrong.
     assert 1 in mixture.calibration_labels.tolist() and own.calibration_labels.tolist() != mixture.calibration_labels.tolist()
     with pytest.raises(ValueError, match="calibration_instances"):

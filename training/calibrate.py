@@ -1,11 +1,21 @@
-"""``python -m training.calibrate``: the final test-time SDM head and the deployable bundle (SDM_SPEC §3.7).
+"""``python -m training.calibrate``: the final test-time SDM head, its certification, and the deployable bundle.
 
-Greedy-decode the calibration set with the chosen model; every generation that is neither a verbatim positive
-nor a verbatim negative and that the task's correctness function marks wrong becomes that document's hard
-negative (gamma_gen = gamma_diversity = 1). One instance per document (positive with probability 0.5, else its
-hard negative when it has one, else its static negative), split 50/50 into the head's support and calibration
-sets, one SDM layer fitted, and the bundle written. ``--calibration-instances generations`` puts each calibration-set
-document's own generation (labelled by the correctness function) in the head's calibration half instead.
+Greedy-decodes every calibration document with the model as the server runs it (an adapter merged into its
+base) and labels each generation with the task's correctness function r. The documents are split three ways
+(``training.splits``): the head's support, its calibration half, and a certification split that the head never
+sees. By default (docs/decisions.md, "What the final head is calibrated on"):
+
+- the support holds the paper's drawn instances (SDM_SPEC §3.7: the positive with probability 0.5, else the
+  document's hard negative, a wrong generation normalised to end in No, else its static negative);
+- the calibration half holds each document's own generation labelled by r, the distribution the server
+  scores, so that Algorithm 1's regions are estimated on what they are used for (``--calibration-instances
+  mixture`` is the paper's recipe, which over-claims on held-out generations);
+- the certification split checks every region of the ladder (sdm_core.certification); a region whose accuracy
+  is significantly below its alpha is withdrawn from the ladder the server uses, and ``bundle.json`` records
+  the whole table under ``certification``.
+
+It also fits the split-conformal baseline's thresholds on the LM's own P(Yes) (``baselines`` in bundle.json),
+which training.evaluate reports beside the head.
 
     python -m training.calibrate --run runs/tiny --out bundles/tiny           # the run's best checkpoint
     python -m training.calibrate --model smollm2 --calibration data/calibration.jsonl --out bundles/base  # un-fine-tuned baseline
@@ -13,9 +23,11 @@ document's own generation (labelled by the correctness function) in the head's c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, Sequence
@@ -23,14 +35,18 @@ from typing import ClassVar, Sequence
 import torch
 
 from sdm_core import SDMConfig
-from sdm_core.lm.bundle import VerificationTags, write_bundle
+from sdm_core.artifact import sha256_file
 from sdm_core.calibration import DEFAULT_ALPHA_LADDER
+from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder, fit_score_threshold, withdraw_regions
+from sdm_core.lm.bundle import VerificationTags, write_bundle
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
 from sdm_core.lm.models import load_model, load_tokenizer, resolve_device
 from training.config import build_parser, config_from_args
 from training.correctness import get_correctness, is_verbatim, normalize_hard_negative
-from training.generation import greedy_generate
-from training.records import load_records
+from training.generation import LabelledGenerations, greedy_generate, label_generations
+from training.records import Record, load_records
+from training.splits import split_documents
+from training.tag_probability import tag_probabilities
 from training.trainer import git_revision
 from training.verification_layer import (
     CLASS_NAMES,
@@ -51,7 +67,7 @@ class CalibrateConfig:
     run: str = ""  # a training.finetune output folder: its checkpoint, config and data are used
     checkpoint: str = "best"  # "best" or "final" within --run
     model: dict = field(default_factory=dict)  # or a model source (e.g. smollm2) for an un-fine-tuned baseline
-    calibration: str = ""  # default: the run's calibration data
+    calibration: str = ""  # comma-separated record files; default: the run's calibration data (+ its holdout split)
     out: str = ""
     correctness: str = "word_order"
     max_calibration_docs: int = 0
@@ -66,13 +82,21 @@ class CalibrateConfig:
     alphas: tuple[str, ...] = tuple(str(a) for a in DEFAULT_ALPHA_LADDER)
     system_prompt: str | None = "You are a helpful AI assistant."
     recipe_sequence_end: str = "template"
+    recipe_layer: int = -1  # hidden-state layer of the head's input (-1: the final layer, as in fine-tuning)
     max_length: int = 2048
     split_seed: int = PAPER_SPLIT_SEED
     instance_seed: int = PAPER_INSTANCE_SEED
-    # "mixture" (SDM_SPEC §3.7): both halves of the head hold the drawn instances (reference, hard or static
-    # negative). "generations": the calibration half holds each document's own greedy generation labelled by r,
-    # the distribution the server scores, so that Algorithm 1's region is estimated on it (docs/decisions.md).
-    calibration_instances: str = "mixture"
+    # What the head's two halves hold (docs/decisions.md, "What the final head is calibrated on"). "generations":
+    # each document's own greedy generation labelled by r, the distribution the server scores, so that Algorithm 1's
+    # region is estimated on it; "mixture": the paper's drawn instances (reference, hard or static negative).
+    calibration_instances: str = "generations"
+    support_instances: str = "mixture"
+    # Documents held out of both halves to certify the finished ladder (sdm_core.certification).
+    certification_docs: int = 256
+    certification_policy: str = "violation"
+    certification_min_admitted: int = 10
+    certification_violation_p: float = 0.01
+    reuse_generations: str = ""  # a previous calibration's generations file for the same model and decoding
     seed: int = 0
     device: str = "auto"  # auto: the first GPU when there is one, else the CPU
     progress: bool = True
@@ -82,11 +106,11 @@ class CalibrateConfig:
         "run": "a training.finetune output folder: its checkpoint, config and data are used",
         "checkpoint": "best or final (within --run)",
         "model": "instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline",
-        "calibration": "calibration records (JSONL); default: the run's",
+        "calibration": "comma-separated calibration record files (JSONL); default: the run's calibration split and its holdout split",
         "out": "bundle folder to write (required)",
-        "correctness": "correctness function r by name (decides hard negatives)",
+        "correctness": "correctness function r by name (labels generations, decides hard negatives)",
         "max_calibration_docs": "use the first N calibration documents (0: all)",
-        "max_new_tokens": "tokens to generate at most per calibration prompt",
+        "max_new_tokens": "tokens to generate at most per calibration prompt (match the serving and evaluation limit)",
         "generate_batch_size": "prompts per batched greedy generation",
         "embed_batch_size": "instances per no-grad hidden-state pass",
         "sdm_epochs": "epochs of the final SDM head",
@@ -97,10 +121,17 @@ class CalibrateConfig:
         "alphas": "comma-separated alpha ladder of the nested regions",
         "system_prompt": "system turn put before every prompt; default: the run's",
         "recipe_sequence_end": "where h's sequence ends (template or verified); default: the run's",
+        "recipe_layer": "hidden-state layer of the head's input h (index into hidden_states; -1: the final layer after the final norm)",
         "max_length": "longest hidden-state sequence in tokens",
-        "split_seed": "seed of the head's 50/50 support/calibration split",
-        "instance_seed": "seed of the per-document instance draw",
-        "calibration_instances": "the head's calibration half: mixture (the paper's drawn instances) or generations (each document's own greedy generation, labelled by r)",
+        "split_seed": "seed of the documents' support/calibration/certification split",
+        "instance_seed": "seed of the per-document instance draw (mixture instances)",
+        "calibration_instances": "the head's calibration half: generations (each document's own greedy generation, labelled by r; default) or mixture (the paper's drawn instances)",
+        "support_instances": "the head's support half: mixture (the paper's drawn reference/negative instances; default), generations, or both",
+        "certification_docs": "documents held out of the head to certify its ladder (0: no certification)",
+        "certification_policy": "which regions stay on the ladder: violation (withdraw a significant violation), evidence (also withdraw regions with too few admitted), lower-bound (keep only regions whose Clopper-Pearson bound reaches alpha)",
+        "certification_min_admitted": "admitted answers a region needs on the certification split for its test to count",
+        "certification_violation_p": "exact binomial p-value below which a region's accuracy is significantly below alpha",
+        "reuse_generations": "a previous calibration's generations file (JSONL) for the same model and decoding: its decodings are reused",
         "seed": "seed of the head's fit",
         "device": "auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N",
         "progress": "show progress bars",
@@ -113,13 +144,25 @@ class CalibrateConfig:
             raise ValueError("give --run (a fine-tuning output folder) or --model (a model source such as smollm2)")
         if self.checkpoint not in ("best", "final"):
             raise ValueError(f"checkpoint must be 'best' or 'final', got {self.checkpoint!r}")
-        if self.calibration_instances not in ("mixture", "generations"):
-            raise ValueError(f"calibration_instances must be 'mixture' or 'generations', got {self.calibration_instances!r}")
+        if self.calibration_instances not in INSTANCE_CHOICES[:2]:
+            raise ValueError(f"calibration_instances must be 'generations' or 'mixture', got {self.calibration_instances!r}")
+        if self.support_instances not in INSTANCE_CHOICES:
+            raise ValueError(f"support_instances must be one of {list(INSTANCE_CHOICES)}, got {self.support_instances!r}")
+        if self.certification_policy not in CERTIFICATION_POLICIES:
+            raise ValueError(f"certification_policy must be one of {list(CERTIFICATION_POLICIES)}, got {self.certification_policy!r}")
+        if self.certification_docs < 0 or self.certification_min_admitted < 1:
+            raise ValueError("certification_docs must be >= 0 and certification_min_admitted >= 1")
+        if not 0.0 < self.certification_violation_p < 1.0:
+            raise ValueError(f"certification_violation_p must be in (0, 1), got {self.certification_violation_p}")
 
 
-def _resolve(config: CalibrateConfig) -> tuple[dict, str, dict]:
-    """(model source, calibration path, training config dict) from --run or --model."""
+INSTANCE_CHOICES = ("generations", "mixture", "both")
+
+
+def _resolve(config: CalibrateConfig) -> tuple[dict, list[str], dict]:
+    """(model source, calibration record files, training config dict) from --run or --model."""
     training: dict = {}
+    files = [f.strip() for f in config.calibration.split(",") if f.strip()]
     if config.run:
         run = Path(config.run)
         meta = run / "config.json"
@@ -132,65 +175,159 @@ def _resolve(config: CalibrateConfig) -> tuple[dict, str, dict]:
         source = {"kind": "hf", "path": str(folder)}
         if training.get("lora"):
             source = {"kind": "adapter", "path": str(folder), "base": training["model"]}
-        calibration = config.calibration or training.get("calibration") or str(run / "data" / "calibration.jsonl")
-        return source, calibration, training
-    if not config.calibration:
+        if not files:
+            if training.get("calibration"):
+                files = [training["calibration"]]
+            else:
+                # The task the run built: its calibration split and the holdout documents it never trained on.
+                data = run / "data"
+                files = [str(data / name) for name in ("calibration.jsonl", "holdout.jsonl") if (data / name).is_file()]
+        return source, files, training
+    if not files:
         raise ValueError("--calibration is required with --model")
-    return dict(config.model), config.calibration, training
+    return dict(config.model), files, training
 
 
 def _load(source: dict):
+    """(model to save, model to compute with, tokenizer). An adapter is saved as such but computes merged into its
+    base, as the server and training.evaluate load it, so that calibration decodes and embeds exactly as they do."""
     if source["kind"] == "adapter":
         from peft import PeftModel
 
-        base = load_model(source["base"])
-        model = PeftModel.from_pretrained(base, source["path"], is_trainable=False)
-        return model, load_tokenizer({"kind": "hf", "path": source["path"]}) if (Path(source["path"]) / "tokenizer.json").is_file() else load_tokenizer(source["base"])
-    return load_model(source), load_tokenizer(source)
+        def adapter():
+            return PeftModel.from_pretrained(load_model(source["base"]), source["path"], is_trainable=False)
+
+        tokenizer_source = {"kind": "hf", "path": source["path"]} if (Path(source["path"]) / "tokenizer.json").is_file() else source["base"]
+        return adapter(), adapter().merge_and_unload(), load_tokenizer(tokenizer_source)
+    model = load_model(source)
+    return model, model, load_tokenizer(source)
+
+
+def _load_records(files: Sequence[str], limit: int) -> list[Record]:
+    records: list[Record] = []
+    for path in files:
+        records.extend(load_records(path))
+    if limit:
+        records = records[:limit]
+    seen: set[str] = set()
+    for record in records:
+        if record.id in seen:
+            raise ValueError(f"calibration record id {record.id!r} appears twice across {list(files)}; ids must be unique")
+        seen.add(record.id)
+    if not records:
+        raise ValueError(f"no calibration records in {list(files)}")
+    return records
 
 
 # Sizes matched to training.config's presets of the same name.
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "smollm2-cpu": {"max_new_tokens": 48, "sdm_epochs": 300, "sdm_learning_rate": 3e-4, "max_length": 256},
+    # max_new_tokens as training.evaluate's preset decodes: the head is calibrated on generations like those it is
+    # checked and served on.
+    "smollm2-cpu": {"max_new_tokens": 96, "sdm_epochs": 300, "sdm_learning_rate": 3e-4, "max_length": 256},
     "tiny": {"max_new_tokens": 12, "sdm_epochs": 3, "sdm_exemplar_dim": 32, "sdm_learning_rate": 1e-3, "max_length": 256,
-             "generate_batch_size": 8, "embed_batch_size": 8, "progress": False},
+             "generate_batch_size": 8, "embed_batch_size": 8, "certification_docs": 4, "certification_min_admitted": 2,
+             "progress": False},
 }
+
+
+def _model_fingerprint(source: dict) -> str:
+    """Identifies the weights that decoded a generations file: the source, and the sha256 of its weight files."""
+    digest = hashlib.sha256(json.dumps(source, sort_keys=True).encode())
+    folder = source.get("path")
+    if folder and Path(folder).is_dir():
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()[:16]
+
+
+def _generations(config: CalibrateConfig, model, tokenizer, records: list[Record], chat: ChatFormat, correct, fingerprint: str) -> LabelledGenerations:
+    """Every record's greedy generation, labelled by r: decoded now, or reused from ``--reuse-generations`` when
+    that file was written for the same model, decoding limit and prompts."""
+    reused: dict[str, str] = {}
+    if config.reuse_generations:
+        for line in Path(config.reuse_generations).read_text().splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("model") != fingerprint or row.get("max_new_tokens") != config.max_new_tokens:
+                raise ValueError(f"{config.reuse_generations} was decoded by another model or decoding limit "
+                                 f"(model {row.get('model')}, max_new_tokens {row.get('max_new_tokens')}; this run: {fingerprint}, "
+                                 f"{config.max_new_tokens}); drop --reuse-generations to decode afresh")
+            reused[row["id"]] = row
+    missing = [r for r in records if r.id not in reused or reused[r.id].get("prompt_sha256") != _prompt_sha(r)]
+    decoded = greedy_generate(model, tokenizer, [prompt_of(r) for r in missing], chat, config.max_new_tokens,
+                              config.generate_batch_size, config.progress, "decoding calibration set")
+    fresh = {r.id: text for r, text in zip(missing, decoded)}
+    texts = [fresh[r.id] if r.id in fresh else reused[r.id]["generation"] for r in records]
+    return label_generations(records, texts, correct)
+
+
+def _prompt_sha(record: Record) -> str:
+    return hashlib.sha256(json.dumps(prompt_of(record), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _instances(config: CalibrateConfig, records: list[Record], generated: LabelledGenerations, splits: dict[str, str],
+               hard_negatives: dict[str, list[str]]) -> tuple[list[Instance], dict[str, bool]]:
+    """The head's instances and their support flags, from the documents of the support and calibration splits."""
+    drawn = {d.doc_id: d for d in draw_layer_instances(records, hard_negatives, random.Random(config.instance_seed), 0.5,
+                                                        prefer_hard_negatives=True)}
+    own = {r.id: Instance(r.id, prompt_of(r), text, label) for r, text, label in zip(records, generated.texts, generated.labels)}
+    choice = {"support": config.support_instances, "calibration": config.calibration_instances}
+    instances: list[Instance] = []
+    flags: dict[str, bool] = {}
+    for record in records:
+        split = splits[record.id]
+        if split == "certification":
+            continue
+        kinds = ("mixture", "generations") if choice[split] == "both" else (choice[split],)
+        for kind in kinds:
+            instance = drawn[record.id] if kind == "mixture" else own[record.id]
+            if len(kinds) == 2 and kind == "generations":
+                # Two instances of one document in the support: the generation gets its own id.
+                instance = Instance(f"{record.id}#generation", instance.prompt, instance.response, instance.label)
+            instances.append(instance)
+            flags[instance.doc_id] = split == "support"
+    return instances, flags
+
+
+def _tag_thresholds(compute_model, tokenizer, instances: list[Instance], flags: dict[str, bool], chat: ChatFormat, yes: str,
+                    alphas: Sequence[float], config: CalibrateConfig) -> dict:
+    """The split-conformal baseline's thresholds on the LM's P(Yes), fitted on the head's calibration half."""
+    half = [i for i in instances if not flags[i.doc_id]]
+    scores = tag_probabilities(compute_model, tokenizer, [i.prompt for i in half], [i.response for i in half], chat, yes,
+                               config.max_length, config.embed_batch_size)
+    correct = torch.tensor([i.label for i in half], dtype=torch.bool)
+    return {
+        "score": "lm_yes_probability",
+        "calibration_size": len(half),
+        "confidence": 0.95,
+        "thresholds": {f"{a:g}": fit_score_threshold(scores, correct, a) for a in alphas if a < 1.0},
+    }
 
 
 def calibrate(config: CalibrateConfig) -> dict:
     config.validate()
-    source, cal_path, training = _resolve(config)
-    records = load_records(cal_path)
-    limit = config.max_calibration_docs or int(training.get("max_calibration_docs") or 0)
-    if limit:
-        records = records[:limit]
+    started = time.perf_counter()
+    source, files, training = _resolve(config)
+    records = _load_records(files, config.max_calibration_docs)
     device = resolve_device(config.device)
-    model, tokenizer = _load(source)
-    model.to(device).eval()
+    model, compute_model, tokenizer = _load(source)
+    compute_model.to(device).eval()
     chat = ChatFormat(system_prompt=training.get("system_prompt", config.system_prompt))
-    recipe = HiddenStateRecipe(sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end), max_length=config.max_length)
+    recipe = HiddenStateRecipe(layer=config.recipe_layer, sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end),
+                               max_length=config.max_length)
     correct = get_correctness(config.correctness)
+    tags = VerificationTags()
+    fingerprint = _model_fingerprint(source)
 
-    generations = greedy_generate(model, tokenizer, [prompt_of(r) for r in records], chat, config.max_new_tokens,
-                                  config.generate_batch_size, config.progress, "decoding calibration set")
-    hard_negatives: dict[str, list[str]] = {}
-    labels: list[int] = []
-    for record, text in zip(records, generations):
-        label = int(bool(correct(text, record.reference or record.positive)))
-        labels.append(label)
-        if not label and not is_verbatim(text, record.positive):
-            hard_negatives[record.id] = [normalize_hard_negative(text)]
-    n_correct = sum(labels)
-    ids = [r.id for r in records]
-    split_rng = random.Random(config.split_seed)
-    flags = {doc_id: split_rng.random() < 0.5 for doc_id in ids}
-    instances = draw_layer_instances(records, hard_negatives, random.Random(config.instance_seed), 0.5, prefer_hard_negatives=True)
-    if config.calibration_instances == "generations":
-        # The raw generation, as the server and training.evaluate pass it to the recipe.
-        instances = [drawn if flags[drawn.doc_id] else Instance(drawn.doc_id, drawn.prompt, text, label)
-                     for drawn, text, label in zip(instances, generations, labels)]
-    h = embed_instances(model, tokenizer, instances, chat, recipe, config.embed_batch_size, config.progress)
+    generated = _generations(config, compute_model, tokenizer, records, chat, correct, fingerprint)
+    decode_seconds = time.perf_counter() - started
+    hard_negatives = {r.id: [normalize_hard_negative(text)] for r, text, label in zip(records, generated.texts, generated.labels)
+                      if not label and not is_verbatim(text, r.positive)}
+    splits = split_documents([r.id for r in records], config.certification_docs, config.split_seed)
+    instances, flags = _instances(config, records, generated, splits, hard_negatives)
+    h = embed_instances(compute_model, tokenizer, instances, chat, recipe, config.embed_batch_size, config.progress)
     alphas = tuple(float(a) for a in config.alphas)
     sdm_config = SDMConfig(
         exemplar_dim=config.sdm_exemplar_dim, epochs=config.sdm_epochs, batch_size=config.sdm_batch_size,
@@ -199,38 +336,71 @@ def calibrate(config: CalibrateConfig) -> dict:
     )
     head = fit_verification_layer(h, instances, flags, sdm_config)
 
+    certification = None
+    held = [k for k, r in enumerate(records) if splits[r.id] == "certification"]
+    if held:
+        cert_instances = [Instance(records[k].id, prompt_of(records[k]), generated.texts[k], generated.labels[k]) for k in held]
+        h_cert = embed_instances(compute_model, tokenizer, cert_instances, chat, recipe, config.embed_batch_size, config.progress)
+        scores = head.predict_scores(h_cert)
+        certification, _ = certify_ladder(
+            head.ladder, scores.probabilities, scores.predictions, scores.q_prime,
+            torch.tensor([generated.labels[k] for k in held], dtype=torch.bool), tags.positive_class,
+            policy=config.certification_policy, min_admitted=config.certification_min_admitted,
+            violation_p=config.certification_violation_p,
+            source={"kind": "calibrate", "documents": len(held), "files": list(files), "split_seed": config.split_seed,
+                    "generation_accuracy": sum(generated.labels[k] for k in held) / len(held)},
+        )
+    baselines = {"tag_probability": _tag_thresholds(compute_model, tokenizer, instances, flags, chat, tags.yes, alphas, config)}
+
     out = Path(config.out)
+    counts = {split: sum(1 for r in records if splits[r.id] == split) for split in ("support", "calibration", "certification")}
     provenance = {
         "calibrate_config": {k: v for k, v in asdict(config).items()},
         "training_config": training,
         "git_revision": git_revision(),
-        "calibration_file": str(cal_path),
+        "calibration_files": list(files),
         "calibration_docs": len(records),
-        "calibration_generation_accuracy": n_correct / max(len(records), 1),
+        "documents_by_split": counts,
+        "calibration_generation_accuracy": generated.accuracy,
         "hard_negatives": len(hard_negatives),
+        "model_fingerprint": fingerprint,
         "torch": torch.__version__,
         "device": device,
+        "seconds": {"decode": round(decode_seconds, 1), "total": round(time.perf_counter() - started, 1)},
     }
     base = source.get("base") if source["kind"] == "adapter" else (training.get("model") or source)
     # A model source given with --model (not a run) is used unchanged: the bundle records the source, not a copy.
     reference_only = not config.run and source["kind"] in ("smollm2", "tiny", "hf")
-    write_bundle(out, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, tags=VerificationTags(),
-                 base_model=base, provenance=provenance, reference_only=reference_only)
+    write_bundle(out, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, tags=tags,
+                 base_model=base, provenance=provenance, reference_only=reference_only,
+                 certification=certification.to_dict() if certification else None, baselines=baselines)
     with open(out.parent / f"{out.name}.calibration_generations.jsonl", "w") as handle:
-        for record, text in zip(records, generations):
-            handle.write(json.dumps({"id": record.id, "generation": text, "hard_negative": record.id in hard_negatives}) + "\n")
-    region = head.ladder.regions[head.ladder.default_alpha]
+        for record, text, label in zip(records, generated.texts, generated.labels):
+            handle.write(json.dumps({"id": record.id, "split": splits[record.id], "generation": text, "label": label,
+                                     "hard_negative": record.id in hard_negatives, "model": fingerprint,
+                                     "max_new_tokens": config.max_new_tokens, "prompt_sha256": _prompt_sha(record)}) + "\n")
+    served = withdraw_regions(head.ladder, certification.withdrawn) if certification else head.ladder
+    region = served.regions[served.default_alpha]
+    if certification is not None:
+        print(certification.summary(), file=sys.stderr)
     return {
         "bundle": str(out),
         "calibration_docs": len(records),
-        "generation_accuracy": provenance["calibration_generation_accuracy"],
+        "documents_by_split": counts,
+        "generation_accuracy": generated.accuracy,
         "hard_negatives": len(hard_negatives),
-        "alpha": head.ladder.default_alpha,
+        "alpha": served.default_alpha,
         "q_prime_min": region.q_prime_min if region.exists else None,
-        "calibration_hr_proportion": region.calibration_admitted / max(region.calibration_size, 1),
-        # Every alpha of the ladder: the admitted share of the head's calibration split, or None where no region exists.
-        "regions": {str(a): (r.calibration_admitted / max(r.calibration_size, 1) if r.exists else None)
-                    for a, r in sorted(head.ladder.regions.items(), reverse=True)},
+        "calibration_hr_proportion": region.calibration_admitted / max(region.calibration_size, 1) if region.exists else 0.0,
+        # Every alpha of the ladder as served: the admitted share of the head's calibration half, or None where no
+        # region exists (never found, or withdrawn by certification).
+        "regions": {f"{a:g}": (r.calibration_admitted / max(r.calibration_size, 1) if r.exists else None)
+                    for a, r in sorted(served.regions.items(), reverse=True)},
+        "certification": ({f"{r.alpha:g}": {"admitted": r.admitted, "correct": r.correct, "p_value": r.p_value, "status": r.status,
+                                             "withdrawn": r.withdrawn} for r in certification.rows if r.status != "no_region"}
+                          if certification else None),
+        "certified_alphas": list(certification.certified) if certification else None,
+        "seconds": provenance["seconds"],
     }
 
 

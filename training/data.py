@@ -37,7 +37,7 @@ import json
 import random
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from training.records import DataError, Record, write_records
@@ -62,6 +62,9 @@ class WordOrderConfig:
     train: int = 5000
     calibration: int = 5000
     test: int = 2000
+    # Documents drawn after the training split, continuing its draw, that fine-tuning never sees: more calibration
+    # and certification data for the final head without changing a single training record.
+    holdout: int = 0
     length_shift: int | None = None  # None: every sentence of the length-shift file
     suffix: int = 3  # m, the number of trailing tokens to reorder
     tag_drop_prob: float = 0.1
@@ -78,7 +81,7 @@ class WordOrderConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting that cannot work."""
-        for name in ("train", "calibration", "test"):
+        for name in ("train", "calibration", "test", "holdout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.length_shift is not None and self.length_shift < 0:
@@ -188,7 +191,7 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
         else:
             seen.add(sentence)
             pool.append(sentence)
-    wanted = config.train + config.calibration + config.test
+    wanted = config.train + config.calibration + config.test + config.holdout
     if wanted > len(pool):
         raise ValueError(f"requested {wanted} Wikipedia records (train+calibration+test) but "
                          f"only {len(pool)} sentences are available; lower the split sizes")
@@ -197,7 +200,7 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
     remaining = pool[::-1]  # the paper slices from the end of the shuffled list
     results: dict[str, _SplitResult] = {}
     for split in ("test", "calibration", "train"):
-        size = getattr(config, split)
+        size = getattr(config, split) + (config.holdout if split == "train" else 0)
         rng = random.Random(f"{config.seed}:{split}")
 
         def build(sentence: str, index: int, split: str = split, rng: random.Random = rng) -> Record | None:
@@ -212,6 +215,12 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
         if len(records) < size:
             raise ValueError(f"ran out of Wikipedia sentences while building '{split}' "
                              f"({len(records)} of {size}); lower the split sizes")
+        if split == "train":
+            extra = records[config.train :]
+            records = records[: config.train]
+            results["holdout"] = _SplitResult([replace(r, id=f"wiki-holdout-{i:06d}", meta={**(r.meta or {}), "split": "holdout"})
+                                               for i, r in enumerate(extra, start=1)])
+            log(f"holdout: {len(extra)} records")
         results[split] = _SplitResult(records, skipped)
         log(f"{split}: {len(records)} records ({skipped} sentences skipped)")
 
@@ -257,6 +266,8 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
 
     files = {"train": "train.jsonl", "calibration": "calibration.jsonl", "test": "test.jsonl",
              "length_shift": "length_shift.jsonl", "harvard": "harvard.jsonl"}
+    if config.holdout:
+        files["holdout"] = "holdout.jsonl"
     splits_info: dict[str, dict] = {}
     for split, name in files.items():
         result = results[split]
@@ -329,6 +340,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     wo.add_argument("--train", type=int, default=defaults.train)
     wo.add_argument("--calibration", type=int, default=defaults.calibration)
     wo.add_argument("--test", type=int, default=defaults.test)
+    wo.add_argument("--holdout", type=int, default=defaults.holdout,
+                    help="documents after the training split that fine-tuning never sees (calibration/certification data)")
     wo.add_argument("--length-shift", type=int, default=None,
                     help="number of length-shift records (default: all)")
     wo.add_argument("--suffix", type=int, default=defaults.suffix, help="tokens to reorder (m)")
@@ -349,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit status."""
     args = _parse_args(argv)
     config = WordOrderConfig(
-        seed=args.seed, train=args.train, calibration=args.calibration, test=args.test,
+        seed=args.seed, train=args.train, calibration=args.calibration, test=args.test, holdout=args.holdout,
         length_shift=args.length_shift, suffix=args.suffix, tag_drop_prob=args.tag_drop_prob,
         attempts=args.attempts, harvard_attempts=args.harvard_attempts,
         min_words=args.min_words, max_words=args.max_words,

@@ -1,16 +1,19 @@
-"""Batched greedy generation for hard negatives, calibration and evaluation (left padding, no sampling)."""
+"""Batched greedy generation for hard negatives, calibration and evaluation (left padding, no sampling), and the
+labelling of generations by the task's correctness function."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from sdm_core.lm.embedding import ChatFormat
 from training.encoding import generation_prompt
+from training.records import Record
 
-__all__ = ["greedy_generate"]
+__all__ = ["greedy_generate", "LabelledGenerations", "label_generations", "decode_and_label"]
 
 
 @torch.no_grad()
@@ -73,3 +76,33 @@ def greedy_generate(
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **extra)
     model.train(was_training)
     return out
+
+
+@dataclass(frozen=True)
+class LabelledGenerations:
+    """Each record's greedy generation and its label y = r(generation, reference), in record order."""
+
+    texts: list[str]
+    labels: list[int]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.labels) / len(self.labels) if self.labels else 0.0
+
+
+def label_generations(records: Sequence[Record], texts: Sequence[str], correct: Callable[[str, str], bool]) -> LabelledGenerations:
+    """Label generations with the task's correctness function, against each record's reference (or positive)."""
+    if len(records) != len(texts):
+        raise ValueError(f"{len(records)} records but {len(texts)} generations")
+    labels = [int(bool(correct(text, record.reference or record.positive))) for record, text in zip(records, texts)]
+    return LabelledGenerations(list(texts), labels)
+
+
+def decode_and_label(model, tokenizer, records: Sequence[Record], chat: ChatFormat, correct: Callable[[str, str], bool],
+                     max_new_tokens: int, batch_size: int = 16, progress: bool = False, desc: str = "generating") -> LabelledGenerations:
+    """What calibration, certification and evaluation all do to a record file: greedy-decode every prompt with
+    the model as served, then label each generation with r. One function, so the head is calibrated and checked
+    on exactly the kind of generation it is later scored on."""
+    prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
+    texts = greedy_generate(model, tokenizer, prompts, chat, max_new_tokens, batch_size, progress, desc)
+    return label_generations(records, texts, correct)

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from sdm_core.artifact import ArtifactError, canonical_json, sha256_file
-from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
+from sdm_core.certification import Certification, withdraw_regions
 from sdm_core.estimator import SDMEstimator
 from sdm_core.folders import atomic_folder
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "VerificationTags", "BundleInfo", "Bundle", "write_bundle", "read_bundle_info", "load_bundle",
-           "seal_bundle"]
+           "seal_bundle", "load_head"]
 
 BUNDLE_FORMAT = "sdm-lm-bundle"
 BUNDLE_VERSION = 1
@@ -72,6 +73,12 @@ class BundleInfo:
     provenance: dict = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
 
+    @property
+    def certification(self) -> Certification | None:
+        """The held-out certification recorded by training.calibrate or training.certify, if any."""
+        data = self.raw.get("certification")
+        return Certification.from_dict(data) if data else None
+
 
 @dataclass
 class Bundle:
@@ -103,6 +110,7 @@ def write_bundle(
     provenance: dict | None = None,
     reference_only: bool = False,
     certification: dict | None = None,
+    baselines: dict | None = None,
 ) -> Path:
     """Write a bundle atomically (built under a temporary name, then renamed into place).
 
@@ -139,6 +147,8 @@ def write_bundle(
         }
         if certification is not None:
             body["certification"] = certification
+        if baselines is not None:
+            body["baselines"] = baselines
         _write_manifest(tmp, body)
 
     return atomic_folder(folder, write, if_exists="error")
@@ -236,5 +246,13 @@ def load_bundle(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, v
     else:
         raise ArtifactError(f"{root}: unknown model kind {info.model['kind']!r}")
     model.to(device).eval()
-    head = SDMEstimator.load(root / info.head["path"])
-    return Bundle(info=info, model=model, tokenizer=tokenizer, head=head)
+    return Bundle(info=info, model=model, tokenizer=tokenizer, head=load_head(info))
+
+
+def load_head(info: BundleInfo) -> SDMEstimator:
+    """The bundle's SDM head as served: the regions its certification withdrew are removed from the ladder."""
+    head = SDMEstimator.load(info.path / info.head["path"])
+    certification = info.certification
+    if certification is not None and certification.withdrawn:
+        head.ladder = withdraw_regions(head.ladder, certification.withdrawn)
+    return head
