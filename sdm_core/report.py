@@ -13,7 +13,7 @@ import torch
 
 from sdm_core.calibration import RegionLadder, admissions_unchecked
 
-__all__ = ["Cell", "selective_report", "render_markdown", "auroc"]
+__all__ = ["Cell", "selective_report", "selective_row", "render_markdown", "auroc"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ def _cell(mask: torch.Tensor, correct: torch.Tensor, total: int) -> Cell:
     return Cell(accuracy, n / total if total else 0.0, n)
 
 
-def _row(admitted: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> dict:
+def selective_row(admitted: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> dict:
+    """One admission decision's Table 4 cells: class-conditional, prediction-conditional and marginal."""
     correct = predictions == labels
     total = int(labels.shape[0])
     return {
@@ -68,15 +69,15 @@ def selective_report(
                 "alpha": alpha,
                 "q_prime_min": region.q_prime_min if region.exists else None,
                 "thresholds": list(region.thresholds),
-                "HR": _row(hr, labels, predictions, num_classes),
-                "HR_lower": _row(hr_lower, labels, predictions, num_classes),
+                "HR": selective_row(hr, labels, predictions, num_classes),
+                "HR_lower": selective_row(hr_lower, labels, predictions, num_classes),
             }
         )
     return {
         "n": int(labels.shape[0]),
         "class_names": list(class_names),
         "class_counts": [int((labels == c).sum()) for c in range(num_classes)],
-        "no_reject": _row(torch.ones_like(labels, dtype=torch.bool), labels, predictions, num_classes),
+        "no_reject": selective_row(torch.ones_like(labels, dtype=torch.bool), labels, predictions, num_classes),
         "ood_proportion": float((torch.floor(q_prime) <= 0).float().mean()) if labels.numel() else 0.0,
         "nested_regions": ladder.nested,
         "alphas": rows,

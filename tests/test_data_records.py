@@ -51,10 +51,10 @@ def test_record_round_trips_through_jsonl(tmp_path):
     chat = Record(id="c1", messages=({"role": "system", "content": "Be brief."},
                                      {"role": "user", "content": "Say hi"}),
                   positive=f"hi\n{YES_TAG}", negative=f"bye\n{NO_TAG}")
-    records = [Record.from_dict(GOOD), chat]
-    path = tmp_path / "r.jsonl"
-    assert write_records(path, records) == 2
-    assert load_records(path) == records
+    for name, records in (("prompt.jsonl", [Record.from_dict(GOOD)]), ("chat.jsonl", [chat])):
+        path = tmp_path / name
+        assert write_records(path, records) == 1
+        assert load_records(path) == records
 
 
 def test_to_json_is_one_line_with_fixed_key_order():

@@ -76,7 +76,9 @@ def setup(tmp_path_factory, tiny_model, tiny_tokenizer):
     # A random tiny model never writes a correct answer; replace every other generation by the record's positive
     # (after running the real decoder) so that both labels, the surface metrics and the own-tag counts are exercised.
     positives = {r.prompt: r.positive for r in pool}
-    real = ev.greedy_generate
+    import training.generation as generation
+
+    real = generation.greedy_generate
 
     def half_correct(model, tokenizer, prompts, *args, **kwargs):
         out = real(model, tokenizer, prompts, *args, **kwargs)
@@ -92,7 +94,7 @@ def setup(tmp_path_factory, tiny_model, tiny_tokenizer):
         progress=False,
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ev, "greedy_generate", half_correct)
+        mp.setattr(generation, "greedy_generate", half_correct)
         metrics = ev.evaluate(config)
     return {"root": root, "out": root / "out", "metrics": metrics, "n": {"wiki": len(wiki), "harvard": len(harvard)}}
 
@@ -131,6 +133,14 @@ def test_metrics_json(setup):
                 for est in ("HR", "HR_lower"):
                     assert 0.0 <= row[est]["marginal"]["proportion"] <= 1.0
             assert report["no_reject"]["marginal"]["proportion"] == 1.0
+            # Every alternative is reported at every alpha of the ladder, SDM_HR's verified answers agree with
+            # Table 4's predicted-Yes cell, and each score has an AUROC (both labels occur).
+            methods = r["methods"]
+            assert set(methods) == {"lm_tag", "lm_probability", "softmax", "sdm", "sdm_hr", "sdm_hr_lower"}
+            assert all([row["alpha"] for row in rows] == info["ladder"] for rows in methods.values())
+            for row, hr_row in zip(methods["sdm_hr"], report["alphas"]):
+                assert row["verified"]["admitted"] == hr_row["HR"]["prediction_conditional"][1]["admitted"]
+            assert all(0.0 <= value <= 1.0 for value in r["auroc"].values())
 
 
 def test_predictions_files(setup):
@@ -155,17 +165,19 @@ def test_predictions_files(setup):
 def test_report_and_plots(setup):
     out = setup["out"]
     text = (out / "report.md").read_text()
-    for heading in ("## Table 2", "## Table 3", "## Table 4"):
+    for heading in ("## Table 2", "## Table 3", "## Table 4", "## Held-out validity of SDM_HR", "## AUROC", "## Methods side by side"):
         assert heading in text
+    # These bundles predate certification, and the report says so.
+    assert "- sdm: no certification recorded" in text
     # Both bundles side by side in one Table 2 / Table 3, and one Table 4 per bundle x dataset.
     assert "| Dataset | sdm (α=0.95) | ce (α=0.95) |" in text
     assert "| Dataset | sdm | ce |" in text
     for bundle in ("sdm", "ce"):
         for dataset in ("wiki", "harvard"):
-            assert f"### {bundle} on {dataset}" in text
+            assert text.count(f"### {bundle} on {dataset}") == 2  # Table 4 and the methods table
     assert text.count("| NO-REJECT |") == 4
     assert text.count("| SDM_HR | 0.95 |") == 4
-    pngs = [f"admitted_vs_alpha_{d}.png" for d in ("wiki", "harvard")]
+    pngs = [f"admitted_vs_alpha_{d}.png" for d in ("wiki", "harvard")] + [f"risk_coverage_{d}.png" for d in ("wiki", "harvard")]
     pngs += [f"q_prime_by_correctness_{b}_{d}.png" for b in ("sdm", "ce") for d in ("wiki", "harvard")]
     for name in pngs:
         data = (out / name).read_bytes()

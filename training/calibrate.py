@@ -42,7 +42,7 @@ from sdm_core.lm.bundle import VerificationTags, write_bundle
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
 from sdm_core.lm.models import load_model, load_tokenizer, resolve_device
 from training.config import build_parser, config_from_args
-from training.correctness import get_correctness, is_verbatim, normalize_hard_negative
+from training.correctness import CORRECTNESS_HELP, get_correctness, is_verbatim, normalize_hard_negative
 from training.generation import LabelledGenerations, greedy_generate, label_generations
 from training.records import Record, load_records
 from training.splits import split_documents
@@ -108,7 +108,7 @@ class CalibrateConfig:
         "model": "instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline",
         "calibration": "comma-separated calibration record files (JSONL); default: the run's calibration split and its holdout split",
         "out": "bundle folder to write (required)",
-        "correctness": "correctness function r by name (labels generations, decides hard negatives)",
+        "correctness": CORRECTNESS_HELP + " (labels generations, decides hard negatives)",
         "max_calibration_docs": "use the first N calibration documents (0: all)",
         "max_new_tokens": "tokens to generate at most per calibration prompt (match the serving and evaluation limit)",
         "generate_batch_size": "prompts per batched greedy generation",
@@ -154,6 +154,7 @@ class CalibrateConfig:
             raise ValueError("certification_docs must be >= 0 and certification_min_admitted >= 1")
         if not 0.0 < self.certification_violation_p < 1.0:
             raise ValueError(f"certification_violation_p must be in (0, 1), got {self.certification_violation_p}")
+        get_correctness(self.correctness)  # a bad --correctness fails before any model loads
 
 
 INSTANCE_CHOICES = ("generations", "mixture", "both")
@@ -229,6 +230,9 @@ PRESETS: dict[str, dict] = {
              "generate_batch_size": 8, "embed_batch_size": 8, "certification_docs": 4, "certification_min_admitted": 2,
              "progress": False},
 }
+# The arithmetic task's presets: the same sizes, labelled by its correctness function (exact value).
+PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "correctness": "arithmetic"}
+PRESETS["arithmetic-cpu"] = {**PRESETS["smollm2-cpu"], "correctness": "arithmetic", "max_new_tokens": 32}
 
 
 def _model_fingerprint(source: dict) -> str:

@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
+from training.correctness import CORRECTNESS_HELP
+
 __all__ = ["FinetuneConfig", "PRESETS", "build_parser", "config_from_args"]
 
 
@@ -22,9 +24,15 @@ class FinetuneConfig:
     correctness: str = "word_order"
     max_train_docs: int = 0  # 0: all
     max_calibration_docs: int = 0
-    # sentence lengths (words) when the word-ordering task is built (no --train/--calibration given)
+    # the task built into OUTPUT_DIR/data when no --train/--calibration are given: word_order or arithmetic
+    task: str = "word_order"
+    # sentence lengths (words) when the word-ordering task is built
     task_min_words: int = 5
     task_max_words: int = 60
+    # operand digits and operations when the arithmetic task is built
+    task_min_digits: int = 2
+    task_max_digits: int = 4
+    task_operations: tuple[str, ...] = ("+", "-", "*")
     # model
     model: dict = field(default_factory=lambda: {"kind": "smollm2"})
     dtype: str = "float32"
@@ -80,11 +88,15 @@ class FinetuneConfig:
         "train": "training records (JSONL); empty: build the word-ordering task into OUTPUT_DIR/data",
         "calibration": "calibration records (JSONL) for evaluation and the validation SDM layer; empty: the built task's",
         "output_dir": "run folder: config.json, train.log, metrics.jsonl, checkpoint/, best/, final/",
-        "correctness": "correctness function r by name (decides hard negatives)",
+        "correctness": CORRECTNESS_HELP + " (checked at start and recorded in config.json; the loop's hard negatives are every non-verbatim generation)",
         "max_train_docs": "use the first N training documents (0: all)",
         "max_calibration_docs": "use the first N calibration documents (0: all)",
+        "task": "task built into OUTPUT_DIR/data when no --train/--calibration are given: word_order or arithmetic",
         "task_min_words": "shortest sentence (words) when the word-ordering task is built",
         "task_max_words": "longest sentence (words) when the word-ordering task is built",
+        "task_min_digits": "fewest digits of an operand when the arithmetic task is built",
+        "task_max_digits": "most digits of an operand when the arithmetic task is built",
+        "task_operations": "comma-separated operations (+,-,*) when the arithmetic task is built",
         "model": "model source: smollm2, tiny, a Hugging Face folder, or JSON such as '{\"kind\": \"hf\", \"path\": ...}'",
         "dtype": "float32 or bfloat16 weights and compute",
         "mixed_precision": "no, or bf16: bfloat16 autocast over float32 weights in the fine-tuning loop's LM passes only",
@@ -155,6 +167,12 @@ class FinetuneConfig:
             raise ValueError("model must be a model source such as {'kind': 'smollm2'} or {'kind': 'hf', 'path': ...}")
         if not 1 <= self.task_min_words <= self.task_max_words:
             raise ValueError(f"need 1 <= task_min_words <= task_max_words, got {self.task_min_words}, {self.task_max_words}")
+        if self.task not in ("word_order", "arithmetic"):
+            raise ValueError(f"task must be 'word_order' or 'arithmetic' (or give your own --train and --calibration files), got {self.task!r}")
+        if not 1 <= self.task_min_digits <= self.task_max_digits:
+            raise ValueError(f"need 1 <= task_min_digits <= task_max_digits, got {self.task_min_digits}, {self.task_max_digits}")
+        if not self.task_operations or set(self.task_operations) - {"+", "-", "*"}:
+            raise ValueError(f"task_operations must be a non-empty subset of +,-,*, got {','.join(self.task_operations)!r}")
         if self.generation_timing not in ("step", "epoch"):
             raise ValueError(f"generation_timing must be 'step' or 'epoch', got {self.generation_timing!r}")
         if self.recipe_sequence_end not in ("template", "verified"):
@@ -252,6 +270,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "generate_batch_size": 8,
         "progress": False,
     },
+}
+
+# The multi-digit arithmetic task (training/arithmetic.py): the same model budgets, answers checked by exact value.
+# Built into OUTPUT_DIR/data when no --train/--calibration are given; calibrate and evaluate have presets of the same
+# names that select the arithmetic correctness function.
+PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "task": "arithmetic", "correctness": "arithmetic", "task_max_digits": 3}
+PRESETS["arithmetic-cpu"] = {
+    **{k: v for k, v in PRESETS["smollm2-cpu"].items() if k != "task_max_words"},
+    "task": "arithmetic",
+    "correctness": "arithmetic",
+    # 2-3-digit operands, all three operations: a 135M model gets sums and differences right more often than
+    # products, which gives the head something to separate.
+    "task_min_digits": 2,
+    "task_max_digits": 3,
+    # "<answer>-99999</answer>\n<verified>Yes</verified>" is 20 tokens in SmolLM2's tokenizer (word ordering's: ~40).
+    "max_new_tokens": 32,
 }
 
 

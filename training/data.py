@@ -1,5 +1,10 @@
-"""Build fine-tuning data sets.
+"""Build fine-tuning data sets, and check record files.
 
+    python -m training.data validate FILE.jsonl [FILE.jsonl ...]
+        every bad line with file:line and what to fix (exit status 1), against the published
+        schema training/schemas/record.schema.json; see training/records.py for the rules
+    python -m training.data arithmetic --out DIR [...]
+        the multi-digit arithmetic task (training/arithmetic.py; --help lists its settings)
     python -m training.data word-order --out DIR [--seed 0] [--train 5000]
         [--calibration 5000] [--test 2000] [--length-shift N] [--suffix 3]
         [--tag-drop-prob 0.1] [--attempts 50] [--harvard-attempts 1000]
@@ -40,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from training.arithmetic import ArithmeticConfig, build_arithmetic
 from training.records import DataError, Record, write_records
 from training.word_order import make_record, make_record_widening
 
@@ -355,12 +361,70 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     wo.add_argument("--corpora", type=Path, default=defaults.corpora_dir,
                     help="folder with the training/corpora layout")
     wo.add_argument("--quiet", action="store_true", help="no progress output")
+
+    ar = sub.add_parser("arithmetic", help="multi-digit arithmetic from a seed, checked by exact value (training/arithmetic.py)")
+    ad = ArithmeticConfig()
+    ar.add_argument("--out", required=True, type=Path, help="output folder")
+    ar.add_argument("--seed", type=int, default=ad.seed)
+    ar.add_argument("--train", type=int, default=ad.train)
+    ar.add_argument("--calibration", type=int, default=ad.calibration)
+    ar.add_argument("--test", type=int, default=ad.test)
+    ar.add_argument("--holdout", type=int, default=ad.holdout,
+                    help="problems after the training split that fine-tuning never sees (calibration/certification data)")
+    ar.add_argument("--shift", type=int, default=ad.shift, help="digits-shift records (operands of max+1..max+2 digits)")
+    ar.add_argument("--min-digits", type=int, default=ad.min_digits, help="fewest digits of an operand")
+    ar.add_argument("--max-digits", type=int, default=ad.max_digits, help="most digits of an operand")
+    ar.add_argument("--operations", default=",".join(ad.operations), help="comma-separated subset of +,-,*")
+    ar.add_argument("--tag-drop-prob", type=float, default=ad.tag_drop_prob,
+                    help="probability that a static negative loses one or both <answer> tags")
+    ar.add_argument("--quiet", action="store_true", help="no progress output")
+
+    va = sub.add_parser("validate", help="check JSONL record files and report every bad line")
+    va.add_argument("files", nargs="+", type=Path, metavar="FILE.jsonl")
+    va.add_argument("--max-problems", type=int, default=0, help="print at most N problems per file (0: all)")
     return parser.parse_args(argv)
+
+
+def _validate_main(files: list[Path], max_problems: int) -> int:
+    from training.record_schema import validate_file
+
+    status = 0
+    for path in files:
+        report = validate_file(path)
+        shown = report.problems if max_problems <= 0 else report.problems[:max_problems]
+        for problem in shown:
+            print(problem)
+        if len(shown) < len(report.problems):
+            print(f"{path}: ... and {len(report.problems) - len(shown)} more problems")
+        if report.ok:
+            print(f"{path}: {report.records} records, format '{report.format}', OK")
+        else:
+            status = 1
+            lines = len({p.line for p in report.problems})
+            print(f"{path}: {len(report.problems)} problems on {lines} lines; {report.records} good records")
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit status."""
     args = _parse_args(argv)
+    if args.task == "validate":
+        return _validate_main(args.files, args.max_problems)
+    if args.task == "arithmetic":
+        try:
+            arithmetic = ArithmeticConfig(
+                seed=args.seed, train=args.train, calibration=args.calibration, test=args.test, holdout=args.holdout,
+                shift=args.shift,
+                min_digits=args.min_digits, max_digits=args.max_digits,
+                operations=tuple(op.strip() for op in args.operations.split(",") if op.strip()),
+                tag_drop_prob=args.tag_drop_prob, quiet=args.quiet)
+            manifest = build_arithmetic(args.out, arithmetic)
+        except (DataError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        counts = ", ".join(f"{k}={v['records']}" for k, v in manifest["splits"].items())
+        print(f"wrote {args.out}: {counts}")
+        return 0
     config = WordOrderConfig(
         seed=args.seed, train=args.train, calibration=args.calibration, test=args.test, holdout=args.holdout,
         length_shift=args.length_shift, suffix=args.suffix, tag_drop_prob=args.tag_drop_prob,

@@ -34,14 +34,16 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from sdm_core.calibration import same_alpha
+from sdm_core.calibration import admissions_unchecked, same_alpha
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from sdm_core.report import render_markdown, selective_report
+from training.baselines import METHODS, ScoredGenerations, aurocs, compare_methods, risk_coverage
 from training.config import build_parser, config_from_args
-from training.correctness import first_sentence, get_correctness
-from training.generation import greedy_generate
+from training.correctness import CORRECTNESS_HELP, first_sentence, get_correctness
+from training.generation import decode_and_label
 from training.records import Record, load_records
+from training.tag_probability import tag_probabilities
 
 __all__ = ["EvaluateConfig", "PRESETS", "evaluate", "parse_named_paths", "surface_metrics", "main"]
 
@@ -68,7 +70,7 @@ class EvaluateConfig:
         "bundles": "comma-separated NAME=PATH bundles (or bundle folders, named after the folder) to compare",
         "data": "comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)",
         "out": "folder for metrics.json, report.md, predictions and plots (required)",
-        "correctness": "correctness function r by name",
+        "correctness": CORRECTNESS_HELP,
         "max_docs": "use the first N documents of each dataset (0: all)",
         "max_new_tokens": "tokens to generate at most per prompt",
         "generate_batch_size": "prompts per batched greedy generation",
@@ -127,6 +129,9 @@ PRESETS: dict[str, dict] = {
     "smollm2-cpu": {"max_new_tokens": 96},
     "tiny": {"max_new_tokens": 12, "max_docs": 16, "generate_batch_size": 8, "embed_batch_size": 8, "progress": False},
 }
+# The arithmetic task's presets: labelled by its correctness function (exact value).
+PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "correctness": "arithmetic"}
+PRESETS["arithmetic-cpu"] = {"max_new_tokens": 32, "correctness": "arithmetic"}
 
 
 def parse_named_paths(specs: Sequence[str], kind: str) -> dict[str, Path]:
@@ -241,18 +246,20 @@ def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Re
     prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
 
     started = time.perf_counter()
-    generations = greedy_generate(model, tokenizer, prompts, info.chat, config.max_new_tokens, config.generate_batch_size,
-                                  config.progress, f"{bundle_name}/{dataset_name}: generating")
+    generated = decode_and_label(model, tokenizer, records, info.chat, correct, config.max_new_tokens, config.generate_batch_size,
+                                 config.progress, f"{bundle_name}/{dataset_name}: generating")
+    generations = generated.texts
     generate_seconds = time.perf_counter() - started
 
     positive, negative = info.tags.positive_class, 1 - info.tags.positive_class
-    labels = torch.tensor([positive if correct(g, r.reference or r.positive) else negative for g, r in zip(generations, records)],
-                          dtype=torch.long)
+    labels = torch.tensor([positive if y else negative for y in generated.labels], dtype=torch.long)
     texts = [verification_text(tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generations)]
     started = time.perf_counter()
     h = embed_texts(model, tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
     embed_seconds = time.perf_counter() - started
     s = head.predict_scores(h, alpha=alpha)
+    p_yes = tag_probabilities(model, tokenizer, prompts, generations, info.chat, info.tags.yes, info.recipe.max_length,
+                              config.embed_batch_size)
     report = selective_report(s.probabilities, s.probabilities_lower, s.predictions, s.q_prime, s.q_prime_lower, labels,
                               head.ladder, head.class_names)
 
@@ -264,6 +271,16 @@ def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Re
             reasons[reason] = reasons.get(reason, 0) + 1
     row = _row_at(report, alpha)
     q_prime = s.q_prime.double()
+    own_lower = admissions_unchecked(s.probabilities_lower, s.predictions, s.q_prime_lower, [head.ladder.regions[a] for a in head.ladder.alphas])
+    own = head.ladder.admissions(s.probabilities, s.predictions, s.q_prime)
+    scored = ScoredGenerations(
+        labels=(labels == positive).long(), own_tag=[r["own_tag"] for r in surface_rows], p_yes=p_yes,
+        softmax_yes=torch.softmax(s.logits.double(), dim=1)[:, positive].float(), sdm_yes=s.probabilities[:, positive],
+        head_predictions=(s.predictions == positive).long(), alphas=tuple(head.ladder.alphas),
+        hr=torch.stack([head.ladder.admitted_at(own, a) for a in head.ladder.alphas], dim=1),
+        hr_lower=torch.stack([head.ladder.admitted_at(own_lower, a) for a in head.ladder.alphas], dim=1),
+    )
+    thresholds = (info.raw.get("baselines") or {}).get("tag_probability", {}).get("thresholds")
     result = {
         "n": n,
         "alpha": alpha,
@@ -283,6 +300,9 @@ def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Re
         "ood_proportion": float(s.is_ood.float().mean()) if n else 0.0,
         "q_prime_mean": {"correct": _mean(q_prime[labels == positive]), "wrong": _mean(q_prime[labels == negative])},
         "report": report,
+        # The alternatives on the same generations (training.baselines), and how well each score ranks them.
+        "methods": compare_methods(scored, thresholds),
+        "auroc": aurocs(scored),
         "seconds": {"generate": round(generate_seconds, 3), "embed": round(embed_seconds, 3)},
     }
 
@@ -306,10 +326,13 @@ def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Re
                 "sentence_correct": surface_rows[i]["sentence_correct"],
                 "exact_match": surface_rows[i]["exact_match"],
                 "own_tag": surface_rows[i]["own_tag"],
+                "lm_p_yes": float(p_yes[i]),
             }
             handle.write(json.dumps(row_i, ensure_ascii=False) + "\n")
     _plot_q_prime(out / f"q_prime_by_correctness_{bundle_name}_{dataset_name}.png", q_prime, labels, positive,
                   row["q_prime_min"], f"{bundle_name} on {dataset_name}: q' by correctness (alpha={alpha:g})")
+    result["risk_coverage"] = {name: risk_coverage(score, scored.labels)
+                               for name, score in (("lm_probability", p_yes), ("softmax", scored.softmax_yes), ("sdm", scored.sdm_yes))}
     return result
 
 
@@ -385,6 +408,31 @@ def _plot_admitted(path: Path, dataset: str, per_bundle: dict[str, dict]) -> Non
     plt.close(fig)
 
 
+def _plot_risk_coverage(path: Path, dataset: str, per_bundle: dict[str, dict]) -> None:
+    """Risk (share of wrong answers among those admitted as verified) against coverage when admitting the
+    top-scored answers, per bundle: SDM(z')_Yes solid, softmax(z')_Yes dash-dot, the LM's P(Yes) dashed; SDM_HR at
+    each alpha of the ladder as points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, result in per_bundle.items():
+        curves = result["risk_coverage"]
+        line = ax.plot(*curves["sdm"], label=f"{name}: SDM(z')", linewidth=1.4)[0]
+        ax.plot(*curves["softmax"], color=line.get_color(), linestyle="-.", linewidth=1, label=f"{name}: softmax(z')")
+        ax.plot(*curves["lm_probability"], color=line.get_color(), linestyle="--", linewidth=1, label=f"{name}: LM P(Yes)")
+        points = [(r["verified"]["share"], 1.0 - r["verified"]["accuracy"]) for r in result["methods"]["sdm_hr"] if r["verified"]["admitted"]]
+        if points:
+            ax.scatter(*zip(*points), color=line.get_color(), marker="o", s=18, zorder=3, label=f"{name}: SDM_HR (ladder)")
+    ax.set_xlabel("coverage (share admitted as verified)")
+    ax.set_ylabel("risk (share of admitted that are wrong)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{dataset}: risk-coverage", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # -- report ---------------------------------------------------------------------------------------------------
 
 def _fmt(value: float | None) -> str:
@@ -393,6 +441,57 @@ def _fmt(value: float | None) -> str:
     if 0.0 < value < 0.01:
         return "<0.01"
     return f"{value:.2f}"
+
+
+REPORT_ALPHAS = (0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+
+
+def _methods_section(metrics: dict) -> list[str]:
+    """Held-out validity of SDM_HR (every alpha that admitted something, with its exact binomial test), the
+    AUROC of each score, and every method's verified answers side by side."""
+    lines = ["## Held-out validity of SDM_HR", "",
+             "Answers admitted as verified (in the served region, predicted Yes) against alpha: the one-sided exact binomial "
+             "p-value of H0 accuracy >= alpha and the 95 % Clopper-Pearson lower bound. **VIOLATION**: p < 0.01 with at least 10 "
+             "admitted.", "", "| Dataset | Bundle | alpha | admitted | correct | accuracy | p | lower bound |", "|---|---|---|---|---|---|---|---|"]
+    for d in metrics["datasets"]:
+        for b in metrics["bundles"]:
+            rows = [r for r in metrics["results"][b][d]["methods"]["sdm_hr"] if r["verified"]["admitted"]]
+            for r in rows:
+                v = r["verified"]
+                flag = " **VIOLATION**" if v["p_value"] < 0.01 and v["admitted"] >= 10 else ""
+                lines.append(f"| {d} | {b} | {r['alpha']:g} | {v['admitted']} | {v['correct']} | {_fmt(v['accuracy'])} | "
+                             f"{v['p_value']:.3g}{flag} | {v['lower_bound']:.2f} |")
+            if not rows:
+                lines.append(f"| {d} | {b} | – | 0 | – | – | – | – |")
+    lines += ["", "## AUROC of right against wrong generations", "",
+              "| Dataset | Bundle | LM P(Yes) | softmax(z')_Yes | SDM(z')_Yes |", "|---|---|---|---|---|"]
+    for d in metrics["datasets"]:
+        for b in metrics["bundles"]:
+            a = metrics["results"][b][d]["auroc"]
+            lines.append(f"| {d} | {b} | {_fmt(a['lm_probability'])} | {_fmt(a['softmax'])} | {_fmt(a['sdm'])} |")
+    lines += ["", "## Methods side by side", "",
+              "Accuracy (against r) of the answers each method admits as verified, and how many (of the dataset), at each alpha. "
+              "Methods: training/baselines.py. Full Table 4 cells per method and alpha are in metrics.json.", ""]
+    for d in metrics["datasets"]:
+        for b in metrics["bundles"]:
+            methods = metrics["results"][b][d]["methods"]
+            alphas = [a for a in REPORT_ALPHAS if any(same_alpha(r["alpha"], a) for r in methods["sdm_hr"])]
+            lines.append(f"### {b} on {d} ({metrics['datasets'][d]['n']})")
+            lines.append("")
+            lines.append("| Method | " + " | ".join(f"α={a:g}" for a in alphas) + " |")
+            lines.append("|" + "---|" * (len(alphas) + 1))
+            for name in METHODS:
+                if name not in methods:
+                    continue
+                cells = []
+                for a in alphas:
+                    v = next(r["verified"] for r in methods[name] if same_alpha(r["alpha"], a))
+                    cells.append(f"{_fmt(v['accuracy'])} ({v['admitted']})")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+            lines.append(f"![risk-coverage](risk_coverage_{d}.png)")
+            lines.append("")
+    return lines
 
 
 def render_report(metrics: dict) -> str:
@@ -404,6 +503,15 @@ def render_report(metrics: dict) -> str:
     lines.append(f"Correctness: `{metrics['config']['correctness']}`; max_new_tokens {metrics['config']['max_new_tokens']}. "
                  "Bundles: " + "; ".join(f"**{b}** = `{metrics['bundles'][b]['path']}` (α = {metrics['bundles'][b]['alpha']:g})"
                                          for b in bundles) + ".")
+    lines.append("")
+    for b in bundles:
+        certified = metrics["bundles"][b].get("certified_alphas")
+        if certified is None:
+            lines.append(f"- {b}: no certification recorded (a bundle from before held-out certification).")
+        else:
+            withdrawn = metrics["bundles"][b].get("withdrawn_alphas") or []
+            lines.append(f"- {b}: certified alphas {', '.join(f'{a:g}' for a in certified) or 'none'}; withdrawn "
+                         f"{', '.join(f'{a:g}' for a in withdrawn) or 'none'} (the served ladder, evaluated here).")
     lines.append("")
     lines.append("## Table 2: SDM_HR (accuracy, admitted proportion n/|D|)")
     lines.append("")
@@ -452,6 +560,7 @@ def render_report(metrics: dict) -> str:
             reasons = ", ".join(f"{k}: {v}" for k, v in r["abstention_reasons"].items()) or "–"
             lines.append(f"| {d} | {b} | {r['sdm_hr']['admitted']} of {r['n']} | {r['ood_proportion']:.2f} | {reasons} |")
     lines.append("")
+    lines.extend(_methods_section(metrics))
     lines.append("## Table 4: class-, prediction-conditional and marginal results")
     lines.append("")
     for b in bundles:
@@ -501,9 +610,12 @@ def evaluate(config: EvaluateConfig) -> dict:
             alpha = head.ladder.resolve_alpha(config.alpha)
         except ValueError as exc:
             raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
+        certification = bundle.info.certification
         metrics["bundles"][bundle_name] = {
             "path": str(bundle_path), "alpha": alpha, "ladder": list(head.ladder.alphas), "model": bundle.info.model,
             "provenance_git_revision": bundle.info.provenance.get("git_revision"),
+            "certified_alphas": list(certification.certified) if certification else None,
+            "withdrawn_alphas": list(certification.withdrawn) if certification else None,
         }
         metrics["results"][bundle_name] = {}
         for dataset_name, records in datasets.items():
@@ -512,8 +624,11 @@ def evaluate(config: EvaluateConfig) -> dict:
         gc.collect()
 
     for dataset_name in datasets:
-        _plot_admitted(out / f"admitted_vs_alpha_{dataset_name}.png", dataset_name,
-                       {b: metrics["results"][b][dataset_name] for b in bundle_paths})
+        per_bundle = {b: metrics["results"][b][dataset_name] for b in bundle_paths}
+        _plot_admitted(out / f"admitted_vs_alpha_{dataset_name}.png", dataset_name, per_bundle)
+        _plot_risk_coverage(out / f"risk_coverage_{dataset_name}.png", dataset_name, per_bundle)
+        for result in per_bundle.values():
+            del result["risk_coverage"]  # plotted; the curves are as long as the dataset
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     return metrics

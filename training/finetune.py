@@ -2,9 +2,11 @@
 
     python -m training.finetune --preset tiny --output-dir runs/tiny
     python -m training.finetune --preset smollm2-cpu --output-dir runs/smollm2 [--loss ce]
+    python -m training.finetune --preset arithmetic-cpu --output-dir runs/arith
     accelerate launch -m training.finetune --preset paper --train data/train.jsonl --calibration data/calibration.jsonl
 
-Without --train/--calibration the word-ordering task is built from the shipped corpora into OUTPUT_DIR/data.
+Without --train/--calibration the task named by --task is built into OUTPUT_DIR/data: word ordering from the shipped
+corpora (the default), or multi-digit arithmetic from the seed (``--preset arithmetic-tiny`` / ``arithmetic-cpu``).
 Outputs: OUTPUT_DIR/{config.json, metrics.jsonl, train.log, best/, final/, checkpoint/}.
 """
 
@@ -20,6 +22,7 @@ import torch
 
 from sdm_core.lm.models import load_model, load_tokenizer
 from training.config import FinetuneConfig, build_parser, config_from_args
+from training.correctness import get_correctness
 from training.records import DataError, Record, load_records
 from training.state import TrainerCallback, TrainResult
 
@@ -65,11 +68,24 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
     train_path, cal_path = config.train, config.calibration
     if not train_path or not cal_path:
         if train_path or cal_path:
-            raise ValueError("give both --train and --calibration, or neither (to build the word-ordering task)")
-        from training.data import WordOrderConfig, build_word_order
-
+            raise ValueError(f"give both --train and --calibration, or neither (to build the {config.task} task)")
         data_dir = Path(config.output_dir) / "data"
-        if not (data_dir / "manifest.json").is_file():
+        manifest = data_dir / "manifest.json"
+        if manifest.is_file():
+            built = json.loads(manifest.read_text()).get("task")
+            if built != config.task:
+                raise ValueError(f"{data_dir} holds the {built} task but --task is {config.task}; use another --output-dir")
+        elif config.task == "arithmetic":
+            from training.arithmetic import ArithmeticConfig, build_arithmetic
+
+            n_train = config.max_train_docs or 5000
+            n_cal = config.max_calibration_docs or 2000
+            build_arithmetic(data_dir, ArithmeticConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(1000, n_cal)),
+                                                        shift=200, min_digits=config.task_min_digits, max_digits=config.task_max_digits,
+                                                        operations=tuple(config.task_operations), quiet=True))
+        else:
+            from training.data import WordOrderConfig, build_word_order
+
             n_train = config.max_train_docs or 5000
             n_cal = config.max_calibration_docs or 5000
             build_word_order(data_dir, WordOrderConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(2000, n_cal)),
@@ -104,6 +120,7 @@ def run(config: FinetuneConfig, resume: bool = False, callbacks: Sequence[Traine
 
     from training.trainer import SDMTrainer
 
+    get_correctness(config.correctness)  # a bad --correctness fails before any data or model loads
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if accelerator.is_main_process:
         _setup_logging(Path(config.output_dir))

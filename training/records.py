@@ -11,16 +11,34 @@ One JSON object per line:
     reference  str, optional; what the task's correctness function compares against
     meta       object, optional; free-form task details (never read by the trainer)
 
-Trailing whitespace after the final tag is allowed (the training-time check strips
-outer whitespace anyway). Unknown keys are an error rather than being dropped, so
-nothing in a file is silently ignored; put extra data under ``meta``.
+The published JSON Schema of one line is ``training/schemas/record.schema.json``
+(shipped with the package); ``python -m training.data validate FILE.jsonl`` checks a
+file against it and reports every bad line.
 
-Blank (whitespace-only) lines are skipped wherever they occur; every other line must
-be a valid record. Errors name the file and the 1-based line number.
+Tolerance rules (what is accepted as it is, and what is not):
+
+- encoding: UTF-8 only; a byte-order mark at the start of the file is ignored; lines
+  may end in LF or CRLF. Anything not UTF-8 is an error (re-encode the file).
+- blank (whitespace-only) lines are skipped wherever they occur; every other line must
+  be a valid record.
+- tags: ``<verified>Yes</verified>`` / ``<verified>No</verified>`` exactly (case, no
+  inner spaces) at the end of ``positive`` / ``negative``; whitespace after the final
+  tag is allowed (the training-time check strips outer whitespace anyway). Other
+  markup in a completion (``<sentence>``, ``<answer>``, ...) is the task's own business:
+  only its correctness function reads it.
+- whitespace inside texts is kept as written (prompts, completions and references are
+  never normalised here; a correctness function may ignore whitespace if it wants to).
+- unknown keys are an error rather than being dropped, so nothing in a file is silently
+  ignored; put extra data under ``meta``.
+- one format per file: every record uses ``prompt``, or every record uses ``messages``.
+- ids are unique within a file.
+
+Errors name the file and the 1-based line number.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -34,6 +52,25 @@ NO_TAG = "<verified>No</verified>"
 
 _REQUIRED = ("id", "positive", "negative")
 _KNOWN = ("id", "prompt", "messages", "positive", "negative", "reference", "meta")
+
+
+def record_format(obj: Mapping[str, Any]) -> str | None:
+    """"prompt" or "messages": the format of one parsed record line (None when it has neither or both)."""
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        return None
+    return "prompt" if has_prompt else "messages"
+
+
+def mixed_format_message(found: str, first: str, first_line: int) -> str:
+    """The error for a record whose format differs from the file's first record."""
+    if found == "prompt":
+        fix = 'write this prompt as "messages": [{"role": "user", "content": PROMPT}]'
+    else:
+        fix = ('write every prompt as "messages": [{"role": "user", "content": PROMPT}], or put the chats in a file '
+               "of their own")
+    return (f"record uses '{found}' but the file's first record (line {first_line}) uses '{first}'; use one format "
+            f"per file: {fix}")
 
 
 class DataError(ValueError):
@@ -174,8 +211,11 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     path = Path(path)
     records: list[Record] = []
     first_line_of: dict[str, int] = {}
+    file_format: tuple[str, int] | None = None  # the first record's format and line
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -197,6 +237,11 @@ def load_records(path: str | os.PathLike) -> list[Record]:
                                 f"{first_line_of[rec.id]}); ids must be unique, rename or "
                                 "remove one of them", path, lineno)
             first_line_of[rec.id] = lineno
+            fmt = "prompt" if rec.prompt is not None else "messages"
+            if file_format is None:
+                file_format = (fmt, lineno)
+            elif fmt != file_format[0]:
+                raise DataError(mixed_format_message(fmt, *file_format), path, lineno)
             records.append(rec)
     return records
 

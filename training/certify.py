@@ -1,0 +1,171 @@
+"""``python -m training.certify``: re-certify a bundle's ladder on new labelled prompts and write a new sealed bundle.
+
+Decodes every prompt of ``--data`` with the bundle's model exactly as training.calibrate and training.evaluate do,
+labels each generation with the correctness function, scores it with the bundle's head (its full ladder, before
+any earlier withdrawal) and certifies every alpha (sdm_core.certification). The new bundle at ``--out`` is a copy
+of ``--bundle`` whose ``certification`` is the new table, re-sealed; the served ladder follows it (a region
+withdrawn earlier comes back if the new data certify it, and the reverse). The data must be documents the head
+never saw: not its support, calibration or an earlier certification split.
+
+    python -m training.certify --preset smollm2-cpu --bundle deploy/bundles/smollm2-word-order \\
+        --data data/fresh.jsonl --out bundles/recertified
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import torch
+
+from sdm_core import SDMEstimator
+from sdm_core.lm.bundle import load_bundle, seal_bundle
+from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder
+from sdm_core.lm.embedding import embed_texts, verification_text
+from sdm_core.lm.models import resolve_device
+from training.config import build_parser, config_from_args
+from training.correctness import get_correctness
+from training.generation import decode_and_label
+from training.records import Record, load_records
+
+__all__ = ["CertifyConfig", "PRESETS", "certify", "main"]
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    bundle: str = ""
+    data: str = ""  # comma-separated labelled record files
+    out: str = ""
+    correctness: str = "word_order"
+    max_docs: int = 0
+    max_new_tokens: int = 512
+    generate_batch_size: int = 16
+    embed_batch_size: int = 16
+    policy: str = "violation"
+    min_admitted: int = 10
+    violation_p: float = 0.01
+    device: str = "auto"
+    progress: bool = True
+
+    HELP: ClassVar[dict[str, str]] = {
+        "bundle": "the bundle to re-certify (left unchanged)",
+        "data": "comma-separated JSONL record files of prompts the head never saw, with references",
+        "out": "folder for the re-certified bundle (required; must not exist or be empty)",
+        "correctness": "correctness function r by name (labels the generations)",
+        "max_docs": "use the first N documents (0: all)",
+        "max_new_tokens": "tokens to generate at most per prompt (as the bundle was calibrated)",
+        "generate_batch_size": "prompts per batched greedy generation",
+        "embed_batch_size": "instances per no-grad hidden-state pass",
+        "policy": "which regions stay on the ladder: violation, evidence or lower-bound (see sdm_core.certification)",
+        "min_admitted": "admitted answers a region needs for its test to count",
+        "violation_p": "exact binomial p-value below which a region's accuracy is significantly below alpha",
+        "device": "auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N",
+        "progress": "show progress bars",
+    }
+
+    def validate(self) -> None:
+        if not self.bundle or not self.data or not self.out:
+            raise ValueError("--bundle, --data and --out are all required")
+        if not (Path(self.bundle) / "bundle.json").is_file():
+            raise ValueError(f"{self.bundle} is not an sdm-lm bundle (bundle.json is missing)")
+        out = Path(self.out)
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out} exists and is not empty; choose another --out")
+        if out.resolve() == Path(self.bundle).resolve():
+            raise ValueError("--out must differ from --bundle: certification writes a new bundle")
+        if self.policy not in CERTIFICATION_POLICIES:
+            raise ValueError(f"policy must be one of {list(CERTIFICATION_POLICIES)}, got {self.policy!r}")
+        if self.min_admitted < 1 or not 0.0 < self.violation_p < 1.0:
+            raise ValueError("min_admitted must be >= 1 and violation_p in (0, 1)")
+        get_correctness(self.correctness)
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "smollm2-cpu": {"max_new_tokens": 96},
+    "tiny": {"max_new_tokens": 12, "generate_batch_size": 8, "embed_batch_size": 8, "min_admitted": 2, "progress": False},
+}
+
+
+def _records(files: Sequence[str], limit: int) -> list[Record]:
+    records = [r for path in files for r in load_records(path)]
+    records = records[:limit] if limit else records
+    if not records:
+        raise ValueError(f"no records in {list(files)}")
+    return records
+
+
+def certify(config: CertifyConfig) -> dict:
+    config.validate()
+    started = time.perf_counter()
+    files = [f.strip() for f in config.data.split(",") if f.strip()]
+    records = _records(files, config.max_docs)
+    bundle = load_bundle(config.bundle, device=resolve_device(config.device))
+    info = bundle.info
+    # The full ladder as calibrated: an earlier certification's withdrawals are decided afresh.
+    head = SDMEstimator.load(info.path / info.head["path"])
+    overlap = {r.id for r in records} & (set(head.support.ids) | set(head.calibration_ids))
+    if overlap:
+        raise ValueError(f"{len(overlap)} documents of --data are in the head's support or calibration (e.g. {sorted(overlap)[0]}); "
+                         "certify on documents the head never saw")
+    generated = decode_and_label(bundle.model, bundle.tokenizer, records, info.chat, get_correctness(config.correctness),
+                                 config.max_new_tokens, config.generate_batch_size, config.progress, "decoding")
+    prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
+    texts = [verification_text(bundle.tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generated.texts)]
+    h = embed_texts(bundle.model, bundle.tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
+    scores = head.predict_scores(h)
+    certification, served = certify_ladder(
+        head.ladder, scores.probabilities, scores.predictions, scores.q_prime, torch.tensor(generated.labels, dtype=torch.bool),
+        info.tags.positive_class, policy=config.policy, min_admitted=config.min_admitted, violation_p=config.violation_p,
+        source={"kind": "certify", "documents": len(records), "files": files, "generation_accuracy": generated.accuracy,
+                "recertified_from": info.raw.get("bundle_sha256")},
+    )
+    out = Path(config.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        shutil.copytree(info.path, tmp, dirs_exist_ok=True)
+        provenance = {**info.provenance, "certify_config": asdict(config)}
+        seal_bundle(tmp, {"certification": certification.to_dict(), "provenance": provenance})
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(certification.summary(), file=sys.stderr)
+    return {
+        "bundle": str(out),
+        "documents": len(records),
+        "generation_accuracy": generated.accuracy,
+        "certified_alphas": list(certification.certified),
+        "withdrawn": list(certification.withdrawn),
+        "rows": {f"{r.alpha:g}": {"admitted": r.admitted, "correct": r.correct, "p_value": r.p_value,
+                                  "lower_bound": r.lower_bound, "status": r.status} for r in certification.rows},
+        "default_alpha_has_region": served.regions[served.default_alpha].exists,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser("python -m training.certify", __doc__, cls=CertifyConfig, env_prefix="SDM_CERTIFY_", presets=PRESETS)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args, cls=CertifyConfig, env_prefix="SDM_CERTIFY_", presets=PRESETS)
+        result = certify(config)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
