@@ -60,7 +60,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = "<an
 def test_admitted_generation_returns_every_field(client, tiny_bundle) -> None:
     r = client.post("/generate", json={"prompt": tiny_bundle.admitted_prompt, "return_exemplars": 3}, headers={"X-Request-Id": "my-request-1"})
     assert r.status_code == 200, r.text
-    assert r.headers["x-request-id"] == "my-request-1"
+    assert r.headers["x-request-id"].startswith("req-") and r.headers["x-client-request-id"] == "my-request-1"
     body = r.json()
     expected = {"id", "object", "created", "model", "text", "verified", "probability", "probability_lower", "admitted", "abstained",
                 "abstention_reason", "withheld", "alpha", "region_alpha", "q", "q_prime", "d", "exemplars", "attempts", "finish_reason",

@@ -69,7 +69,7 @@ class CalibrateConfig:
     model: dict = field(default_factory=dict)  # or a model source (e.g. smollm2) for an un-fine-tuned baseline
     calibration: str = ""  # comma-separated record files; default: the run's calibration data (+ its holdout split)
     out: str = ""
-    correctness: str = "word_order"
+    correctness: str = ""  # empty: the run's correctness function (word_order with --model)
     max_calibration_docs: int = 0
     max_new_tokens: int = 512
     generate_batch_size: int = 16
@@ -108,7 +108,7 @@ class CalibrateConfig:
         "model": "instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline",
         "calibration": "comma-separated calibration record files (JSONL); default: the run's calibration split and its holdout split",
         "out": "bundle folder to write (required)",
-        "correctness": CORRECTNESS_HELP + " (labels generations, decides hard negatives)",
+        "correctness": CORRECTNESS_HELP + " (labels generations, decides hard negatives); default: the run's, else word_order",
         "max_calibration_docs": "use the first N calibration documents (0: all)",
         "max_new_tokens": "tokens to generate at most per calibration prompt (match the serving and evaluation limit)",
         "generate_batch_size": "prompts per batched greedy generation",
@@ -154,7 +154,8 @@ class CalibrateConfig:
             raise ValueError("certification_docs must be >= 0 and certification_min_admitted >= 1")
         if not 0.0 < self.certification_violation_p < 1.0:
             raise ValueError(f"certification_violation_p must be in (0, 1), got {self.certification_violation_p}")
-        get_correctness(self.correctness)  # a bad --correctness fails before any model loads
+        if self.correctness:
+            get_correctness(self.correctness)  # a bad --correctness fails before any model loads
 
 
 INSTANCE_CHOICES = ("generations", "mixture", "both")
@@ -321,7 +322,8 @@ def calibrate(config: CalibrateConfig) -> dict:
     chat = ChatFormat(system_prompt=training.get("system_prompt", config.system_prompt))
     recipe = HiddenStateRecipe(layer=config.recipe_layer, sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end),
                                max_length=config.max_length)
-    correct = get_correctness(config.correctness)
+    correctness = config.correctness or training.get("correctness") or "word_order"
+    correct = get_correctness(correctness)
     tags = VerificationTags()
     fingerprint = _model_fingerprint(source)
 
@@ -363,6 +365,7 @@ def calibrate(config: CalibrateConfig) -> dict:
         "training_config": training,
         "git_revision": git_revision(),
         "calibration_files": list(files),
+        "correctness": correctness,
         "calibration_docs": len(records),
         "documents_by_split": counts,
         "calibration_generation_accuracy": generated.accuracy,

@@ -81,7 +81,7 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
             n_train = config.max_train_docs or 5000
             n_cal = config.max_calibration_docs or 2000
             build_arithmetic(data_dir, ArithmeticConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(1000, n_cal)),
-                                                        shift=200, min_digits=config.task_min_digits, max_digits=config.task_max_digits,
+                                                        holdout=config.task_holdout_docs, shift=200, min_digits=config.task_min_digits, max_digits=config.task_max_digits,
                                                         operations=tuple(config.task_operations), quiet=True))
         else:
             from training.data import WordOrderConfig, build_word_order
@@ -89,7 +89,7 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
             n_train = config.max_train_docs or 5000
             n_cal = config.max_calibration_docs or 5000
             build_word_order(data_dir, WordOrderConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(2000, n_cal)),
-                                                       min_words=config.task_min_words, max_words=config.task_max_words, quiet=True))
+                                                       holdout=config.task_holdout_docs, min_words=config.task_min_words, max_words=config.task_max_words, quiet=True))
         train_path, cal_path = str(data_dir / "train.jsonl"), str(data_dir / "calibration.jsonl")
     train = load_records(train_path)
     cal = load_records(cal_path)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sdm_core.artifact import ArtifactError, canonical_json, sha256_file
+from sdm_core.artifact import ArtifactError, canonical_json, sha256_file, share_like_umask
 from sdm_core.certification import Certification, withdraw_regions
 from sdm_core.estimator import SDMEstimator
 from sdm_core.folders import atomic_folder
@@ -150,6 +150,7 @@ def write_bundle(
         if baselines is not None:
             body["baselines"] = baselines
         _write_manifest(tmp, body)
+        share_like_umask(tmp)  # mkdtemp made it 0700: readable by other users (a container's) like any folder
 
     return atomic_folder(folder, write, if_exists="error")
 
