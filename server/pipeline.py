@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sdm_core.embedding import verification_prefix, verification_text
+from sdm_core.lm.embedding import verification_prefix, verification_text
 from sdm_core.estimator import SDMScores
 from sdm_core.support import OOD_LABEL
 from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
@@ -231,7 +231,7 @@ class SelectivePipeline:
         generated = time.perf_counter()
         text = self.verification_text(request.prompt.chat_prompt, generation.text)
         h = await self.backend.embed_generation(text, request.prompt.ids, generation)
-        score = functools.partial(self.head.score, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
+        score = functools.partial(self.head.predict_scores, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
         scores = await asyncio.get_running_loop().run_in_executor(self._head_thread, score)
         verified = time.perf_counter()
         return self._decide(generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0)

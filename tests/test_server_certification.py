@@ -22,7 +22,7 @@ WITHDRAWN = 0.9
 
 @pytest.fixture(scope="module")
 def certified_bundle(tiny_bundle: TinyBundle, tmp_path_factory):
-    from sdm_core.bundle import seal_bundle
+    from sdm_core.lm.bundle import seal_bundle
     from sdm_core.certification import Certification
 
     folder = tmp_path_factory.mktemp("certified") / "bundle"

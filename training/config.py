@@ -216,7 +216,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # and generations are ~4x shorter to decode. See docs/decisions.md.
         "task_max_words": 14,
         # 864 training documents: with 288 the model decoded ~39 % of calibration prompts and its head had no
-        # region at any alpha; with 864 it decodes ~55 % and has one at 0.95 (docs/performance.md).
+        # region at any alpha; with 864 it decodes ~55 % and has one at 0.95 (docs/decisions.md).
         "max_train_docs": 864,
         "max_calibration_docs": 256,
         # With the 256 calibration documents, 2,192 for the final head: 256 certify it, the other 1,936 are split
