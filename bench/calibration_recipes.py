@@ -36,15 +36,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdm_core import SDMConfig  # noqa: E402
-from sdm_core.bundle import load_bundle  # noqa: E402
+from sdm_core.lm.bundle import load_bundle  # noqa: E402
 from sdm_core.certification import certify_ladder  # noqa: E402
-from sdm_core.embedding import HiddenStateRecipe, chat_messages, embed_texts, verification_text  # noqa: E402
+from sdm_core.lm.embedding import HiddenStateRecipe, chat_messages, embed_texts, verification_text  # noqa: E402
 from training.correctness import get_correctness, is_verbatim, normalize_hard_negative  # noqa: E402
 from training.generation import greedy_generate  # noqa: E402
 from sdm_core.report import auroc  # noqa: E402
 from training.records import load_records  # noqa: E402
 from training.splits import split_documents  # noqa: E402
-from training.verification_layer import Instance, draw_layer_instances, fit_verification_layer, prompt_of  # noqa: E402
+from training.verification_layer import (  # noqa: E402
+    PAPER_INSTANCE_SEED,
+    PAPER_SPLIT_SEED,
+    Instance,
+    draw_layer_instances,
+    fit_verification_layer,
+    prompt_of,
+)
 
 
 def read_records(spec: str, limit: int):
@@ -119,8 +126,8 @@ def main() -> None:
     parser.add_argument("--heldout", required=True, help="comma-separated NAME=PATH[:START-END] held-out record files")
     parser.add_argument("--generations", default="", help="JSONL {id, generation} decodings to reuse (others are decoded)")
     parser.add_argument("--certification-docs", type=int, default=256)
-    parser.add_argument("--split-seed", type=int, default=23)
-    parser.add_argument("--instance-seed", type=int, default=53)
+    parser.add_argument("--split-seed", type=int, default=PAPER_SPLIT_SEED)
+    parser.add_argument("--instance-seed", type=int, default=PAPER_INSTANCE_SEED)
     parser.add_argument("--layers", default="-1,9,12,15,18,21,24,27")
     parser.add_argument("--sdm-top", type=int, default=3, help="fit SDM heads for the N best probe representations (and the recipe)")
     parser.add_argument("--supports", default="mixture,generations,both")
@@ -210,7 +217,7 @@ def main() -> None:
             head = fit_verification_layer(x[rows], instances, flags, sdm)
             fit_seconds = time.perf_counter() - t
             cert_rows = pool_rows["certification"]
-            s = head.predict_scores(x[cert_rows]) if hasattr(head, "predict_scores") else head.score(x[cert_rows])
+            s = head.predict_scores(x[cert_rows])
             certification, ladder = certify_ladder(head.ladder, s.probabilities, s.predictions, s.q_prime, y_all[cert_rows].bool())
             head.ladder = ladder
             entry = {"fit_seconds": round(fit_seconds, 1),
@@ -218,7 +225,7 @@ def main() -> None:
                      "certification": {f"{r.alpha:g}": [r.admitted, r.correct, round(r.p_value, 4), r.status] for r in certification.rows if r.admitted},
                      "withdrawn": list(certification.withdrawn), "heldout": {}}
             for name, v in {**held_rows, "certification": cert_rows}.items():
-                sc = head.predict_scores(x[v]) if hasattr(head, "predict_scores") else head.score(x[v])
+                sc = head.predict_scores(x[v])
                 yes_prob = sc.probabilities[:, 1]
                 own_matrix = head.ladder.admissions(sc.probabilities, sc.predictions, sc.q_prime)
                 per_alpha = {}

@@ -67,14 +67,14 @@ def _estimator(support: int, backend: str) -> SDMEstimator:
 def case_score(args: argparse.Namespace) -> dict:
     est = _estimator(args.support, args.backend)
     queries, _ = synthetic(args.queries, 3)
-    est.score(queries[:100])  # warm-up
+    est.predict_scores(queries[:100])  # warm-up
     started = time.perf_counter()
-    est.score(queries)
+    est.predict_scores(queries)
     batched = time.perf_counter() - started
     latencies = []
     for i in range(args.single):
         t = time.perf_counter()
-        est.score(queries[i : i + 1])
+        est.predict_scores(queries[i : i + 1])
         latencies.append((time.perf_counter() - t) * 1000.0)
     return {
         "score_support": args.support,
@@ -97,7 +97,7 @@ def case_large(args: argparse.Namespace) -> dict:
         added += n
     queries, _ = synthetic(2000, 4)
     started = time.perf_counter()
-    est.score(queries)
+    est.predict_scores(queries)
     seconds = time.perf_counter() - started
     return {
         "large_support": len(est.support),

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdm_core.embedding import ChatFormat  # noqa: E402
+from sdm_core.lm.embedding import ChatFormat  # noqa: E402
 from training.config import FinetuneConfig  # noqa: E402
 from training.correctness import word_order  # noqa: E402
 from training.data import WordOrderConfig, build_word_order  # noqa: E402

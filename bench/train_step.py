@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdm_core import SDMConfig, SDMEstimator  # noqa: E402
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text  # noqa: E402
-from sdm_core.models import load_model, load_tokenizer  # noqa: E402
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text  # noqa: E402
+from sdm_core.lm.models import load_model, load_tokenizer  # noqa: E402
 from training.config import FinetuneConfig  # noqa: E402
 from training.data import WordOrderConfig, build_word_order  # noqa: E402
 from training.encoding import collate, encode_instance  # noqa: E402
@@ -99,13 +99,13 @@ def main() -> None:
         if kind == "sdm" and prefixes is None:
             with autocast():
                 hb = embed_texts(model, tokenizer, texts, recipe, batch_size=args.batch)
-            base = 2.0 + layer.score(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
+            base = 2.0 + layer.predict_scores(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
         model.train()
         if kind == "sdm" and prefixes is not None:
             with autocast():
                 out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True, logits_to_keep=keep)
             hb = prefix_embeddings(out.hidden_states[-1], prefixes, recipe)
-            base = 2.0 + layer.score(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
+            base = 2.0 + layer.predict_scores(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
             logits = out.logits
         else:
             with autocast():

@@ -17,7 +17,7 @@ from typing import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["ArtifactError", "write_artifact", "read_artifact", "sha256_file", "canonical_json"]
+__all__ = ["ArtifactError", "write_artifact", "read_artifact", "sha256_file", "canonical_json", "share_like_umask"]
 
 MANIFEST = "manifest.json"
 
@@ -43,8 +43,34 @@ def _manifest_digest(manifest: Mapping) -> str:
     return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def share_like_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes plain ``open()`` / ``mkdir()`` would have (0644 / 0755 under
+    umask 022). Temporary files and folders (mkstemp, mkdtemp, safetensors) are 0600 / 0700, which a server running
+    as another user (the container's uid 10001) cannot read."""
+    mask = _umask()
+    top = Path(root)
+    for path in [top, *top.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _write_json_atomic(path: Path, data: object) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    # mkstemp creates 0600; the file replaces one open() would have made (a server in a container, running as
+    # another user, must be able to read a bundle made on the host).
+    os.fchmod(fd, _file_mode())
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=1, sort_keys=True, allow_nan=False)
         handle.write("\n")
@@ -82,6 +108,8 @@ def write_artifact(
     body.update({"format": format_name, "format_version": format_version, "files": files})
     body["manifest_sha256"] = _manifest_digest(body)
     _write_json_atomic(out / MANIFEST, body)
+    for name in files:
+        os.chmod(out / name, _file_mode())  # safetensors writes 0600
     return out
 
 

@@ -25,11 +25,23 @@ __all__ = [
     "in_region",
     "admissions_unchecked",
     "DEFAULT_ALPHA_LADDER",
+    "ALPHA_TOLERANCE",
+    "same_alpha",
 ]
 
 DEFAULT_ALPHA_LADDER: tuple[float, ...] = (
     0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60,
 )
+
+# Two alphas closer than this are the same ladder rung: an alpha typed as 0.9 and one computed as 0.9000000001 (or
+# read back from JSON) name one region.
+ALPHA_TOLERANCE = 1e-9
+
+
+def same_alpha(a: float, b: float) -> bool:
+    """Whether ``a`` and ``b`` name the same ladder rung (within :data:`ALPHA_TOLERANCE`)."""
+    return abs(a - b) < ALPHA_TOLERANCE
+
 
 # Order matters: the first reason that applies is reported.
 ABSTENTION_REASONS: tuple[str, ...] = ("ood", "no_region", "low_similarity", "below_threshold")
@@ -211,7 +223,7 @@ class RegionLadder:
             return self.default_alpha
         value = check_alpha(alpha)
         for a in self.alphas:
-            if abs(a - value) < 1e-9:
+            if same_alpha(a, value):
                 return a
         raise ValueError(f"alpha {alpha} is not on the calibrated ladder {list(self.alphas)}; recalibrate to add it")
 
@@ -295,10 +307,10 @@ def fit_ladder(
     """Run Algorithm 1 at every alpha of the ladder and record how much of the calibration set each admits."""
     values = sorted({check_alpha(a, "alphas") for a in alphas}, reverse=True)
     default = check_alpha(default_alpha, "default_alpha")
-    if not any(abs(default - a) < 1e-9 for a in values):
+    if not any(same_alpha(default, a) for a in values):
         raise ValueError(f"default_alpha {default} must be one of alphas {values}")
     regions = {a: fit_region(probabilities, q_prime, labels, a) for a in values}
-    ladder = RegionLadder(regions=regions, nested=nested, default_alpha=next(a for a in values if abs(a - default) < 1e-9))
+    ladder = RegionLadder(regions=regions, nested=nested, default_alpha=next(a for a in values if same_alpha(a, default)))
     own = ladder.admissions(probabilities, predictions, q_prime)
     n = own.shape[0]
     for a in ladder.alphas:

@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from sdm_core.calibration import Region, RegionLadder
+from sdm_core.calibration import Region, RegionLadder, same_alpha
 
 __all__ = [
     "CERTIFICATION_POLICIES",
@@ -156,7 +156,7 @@ class Certification:
         return tuple(r.alpha for r in self.rows if r.status == CERTIFIED and not r.withdrawn)
 
     def row(self, alpha: float) -> CertificationRow | None:
-        return next((r for r in self.rows if abs(r.alpha - alpha) < 1e-9), None)
+        return next((r for r in self.rows if same_alpha(r.alpha, alpha)), None)
 
     def summary(self) -> str:
         """One line for logs and the end of calibration."""
@@ -210,7 +210,7 @@ def _withdraws(policy: str, status: str, lower_bound: float, alpha: float) -> bo
 
 def withdraw_regions(ladder: RegionLadder, alphas: Sequence[float]) -> RegionLadder:
     """A copy of ``ladder`` whose regions at ``alphas`` no longer exist (requests there get ``no_region``)."""
-    gone = [a for a in ladder.alphas if any(abs(a - w) < 1e-9 for w in alphas)]
+    gone = [a for a in ladder.alphas if any(same_alpha(a, w) for w in alphas)]
     regions = dict(ladder.regions)
     for a in gone:
         r = regions[a]

@@ -135,7 +135,7 @@ def _score(args: argparse.Namespace) -> dict:
     est = SDMEstimator.load(args.artifact)
     x = load_embeddings(args.embeddings)
     ids = _rows_ids(args.ids, x.shape[0], est.class_names)
-    scores = est.score(x, alpha=args.alpha, return_exemplars=args.exemplars)
+    scores = est.predict_scores(x, alpha=args.alpha, return_exemplars=args.exemplars)
     rows = ({"id": identifier, **scores.record(i)} for i, identifier in enumerate(ids))
     count = write_jsonl(args.out, rows)
     return {"scored": count, "out": args.out, "alpha": scores.alpha, "admitted": int(scores.admitted.sum())}
@@ -150,7 +150,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     labels = torch.tensor(rows.labels, dtype=torch.long)
     if bool((labels >= est.num_classes).any()):
         raise InputError(f"{args.labels}: labels must be < {est.num_classes}")
-    s = est.score(x)
+    s = est.predict_scores(x)
     report = selective_report(s.probabilities, s.probabilities_lower, s.predictions, s.q_prime, s.q_prime_lower, labels, est.ladder, est.class_names)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

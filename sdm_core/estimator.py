@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import time
+import warnings
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,7 +308,7 @@ class SDMEstimator:
         logits, _ = self.adaptor.infer(x, self.config.eval_batch_size)
         return logits.argmax(dim=1)
 
-    def score(
+    def predict_scores(
         self,
         embeddings: object,
         *,
@@ -315,7 +316,8 @@ class SDMEstimator:
         support_ids: Sequence[str | None] | None = None,
         return_exemplars: int = 0,
     ) -> SDMScores:
-        """Score embeddings (N, D). ``alpha`` must be on the calibrated ladder (default: the estimator's alpha).
+        """Every quantity of the estimator for embeddings (N, D), per row: predictions, the SDM output, q, d, q',
+        the HIGH-RELIABILITY decision. ``alpha`` must be on the calibrated ladder (default: the estimator's alpha).
 
         ``support_ids[i]``, when it names a support exemplar, marks row i as that training point: it is excluded
         from its own neighbours and its distance quantile uses the training eCDFs (training-time statistics).
@@ -336,10 +338,25 @@ class SDMEstimator:
         return dataclasses.replace(scores, **{f.name: getattr(scores, f.name).clone() for f in dataclasses.fields(scores)
                                               if isinstance(getattr(scores, f.name), torch.Tensor)})
 
+    def score(
+        self,
+        embeddings: object,
+        *,
+        alpha: float | None = None,
+        support_ids: Sequence[str | None] | None = None,
+        return_exemplars: int = 0,
+    ) -> SDMScores:
+        """Deprecated alias of :meth:`predict_scores`, kept for one release.
+
+        scikit-learn's ``score(X, y)`` returns one float; this method returns per-row records, hence the new name."""
+        warnings.warn("SDMEstimator.score is deprecated and will be removed in the next release; use predict_scores "
+                      "(same arguments, same result)", DeprecationWarning, stacklevel=2)
+        return self.predict_scores(embeddings, alpha=alpha, support_ids=support_ids, return_exemplars=return_exemplars)
+
     def _score_validated(
         self, x: torch.Tensor, a: float, exclude: torch.Tensor, from_support: bool, return_exemplars: int
     ) -> SDMScores:
-        """``score`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions (-1: none)."""
+        """``predict_scores`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions (-1: none)."""
         logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
         # Inputs are validated above; the hot path below skips re-validating its own intermediate tensors.
@@ -404,7 +421,7 @@ class SDMEstimator:
         )
 
     def nearest_exemplars(self, embeddings: object, k: int = 5) -> list[list[Exemplar]]:
-        return self.score(embeddings, return_exemplars=k).exemplars
+        return self.predict_scores(embeddings, return_exemplars=k).exemplars
 
     # -- updating the support -------------------------------------------------------------------------------
     def add_exemplars(self, embeddings: object, labels: Sequence[int | str], ids: Sequence[str]) -> None:

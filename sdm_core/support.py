@@ -32,7 +32,7 @@ _MIN_CHUNK_ROWS = 64
 # The N x N support-against-itself distances (4 bytes each) come from one symmetric product for supports of
 # _GRAM_MIN_SUPPORT to sqrt(_GRAM_ELEMENTS) points. Smaller supports keep the query-by-support blocks: they cost
 # little either way, and the block path rounds like every later search of the same points, so small layers (the
-# ones fine-tuning fits) give the same statistics as before, whatever the order their points arrive in.
+# ones fine-tuning fits) give the statistics a later search reproduces, whatever the order their points arrive in.
 _GRAM_ELEMENTS = 1 << 26
 _GRAM_MIN_SUPPORT = 1024
 
@@ -87,7 +87,7 @@ class SupportIndex:
         if backend == "faiss" and not faiss_available():
             raise ValueError("backend='faiss' needs the faiss-cpu package: pip install 'sdm-lm[faiss]', or use backend='torch'")
         if backend == "auto":
-            backend = "torch"  # measured faster on CPU for q (docs/performance.md); faiss stays selectable
+            backend = "torch"  # faster on CPU for q (it needs no top-k sort); faiss stays selectable
         if int(max_q) < 1:
             raise ValueError(f"max_q must be >= 1, got {max_q}")
         self.backend = backend

@@ -1,6 +1,6 @@
 """The sdm-lm selective-generation server: ``create_app(ServerConfig(...))`` or ``python -m server --bundle PATH``.
 
-Imports nothing from ``training``; the bundle (``sdm_core.bundle``) carries everything serving needs. Names are
+Imports nothing from ``training``; the bundle (``sdm_core.lm.bundle``) carries everything serving needs. Names are
 imported lazily, so ``python -m server --help`` and configuration errors answer without loading torch.
 """
 

@@ -1,17 +1,52 @@
 """``python -m server`` / ``sdm-serve``: validate the configuration, then serve with uvicorn.
 
-SIGTERM (or Ctrl+C) stops accepting connections, lets in-flight requests finish (up to ``--drain-timeout-s``),
-closes the model, and exits 0.
+SIGTERM (or Ctrl+C) stops accepting connections, lets in-flight requests finish (up to ``--drain-timeout-s``;
+those still running then get a 503 envelope, streams an error event and ``[DONE]``), closes the model, and exits 0.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from server.config import ServerConfig
+
+__all__ = ["main", "build_server"]
+
+# uvicorn's own drain limit runs this much longer than the app's, so the app answers what still runs (503) before
+# uvicorn cancels it.
+_BACKSTOP_S = 2
+
+
+def build_server(app: "FastAPI", config: "ServerConfig", *, port: int | None = None) -> "uvicorn.Server":
+    """The uvicorn server for ``app``: on the first SIGTERM / SIGINT it starts the app's drain clock."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            if not self.should_exit:
+                app.state.server.begin_drain()
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port if port is None else port,
+            log_config=None,
+            log_level=config.log_level,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=int(math.ceil(config.drain_timeout_s)) + _BACKSTOP_S,
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,18 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(config.log_level)
     app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=config.host,
-            port=config.port,
-            log_config=None,
-            log_level=config.log_level,
-            access_log=False,
-            lifespan="on",
-            timeout_graceful_shutdown=int(max(1, round(config.drain_timeout_s))),
-        )
-    )
+    server = build_server(app, config)
     drained: list[int] = []
 
     def after_drain(signum: int, frame) -> None:

@@ -6,8 +6,9 @@ A flag wins over its environment variable, which wins over the default::
     SDM_BUNDLE=runs/smollm2/bundle SDM_PORT=8080 python -m server
 
 API keys come from ``SDM_API_KEYS`` (comma-separated), ``--api-key-file`` / ``SDM_API_KEY_FILE`` (one key a line,
-``#`` comments), or ``--api-keys`` (visible in ``ps``; prefer the other two). Validation happens at construction
-and every error names the flag and the variable to change.
+``#`` comments), or ``--api-keys`` (visible in ``ps``; prefer the other two). Admin keys (``SDM_ADMIN_API_KEYS``) are
+separate: only they open ``/admin/*``. Validation happens at construction and every error names the flag and the
+variable to change.
 """
 
 from __future__ import annotations
@@ -60,13 +61,17 @@ class ServerConfig:
     hidden_states: str = field(default="auto", metadata=_meta("transformers backend: where the head's input comes from: reuse (the states generation computed, when they cover the verification text exactly), forward (a separate pass, as training ran it), auto (reuse with a float32 model, else forward)", HIDDEN_STATE_MODES))
     api_keys: tuple[str, ...] = field(default=(), metadata=_meta("comma-separated API keys (prefer SDM_API_KEYS or --api-key-file: flags show in ps)", metavar="KEYS"))
     api_key_file: str = field(default="", metadata=_meta("file with one API key a line (# comments allowed)", metavar="PATH"))
+    admin_api_keys: tuple[str, ...] = field(default=(), metadata=_meta("comma-separated admin keys: the only keys POST /admin/* accepts (they work on every other route too); with client keys but no admin keys the admin routes are refused (prefer SDM_ADMIN_API_KEYS: flags show in ps)", metavar="KEYS"))
+    bundles_root: str = field(default="", metadata=_meta("folder whose sub-folders POST /admin/reload may load, by name ({\"bundle\": \"NAME\"}); empty: reload only re-reads the served bundle", metavar="PATH"))
+    cors_allow_origins: tuple[str, ...] = field(default=(), metadata=_meta("comma-separated origins browsers may call the API from (e.g. https://app.example); empty: no CORS (browsers refuse cross-origin calls)", metavar="ORIGINS"))
+    sse_keepalive_s: float = field(default=15.0, metadata=_meta("seconds between SSE keep-alive comments on a stream that has nothing to send (proxies drop idle connections)"))
     metrics_require_key: bool = field(default=True, metadata=_meta("whether GET /metrics needs an API key when keys are configured"))
     warmup: bool = field(default=True, metadata=_meta("run one request through the whole pipeline before /ready turns 200"))
     log_level: str = field(default="info", metadata=_meta("log level", LOG_LEVELS))
     model_name: str = field(default="", metadata=_meta("model id reported by /v1/models and in responses (default: the bundle folder's name, or its parent's when it is called 'bundle')"))
     max_attempts_cap: int = field(default=8, metadata=_meta("largest max_attempts a request may ask for"))
     max_exemplars: int = field(default=32, metadata=_meta("largest return_exemplars a request may ask for"))
-    drain_timeout_s: float = field(default=30.0, metadata=_meta("on SIGTERM, how long in-flight requests may take to finish"))
+    drain_timeout_s: float = field(default=125.0, metadata=_meta("on SIGTERM, how long in-flight requests may take to finish; those still running then get a 503 (keep it >= --request-timeout-s)"))
     verify_bundle: bool = field(default=True, metadata=_meta("check the sha256 of every bundle file on load"))
     vllm_max_model_len: int = field(default=0, metadata=_meta("vllm backend: longest sequence (prompt + completion) in tokens; 0 = the model's own limit"))
     vllm_gpu_memory_utilization: float = field(default=0.0, metadata=_meta("vllm backend: share of GPU memory for weights + KV cache; 0 = vLLM's default (leave room for the verification pass)"))
@@ -84,6 +89,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(k.strip() for k in self.api_keys if k and k.strip()))
+        object.__setattr__(self, "admin_api_keys", tuple(dict.fromkeys(k.strip() for k in self.admin_api_keys if k and k.strip())))
+        object.__setattr__(self, "cors_allow_origins", tuple(o.strip().rstrip("/") for o in self.cors_allow_origins if o and o.strip()))
         if not self.bundle:
             raise ConfigError(_hint("bundle", "is required: the bundle to serve (build one with python -m training.calibrate, or bench/finetune_preset.py)"))
         root = Path(self.bundle).expanduser()
@@ -109,7 +116,7 @@ class ServerConfig:
             raise ConfigError(_hint("vllm_gpu_memory_utilization", f"must be in [0, 1) (0: vLLM's default), got {self.vllm_gpu_memory_utilization!r}"))
         if self.default_max_tokens > self.max_tokens_cap:
             raise ConfigError(_hint("default_max_tokens", f"({self.default_max_tokens}) must not exceed --max-tokens-cap ({self.max_tokens_cap}); lower it or raise the cap"))
-        for name in ("request_timeout_s", "drain_timeout_s"):
+        for name in ("request_timeout_s", "drain_timeout_s", "sse_keepalive_s"):
             if not (getattr(self, name) > 0):
                 raise ConfigError(_hint(name, f"must be > 0 seconds, got {getattr(self, name)!r}"))
         if not (self.batch_wait_ms >= 0):
@@ -128,6 +135,16 @@ class ServerConfig:
             if not keys:
                 raise ConfigError(_hint("api_key_file", f"{self.api_key_file!r} holds no key (one a line; # starts a comment)"))
             object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys + tuple(keys))))
+        shared = set(self.api_keys) & set(self.admin_api_keys)
+        if shared:
+            raise ConfigError(_hint("admin_api_keys", f"holds {len(shared)} key(s) that are also client keys (--api-keys / --api-key-file); an admin key must be a key of its own"))
+        if self.bundles_root:
+            root = Path(self.bundles_root).expanduser()
+            if not root.is_dir():
+                raise ConfigError(_hint("bundles_root", f"{self.bundles_root!r} is not a folder; point it at the folder that holds the bundles POST /admin/reload may load"))
+        for origin in self.cors_allow_origins:
+            if origin != "*" and not (origin.startswith(("http://", "https://")) and "/" not in origin.split("://", 1)[1]):
+                raise ConfigError(_hint("cors_allow_origins", f"has {origin!r}; give origins as scheme://host[:port] (or * for any), comma-separated"))
 
     # -- derived values --------------------------------------------------------------------------------------
     def vllm_settings(self) -> dict:
@@ -149,7 +166,12 @@ class ServerConfig:
 
     @property
     def auth_enabled(self) -> bool:
+        """Whether the client routes need a key (client keys are configured)."""
         return bool(self.api_keys)
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_api_keys)
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -178,6 +200,7 @@ class ServerConfig:
 
             data["traffic_store"] = redact_url(self.traffic_store)
         data["api_keys"] = [f"<{len(self.api_keys)} keys>"] if redact and self.api_keys else list(self.api_keys)
+        data["admin_api_keys"] = [f"<{len(self.admin_api_keys)} keys>"] if redact and self.admin_api_keys else list(self.admin_api_keys)
         return data
 
     # -- parsing ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ __all__ = [
     "not_found",
     "method_not_allowed",
     "payload_too_large",
+    "unsupported_media_type",
+    "shutting_down",
     "overloaded",
     "not_ready",
     "timeout_error",
@@ -72,6 +74,22 @@ def method_not_allowed(message: str) -> APIError:
 
 def payload_too_large(limit: int) -> APIError:
     return APIError(413, f"request body exceeds {limit} bytes (the server's --max-body-bytes)", "invalid_request_error", None, "request_too_large")
+
+
+def unsupported_media_type(given: str | None) -> APIError:
+    what = f"Content-Type {given!r}" if given else "no Content-Type"
+    return APIError(415, f"the request body has {what}; send JSON with 'Content-Type: application/json'", "invalid_request_error", None, "unsupported_media_type")
+
+
+def shutting_down(drain_s: float) -> APIError:
+    return APIError(
+        503,
+        f"the server is shutting down and this request was still running after the drain timeout ({drain_s:g} s, --drain-timeout-s); retry it",
+        "service_unavailable",
+        None,
+        "shutting_down",
+        {"Retry-After": "1"},
+    )
 
 
 def overloaded(retry_after_s: int) -> APIError:

@@ -1,4 +1,6 @@
-"""JSON logs, one object a line, each with the request id of the request being served (``null`` outside one)."""
+"""JSON logs, one object a line, each with the request id of the request being served (``null`` outside one), and,
+inside a request, the id of the API key it used (``key_id``, never the key) and the client's own request id
+(``client_request_id``) when it sent one."""
 
 from __future__ import annotations
 
@@ -8,10 +10,12 @@ import sys
 import time
 from contextvars import ContextVar
 
-__all__ = ["request_id_var", "JsonFormatter", "RequestIdFilter", "configure_logging", "LOGGER_NAME"]
+__all__ = ["request_id_var", "client_request_id_var", "key_id_var", "JsonFormatter", "RequestIdFilter", "configure_logging", "LOGGER_NAME"]
 
 LOGGER_NAME = "sdm.server"
 request_id_var: ContextVar[str | None] = ContextVar("sdm_request_id", default=None)
+client_request_id_var: ContextVar[str | None] = ContextVar("sdm_client_request_id", default=None)
+key_id_var: ContextVar[str | None] = ContextVar("sdm_key_id", default=None)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "request_id", "color_message"}
 
@@ -22,6 +26,10 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = request_id_var.get()
+        for name, var in (("client_request_id", client_request_id_var), ("key_id", key_id_var)):
+            value = var.get()
+            if value is not None and getattr(record, name, None) is None:
+                setattr(record, name, value)
         return True
 
 

@@ -46,6 +46,11 @@ class ServerMetrics:
         self.reloads = Counter("sdm_bundle_reloads", "Bundle reloads by result", ["result"], registry=r)
         self.ready = Gauge("sdm_ready", "1 when the model and head are loaded and warmed up", registry=r)
         self.bundle = Info("sdm_bundle", "The bundle served: model, head version, default alpha, calibration admitted proportion", registry=r)
+        self.certified = Gauge("sdm_region_certified", "1 when the region at alpha is certified on the bundle's held-out split, "
+                               "0 when it is not (too little evidence, none admitted, no region), -1 when certification withdrew it",
+                               ["alpha"], registry=r)
+        self.certified_lower = Gauge("sdm_certified_accuracy_lower_bound", "95 % Clopper-Pearson lower bound of the accuracy of "
+                                     "answers admitted at alpha on the bundle's certification split", ["alpha"], registry=r)
         self.baseline = Gauge("sdm_calibration_admitted_proportion", "Calibration-set admitted proportion at the default alpha (the drift baseline)", registry=r)
         for outcome in OUTCOMES:
             for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
@@ -90,6 +95,15 @@ class ServerMetrics:
         proportion = facts.get("calibration_admitted_proportion")
         if proportion is not None:
             self.baseline.set(float(proportion))
+
+    def set_certification(self, certification: dict | None) -> None:
+        """Per-alpha certification gauges of the bundle just loaded (cleared first: a reload may change the ladder)."""
+        self.certified.clear()
+        self.certified_lower.clear()
+        for alpha, row in ((certification or {}).get("alphas") or {}).items():
+            withdrawn = float(alpha) in (certification.get("withdrawn_alphas") or [])
+            self.certified.labels(alpha=alpha).set(-1 if withdrawn else 1 if row["status"] == "certified" else 0)
+            self.certified_lower.labels(alpha=alpha).set(row["lower_bound"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,7 +29,7 @@ def bundle_facts(backend: Backend, model_name: str) -> dict:
     head_digest = files.get(f"{info.head.get('path', 'head')}/manifest.json", "")
     return {
         "model": model_name,
-        "bundle": str(Path(info.path).resolve()),
+        "bundle": Path(info.path).resolve().name,  # a name: facts reach responses and metrics, host paths must not
         "bundle_sha256": str(info.raw.get("bundle_sha256", ""))[:16],
         "head_version": head_digest[:16],
         "model_kind": info.model.get("kind"),
@@ -38,7 +38,32 @@ def bundle_facts(backend: Backend, model_name: str) -> dict:
         "calibration_admitted": region.calibration_admitted,
         "calibration_size": region.calibration_size,
         "calibration_admitted_proportion": region.calibration_admitted / region.calibration_size if region.calibration_size else 0.0,
+        "certification": certification_facts(info.certification),
     }
+
+
+def certification_facts(certification) -> dict | None:
+    """The bundle's held-out certification as /v1/models shows it: which alphas it certified and withdrew, and per
+    alpha the admitted and correct answers on the certification split with the test's p-value and lower bound."""
+    if certification is None:
+        return None
+    return {
+        "documents": certification.documents,
+        "policy": certification.policy,
+        "certified_alphas": list(certification.certified),
+        "withdrawn_alphas": list(certification.withdrawn),
+        "summary": certification.summary(),
+        "alphas": {f"{r.alpha:g}": {"admitted": r.admitted, "correct": r.correct, "accuracy": r.accuracy,
+                                    "p_value": r.p_value, "lower_bound": r.lower_bound, "status": r.status}
+                   for r in certification.rows},
+    }
+
+
+def _without_paths(text: str, path: str, name: str) -> str:
+    """``text`` with the bundle's host path (as given and resolved) replaced by its name."""
+    for variant in sorted({str(Path(path).expanduser().resolve()), str(path)}, key=len, reverse=True):
+        text = text.replace(variant, f"<{name}>")
+    return text
 
 
 @dataclass
@@ -101,13 +126,14 @@ class ModelManager:
             served = await self._prepare(self._initial, set_state=True)
         except Exception as exc:  # noqa: BLE001 - reported by /ready and the log
             self.state = "failed"
-            self.error = f"{type(exc).__name__}: {exc}"
+            path = self._initial.bundle_path  # the error reaches /ready and 503s: the bundle by name, not by host path
+            self.error = f"{type(exc).__name__}: {_without_paths(str(exc), path, Path(path).name)}"
             self.logger.error("loading the bundle failed: %s", self.error, exc_info=True)
             await self._initial.close()
             return
         self.current = served
         self.state = "ready"
-        self.logger.info("ready", extra={"bundle": served.facts["bundle"], "seconds": round(time.perf_counter() - started, 2)})
+        self.logger.info("ready", extra={"bundle": served.backend.bundle_path, "seconds": round(time.perf_counter() - started, 2)})
 
     async def _prepare(self, backend: Backend, set_state: bool) -> ServedModel:
         if set_state:
@@ -176,8 +202,9 @@ class ModelManager:
         async with self._reload_lock:
             base = self.current.backend if self.current is not None else self._initial
             path = bundle_path or base.bundle_path
+            name = Path(path).name  # what errors call it: they go to clients, host paths must not
             if not (Path(path) / "bundle.json").is_file():
-                raise invalid_request(f"{path!r} is not an sdm-lm bundle (no bundle.json)", "bundle", "invalid_bundle")
+                raise invalid_request(f"bundle {name!r} is not an sdm-lm bundle (no bundle.json)", "bundle", "invalid_bundle")
             backend = base.with_bundle(path)
             try:
                 served = await self._prepare(backend, set_state=self.current is None)
@@ -186,14 +213,15 @@ class ModelManager:
                 self.logger.error("reload failed; still serving the previous bundle", exc_info=True)
                 if isinstance(exc, APIError):
                     raise
+                detail = _without_paths(str(exc), path, name)
                 if isinstance(exc, (ValueError, OSError)):
-                    raise invalid_request(f"could not load bundle {path!r}: {exc}", "bundle", "invalid_bundle") from exc
-                raise internal_error(f"could not load bundle {path!r}: {type(exc).__name__}: {exc}") from exc
+                    raise invalid_request(f"could not load bundle {name!r}: {detail}", "bundle", "invalid_bundle") from exc
+                raise internal_error(f"could not load bundle {name!r}: {type(exc).__name__}: {detail}") from exc
             old = self.current
             self.current = served
             self.state = "ready"
             self.error = None
-            self.logger.info("reloaded", extra={"bundle": served.facts["bundle"], "head_version": served.facts["head_version"]})
+            self.logger.info("reloaded", extra={"bundle": served.backend.bundle_path, "head_version": served.facts["head_version"]})
             if old is not None:
                 task = asyncio.get_running_loop().create_task(self._retire(old), name="sdm-retire")
                 self._retiring[task] = old
@@ -204,4 +232,4 @@ class ModelManager:
         await old.idle.wait()
         old.pipeline.close()
         await old.backend.close()
-        self.logger.info("previous bundle closed", extra={"bundle": old.facts["bundle"]})
+        self.logger.info("previous bundle closed", extra={"bundle": old.backend.bundle_path})

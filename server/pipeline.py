@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from sdm_core.embedding import verification_prefix, verification_text
+from sdm_core.lm.embedding import verification_prefix, verification_text
 from sdm_core.estimator import SDMScores
 from sdm_core.support import OOD_LABEL
 from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
@@ -133,16 +133,40 @@ class SelectivePipeline:
         self.class_names = list(self.head.class_names)
         # The head is scored on its own thread: off the event loop, and never concurrently with itself.
         self._head_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdm-head")
+        # Prompts are rendered and tokenized on their own thread too: a long prompt costs hundreds of milliseconds.
+        self._prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdm-prompt")
+        tokenizer = backend.tokenizer
+        # Every string the tokenizer turns into a control token wherever it appears (chat markers, EOS, ...).
+        self.special_tokens: tuple[str, ...] = tuple(sorted(
+            {str(t) for t in getattr(tokenizer, "all_special_tokens", ())}
+            | {str(t.content) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)},
+            key=len, reverse=True,
+        ))
+        # No token covers more characters than its longest vocabulary entry (byte-level entries hold one character
+        # per byte), so text longer than max_tokens * this has more than max_tokens tokens: a check without tokenizing.
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        self.max_chars_per_token: int = max((len(t) for t in vocab), default=0) or 64
 
     def close(self) -> None:
         self._head_thread.shutdown(wait=False, cancel_futures=True)
+        self._prompt_thread.shutdown(wait=False, cancel_futures=True)
 
-    # -- preparation (event loop thread; cheap) -----------------------------------------------------------------
+    # -- preparation ----------------------------------------------------------------------------------------------
     def prepare(self, prompt: str | Sequence[dict]) -> PreparedPrompt:
+        """Render and tokenize (blocking: call :meth:`prepare_async` from the event loop)."""
         text = self.backend.render_prompt(prompt)
         ids = self.backend.encode(text)
         frozen = prompt if isinstance(prompt, str) else tuple(dict(m) for m in prompt)
         return PreparedPrompt(frozen, text, tuple(ids))
+
+    async def prepare_async(self, prompt: str | Sequence[dict]) -> PreparedPrompt:
+        """:meth:`prepare` on the prompt thread, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._prompt_thread, self.prepare, prompt)
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first special token in ``text`` (it would be tokenized as a control token), or None."""
+        found = [(text.find(token), token) for token in self.special_tokens if token in text]
+        return min(found)[1] if found else None
 
     def resolve_alpha(self, alpha: float | None) -> float:
         """The ladder alpha for a requested one; ValueError (naming the ladder) when it is not on it."""
@@ -207,7 +231,7 @@ class SelectivePipeline:
         generated = time.perf_counter()
         text = self.verification_text(request.prompt.chat_prompt, generation.text)
         h = await self.backend.embed_generation(text, request.prompt.ids, generation)
-        score = functools.partial(self.head.score, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
+        score = functools.partial(self.head.predict_scores, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
         scores = await asyncio.get_running_loop().run_in_executor(self._head_thread, score)
         verified = time.perf_counter()
         return self._decide(generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0)

@@ -10,9 +10,10 @@ fields), and every choice carries an ``sdm`` object (:class:`SDMVerification`). 
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 __all__ = [
     "AbstentionReason",
@@ -47,6 +48,34 @@ __all__ = [
 AbstentionReason = Literal["ood", "no_region", "low_similarity", "below_threshold", "predicted_no"]
 FinishReason = Literal["stop", "length"]
 MAX_STOP_STRINGS = 4
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+BUNDLE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+# Request models are strict: "yes" is not a boolean, true is not 1, "4" is not a number (an int is still a float),
+# and NaN / infinity are not numbers.
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def _valid_unicode(value: str) -> str:
+    # JSON may carry a lone UTF-16 surrogate (\ud800); no tokenizer can encode it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x}) at character {exc.start}; send valid Unicode text") from None
+    return value
+
+
+def _prompt_text(value: str) -> str:
+    # The model would answer an empty turn with unrelated text at full generation cost.
+    if not value.strip():
+        raise ValueError("must not be empty or whitespace; send the instruction to answer")
+    return _valid_unicode(value)
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+PromptText = Annotated[str, AfterValidator(_prompt_text), WithJsonSchema({"type": "string", "minLength": 1, "pattern": r"\S"})]
+StopText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class ErrorInfo(BaseModel):
@@ -61,19 +90,36 @@ class ErrorResponse(BaseModel):
 
 
 # -- shared request pieces ----------------------------------------------------------------------------------
+_NON_BLANK = {"type": "string", "minLength": 1, "pattern": r"\S"}
+_PARTS = {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["type"],
+          "properties": {"type": {"type": "string"}, "text": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}}
+
+
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(BaseModel):
-    """A chat message. ``content`` may be a string or a list of text parts (other part types are refused)."""
+    """A chat message. ``content`` may be a string or a list of text parts (other part types are refused); it must
+    hold some text."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"required": ["role", "content"]})
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Annotated[Text, WithJsonSchema(_NON_BLANK)] | Annotated[list[ContentPart], WithJsonSchema(_PARTS)] | SkipJsonSchema[None] = Field(
+        default=None, validate_default=True)
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str | list[ContentPart] | None) -> str | list[ContentPart]:
+        if isinstance(value, list) and any(part.type != "text" or part.text is None for part in value):
+            return value  # refused by the server as unsupported content (named there)
+        text = value if isinstance(value, str) else "".join(part.text or "" for part in value or [])
+        if not text.strip():
+            raise ValueError("must not be empty or whitespace; send the text of the turn")
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -91,7 +137,9 @@ class ChatMessage(BaseModel):
 class SelectiveParams(BaseModel):
     """The SDM fields every generation route accepts."""
 
-    alpha: float | None = Field(default=None, description="the alpha whose HIGH-RELIABILITY region decides admission; must be on the bundle's ladder (default: the bundle's alpha)")
+    model_config = _STRICT
+    alpha: float | None = Field(default=None, json_schema_extra={"exclusiveMinimum": 0.5, "maximum": 1.0},
+                                description="the alpha whose HIGH-RELIABILITY region decides admission; must be on the bundle's ladder (default: the bundle's alpha)")
     on_abstain: Literal["flag", "withhold"] = Field(default="flag", description="flag: return the text marked as abstained; withhold: return no text")
     return_exemplars: int = Field(default=0, ge=0, description="number of nearest training exemplars to return")
     max_attempts: int = Field(default=1, ge=1, description="resample (temperature > 0) until admitted or this many attempts; the best by (admitted, probability) is returned")
@@ -104,47 +152,43 @@ class SelectiveParams(BaseModel):
         return value
 
 
-def _check_max_tokens(value: int | None) -> int | None:
-    if value is not None and value < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {value}")
-    return value
-
-
-def _check_prompts(prompts: list[str]) -> None:
-    # The model would answer an empty turn with unrelated text at full generation cost.
-    if not prompts or any(not p.strip() for p in prompts):
-        raise ValueError("prompt must not be empty or whitespace; send the instruction to answer")
-
-
 def _normalize_stop(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
-    stops = [value] if isinstance(value, str) else list(value)
-    if len(stops) > MAX_STOP_STRINGS:
-        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}")
-    if any(not s for s in stops):
-        raise ValueError("stop strings must be non-empty")
-    return stops
+    return [value] if isinstance(value, str) else list(value)
+
+
+MaxTokens = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 # -- POST /generate -----------------------------------------------------------------------------------------
 class GenerateRequest(SelectiveParams):
     """``prompt`` (a user turn, wrapped in the bundle's chat format) or ``messages`` (a chat), exactly one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
     root_param: ClassVar[str] = "prompt"  # the param named by errors of the whole-request check
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    max_tokens: int | None = Field(default=None, description="tokens to generate at most (default: the server's --default-max-tokens)")
+    prompt: PromptText | SkipJsonSchema[None] = None
+    messages: list[ChatMessage] | SkipJsonSchema[None] = Field(default=None, json_schema_extra={"minItems": 1})
+    max_tokens: MaxTokens | None = Field(default=None, description="tokens to generate at most (default: the server's --default-max-tokens)")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    stop: Stop | None = None
 
-    @field_validator("max_tokens")
+    @field_validator("prompt", "messages", mode="before")
     @classmethod
-    def _max_tokens(cls, value: int | None) -> int | None:
-        return _check_max_tokens(value)
+    def _not_null(cls, value, info):
+        if value is None:  # the schema has no null here: leave the field out instead
+            raise ValueError(f"must not be null; leave '{info.field_name}' out to send {'messages' if info.field_name == 'prompt' else 'a prompt'}")
+        return value
+
+    @field_validator("messages", mode="after")
+    @classmethod
+    def _messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value:
+            raise ValueError("must not be empty; send at least one message")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -155,10 +199,6 @@ class GenerateRequest(SelectiveParams):
     def _one_prompt(self) -> "GenerateRequest":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
-        if self.messages is not None and not self.messages:
-            raise ValueError("messages must not be empty")
-        if self.prompt is not None:
-            _check_prompts([self.prompt])
         return self
 
 
@@ -230,22 +270,22 @@ class GenerateResponse(BaseModel):
 
 # -- OpenAI-compatible routes --------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _OpenAIRequest(SelectiveParams):
     """Fields both OpenAI routes share. Unsupported OpenAI features are refused with 400 by the server."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     model: str | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default 0 (greedy, as the head was calibrated), unlike OpenAI's 1")
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1}, description="only 1")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Stop | None = None
+    seed: Seed | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -260,29 +300,18 @@ class _OpenAIRequest(SelectiveParams):
 class CompletionRequest(_OpenAIRequest):
     """``prompt`` is treated as a user turn in the bundle's chat format (the head was calibrated on chat outputs)."""
 
-    prompt: str | list[str]
-    max_tokens: int | None = None
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(description="one prompt (a string, or a list holding one string)")
+    max_tokens: MaxTokens | None = None
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, value: str | list[str]) -> str | list[str]:
-        _check_prompts([value] if isinstance(value, str) else value)
-        return value
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _max_tokens(cls, value: int | None) -> int | None:
-        return _check_max_tokens(value)
-
 
 class ChatCompletionRequest(_OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict] | None = None
@@ -290,10 +319,12 @@ class ChatCompletionRequest(_OpenAIRequest):
     functions: list[dict] | None = None
     response_format: dict | None = None
 
-    @field_validator("max_tokens", "max_completion_tokens")
+    @field_validator("messages", mode="after")
     @classmethod
-    def _max_tokens(cls, value: int | None) -> int | None:
-        return _check_max_tokens(value)
+    def _messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not value:
+            raise ValueError("must not be empty; send at least one message")
+        return value
 
 
 class CompletionChoice(BaseModel):
@@ -316,6 +347,7 @@ class CompletionResponse(BaseModel):
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: str | None = Field(default=None, description="why there is no content: the abstention, when the text was withheld (on_abstain = withhold)")
 
 
 class ChatCompletionChoice(BaseModel):
@@ -355,6 +387,7 @@ class CompletionStreamResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    refusal: str | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):
@@ -390,5 +423,6 @@ class ModelList(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    bundle: str | None = Field(default=None, description="the bundle folder to serve next (default: the configured one, re-read)")
+    model_config = ConfigDict(extra="forbid", strict=True)
+    bundle: str | None = Field(default=None, json_schema_extra={"pattern": BUNDLE_NAME_PATTERN}, description="the name of a bundle folder under the server's --bundles-root to serve next "
+                               "(default: the served bundle, re-read); a name, not a path")

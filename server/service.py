@@ -23,7 +23,7 @@ from starlette.responses import StreamingResponse
 
 from server.admission import AdmissionController, Overloaded
 from server.config import ServerConfig
-from server.errors import APIError, internal_error, invalid_request, not_found, overloaded, timeout_error
+from server.errors import APIError, internal_error, invalid_request, not_found, overloaded, shutting_down, timeout_error
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager, ServedModel
 from server.pipeline import VerificationRequest, VerificationResult
@@ -73,9 +73,32 @@ async def read_json(request: Request) -> Any:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise invalid_request(f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", code="invalid_json") from None
+    except RecursionError:
+        raise invalid_request("the request body nests arrays or objects too deeply; send a flat JSON object", code="invalid_json") from None
+    except ValueError as exc:  # an integer beyond Python's digit limit for int conversion
+        del exc  # its text advises raising an interpreter limit, which is not the client's business
+        raise invalid_request("the request body holds an integer too long to read (over 4300 digits); send numbers of ordinary size", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid_request(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     return data
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "nullable"}
+
+
+def _is_type_tag(part: Any) -> bool:
+    """Whether a pydantic error location part names a union member (``str``, ``list[str]``, ...), not a field."""
+    if not isinstance(part, str):
+        return False
+    return part in _TYPE_TAGS or any(c in part for c in "[]()") or part.startswith(("constrained-", "function-", "lax-", "strict-"))
+
+
+def _pick_error(errors: list[dict]) -> dict:
+    """The error to report: of the first field's errors, the deepest one that is not a union's 'should be None' branch."""
+    first = errors[0].get("loc", ("",))[:1]
+    same = [e for e in errors if e.get("loc", ())[:1] == first and not (e.get("loc") and e["loc"][-1] == "none")] or errors[:1]
+    # deepest first; of equally deep ones, a broken constraint before a wrong type (the other union branch)
+    return max(same, key=lambda e: (len([p for p in e.get("loc", ()) if not _is_type_tag(p)]), not str(e.get("type", "")).endswith("_type")))
 
 
 def parse_request(model: type[M], data: Any) -> M:
@@ -83,8 +106,8 @@ def parse_request(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        loc = [str(part) for part in error.get("loc", ())]
+        error = _pick_error(exc.errors(include_url=False))
+        loc = [str(part) for part in error.get("loc", ()) if not _is_type_tag(part)]
         param = ".".join(loc) if loc else getattr(model, "root_param", None)
         message = str(error.get("msg", "invalid value"))
         for prefix in ("Value error, ", "Assertion failed, "):
@@ -123,12 +146,31 @@ class Completed:
 
 
 @dataclass
+class _Draft:
+    """A request checked for everything but its token count: the prompt is rendered and tokenized only once the
+    request holds an admission slot (:meth:`GenerationService._finish`)."""
+
+    prompt: str | list[dict]
+    prompt_param: str
+    max_tokens: int
+    tokens_param: str
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    alpha: float
+    on_abstain: str
+    return_exemplars: int
+    max_attempts: int
+
+
+@dataclass
 class _Plan:
     """A validated request: what to run, against which model, and how to answer."""
 
     route: str
     served: ServedModel
-    request: VerificationRequest
+    draft: _Draft
     stream: bool = False
     include_usage: bool = False
     # The response's id, known before the answer so the traffic record and the response carry the same one.
@@ -162,11 +204,19 @@ class GenerationService:
         # Called with (plan's response id, route, served model's facts, prompt, result) for every answer; set by the
         # app when the traffic store is on (server/traffic.py). It must not block.
         self.on_answer: Callable[[str, str, dict, Any, VerificationResult], None] | None = None
+        self._aborted = asyncio.Event()  # set when the drain timeout ends: what still runs is answered with 503
+
+    def abort_in_flight(self) -> None:
+        """End every running request with a 503 (streams: an error event, then ``[DONE]``): the drain timeout is over."""
+        if not self._aborted.is_set():
+            self.logger.warning("drain timeout reached; answering the requests still running with 503")
+        self._aborted.set()
 
     # -- validation --------------------------------------------------------------------------------------------
     def _plan(self, route: str, served: ServedModel, prompt: str | list[dict], prompt_param: str, max_tokens: int | None,
               temperature: float, top_p: float, seed: int | None, stop: Sequence[str], sdm: SelectiveParams,
-              tokens_param: str = "max_tokens") -> VerificationRequest:
+              tokens_param: str = "max_tokens") -> _Draft:
+        """Every check that needs no tokenizing (cheap, on the event loop), so bad requests never wait for a slot."""
         config = self.config
         pipeline = served.pipeline
         tokens = config.default_max_tokens if max_tokens is None else int(max_tokens)
@@ -187,19 +237,42 @@ class GenerationService:
             raise invalid_request(f"max_attempts {sdm.max_attempts} exceeds this server's limit of {config.max_attempts_cap}", "max_attempts", "too_many_attempts")
         if sdm.max_attempts > 1 and temperature <= 0:
             raise invalid_request("max_attempts > 1 needs temperature > 0: greedy decoding gives the same output at every attempt", "max_attempts", "attempts_need_sampling")
+        texts = [(prompt_param, prompt)] if isinstance(prompt, str) else [(f"{prompt_param}.{i}.content", m["content"]) for i, m in enumerate(prompt)]
+        chars = sum(len(text) for _, text in texts)
+        bound = config.max_prompt_tokens * pipeline.max_chars_per_token
+        if chars > bound:
+            raise invalid_request(
+                f"the prompt has {chars} characters, more than {config.max_prompt_tokens} tokens (this server's --max-prompt-tokens) can hold; shorten it",
+                prompt_param, "prompt_too_long",
+            )
+        for param, text in texts:
+            token = pipeline.special_token_in(text)
+            if token is not None:
+                raise invalid_request(
+                    f"{param}: contains {token!r}, a special token of the model's chat format; a user's text cannot hold control tokens "
+                    "(they would forge turns), so remove or rewrite it", param, "special_token_in_content",
+                )
+        return _Draft(prompt=prompt, prompt_param=prompt_param, max_tokens=tokens, tokens_param=tokens_param, temperature=float(temperature),
+                      top_p=float(top_p), seed=seed, stop=tuple(stop), alpha=alpha, on_abstain=sdm.on_abstain,
+                      return_exemplars=int(sdm.return_exemplars), max_attempts=int(sdm.max_attempts))
+
+    async def _finish(self, served: ServedModel, draft: _Draft) -> VerificationRequest:
+        """Render and tokenize the prompt off the event loop (the caller holds an admission slot), then the token limits."""
         try:
-            prepared = pipeline.prepare(prompt)
+            prepared = await served.pipeline.prepare_async(draft.prompt)
         except Exception as exc:  # noqa: BLE001 - a chat template rejecting the messages
-            raise invalid_request(f"{prompt_param}: the chat template could not render it: {exc}", prompt_param, "invalid_prompt") from None
+            raise invalid_request(f"{draft.prompt_param}: the chat template could not render it: {exc}", draft.prompt_param, "invalid_prompt") from None
         n = len(prepared.ids)
-        if n > config.max_prompt_tokens:
-            raise invalid_request(f"the prompt has {n} tokens (chat template included); this server accepts at most {config.max_prompt_tokens}", prompt_param, "prompt_too_long")
+        if n > self.config.max_prompt_tokens:
+            raise invalid_request(f"the prompt has {n} tokens (chat template included); this server accepts at most {self.config.max_prompt_tokens}",
+                                  draft.prompt_param, "prompt_too_long")
         limit = served.backend.max_model_len
-        if n + tokens > limit:
-            raise invalid_request(f"the prompt ({n} tokens) plus {tokens_param} ({tokens}) exceeds the model's context of {limit} tokens", tokens_param, "context_length_exceeded")
+        if n + draft.max_tokens > limit:
+            raise invalid_request(f"the prompt ({n} tokens) plus {draft.tokens_param} ({draft.max_tokens}) exceeds the model's context of {limit} tokens",
+                                  draft.tokens_param, "context_length_exceeded")
         return VerificationRequest(
-            prompt=prepared, max_tokens=tokens, temperature=float(temperature), top_p=float(top_p), seed=seed, stop=tuple(stop),
-            alpha=alpha, on_abstain=sdm.on_abstain, return_exemplars=int(sdm.return_exemplars), max_attempts=int(sdm.max_attempts),
+            prompt=prepared, max_tokens=draft.max_tokens, temperature=draft.temperature, top_p=draft.top_p, seed=draft.seed, stop=draft.stop,
+            alpha=draft.alpha, on_abstain=draft.on_abstain, return_exemplars=draft.return_exemplars, max_attempts=draft.max_attempts,
         )
 
     def _check_model(self, name: str | None) -> None:
@@ -244,16 +317,19 @@ class GenerationService:
                     return
 
         watcher = asyncio.ensure_future(disconnected())
+        aborted = asyncio.ensure_future(self._aborted.wait())
         try:
-            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, watcher, aborted}, return_when=asyncio.FIRST_COMPLETED)
             if work.done():
                 return work.result()
+            if aborted.done():
+                raise shutting_down(self.config.drain_timeout_s)
             raise ClientDisconnected()
         finally:
-            for task in (work, watcher):
+            for task in (work, watcher, aborted):
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(work, watcher, return_exceptions=True)
+            await asyncio.gather(work, watcher, aborted, return_exceptions=True)
 
     async def _execute(self, plan: _Plan, request: Request, started: float) -> Completed:
         """Admission, pipeline, timeout and disconnect handling for a non-streamed answer."""
@@ -262,7 +338,8 @@ class GenerationService:
             queue_s = await self.admission.acquire()
             held = time.perf_counter()
             try:
-                return await plan.served.pipeline.run(plan.request), queue_s
+                vreq = await self._finish(plan.served, plan.draft)
+                return await plan.served.pipeline.run(vreq), queue_s
             finally:
                 self.admission.release(time.perf_counter() - held)
 
@@ -283,7 +360,7 @@ class GenerationService:
         done = Completed(result, queue_s * 1000.0, (time.perf_counter() - started) * 1000.0)
         if plan is not None and self.on_answer is not None:
             try:
-                self.on_answer(plan.response_id, route, plan.served.facts, plan.request.prompt.prompt, result)
+                self.on_answer(plan.response_id, route, plan.served.facts, plan.draft.prompt, result)
             except Exception:  # noqa: BLE001 - recording must never fail an answer
                 self.logger.error("recording the answer failed", exc_info=True)
         self.metrics.observe_result(route, result)
@@ -304,8 +381,8 @@ class GenerationService:
         prompt, param = (body.prompt, "prompt") if body.prompt is not None else (_messages(body.messages or []), "messages")
         served = self.manager.hold()
         try:
-            vreq = self._plan("/generate", served, prompt, param, body.max_tokens, body.temperature, body.top_p, body.seed, body.stop or [], body)
-            plan = _Plan("/generate", served, vreq)
+            draft = self._plan("/generate", served, prompt, param, body.max_tokens, body.temperature, body.top_p, body.seed, body.stop or [], body)
+            plan = _Plan("/generate", served, draft)
             done = await self._execute(plan, request, started)
         finally:
             self.manager.release(served)
@@ -345,9 +422,9 @@ class GenerationService:
         served = self.manager.hold()
         released = False
         try:
-            vreq = self._plan(route, served, prompt, param, max_tokens, temperature, top_p, body.seed, body.stop or [], body, tokens_param)
+            draft = self._plan(route, served, prompt, param, max_tokens, temperature, top_p, body.seed, body.stop or [], body, tokens_param)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            plan = _Plan(route, served, vreq, body.stream, include_usage)
+            plan = _Plan(route, served, draft, body.stream, include_usage)
             if body.stream:
                 response = await self._stream(plan, request, started, chat)
                 released = True  # the stream releases the model when it ends
@@ -359,7 +436,8 @@ class GenerationService:
         r = done.result
         name = self.config.served_model_name
         if chat:
-            choice = ChatCompletionChoice(index=0, message=ChatCompletionMessage(content=r.text), finish_reason=r.finish_reason, sdm=done.verification())
+            message = ChatCompletionMessage(content=r.text, refusal=refusal(r) if r.withheld else None)
+            choice = ChatCompletionChoice(index=0, message=message, finish_reason=r.finish_reason, sdm=done.verification())
             return ChatCompletionResponse(id=plan.response_id, model=name, choices=[choice], usage=done.usage())
         choice = CompletionChoice(index=0, text=r.text or "", finish_reason=r.finish_reason, sdm=done.verification())
         return CompletionResponse(id=plan.response_id, model=name, choices=[choice], usage=done.usage())
@@ -384,6 +462,14 @@ class GenerationService:
                 raise
             held = time.perf_counter()
             stack.callback(lambda: self.admission.release(time.perf_counter() - held))
+            try:
+                async with asyncio.timeout(max(0.001, self.config.request_timeout_s - (time.perf_counter() - started))):
+                    vreq = await self._until_disconnect(request, asyncio.ensure_future(self._finish(plan.served, plan.draft)))
+            except TimeoutError:
+                raise timeout_error(self.config.request_timeout_s) from None
+            except ClientDisconnected:
+                self.metrics.cancelled.labels(route=plan.route).inc()
+                raise
         except BaseException:
             if acquire.done() and not acquire.cancelled() and acquire.exception() is None and "held" not in locals():
                 self.admission.release(None)  # granted at the very moment we gave up
@@ -404,7 +490,7 @@ class GenerationService:
         async def produce() -> None:
             try:
                 async with asyncio.timeout(max(0.001, self.config.request_timeout_s - (time.perf_counter() - started))):
-                    result = await plan.served.pipeline.run(plan.request, on_text)
+                    result = await plan.served.pipeline.run(vreq, on_text)
                 events.put_nowait(("done", result))
             except TimeoutError:
                 events.put_nowait(("error", timeout_error(self.config.request_timeout_s)))
@@ -416,9 +502,10 @@ class GenerationService:
                 self.logger.error("streamed generation failed", exc_info=True)
                 events.put_nowait(("error", internal_error(f"generation failed: {type(exc).__name__}")))
 
-        def chunk(text: str | None = None, *, role: bool = False, finish: str | None = None, sdm: SDMVerification | None = None, usage: Usage | None = None) -> str:
+        def chunk(text: str | None = None, *, role: bool = False, finish: str | None = None, sdm: SDMVerification | None = None, usage: Usage | None = None,
+                  refused: str | None = None) -> str:
             if chat:
-                delta = DeltaMessage(role="assistant" if role else None, content=text)
+                delta = DeltaMessage(role="assistant" if role else None, content=text, refusal=refused)
                 payload = ChatCompletionStreamResponse(id=response_id, created=created, model=name, choices=[ChatCompletionStreamChoice(delta=delta, finish_reason=finish, sdm=sdm)], usage=usage)
             else:
                 payload = CompletionStreamResponse(id=response_id, created=created, model=name, choices=[CompletionStreamChoice(text=text or "", finish_reason=finish, sdm=sdm)], usage=usage)
@@ -434,12 +521,25 @@ class GenerationService:
 
         async def body() -> AsyncIterator[str]:
             task = asyncio.ensure_future(produce())
+            aborted = asyncio.ensure_future(self._aborted.wait())
             streamed = ""
             try:
                 if chat:
                     yield chunk("", role=True)
                 while True:
-                    kind, value = await events.get()
+                    # A comment line now and then, so that proxies do not drop a stream that has nothing to send yet.
+                    got = asyncio.ensure_future(events.get())
+                    finished, _ = await asyncio.wait({got, aborted}, timeout=self.config.sse_keepalive_s, return_when=asyncio.FIRST_COMPLETED)
+                    if got not in finished:
+                        got.cancel()
+                        if aborted in finished:
+                            error = shutting_down(self.config.drain_timeout_s)
+                            self.metrics.observe_error(plan.route, error.status)
+                            yield "data: " + json.dumps(error.envelope()) + "\n\n"
+                            break
+                        yield ": keepalive\n\n"
+                        continue
+                    kind, value = got.result()
                     if kind == "text":
                         streamed += value
                         yield chunk(value)
@@ -456,10 +556,12 @@ class GenerationService:
                         rest = final[len(streamed) :] if final.startswith(streamed) else ""
                         if rest:
                             yield chunk(rest)
-                    yield chunk(None if chat else "", finish=done.result.finish_reason, sdm=done.verification(), usage=done.usage() if plan.include_usage else None)
+                    yield chunk(None if chat else "", finish=done.result.finish_reason, sdm=done.verification(), usage=done.usage() if plan.include_usage else None,
+                                refused=refusal(done.result) if chat and done.result.withheld else None)
                     break
                 yield "data: [DONE]\n\n"
             finally:
+                aborted.cancel()
                 if not task.done():
                     task.cancel()
                     self.metrics.cancelled.labels(route=plan.route).inc()
@@ -468,6 +570,22 @@ class GenerationService:
 
         return _ClosingStreamingResponse(body(), on_close=stack.aclose, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+_REASONS = {
+    "ood": "the output is unlike every example the verifier was trained on (out of distribution)",
+    "no_region": "the verifier has no calibrated high-reliability region at this alpha",
+    "low_similarity": "the output is too unlike the verifier's training examples for its high-reliability region",
+    "below_threshold": "the verifier's probability is below the admission threshold",
+    "predicted_no": "the verifier predicts that the output did not follow the instructions",
+}
+
+
+def refusal(result: VerificationResult) -> str:
+    """``message.refusal`` of a withheld answer: the abstention in words (OpenAI clients have no other field for it)."""
+    reason = result.abstention_reason or "below_threshold"
+    return (f"abstained ({reason}): {_REASONS.get(reason, reason)}; the answer was withheld "
+            f"(probability {result.probability:.3f} at alpha {result.alpha:g}; see choices[0].sdm)")
 
 
 class _ClosingStreamingResponse(StreamingResponse):

@@ -16,13 +16,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from sdm_core.models import load_tokenizer
+    from sdm_core.lm.models import load_tokenizer
 
     return load_tokenizer({"kind": "tiny"})
 
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from sdm_core.models import load_model
+    from sdm_core.lm.models import load_model
 
     return load_model({"kind": "tiny"})
+
+
+@pytest.fixture()
+def fake_bundle(tmp_path: Path) -> Path:
+    """A folder that passes the server configuration's bundle check (a bundle.json exists); nothing loads it."""
+    (tmp_path / "bundle.json").write_text("{}")
+    return tmp_path

@@ -143,7 +143,7 @@ def test_split_conformal_threshold_on_a_constructed_score():
 
 
 def test_a_certified_bundle_serves_without_its_withdrawn_regions(tmp_path):
-    from sdm_core.bundle import load_head, read_bundle_info, seal_bundle
+    from sdm_core.lm.bundle import load_head, read_bundle_info, seal_bundle
 
     bundle = tmp_path / "bundle"
     shutil.copytree(ROOT / "deploy" / "bundles" / "smollm2-word-order", bundle)

@@ -149,8 +149,16 @@ def test_constructor_validates_without_location():
     assert info.value.line is None and "positive" in str(info.value)
 
 
-def test_data_error_is_a_value_error():
-    assert issubclass(DataError, ValueError)
+def test_finetune_reports_a_bad_records_file_as_a_usage_error(tmp_path, capsys):
+    """training.finetune catches ValueError: a bad line ends the run with exit status 2 and the file:line, before
+    any model is loaded."""
+    from training.finetune import main
+
+    bad = _write_lines(tmp_path / "train.jsonl", [GOOD, "{not json"])
+    good = _write_lines(tmp_path / "calibration.jsonl", [_with(id="c1")])
+    assert main(["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--train", str(bad), "--calibration", str(good)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and f"{bad}:2:" in err, err
 
 
 def test_write_records_rejects_duplicate_ids_and_keeps_old_file(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdm_core import SDMEstimator
-from sdm_core.bundle import read_bundle_info
+from sdm_core.lm.bundle import read_bundle_info
 
 BUNDLE = Path(__file__).resolve().parents[1] / "deploy" / "bundles" / "smollm2-word-order"
 

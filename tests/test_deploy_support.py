@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"gpu": ROOT / "Dockerfile", "cpu": DEPLOY / "docker" / "Dockerfile.cpu"}
 # SDM_* variables that are not server flags but are read elsewhere in the project.
-NON_FLAG_SDM_VARIABLES = {"SDM_CACHE_DIR"}  # sdm_core.models: where converted models are cached
+NON_FLAG_SDM_VARIABLES = {"SDM_CACHE_DIR"}  # sdm_core.lm.models: where converted models are cached
 
 
 # -- Dockerfiles -------------------------------------------------------------------------------------------------
@@ -97,18 +97,11 @@ def parse_dockerfile(path: Path) -> Dockerfile:
 
 
 # -- the server ----------------------------------------------------------------------------------------------------
-def server_importable() -> bool:
-    try:
-        import server.app  # noqa: F401
-        import server.config  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not there yet"
-        return False
-    return True
-
-
 def require_server() -> None:
-    if not server_importable():
-        pytest.skip("the server package (server/) is not importable yet: python -m server cannot start")
+    """The deploy tests start ``python -m server``: its app and configuration are imported here first, so that a
+    broken import fails the test with its own traceback (never a skip, never a start-up timeout)."""
+    import server.app  # noqa: F401
+    import server.config  # noqa: F401
 
 
 def server_settings() -> set[str]:

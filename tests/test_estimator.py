@@ -95,8 +95,16 @@ def _mixed_support_ids(n):
 # artifact round trip and refusal
 # --------------------------------------------------------------------------------------------------------------
 def test_fixture_admits_some_points_so_comparisons_are_not_vacuous(fitted, data):
-    scores = fitted.score(data["xte"])
+    scores = fitted.predict_scores(data["xte"])
     assert 0 < int(scores.admitted.sum()) < len(scores)
+
+
+def test_score_is_a_deprecated_alias_of_predict_scores(fitted, data):
+    x = data["xte"][:20]
+    ids = _mixed_support_ids(20)
+    with pytest.warns(DeprecationWarning, match="predict_scores"):
+        old = fitted.score(x, alpha=0.9, support_ids=ids, return_exemplars=2)
+    _assert_scores_identical(old, fitted.predict_scores(x, alpha=0.9, support_ids=ids, return_exemplars=2))
 
 
 def test_artifact_round_trip_gives_bit_identical_scores(fitted, artifact, data):
@@ -104,8 +112,8 @@ def test_artifact_round_trip_gives_bit_identical_scores(fitted, artifact, data):
     x = np.concatenate([data["xte"], data["xtr"][:30]])
     ids = [None] * len(data["xte"]) + [f"tr{i}" for i in range(30)]
     for alpha in (None, 0.9, 0.99):
-        a = fitted.score(x, alpha=alpha, support_ids=ids, return_exemplars=3)
-        b = loaded.score(x, alpha=alpha, support_ids=ids, return_exemplars=3)
+        a = fitted.predict_scores(x, alpha=alpha, support_ids=ids, return_exemplars=3)
+        b = loaded.predict_scores(x, alpha=alpha, support_ids=ids, return_exemplars=3)
         _assert_scores_identical(a, b)
     assert loaded.ladder.to_dict() == fitted.ladder.to_dict()
     assert loaded.config == fitted.config
@@ -180,8 +188,16 @@ def test_wrong_format_name_is_refused(copy):
         SDMEstimator.load(copy)
 
 
-def test_artifact_error_is_a_value_error():
-    assert issubclass(ArtifactError, ValueError)
+def test_a_refused_artifact_is_a_value_error_and_a_cli_usage_error(copy, capsys):
+    """Callers catch bad input as ValueError (the training CLIs do), and python -m sdm_core reports a refused
+    artifact as a usage error (exit status 2) naming the file, not as a traceback."""
+    from sdm_core.cli import main
+
+    _flip_byte(copy / "weights.safetensors")
+    with pytest.raises(ValueError, match="weights.safetensors"):
+        SDMEstimator.load(copy)
+    assert main(["recalibrate", "--artifact", str(copy), "--alphas", "0.9"]) == 2
+    assert "error:" in (err := capsys.readouterr().err) and "weights.safetensors" in err
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -195,10 +211,10 @@ def test_fit_is_deterministic_for_a_seed_and_differs_across_seeds(data):
     c = SDMEstimator(dataclasses.replace(cfg, seed=1)).fit(*args)
     sa, sb = a.adaptor.state_dict(), b.adaptor.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    _assert_scores_identical(a.score(data["xte"]), b.score(data["xte"]))
+    _assert_scores_identical(a.predict_scores(data["xte"]), b.predict_scores(data["xte"]))
     sc = c.adaptor.state_dict()
     assert not torch.equal(sa["exemplar.weight"], sc["exemplar.weight"])
-    assert not torch.equal(a.score(data["xte"]).logits, c.score(data["xte"]).logits)
+    assert not torch.equal(a.predict_scores(data["xte"]).logits, c.predict_scores(data["xte"]).logits)
 
 
 def test_fit_does_not_change_global_torch_rng(data):
@@ -213,7 +229,7 @@ def test_fit_does_not_change_global_torch_rng(data):
 # score fields
 # --------------------------------------------------------------------------------------------------------------
 def test_score_fields_are_consistent(fitted, data):
-    s = fitted.score(data["xte"])
+    s = fitted.predict_scores(data["xte"])
     n = len(s)
     assert torch.allclose(s.probabilities.sum(dim=1), torch.ones(n), atol=1e-5)
     assert torch.equal(s.predictions, s.logits.argmax(dim=1))
@@ -240,13 +256,13 @@ def test_score_fields_are_consistent(fitted, data):
 
 
 def test_far_away_inputs_are_not_admitted(fitted, data):
-    s = fitted.score(data["xte"][-20:])
+    s = fitted.predict_scores(data["xte"][-20:])
     assert not bool(s.admitted.any())
     assert bool((s.d == 0).all())  # beyond every calibration distance
 
 
 def test_effective_sample_sizes_and_dkw_band_follow_paper_rule(fitted, data):
-    s = fitted.score(data["xte"])
+    s = fitted.predict_scores(data["xte"])
     cal_q, cal_y = fitted.calibration.q_prime.double(), fitted.calibration_labels
     expected = torch.stack([(cal_q[cal_y == c].unsqueeze(0) <= s.q_prime.double().unsqueeze(1)).sum(dim=1) for c in (0, 1)], dim=1)
     assert torch.equal(s.effective_sample_sizes, expected.double())
@@ -261,7 +277,7 @@ def test_lower_band_outputs_follow_their_definitions(fitted, data):
     # SDM_lower uses d_lower; q'_lower = min(q, (2+q)^SDM_lower_yhat); HR_lower is the HR rule on (SDM_lower, q'_lower)
     # with the same regions, nested over the ladder like HR itself (ACT Eqs. 16-19).
     for alpha in (0.95, 0.9):
-        s = fitted.score(data["xte"], alpha=alpha)
+        s = fitted.predict_scores(data["xte"], alpha=alpha)
         q = s.q.to(s.logits.dtype)
         assert torch.allclose(s.probabilities_lower, sdm_probabilities(s.logits, q, s.d_lower), atol=1e-6)
         assert torch.allclose(s.probabilities_upper, sdm_probabilities(s.logits, q, s.d_upper), atol=1e-6)
@@ -275,7 +291,7 @@ def test_lower_band_outputs_follow_their_definitions(fitted, data):
 
 def test_effective_sample_sizes_reference_rule(fresh, data):
     fresh.config = dataclasses.replace(fresh.config, effective_sample_size_rule="reference")
-    s = fresh.score(data["xte"])
+    s = fresh.predict_scores(data["xte"])
     cdfs = [torch.sort(fresh.calibration.q_prime[fresh.calibration_labels == c].double()).values for c in (0, 1)]
     assert torch.equal(s.effective_sample_sizes, effective_sample_sizes(s.q_prime, cdfs, rule="reference"))
     assert bool((s.effective_sample_sizes[s.is_ood] == 0).all())  # nothing is strictly below q' = 0
@@ -283,7 +299,7 @@ def test_effective_sample_sizes_reference_rule(fresh, data):
 
 
 def test_scoring_calibration_split_reproduces_stored_calibration_outputs(fitted, data):
-    s = fitted.score(data["xca"])
+    s = fitted.predict_scores(data["xca"])
     cal = fitted.calibration
     assert torch.equal(s.logits, cal.logits)
     assert torch.equal(s.q, cal.q)
@@ -292,13 +308,13 @@ def test_scoring_calibration_split_reproduces_stored_calibration_outputs(fitted,
     assert torch.equal(s.probabilities, cal.probabilities)
     assert torch.equal(s.q_prime, cal.q_prime)
     for a in fitted.ladder.alphas:
-        admitted = fitted.score(data["xca"], alpha=a).admitted
+        admitted = fitted.predict_scores(data["xca"], alpha=a).admitted
         assert int(admitted.sum()) == fitted.ladder.regions[a].calibration_admitted
         assert fitted.ladder.regions[a].calibration_size == len(data["yca"])
 
 
 def test_calibration_cdfs_hold_distances_of_non_ood_calibration_points(fitted, data):
-    s = fitted.score(data["xca"])
+    s = fitted.predict_scores(data["xca"])
     expected = class_cdfs(s.d_nearest, torch.as_tensor(data["yca"]), s.q, 2)
     for got, want in zip(fitted.calibration_cdfs, expected):
         assert torch.equal(got, want)
@@ -320,7 +336,7 @@ def test_support_holds_training_exemplars_and_predictions(fitted, data):
 
 
 def test_records_are_json_ready_and_match_tensors(fitted, data):
-    s = fitted.score(data["xte"][:10], return_exemplars=2)
+    s = fitted.predict_scores(data["xte"][:10], return_exemplars=2)
     records = s.records()
     json.dumps(records, allow_nan=False)
     for i, r in enumerate(records):
@@ -335,8 +351,8 @@ def test_records_are_json_ready_and_match_tensors(fitted, data):
 def test_support_ids_exclude_training_points_from_their_own_neighbours(fitted, data):
     x = data["xtr"]
     ids = [f"tr{i}" for i in range(len(x))]
-    plain = fitted.score(x)
-    excluded = fitted.score(x, support_ids=ids)
+    plain = fitted.predict_scores(x)
+    excluded = fitted.predict_scores(x, support_ids=ids)
     own = torch.arange(len(x))
     assert torch.equal(plain.nearest_index, own)  # without exclusion each point finds itself
     assert bool((plain.d_nearest < 0.05).all())  # ~0, up to float32 cancellation in the distance expansion
@@ -349,7 +365,7 @@ def test_support_ids_exclude_training_points_from_their_own_neighbours(fitted, d
 
 def test_support_ids_use_training_distance_cdfs_and_reproduce_them(fitted, data):
     ids = [f"tr{i}" for i in range(len(data["xtr"]))]
-    s = fitted.score(data["xtr"], support_ids=ids)
+    s = fitted.predict_scores(data["xtr"], support_ids=ids)
     assert torch.equal(s.d, distance_quantile(s.d_nearest, fitted.train_cdfs))
     expected = class_cdfs(s.d_nearest, torch.as_tensor(data["ytr"]), s.q, 2)
     for got, want in zip(fitted.train_cdfs, expected):
@@ -358,9 +374,9 @@ def test_support_ids_use_training_distance_cdfs_and_reproduce_them(fitted, data)
 
 def test_support_ids_apply_per_row_and_unknown_ids_mean_no_exclusion(fitted, data):
     x = data["xtr"][:12]
-    mixed = fitted.score(x, support_ids=_mixed_support_ids(12))
-    plain = fitted.score(x)
-    unknown = fitted.score(x, support_ids=["not-a-support-id"] * 12)
+    mixed = fitted.predict_scores(x, support_ids=_mixed_support_ids(12))
+    plain = fitted.predict_scores(x)
+    unknown = fitted.predict_scores(x, support_ids=["not-a-support-id"] * 12)
     _assert_scores_identical(unknown, plain)
     for i in range(12):
         if i % 3 == 0:
@@ -373,14 +389,14 @@ def test_support_ids_apply_per_row_and_unknown_ids_mean_no_exclusion(fitted, dat
 # updating the support
 # --------------------------------------------------------------------------------------------------------------
 def test_add_ood_exemplars_lowers_q_near_them_without_changing_logits(fresh, data):
-    before = fresh.score(data["xte"])
+    before = fresh.predict_scores(data["xte"])
     targets = torch.nonzero(before.q > 3).flatten()[:5]
     assert targets.numel() == 5
     x_new = data["xte"][targets.numpy()]
     fresh.add_exemplars(x_new, ["ood"] * 5, [f"ood-{i}" for i in range(5)])
     assert len(fresh.support) == 305
     assert fresh.support.labels[-5:].tolist() == [OOD_LABEL] * 5
-    after = fresh.score(data["xte"])
+    after = fresh.predict_scores(data["xte"])
     assert torch.equal(after.logits, before.logits)
     assert torch.equal(after.predictions, before.predictions)
     assert after.q[targets].tolist() == [0] * 5
@@ -388,7 +404,7 @@ def test_add_ood_exemplars_lowers_q_near_them_without_changing_logits(fresh, dat
     assert [after.abstention_reason[int(i)] for i in targets] == ["ood"] * 5
     assert [after.nearest_id[int(i)] for i in targets] == [f"ood-{i}" for i in range(5)]
     assert bool((after.q <= before.q).all())  # an exemplar no prediction matches can only shorten runs
-    near = fresh.score(x_new + 1e-3)
+    near = fresh.predict_scores(x_new + 1e-3)
     assert near.q.tolist() == [0] * 5
 
 
@@ -397,7 +413,7 @@ def test_support_with_added_ood_exemplars_round_trips(fresh, data, tmp_path):
     fresh.save(tmp_path / "u")
     again = SDMEstimator.load(tmp_path / "u")
     assert again.support.ids[-2:] == ["o0", "o1"] and again.support.labels[-2:].tolist() == [OOD_LABEL, 1]
-    _assert_scores_identical(fresh.score(data["xte"], return_exemplars=2), again.score(data["xte"], return_exemplars=2))
+    _assert_scores_identical(fresh.predict_scores(data["xte"], return_exemplars=2), again.predict_scores(data["xte"], return_exemplars=2))
 
 
 def test_add_labelled_exemplars_extends_support_with_model_predictions(fresh, data):
@@ -406,7 +422,7 @@ def test_add_labelled_exemplars_extends_support_with_model_predictions(fresh, da
     assert fresh.support.ids[-3:] == ["n0", "n1", "n2"]
     assert fresh.support.labels[-3:].tolist() == [0, 1, 1]
     assert torch.equal(fresh.support.predictions[-3:], fresh.predict(x_new))
-    assert fresh.score(x_new).nearest_id == ["n0", "n1", "n2"]
+    assert fresh.predict_scores(x_new).nearest_id == ["n0", "n1", "n2"]
 
 
 def test_add_exemplars_validation(fresh):
@@ -427,16 +443,16 @@ def test_add_exemplars_validation(fresh):
 # recalibration
 # --------------------------------------------------------------------------------------------------------------
 def test_recalibrate_changes_regions_not_probabilities(fresh, data):
-    before = fresh.score(data["xte"])
+    before = fresh.predict_scores(data["xte"])
     ladder = fresh.recalibrate([0.9, 0.8], default_alpha=0.8)
     assert ladder.alphas == (0.9, 0.8) and ladder.default_alpha == 0.8
     assert fresh.config.alpha == 0.8 and fresh.config.alpha_ladder == (0.9, 0.8)
-    after = fresh.score(data["xte"])
+    after = fresh.predict_scores(data["xte"])
     assert after.alpha == 0.8
     for name in ("logits", "q", "d", "probabilities", "q_prime", "d_nearest"):
         assert torch.equal(getattr(after, name), getattr(before, name)), name
     with pytest.raises(ValueError, match="ladder"):
-        fresh.score(data["xte"], alpha=0.95)
+        fresh.predict_scores(data["xte"], alpha=0.95)
     cal = fresh.calibration
     for a in (0.9, 0.8):
         expected = fit_region(cal.probabilities, cal.q_prime, fresh.calibration_labels, a)
@@ -448,7 +464,7 @@ def test_recalibrate_changes_regions_not_probabilities(fresh, data):
 def test_recalibrate_nested_flag_switches_ladder_semantics(fresh, data):
     fresh.recalibrate([0.99, 0.95, 0.9], default_alpha=0.9, nested=False)
     assert fresh.ladder.nested is False
-    s = fresh.score(data["xte"], alpha=0.9)
+    s = fresh.predict_scores(data["xte"], alpha=0.9)
     own = fresh.ladder.admissions(s.probabilities, s.predictions, s.q_prime)
     assert torch.equal(s.admitted, own[:, fresh.ladder.alphas.index(0.9)])
 
@@ -458,14 +474,14 @@ def test_recalibrated_estimator_round_trips(fresh, data, tmp_path):
     fresh.save(tmp_path / "r")
     again = SDMEstimator.load(tmp_path / "r")
     assert again.ladder.alphas == (0.9, 0.85)
-    _assert_scores_identical(fresh.score(data["xte"]), again.score(data["xte"]))
+    _assert_scores_identical(fresh.predict_scores(data["xte"]), again.predict_scores(data["xte"]))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # exemplars
 # --------------------------------------------------------------------------------------------------------------
 def test_return_exemplars_gives_k_nearest_in_distance_order_with_ids(fitted, data):
-    s = fitted.score(data["xte"][:20], return_exemplars=4)
+    s = fitted.predict_scores(data["xte"][:20], return_exemplars=4)
     support = fitted.support
     assert len(s.exemplars) == 20
     for i, row in enumerate(s.exemplars):
@@ -479,12 +495,12 @@ def test_return_exemplars_gives_k_nearest_in_distance_order_with_ids(fitted, dat
             assert e.label == int(support.labels[pos]) and e.predicted == int(support.predictions[pos])
         _, pos = support.neighbors(fitted.adaptor.infer(torch.as_tensor(data["xte"][i : i + 1]))[1], 4)
         assert [e.id for e in row] == [support.ids[p] for p in pos[0].tolist()]
-    assert fitted.score(data["xte"][:3]).exemplars == []
-    assert fitted.nearest_exemplars(data["xte"][:3], k=2) == fitted.score(data["xte"][:3], return_exemplars=2).exemplars
+    assert fitted.predict_scores(data["xte"][:3]).exemplars == []
+    assert fitted.nearest_exemplars(data["xte"][:3], k=2) == fitted.predict_scores(data["xte"][:3], return_exemplars=2).exemplars
 
 
 def test_return_exemplars_skips_the_excluded_training_point(fitted, data):
-    s = fitted.score(data["xtr"][:5], support_ids=[f"tr{i}" for i in range(5)], return_exemplars=3)
+    s = fitted.predict_scores(data["xtr"][:5], support_ids=[f"tr{i}" for i in range(5)], return_exemplars=3)
     for i, row in enumerate(s.exemplars):
         assert len(row) == 3 and f"tr{i}" not in [e.id for e in row]
 
@@ -496,7 +512,7 @@ def test_unfitted_estimator_raises_not_fitted_error(tmp_path):
     est = SDMEstimator(CONFIG)
     x = np.zeros((2, D), dtype=np.float32)
     for call in (
-        lambda: est.score(x),
+        lambda: est.predict_scores(x),
         lambda: est.predict(x),
         lambda: est.save(tmp_path / "x"),
         lambda: est.recalibrate([0.9]),
@@ -512,25 +528,25 @@ def test_unfitted_estimator_raises_not_fitted_error(tmp_path):
 def test_wrong_embedding_dimension_is_refused(fitted):
     for bad in (np.zeros((3, D - 1), dtype=np.float32), np.zeros((3, D + 1), dtype=np.float32)):
         with pytest.raises(ValueError, match="dimension"):
-            fitted.score(bad)
+            fitted.predict_scores(bad)
         with pytest.raises(ValueError, match="dimension"):
             fitted.predict(bad)
     with pytest.raises(ValueError, match="embeddings"):
-        fitted.score(np.zeros(D, dtype=np.float32))
+        fitted.predict_scores(np.zeros(D, dtype=np.float32))
     with pytest.raises(ValueError, match="embeddings"):
-        fitted.score(np.full((1, D), np.nan, dtype=np.float32))
+        fitted.predict_scores(np.full((1, D), np.nan, dtype=np.float32))
 
 
 def test_score_argument_errors(fitted, data):
     x = data["xte"][:4]
     with pytest.raises(ValueError, match="alpha"):
-        fitted.score(x, alpha=0.5)
+        fitted.predict_scores(x, alpha=0.5)
     with pytest.raises(ValueError, match="ladder"):
-        fitted.score(x, alpha=0.955)
+        fitted.predict_scores(x, alpha=0.955)
     with pytest.raises(ValueError, match="return_exemplars"):
-        fitted.score(x, return_exemplars=-1)
+        fitted.predict_scores(x, return_exemplars=-1)
     with pytest.raises(ValueError, match="support_ids"):
-        fitted.score(x, support_ids=["tr0"])
+        fitted.predict_scores(x, support_ids=["tr0"])
 
 
 def test_fit_argument_errors(data):

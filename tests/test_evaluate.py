@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sdm_core import SDMConfig
-from sdm_core.bundle import write_bundle
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
+from sdm_core.lm.bundle import write_bundle
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
 from sdm_core.estimator import SDMEstimator
 from training import evaluate as ev
 from training.records import Record, write_records
@@ -256,7 +256,7 @@ def test_main_cli(setup, tmp_path, capsys, monkeypatch):
 
 
 def test_device_names_are_checked_before_anything_is_loaded():
-    from sdm_core.models import resolve_device
+    from sdm_core.lm.models import resolve_device
 
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdm_core.embedding import HiddenStateRecipe, embed_texts, pool_states, verification_text
+from sdm_core.lm.embedding import HiddenStateRecipe, embed_texts, pool_states, verification_text
 from server.backends.transformers_backend import TransformersBackend
 from server.pipeline import SelectivePipeline, VerificationRequest
 from training.word_order import format_prompt

@@ -178,10 +178,11 @@ def test_client_disconnect_cancels_the_generation(tiny_bundle) -> None:
 def test_reload_under_load_drops_nothing(tiny_bundle) -> None:
     from server.app import create_app
 
-    auth = {"Authorization": f"Bearer {API_KEY}"}
+    auth = {"Authorization": f"Bearer {API_KEY}-admin"}
 
     async def run():
-        app = create_app(make_config(tiny_bundle, api_keys=(API_KEY,), max_concurrent_requests=4, warmup=True))
+        app = create_app(make_config(tiny_bundle, api_keys=(API_KEY,), admin_api_keys=(f"{API_KEY}-admin",), bundles_root=str(tiny_bundle.path.parent),
+                                     max_concurrent_requests=4, warmup=True))
         async with serve(app, headers=auth) as client:
             manager = app.state.server.manager
             old = manager.current
@@ -189,7 +190,7 @@ def test_reload_under_load_drops_nothing(tiny_bundle) -> None:
             requests = [asyncio.ensure_future(client.post("/generate", json={"prompt": f"{family_a(i)}", "max_tokens": 8})) for i in range(12)]
             await asyncio.sleep(0.2)
             in_flight = old.in_flight
-            reload = await client.post("/admin/reload", json={"bundle": str(tiny_bundle.path2)})
+            reload = await client.post("/admin/reload", json={"bundle": tiny_bundle.path2.name})
             after = [await client.post("/generate", json={"prompt": "hi", "max_tokens": MAX_TOKENS}) for _ in range(2)]
             responses = await asyncio.gather(*requests)
             models = (await client.get("/v1/models")).json()

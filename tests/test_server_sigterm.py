@@ -67,6 +67,6 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle: TinyBundle,
         log_file.close()
     logs = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert logs, "no JSON log lines"
-    mine = [line for line in logs if line.get("request_id") == "slow-1"]
+    mine = [line for line in logs if line.get("client_request_id") == "slow-1"]
     assert any(line["message"] == "answered" for line in mine) and any(line.get("path") == "/generate" for line in mine)
     assert any(line["message"] == "stopped" for line in logs)

@@ -1,6 +1,6 @@
 """Shared helpers for the server tests (imported by tests/test_server_*.py; holds no tests itself).
 
-The tiny bundle: a tiny random Llama (sdm_core.models, seed 0) with the SmolLM2 tokenizer and an SDM head fitted
+The tiny bundle: a tiny random Llama (sdm_core.lm.models, seed 0) with the SmolLM2 tokenizer and an SDM head fitted
 on that model's embeddings of two prompt families, so that outputs are admitted (family A, class Yes), admitted as
 No (family B: abstained with ``predicted_no``), or abstained by the head. It is built once per test process.
 """
@@ -53,7 +53,7 @@ def family_b(i: int) -> str:
 def _greedy(model, tokenizer, prompts, chat, max_new_tokens):
     import torch
 
-    from sdm_core.embedding import chat_messages
+    from sdm_core.lm.embedding import chat_messages
 
     out = []
     for p in prompts:
@@ -72,7 +72,7 @@ def fit_toy_head(model, tokenizer):
     import torch
 
     from sdm_core import SDMConfig, SDMEstimator
-    from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
+    from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
 
     chat, recipe = ChatFormat(), HiddenStateRecipe(max_length=256)
     prompts = [family_a(i) for i in range(48)] + [family_b(i) for i in range(48)]
@@ -87,9 +87,9 @@ def fit_toy_head(model, tokenizer):
 
 
 def _build(root: Path) -> TinyBundle:
-    from sdm_core.bundle import write_bundle
-    from sdm_core.embedding import embed_texts, verification_text
-    from sdm_core.models import load_model, load_tokenizer
+    from sdm_core.lm.bundle import write_bundle
+    from sdm_core.lm.embedding import embed_texts, verification_text
+    from sdm_core.lm.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer({"kind": "tiny"})
     model = load_model({"kind": "tiny"}).eval()
@@ -104,7 +104,7 @@ def _build(root: Path) -> TinyBundle:
     candidates = [family_a(i) for i in range(0, 12)] + [family_b(i) for i in range(0, 12)] + ["What is the capital of France?"]
     generations = _greedy(model, tokenizer, candidates, chat, MAX_TOKENS)
     texts = [verification_text(tokenizer, p, g, chat, recipe) for p, g in zip(candidates, generations)]
-    scores = head.score(embed_texts(model, tokenizer, texts, recipe), alpha=DEFAULT_ALPHA)
+    scores = head.predict_scores(embed_texts(model, tokenizer, texts, recipe), alpha=DEFAULT_ALPHA)
     admitted = [p for i, p in enumerate(candidates) if scores.admitted[i] and int(scores.predictions[i]) == 1]
     predicted_no = [p for i, p in enumerate(candidates) if scores.admitted[i] and int(scores.predictions[i]) == 0]
     abstained = [(p, scores.abstention_reason[i]) for i, p in enumerate(candidates) if not scores.admitted[i]]

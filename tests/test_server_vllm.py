@@ -49,8 +49,8 @@ def test_vllm_is_importable_when_required() -> None:
 def _build_adapter_bundle(path: Path) -> Path:
     from peft import LoraConfig, get_peft_model
 
-    from sdm_core.bundle import write_bundle
-    from sdm_core.models import load_model, load_tokenizer
+    from sdm_core.lm.bundle import write_bundle
+    from sdm_core.lm.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(SOURCE)
     base = load_model(SOURCE)
@@ -78,8 +78,8 @@ def test_adapter_bundle_is_merged_once_into_a_cached_safetensors_folder(adapter_
     """No vLLM needed: the folder vLLM would load holds the merged weights, and a second start reuses it."""
     from transformers import AutoModelForCausalLM
 
-    from sdm_core.bundle import load_bundle
-    from sdm_core.models import load_model
+    from sdm_core.lm.bundle import load_bundle
+    from sdm_core.lm.models import load_model
     from server.backends.vllm_backend import vllm_model_folder, vllm_tokenizer_folder
 
     bundle = load_bundle(adapter_bundle)
@@ -273,8 +273,8 @@ def test_vllm_streams_seeds_and_cancels(served) -> None:
 @pytest.mark.slow
 @requires_vllm
 def test_vllm_head_input_equals_embed_texts(served) -> None:
-    from sdm_core.bundle import load_bundle
-    from sdm_core.embedding import embed_texts, verification_text
+    from sdm_core.lm.bundle import load_bundle
+    from sdm_core.lm.embedding import embed_texts, verification_text
 
     bundle = load_bundle(served.bundle)
     pairs = [(p, r) for p in PROMPTS for r in ("", "b a c <verified>", "Paris.\n<verified>Yes</verified>")]

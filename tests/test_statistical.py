@@ -84,7 +84,7 @@ def _check_group(name: str, correct: torch.Tensor, alpha: float) -> int:
 @pytest.mark.parametrize("alpha", [0.95, 0.9])
 def test_admitted_accuracy_reaches_alpha_per_true_and_predicted_class(experiment, alpha):
     estimator, x_test, y_test, _ = experiment
-    scores = estimator.score(x_test, alpha=alpha)
+    scores = estimator.predict_scores(x_test, alpha=alpha)
     admitted = scores.admitted
     correct = scores.predictions == y_test
     total = int(admitted.sum())
@@ -103,8 +103,8 @@ def test_admitted_accuracy_reaches_alpha_per_true_and_predicted_class(experiment
 @pytest.mark.slow
 def test_regions_are_nested_on_held_out_data(experiment):
     estimator, x_test, _, _ = experiment
-    at95 = estimator.score(x_test, alpha=0.95).admitted
-    at90 = estimator.score(x_test, alpha=0.9).admitted
+    at95 = estimator.predict_scores(x_test, alpha=0.95).admitted
+    at90 = estimator.predict_scores(x_test, alpha=0.9).admitted
     assert not bool((at95 & ~at90).any())
     assert int(at90.sum()) > int(at95.sum())
 
@@ -113,6 +113,6 @@ def test_regions_are_nested_on_held_out_data(experiment):
 @pytest.mark.parametrize("alpha", [0.95, 0.9])
 def test_far_away_ood_cluster_is_not_admitted(experiment, alpha):
     estimator, _, _, x_ood = experiment
-    scores = estimator.score(x_ood, alpha=alpha)
+    scores = estimator.predict_scores(x_ood, alpha=alpha)
     admitted_fraction = float(scores.admitted.float().mean())
     assert admitted_fraction <= 0.01, f"{admitted_fraction:.3%} of the far-away cluster admitted at alpha={alpha}"

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdm_core.bundle import load_bundle, read_bundle_info
-from sdm_core.embedding import embed_texts, verification_text
+from sdm_core.lm.bundle import load_bundle, read_bundle_info
+from sdm_core.lm.embedding import embed_texts, verification_text
 from training.calibrate import PRESETS as CALIBRATE_PRESETS
 from training.calibrate import CalibrateConfig, calibrate
 from training.config import PRESETS, FinetuneConfig
@@ -73,7 +73,7 @@ def test_calibrate_builds_a_bundle_that_loads_and_scores(sdm_run, tmp_path):
     bundle = load_bundle(bundle_dir)
     text = verification_text(bundle.tokenizer, "Order: 'b a'", "<sentence>a b</sentence>\n<verified>Yes</verified>", info.chat, info.recipe)
     assert text.endswith("<verified><|im_end|>\n")
-    scores = bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe))
+    scores = bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe))
     record = scores.record(0)
     assert 0.0 <= record["probability"] <= 1.0 and record["prediction"] in (0, 1)
     # A tampered bundle file is refused.
@@ -124,9 +124,11 @@ def test_cross_entropy_baseline_runs_on_the_same_encoding(tmp_path):
     assert (tmp_path / "ce" / "best" / "model.safetensors").is_file()
 
 
-def _finetune(out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "training.finetune", "--preset", "tiny", "--output-dir", str(out), "--epochs", "2", *extra]
-    return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True, timeout=600)
+def _finetune(out: Path, *extra: str, crash_after_step: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m training.finetune`` on the tiny preset, or the same run killed after a checkpoint (tests/crashing_finetune.py)."""
+    entry = ["-m", "training.finetune"] if crash_after_step is None else [str(ROOT / "tests" / "crashing_finetune.py"), str(crash_after_step)]
+    command = [sys.executable, *entry, "--preset", "tiny", "--output-dir", str(out), "--epochs", "2", *extra]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("timing", ["step", "epoch"])
@@ -135,7 +137,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, timing):
     # and carried by the checkpoint until drawn).
     straight = _finetune(tmp_path / "straight", "--generation-timing", timing)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    crashed = _finetune(tmp_path / "crashed", "--generation-timing", timing, env={"SDM_TEST_CRASH_AFTER_STEP": "3"})
+    crashed = _finetune(tmp_path / "crashed", "--generation-timing", timing, crash_after_step=3)
     assert crashed.returncode == 137, crashed.stderr[-2000:]
     assert not (tmp_path / "crashed" / "final").exists()
     resumed = _finetune(tmp_path / "crashed", "--generation-timing", timing, "--resume")
@@ -159,7 +161,7 @@ def test_lora_run_calibrates_into_an_adapter_bundle(tmp_path):
     bundle = load_bundle(bundle_dir)
     assert not hasattr(bundle.model, "peft_config")  # merged for serving
     text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
-    assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
+    assert bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
 
 
 def test_lora_with_trainable_last_layers_adapts_only_the_last_blocks(tmp_path):
@@ -176,6 +178,7 @@ def test_lora_with_trainable_last_layers_adapts_only_the_last_blocks(tmp_path):
 
 def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_path):
     # With the recipe ending at <verified>, b comes from the training forward's hidden states (no extra pass).
+    from training.bases import bases_from_h
     from training.finetune import load_task, prepare_model
     from training.trainer import SDMTrainer
 
@@ -187,7 +190,7 @@ def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_p
 
     flags = split_flags([r.id for r in train], config.seed, 0)
     trainer.train_layer = trainer._fit_layer(train, flags, {}, "test-layer")
-    instances = trainer._draw(train[:6], "test", generate_ok=False, store={})
+    instances = trainer.sampler.draw(train[:6], "test", generate_ok=False, store={})
     assert {i.label for i in instances} == {0, 1}
     encoded = trainer._encode(instances)
     prefixes = trainer._shared_prefixes(instances, encoded)
@@ -203,7 +206,7 @@ def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_p
     shared = trainer._prefix_h(states, prefixes)
     assert torch.allclose(shared, separate, rtol=1e-4, atol=1e-5), (shared - separate).abs().max()
     _, _, bases = trainer._loss_sum_shared(encoded, instances, prefixes, flags)
-    assert torch.equal(bases, trainer._bases_from_h(shared, instances, trainer.train_layer, flags))
+    assert torch.equal(bases, bases_from_h(shared, instances, trainer.train_layer, flags))
     template = SDMTrainer(tiny_config(tmp_path / "t"), model, tokenizer, train, cal)
     assert template._shared_prefixes(instances, encoded) is None  # the template recipe's h is not a prefix
 
@@ -219,7 +222,7 @@ def test_an_unfinetuned_model_is_bundled_by_reference(tmp_path):
     assert info.model["kind"] == "base" and not (bundle_dir / "model").exists()
     bundle = load_bundle(bundle_dir)
     text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
-    assert bundle.head.score(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
+    assert bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
 
 
 def test_epoch_generation_timing_decodes_the_drawn_documents_once_at_the_epoch_start(tmp_path):

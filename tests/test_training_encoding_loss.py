@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, chat_messages, verification_text
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, chat_messages, verification_text
 from training.encoding import IGNORE_INDEX, collate, encode_instance
 from training.loss import ce_token_loss, logits_to_keep, sdm_token_loss
 

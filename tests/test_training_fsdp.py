@@ -31,6 +31,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 FSDP_CONFIG = ROOT / "training" / "accelerate" / "fsdp.yaml"
+# Read by this file's torchrun entry point (below): every rank exits right after the checkpoint of that step.
+CRASH_AFTER_STEP = "SDM_TEST_CRASH_AFTER_STEP"
 
 
 def _fsdp2_available() -> bool:
@@ -90,7 +92,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tmp_path: Path) -> Non
     env = _fsdp_environment()
 
     # Killed right after the step-2 checkpoint (the end of epoch 1): gathered on rank 0 into full, unsharded tensors.
-    assert _run(fsdp, fsdp_dir, {**env, "SDM_TEST_CRASH_AFTER_STEP": "2"}, check=False) != 0
+    assert _run(fsdp, fsdp_dir, {**env, CRASH_AFTER_STEP: "2"}, check=False) != 0
     marker = json.loads((fsdp_dir / "checkpoint" / "checkpoint.json").read_text())
     assert marker["trainer"]["step"] == 2
     _same_layout(load_file(str(fsdp_dir / "checkpoint" / "trainable.safetensors")),
@@ -173,8 +175,8 @@ def _synced_generation() -> None:
 
     from torch.distributed.fsdp import fully_shard
 
-    from sdm_core.embedding import ChatFormat
-    from sdm_core.models import load_model, load_tokenizer
+    from sdm_core.lm.embedding import ChatFormat
+    from sdm_core.lm.models import load_model, load_tokenizer
     from training.generation import greedy_generate
 
     torch.distributed.init_process_group("gloo")
@@ -224,4 +226,7 @@ if __name__ == "__main__":
 
     training.trainer.SDMTrainer.__init__ = _sharded_trainer
 
-    sys.exit(main(sys.argv[1:]))
+    from crashing_finetune import CrashAfterCheckpoint  # tests/ is this script's directory, first on sys.path
+
+    crash_after = os.environ.get(CRASH_AFTER_STEP)
+    sys.exit(main(sys.argv[1:], callbacks=[CrashAfterCheckpoint(int(crash_after))] if crash_after else []))

@@ -36,11 +36,11 @@ import torch
 
 from sdm_core import SDMConfig
 from sdm_core.artifact import sha256_file
-from sdm_core.bundle import VerificationTags, write_bundle
 from sdm_core.calibration import DEFAULT_ALPHA_LADDER
 from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder, fit_score_threshold, withdraw_regions
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe
-from sdm_core.models import load_model, load_tokenizer, resolve_device
+from sdm_core.lm.bundle import VerificationTags, write_bundle
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
+from sdm_core.lm.models import load_model, load_tokenizer, resolve_device
 from training.config import build_parser, config_from_args
 from training.correctness import CORRECTNESS_HELP, get_correctness, is_verbatim, normalize_hard_negative
 from training.generation import LabelledGenerations, greedy_generate, label_generations
@@ -48,7 +48,16 @@ from training.records import Record, load_records
 from training.splits import split_documents
 from training.tag_probability import tag_probabilities
 from training.trainer import git_revision
-from training.verification_layer import CLASS_NAMES, Instance, draw_layer_instances, embed_instances, fit_verification_layer, prompt_of
+from training.verification_layer import (
+    CLASS_NAMES,
+    PAPER_INSTANCE_SEED,
+    PAPER_SPLIT_SEED,
+    Instance,
+    draw_layer_instances,
+    embed_instances,
+    fit_verification_layer,
+    prompt_of,
+)
 
 __all__ = ["CalibrateConfig", "calibrate", "main"]
 
@@ -60,7 +69,7 @@ class CalibrateConfig:
     model: dict = field(default_factory=dict)  # or a model source (e.g. smollm2) for an un-fine-tuned baseline
     calibration: str = ""  # comma-separated record files; default: the run's calibration data (+ its holdout split)
     out: str = ""
-    correctness: str = "word_order"
+    correctness: str = ""  # empty: the run's correctness function (word_order with --model)
     max_calibration_docs: int = 0
     max_new_tokens: int = 512
     generate_batch_size: int = 16
@@ -75,8 +84,8 @@ class CalibrateConfig:
     recipe_sequence_end: str = "template"
     recipe_layer: int = -1  # hidden-state layer of the head's input (-1: the final layer, as in fine-tuning)
     max_length: int = 2048
-    split_seed: int = 23
-    instance_seed: int = 53
+    split_seed: int = PAPER_SPLIT_SEED
+    instance_seed: int = PAPER_INSTANCE_SEED
     # What the head's two halves hold (docs/decisions.md, "What the final head is calibrated on"). "generations":
     # each document's own greedy generation labelled by r, the distribution the server scores, so that Algorithm 1's
     # region is estimated on it; "mixture": the paper's drawn instances (reference, hard or static negative).
@@ -99,7 +108,7 @@ class CalibrateConfig:
         "model": "instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline",
         "calibration": "comma-separated calibration record files (JSONL); default: the run's calibration split and its holdout split",
         "out": "bundle folder to write (required)",
-        "correctness": CORRECTNESS_HELP + " (labels generations, decides hard negatives)",
+        "correctness": CORRECTNESS_HELP + " (labels generations, decides hard negatives); default: the run's, else word_order",
         "max_calibration_docs": "use the first N calibration documents (0: all)",
         "max_new_tokens": "tokens to generate at most per calibration prompt (match the serving and evaluation limit)",
         "generate_batch_size": "prompts per batched greedy generation",
@@ -145,7 +154,8 @@ class CalibrateConfig:
             raise ValueError("certification_docs must be >= 0 and certification_min_admitted >= 1")
         if not 0.0 < self.certification_violation_p < 1.0:
             raise ValueError(f"certification_violation_p must be in (0, 1), got {self.certification_violation_p}")
-        get_correctness(self.correctness)  # a bad --correctness fails before any model loads
+        if self.correctness:
+            get_correctness(self.correctness)  # a bad --correctness fails before any model loads
 
 
 INSTANCE_CHOICES = ("generations", "mixture", "both")
@@ -312,7 +322,8 @@ def calibrate(config: CalibrateConfig) -> dict:
     chat = ChatFormat(system_prompt=training.get("system_prompt", config.system_prompt))
     recipe = HiddenStateRecipe(layer=config.recipe_layer, sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end),
                                max_length=config.max_length)
-    correct = get_correctness(config.correctness)
+    correctness = config.correctness or training.get("correctness") or "word_order"
+    correct = get_correctness(correctness)
     tags = VerificationTags()
     fingerprint = _model_fingerprint(source)
 
@@ -336,7 +347,7 @@ def calibrate(config: CalibrateConfig) -> dict:
     if held:
         cert_instances = [Instance(records[k].id, prompt_of(records[k]), generated.texts[k], generated.labels[k]) for k in held]
         h_cert = embed_instances(compute_model, tokenizer, cert_instances, chat, recipe, config.embed_batch_size, config.progress)
-        scores = head.predict_scores(h_cert) if hasattr(head, "predict_scores") else head.score(h_cert)
+        scores = head.predict_scores(h_cert)
         certification, _ = certify_ladder(
             head.ladder, scores.probabilities, scores.predictions, scores.q_prime,
             torch.tensor([generated.labels[k] for k in held], dtype=torch.bool), tags.positive_class,
@@ -354,6 +365,7 @@ def calibrate(config: CalibrateConfig) -> dict:
         "training_config": training,
         "git_revision": git_revision(),
         "calibration_files": list(files),
+        "correctness": correctness,
         "calibration_docs": len(records),
         "documents_by_split": counts,
         "calibration_generation_accuracy": generated.accuracy,

@@ -26,10 +26,10 @@ from typing import ClassVar, Sequence
 import torch
 
 from sdm_core import SDMEstimator
-from sdm_core.bundle import load_bundle, seal_bundle
+from sdm_core.lm.bundle import load_bundle, seal_bundle
 from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder
-from sdm_core.embedding import embed_texts, verification_text
-from sdm_core.models import resolve_device
+from sdm_core.lm.embedding import embed_texts, verification_text
+from sdm_core.lm.models import resolve_device
 from training.config import build_parser, config_from_args
 from training.correctness import get_correctness
 from training.generation import decode_and_label
@@ -120,7 +120,7 @@ def certify(config: CertifyConfig) -> dict:
     prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
     texts = [verification_text(bundle.tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generated.texts)]
     h = embed_texts(bundle.model, bundle.tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
-    scores = head.predict_scores(h) if hasattr(head, "predict_scores") else head.score(h)
+    scores = head.predict_scores(h)
     certification, served = certify_ladder(
         head.ladder, scores.probabilities, scores.predictions, scores.q_prime, torch.tensor(generated.labels, dtype=torch.bool),
         info.tags.positive_class, policy=config.policy, min_admitted=config.min_admitted, violation_p=config.violation_p,

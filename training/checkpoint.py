@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from sdm_core import SDMEstimator
 from sdm_core.artifact import sha256_file
-from sdm_core.embedding import is_sharded
+from sdm_core.folders import atomic_folder
+from sdm_core.lm.embedding import is_sharded
 
-__all__ = ["save_checkpoint", "load_checkpoint", "trainable_state", "atomic_dir"]
+__all__ = ["save_checkpoint", "load_checkpoint", "trainable_state"]
 
 COMPLETE = "checkpoint.json"
 
@@ -102,26 +101,6 @@ def _restore_optimizer(model, optimizer: torch.optim.Optimizer, tensors: dict[st
     set_optimizer_state_dict(model, _torch_optimizer(optimizer), full, options=_full_options())
 
 
-def atomic_dir(target: Path, write) -> None:
-    """Call ``write(tmp_folder)``, then swap the folder into ``target`` (old one removed only after the swap)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.new."))
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_checkpoint(folder: Path, *, model, optimizer, scheduler, trainer_state: dict, train_layer: SDMEstimator | None,
                     write: bool = True) -> None:
     """Write the checkpoint atomically. Call it on every rank with ``write`` true on rank 0 alone: a sharded model's
@@ -151,7 +130,7 @@ def save_checkpoint(folder: Path, *, model, optimizer, scheduler, trainer_state:
                 with open(handle, "rb") as f:
                     os.fsync(f.fileno())
 
-    atomic_dir(folder, write_files)
+    atomic_folder(folder, write_files, if_exists="replace")
 
 
 def load_checkpoint(folder: Path, *, model, optimizer, scheduler) -> tuple[dict, SDMEstimator | None]:

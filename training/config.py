@@ -33,6 +33,9 @@ class FinetuneConfig:
     task_min_digits: int = 2
     task_max_digits: int = 4
     task_operations: tuple[str, ...] = ("+", "-", "*")
+    # documents built after the training split (continuing its draw) that fine-tuning never reads: training.calibrate
+    # uses them with the calibration split for the final head and its certification
+    task_holdout_docs: int = 0
     # model
     model: dict = field(default_factory=lambda: {"kind": "smollm2"})
     dtype: str = "float32"
@@ -97,6 +100,7 @@ class FinetuneConfig:
         "task_min_digits": "fewest digits of an operand when the arithmetic task is built",
         "task_max_digits": "most digits of an operand when the arithmetic task is built",
         "task_operations": "comma-separated operations (+,-,*) when the arithmetic task is built",
+        "task_holdout_docs": "documents built after the training split that fine-tuning never reads (calibration and certification data for training.calibrate)",
         "model": "model source: smollm2, tiny, a Hugging Face folder, or JSON such as '{\"kind\": \"hf\", \"path\": ...}'",
         "dtype": "float32 or bfloat16 weights and compute",
         "mixed_precision": "no, or bf16: bfloat16 autocast over float32 weights in the fine-tuning loop's LM passes only",
@@ -212,9 +216,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # and generations are ~4x shorter to decode. See docs/decisions.md.
         "task_max_words": 14,
         # 864 training documents: with 288 the model decoded ~39 % of calibration prompts and its head had no
-        # region at any alpha; with 864 it decodes ~55 % and has one at 0.95 (docs/performance.md).
+        # region at any alpha; with 864 it decodes ~55 % and has one at 0.95 (docs/decisions.md).
         "max_train_docs": 864,
         "max_calibration_docs": 256,
+        # With the 256 calibration documents, 2,192 for the final head: 256 certify it, the other 1,936 are split
+        # between its support and its calibration half (docs/decisions.md, "What the final head is calibrated on").
+        "task_holdout_docs": 1936,
         "max_eval_docs": 32,
         "validation_layer_docs": 80,
         # LoRA r = 8 on every block: after 45 steps it decoded 37.5 % of test prompts correctly, as full fine-tuning

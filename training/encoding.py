@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from sdm_core.embedding import ChatFormat, chat_messages
+from sdm_core.lm.embedding import ChatFormat, chat_messages
 
 __all__ = ["IGNORE_INDEX", "EncodedInstance", "encode_instance", "collate", "generation_prompt"]
 

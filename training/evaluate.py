@@ -34,9 +34,9 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from sdm_core.calibration import admissions_unchecked
-from sdm_core.embedding import embed_texts, verification_text
-from sdm_core.models import resolve_device
+from sdm_core.calibration import admissions_unchecked, same_alpha
+from sdm_core.lm.embedding import embed_texts, verification_text
+from sdm_core.lm.models import resolve_device
 from sdm_core.report import render_markdown, selective_report
 from training.baselines import METHODS, ScoredGenerations, aurocs, compare_methods, risk_coverage
 from training.config import build_parser, config_from_args
@@ -234,7 +234,7 @@ def _aggregate_surface(rows: list[dict]) -> dict:
 
 def _row_at(report: dict, alpha: float) -> dict:
     for row in report["alphas"]:
-        if abs(row["alpha"] - alpha) < 1e-9:
+        if same_alpha(row["alpha"], alpha):
             return row
     raise ValueError(f"alpha {alpha} is not in the report")
 
@@ -257,7 +257,7 @@ def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Re
     started = time.perf_counter()
     h = embed_texts(model, tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
     embed_seconds = time.perf_counter() - started
-    s = head.predict_scores(h, alpha=alpha) if hasattr(head, "predict_scores") else head.score(h, alpha=alpha)
+    s = head.predict_scores(h, alpha=alpha)
     p_yes = tag_probabilities(model, tokenizer, prompts, generations, info.chat, info.tags.yes, info.recipe.max_length,
                               config.embed_batch_size)
     report = selective_report(s.probabilities, s.probabilities_lower, s.predictions, s.q_prime, s.q_prime_lower, labels,
@@ -475,7 +475,7 @@ def _methods_section(metrics: dict) -> list[str]:
     for d in metrics["datasets"]:
         for b in metrics["bundles"]:
             methods = metrics["results"][b][d]["methods"]
-            alphas = [a for a in REPORT_ALPHAS if any(abs(r["alpha"] - a) < 1e-9 for r in methods["sdm_hr"])]
+            alphas = [a for a in REPORT_ALPHAS if any(same_alpha(r["alpha"], a) for r in methods["sdm_hr"])]
             lines.append(f"### {b} on {d} ({metrics['datasets'][d]['n']})")
             lines.append("")
             lines.append("| Method | " + " | ".join(f"α={a:g}" for a in alphas) + " |")
@@ -485,7 +485,7 @@ def _methods_section(metrics: dict) -> list[str]:
                     continue
                 cells = []
                 for a in alphas:
-                    v = next(r["verified"] for r in methods[name] if abs(r["alpha"] - a) < 1e-9)
+                    v = next(r["verified"] for r in methods[name] if same_alpha(r["alpha"], a))
                     cells.append(f"{_fmt(v['accuracy'])} ({v['admitted']})")
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
             lines.append("")
@@ -575,7 +575,7 @@ def render_report(metrics: dict) -> str:
 
 def evaluate(config: EvaluateConfig) -> dict:
     """Run the evaluation and write its outputs; returns the metrics dict (also written as metrics.json)."""
-    from sdm_core.bundle import load_bundle
+    from sdm_core.lm.bundle import load_bundle
 
     config.validate()
     bundle_paths = parse_named_paths(config.bundles, "bundle")

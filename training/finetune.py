@@ -20,10 +20,11 @@ from typing import Sequence
 
 import torch
 
-from sdm_core.models import load_model, load_tokenizer
+from sdm_core.lm.models import load_model, load_tokenizer
 from training.config import FinetuneConfig, build_parser, config_from_args
 from training.correctness import get_correctness
 from training.records import DataError, Record, load_records
+from training.state import TrainerCallback, TrainResult
 
 __all__ = ["prepare_model", "load_task", "run", "main"]
 
@@ -80,7 +81,7 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
             n_train = config.max_train_docs or 5000
             n_cal = config.max_calibration_docs or 2000
             build_arithmetic(data_dir, ArithmeticConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(1000, n_cal)),
-                                                        shift=200, min_digits=config.task_min_digits, max_digits=config.task_max_digits,
+                                                        holdout=config.task_holdout_docs, shift=200, min_digits=config.task_min_digits, max_digits=config.task_max_digits,
                                                         operations=tuple(config.task_operations), quiet=True))
         else:
             from training.data import WordOrderConfig, build_word_order
@@ -88,7 +89,7 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
             n_train = config.max_train_docs or 5000
             n_cal = config.max_calibration_docs or 5000
             build_word_order(data_dir, WordOrderConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(2000, n_cal)),
-                                                       min_words=config.task_min_words, max_words=config.task_max_words, quiet=True))
+                                                       holdout=config.task_holdout_docs, min_words=config.task_min_words, max_words=config.task_max_words, quiet=True))
         train_path, cal_path = str(data_dir / "train.jsonl"), str(data_dir / "calibration.jsonl")
     train = load_records(train_path)
     cal = load_records(cal_path)
@@ -112,8 +113,9 @@ def _setup_logging(output_dir: Path) -> None:
         logger.addHandler(handler)
 
 
-def run(config: FinetuneConfig, resume: bool = False):
-    """Fine-tune; under ``accelerate launch`` / ``torchrun`` every rank calls this, and rank 0 writes the outputs."""
+def run(config: FinetuneConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> TrainResult:
+    """Fine-tune; under ``accelerate launch`` / ``torchrun`` every rank calls this, and rank 0 writes the outputs.
+    ``callbacks`` are told after every checkpoint (:class:`training.state.TrainerCallback`)."""
     from accelerate import Accelerator
 
     from training.trainer import SDMTrainer
@@ -125,16 +127,16 @@ def run(config: FinetuneConfig, resume: bool = False):
     with accelerator.main_process_first():  # rank 0 builds the task's data folder; the others then read it
         train, cal = load_task(config)
     model, tokenizer = prepare_model(config)
-    trainer = SDMTrainer(config, model, tokenizer, train, cal, accelerator=accelerator)
+    trainer = SDMTrainer(config, model, tokenizer, train, cal, accelerator=accelerator, callbacks=callbacks)
     return trainer.train(resume=resume)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
     parser = build_parser(description=__doc__)
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)
-        result = run(config, resume=args.resume)
+        result = run(config, resume=args.resume, callbacks=callbacks)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

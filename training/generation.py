@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sdm_core.embedding import ChatFormat
+from sdm_core.lm.embedding import ChatFormat
 from training.encoding import generation_prompt
 from training.records import Record
 

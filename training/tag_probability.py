@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, verification_text
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, verification_text
 
 __all__ = ["yes_token_id", "tag_probabilities"]
 

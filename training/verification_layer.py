@@ -10,13 +10,19 @@ from typing import Mapping, Sequence
 import torch
 
 from sdm_core import SDMConfig, SDMEstimator
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe, embed_texts, pool_prefixes, verification_text
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, pool_prefixes, verification_text
 from training.records import Record
 
-__all__ = ["Instance", "split_flags", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES",
+__all__ = ["Instance", "split_flags", "negative_candidates", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES",
+           "PAPER_SPLIT_SEED", "PAPER_INSTANCE_SEED",
            "shared_prefix_lengths", "prefix_embeddings"]
 
 CLASS_NAMES = ("No", "Yes")
+
+# The reference code's seeds for the final test-time layer (SDM_SPEC §3.7): Random(23) splits the calibration
+# documents into its support and calibration halves, Random(46 + 7) draws each document's instance.
+PAPER_SPLIT_SEED = 23
+PAPER_INSTANCE_SEED = 53
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,11 @@ def prompt_of(record: Record) -> object:
     return record.prompt if record.prompt is not None else record.messages
 
 
+def negative_candidates(record: Record, hard_negatives: Sequence[str] = ()) -> list[str]:
+    """The negatives a document's draw picks from: its static negative, then its stored hard negatives."""
+    return [record.negative] + list(hard_negatives)
+
+
 def draw_layer_instances(
     records: Sequence[Record], hard_negatives: Mapping[str, Sequence[str]], rng: random.Random, gamma_positive: float = 0.5,
     prefer_hard_negatives: bool = False,
@@ -52,7 +63,7 @@ def draw_layer_instances(
             out.append(Instance(record.id, prompt_of(record), record.positive, 1))
             continue
         stored = list(hard_negatives.get(record.id, ()))
-        candidates = stored if (prefer_hard_negatives and stored) else [record.negative] + stored
+        candidates = stored if (prefer_hard_negatives and stored) else negative_candidates(record, stored)
         out.append(Instance(record.id, prompt_of(record), rng.choice(candidates), 0))
     return out
 

@@ -2,7 +2,7 @@
 
 A backend owns a loaded bundle (LM, tokenizer, SDM head, bundle.json). It generates (batched across concurrent
 requests, each with its own sampling parameters and stop strings) and computes the SDM head's input with
-:func:`sdm_core.embedding.embed_texts` and the bundle's :class:`~sdm_core.embedding.HiddenStateRecipe`, exactly as
+:func:`sdm_core.lm.embedding.embed_texts` and the bundle's :class:`~sdm_core.lm.embedding.HiddenStateRecipe`, exactly as
 at training time.
 """
 
@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from sdm_core.bundle import BundleInfo
-from sdm_core.embedding import chat_messages
+from sdm_core.lm.bundle import BundleInfo
+from sdm_core.lm.embedding import chat_messages
 from sdm_core.estimator import SDMEstimator
 
 __all__ = ["Backend", "SamplingParams", "GenerationRequest", "GenerationResult", "BackendError", "BatchObserver"]

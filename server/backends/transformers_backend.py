@@ -8,10 +8,10 @@ token, so greedy decoding then picks the sampled token. A per-row stopping crite
 
 Hidden states: by default (``hidden_states="auto"`` with a float32 model) the final-layer states that generation
 computes anyway are captured (a hook on the final norm) and pooled with the recipe's
-:func:`sdm_core.embedding.pool_states`, when the verification text tokenises to exactly the prompt's tokens followed
+:func:`sdm_core.lm.embedding.pool_states`, when the verification text tokenises to exactly the prompt's tokens followed
 by generated ones; each row is fed one more step after its stop so its last token's state exists. Otherwise
 (a tag the model did not write, a truncated sequence, another recipe layer, ``"forward"``) verification texts of
-concurrent requests are batched into one :func:`sdm_core.embedding.embed_texts` call, the function training used.
+concurrent requests are batched into one :func:`sdm_core.lm.embedding.embed_texts` call, the function training used.
 The two agree to float rounding (a test checks 1e-4); see docs/decisions.md.
 
 All model calls run in one worker thread; a second tokenizer instance serves the event loop thread (fast
@@ -30,10 +30,11 @@ from typing import Sequence
 
 import torch
 
-from sdm_core.bundle import Bundle, BundleInfo, load_bundle
-from sdm_core.embedding import embed_texts, final_norm, pool_states
+from sdm_core.lm.bundle import Bundle, BundleInfo, load_bundle
+from sdm_core.lm.embedding import embed_texts, final_norm, pool_states
 from sdm_core.estimator import SDMEstimator
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
+from server.backends.row import GenerationRow
 from server.batching import DynamicBatcher
 
 __all__ = ["TransformersBackend"]
@@ -42,64 +43,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 HIDDEN_STATE_MODES = ("auto", "reuse", "forward")
 
 
-class _Row:
-    """The state of one request inside a generation batch (touched only by the worker thread)."""
-
-    def __init__(self, request: GenerationRequest) -> None:
-        self.request = request
-        self.count = 0
-        self.text = ""
-        self.streamed = 0
-        self.done = False
-        self.finish_reason = "length"
-        self.stop_reason: str | None = None
-        self.final_text: str | None = None
-        stops = [(s, False) for s in request.stop] + [(s, True) for s in request.stop_inclusive]
-        self.stops = stops
-        self.holdback = max((len(s) - 1 for s in request.stop), default=0)
-        self.generator: torch.Generator | None = None
-
-    def finish(self, reason: str, stop_reason: str | None, text: str) -> None:
-        self.done = True
-        self.finish_reason = reason
-        self.stop_reason = stop_reason
-        self.final_text = text
-
-    def find_stop(self) -> tuple[int, str, bool] | None:
-        """The earliest stop string in the text: (position, string, inclusive)."""
-        best: tuple[int, str, bool] | None = None
-        for stop, inclusive in self.stops:
-            at = self.text.find(stop)
-            if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(stop) > len(best[1]))):
-                best = (at, stop, inclusive)
-        return best
-
-    def stream(self) -> None:
-        """Send text that can no longer change: a possible stop string, trailing whitespace and partial characters
-        are held back (the verification prefix strips trailing whitespace). The rest of the final text is sent by
-        the caller once the output is verified."""
-        callback = self.request.on_text
-        if callback is None:
-            return
-        safe = self.text
-        if self.holdback:
-            safe = safe[: max(0, len(safe) - self.holdback)]
-        safe = safe.rstrip()
-        if safe.endswith("\ufffd"):
-            safe = safe.rstrip("\ufffd")
-        if len(safe) > self.streamed and safe.startswith(self.text[: self.streamed]):
-            callback(safe[self.streamed :])
-            self.streamed = len(safe)
-
-    def result(self) -> GenerationResult:
-        text = self.final_text if self.final_text is not None else self.text
-        return GenerationResult(text, len(self.request.prompt_ids), self.count, self.finish_reason, self.stop_reason)
-
-
 class _RowSampler:
     """Logits processor: sampled rows draw their token with their own generator; greedy rows pass through."""
 
-    def __init__(self, rows: list[_Row]) -> None:
+    def __init__(self, rows: list[GenerationRow]) -> None:
         self.rows = rows
         self.sampled = [i for i, r in enumerate(rows) if not r.request.params.greedy]
 
@@ -133,7 +80,7 @@ class _RowSampler:
 class _RowStopper:
     """Stopping criterion: per-row max_tokens, EOS, stop strings and cancellation; streams text deltas."""
 
-    def __init__(self, rows: list[_Row], tokenizer, eos_ids: set[int], width: int, linger: bool = False) -> None:
+    def __init__(self, rows: list[GenerationRow], tokenizer, eos_ids: set[int], width: int, linger: bool = False) -> None:
         self.rows = rows
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -245,7 +192,7 @@ class TransformersBackend(Backend):
         return _DTYPES[name]
 
     def _load_sync(self) -> None:
-        from sdm_core.bundle import read_bundle_info
+        from sdm_core.lm.bundle import read_bundle_info
         from transformers import AutoTokenizer
 
         with self._load_lock:
@@ -341,7 +288,7 @@ class TransformersBackend(Backend):
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         bundle = self._loaded()
-        rows = [_Row(r) for r in requests]
+        rows = [GenerationRow(r) for r in requests]
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

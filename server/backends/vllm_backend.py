@@ -5,13 +5,13 @@ vLLM 0.32) with its own ``SamplingParams`` (max_tokens, temperature, top_p, seed
 concurrent requests continuously by itself, so there is no batcher here. Every stop string (the verification tag
 included) is handed to vLLM with ``include_stop_str_in_output=True``; the text is then cut exactly as the
 transformers backend cuts it (at the earliest stop; ``stop`` strings removed, ``stop_inclusive`` ones kept), and
-streamed with the same hold-back rules (both use :class:`~server.backends.transformers_backend._Row`). Setting
+streamed with the same hold-back rules (both use :class:`~server.backends.row.GenerationRow`). Setting
 ``request.cancel`` or cancelling the caller aborts the vLLM request.
 
 Head input: vLLM runs one runner type per engine (generation or pooling) and returns no final-layer hidden states
 from a generating call; the head's input is computed over a re-formatted sequence (the verification text) anyway.
 So the bundle is also loaded by a :class:`~server.backends.transformers_backend.TransformersBackend` over the same
-weights, and ``embed`` is its batched :func:`sdm_core.embedding.embed_texts` call with the bundle's recipe: the
+weights, and ``embed`` is its batched :func:`sdm_core.lm.embedding.embed_texts` call with the bundle's recipe: the
 very function training used, so the head input equals the training-time embedding bit for bit. That backend
 also supplies ``info``, ``head`` and the event-loop tokenizer; its generation path is never used.
 
@@ -42,9 +42,11 @@ from typing import Any, Sequence
 
 import torch
 
-from sdm_core.bundle import BundleInfo
+from sdm_core.folders import atomic_folder
+from sdm_core.lm.bundle import BundleInfo
 from sdm_core.estimator import SDMEstimator
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
+from server.backends.row import GenerationRow
 
 __all__ = ["VLLMBackend", "vllm_available", "vllm_model_folder", "vllm_tokenizer_folder"]
 
@@ -66,7 +68,7 @@ def vllm_model_folder(info: BundleInfo, model=None) -> Path:
     bundle has no folder of its own. The cached folder's name is a digest of the bundle manifest (adapter) or the
     model source (base) and the dtype, so a changed bundle never reuses stale weights.
     """
-    from sdm_core.models import _atomic_folder, cache_dir, source_folder
+    from sdm_core.lm.models import cache_dir, source_folder
 
     kind = info.model.get("kind")
     if kind == "full":
@@ -86,14 +88,14 @@ def vllm_model_folder(info: BundleInfo, model=None) -> Path:
     def build(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
 
-    return _atomic_folder(cache_dir() / "vllm" / f"{kind}-{digest}", build)
+    return atomic_folder(cache_dir() / "vllm" / f"{kind}-{digest}", build, if_exists="keep")
 
 
 def vllm_tokenizer_folder(info: BundleInfo, model_folder: Path) -> Path:
     """The bundle's tokenizer in a folder vLLM reads without complaint: vLLM parses a model config from the
     tokenizer folder (logging errors and retrying for seconds when there is none), and the bundle's ``tokenizer/``
     holds none and cannot take one (its files are hashed). So a copy with the model's ``config.json`` is cached."""
-    from sdm_core.models import _atomic_folder, cache_dir
+    from sdm_core.lm.models import cache_dir
 
     source = info.path / "tokenizer"
     if (source / "config.json").is_file():
@@ -107,7 +109,7 @@ def vllm_tokenizer_folder(info: BundleInfo, model_folder: Path) -> Path:
                 shutil.copy2(file, folder / file.name)
         shutil.copy2(model_folder / "config.json", folder / "config.json")
 
-    return _atomic_folder(cache_dir() / "vllm" / f"tokenizer-{digest}", build)
+    return atomic_folder(cache_dir() / "vllm" / f"tokenizer-{digest}", build, if_exists="keep")
 
 
 class VLLMBackend(Backend):
@@ -297,12 +299,10 @@ class VLLMBackend(Backend):
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         from vllm.inputs import TokensPrompt
 
-        from server.backends.transformers_backend import _Row
-
         if self._engine is None:
             raise BackendError("the backend is not loaded (or was closed)")
         engine = self._engine
-        row = _Row(request)
+        row = GenerationRow(request)
         request_id = f"sdm-{uuid.uuid4().hex}"
         stream = engine.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), self.sampling_params(request), request_id)
         finished = False

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from sdm_core.folders import atomic_folder
 
 __all__ = ["cache_dir", "smollm2_gguf", "load_tokenizer", "load_model", "source_folder", "TINY_DEFAULTS", "ModelSourceError", "resolve_device"]
 
@@ -59,27 +59,6 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def _atomic_folder(target: Path, build) -> Path:
-    """Build a folder under a temporary name and rename it into place, so an interrupted build leaves no half folder."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        build(tmp)
-        os.replace(tmp, target)
-    except FileExistsError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not target.is_dir():
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _smollm2_tokenizer_folder() -> Path:
     def build(folder: Path) -> None:
         from transformers import AutoTokenizer
@@ -87,7 +66,7 @@ def _smollm2_tokenizer_folder() -> Path:
         gguf = smollm2_gguf()
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
 
-    return _atomic_folder(cache_dir() / "smollm2-135m-instruct-tokenizer", build)
+    return atomic_folder(cache_dir() / "smollm2-135m-instruct-tokenizer", build, if_exists="keep")
 
 
 def _smollm2_model_folder() -> Path:
@@ -103,7 +82,7 @@ def _smollm2_model_folder() -> Path:
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
 
-    return _atomic_folder(cache_dir() / "smollm2-135m-instruct", build)
+    return atomic_folder(cache_dir() / "smollm2-135m-instruct", build, if_exists="keep")
 
 
 def load_tokenizer(source: dict):

@@ -20,17 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sdm_core.artifact import ArtifactError, canonical_json, sha256_file
+from sdm_core.artifact import ArtifactError, canonical_json, sha256_file, share_like_umask
 from sdm_core.certification import Certification, withdraw_regions
-from sdm_core.embedding import ChatFormat, HiddenStateRecipe
 from sdm_core.estimator import SDMEstimator
+from sdm_core.folders import atomic_folder
+from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "VerificationTags", "BundleInfo", "Bundle", "write_bundle", "read_bundle_info", "load_bundle",
            "seal_bundle", "load_head"]
@@ -115,15 +114,10 @@ def write_bundle(
 ) -> Path:
     """Write a bundle atomically (built under a temporary name, then renamed into place).
 
-    A peft model is saved as its adapter and needs ``base_model`` (a model source, see sdm_core.models); any
+    A peft model is saved as its adapter and needs ``base_model`` (a model source, see sdm_core.lm.models); any
     other model is saved in full.
     """
-    target = Path(folder)
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target} exists and is not empty; choose another --out or remove it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    def write(tmp: Path) -> None:
         is_adapter = hasattr(model, "peft_config")
         if reference_only:
             # The weights are exactly those of ``base_model`` (an un-fine-tuned baseline): record the source only.
@@ -156,13 +150,9 @@ def write_bundle(
         if baselines is not None:
             body["baselines"] = baselines
         _write_manifest(tmp, body)
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        share_like_umask(tmp)  # mkdtemp made it 0700: readable by other users (a container's) like any folder
+
+    return atomic_folder(folder, write, if_exists="error")
 
 
 def _write_manifest(root: Path, body: dict) -> None:
@@ -240,7 +230,7 @@ def load_bundle(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, v
     """Load the LM (merging an adapter into its base), tokenizer and SDM head of a bundle."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sdm_core.models import load_model
+    from sdm_core.lm.models import load_model
 
     info = read_bundle_info(folder, verify=verify)
     root = info.path

@@ -1,0 +1,104 @@
+"""The SDM LM paper's central claim at our scale: does fine-tuning with the SDM loss let the head admit more,
+still validly, than fine-tuning with cross-entropy on the same encoding, or than no fine-tuning at all?
+
+Fine-tunes the preset twice (``--loss sdm`` and ``--loss ce``: the same data, seeds and steps), adds the
+un-fine-tuned base model with only a head, calibrates all three with the same recipe (the preset's calibrate
+settings, the same calibration and holdout documents, certification included), and evaluates them with
+training.evaluate on held-out wiki test, Harvard and length-shift prompts. Prints one JSON line with every arm's
+generation accuracy, AUROC of SDM(z')_Yes, certified alphas and admitted answers at each alpha, and wall times;
+training.evaluate's report.md (LM paper Tables 2-4, the alternatives, risk-coverage plots) is under OUT/eval.
+
+    python bench/compare_losses.py --preset smollm2-cpu --out runs/compare [--max-eval-docs 256]
+    python bench/compare_losses.py --preset tiny --out runs/compare-tiny        # seconds; a smoke run
+    python bench/compare_losses.py --preset smollm2-cpu --out runs/compare --sdm-run runs/smollm2/run   # reuse a run
+
+``--sdm-run`` / ``--ce-run`` reuse finished training.finetune output folders of the preset instead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.calibrate import PRESETS as CALIBRATE_PRESETS  # noqa: E402
+from training.calibrate import CalibrateConfig, calibrate  # noqa: E402
+from training.config import PRESETS, FinetuneConfig  # noqa: E402
+from training.evaluate import PRESETS as EVALUATE_PRESETS  # noqa: E402
+from training.evaluate import EvaluateConfig, evaluate  # noqa: E402
+from training.finetune import run  # noqa: E402
+
+HELDOUT = (("wiki", "test.jsonl"), ("harvard", "harvard.jsonl"), ("length_shift", "length_shift.jsonl"))
+
+
+def finetune(preset: str, loss: str, out: Path, progress: bool) -> tuple[Path, float]:
+    config = replace(FinetuneConfig(), **{**PRESETS[preset], "output_dir": str(out), "loss": loss, "progress": progress})
+    started = time.perf_counter()
+    run(config)
+    return out, time.perf_counter() - started
+
+
+def arm_summary(metrics: dict, name: str) -> dict:
+    out = {"certified_alphas": metrics["bundles"][name]["certified_alphas"],
+           "withdrawn_alphas": metrics["bundles"][name]["withdrawn_alphas"], "datasets": {}}
+    for dataset, result in metrics["results"][name].items():
+        admitted = {f"{r['alpha']:g}": [r["verified"]["admitted"], r["verified"]["correct"]]
+                    for r in result["methods"]["sdm_hr"] if r["verified"]["admitted"]}
+        out["datasets"][dataset] = {"n": result["n"], "generation_acc": round(result["generation_acc"], 4),
+                                    "auroc_sdm": result["auroc"]["sdm"], "auroc_lm_p_yes": result["auroc"]["lm_probability"],
+                                    "sdm_hr_admitted_correct": admitted}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="smollm2-cpu", choices=sorted(set(PRESETS) & set(CALIBRATE_PRESETS)))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sdm-run", default="", help="a finished SDM-loss run of the preset to reuse")
+    parser.add_argument("--ce-run", default="", help="a finished CE-loss run of the preset to reuse")
+    parser.add_argument("--max-eval-docs", type=int, default=256, help="held-out documents per dataset (0: all)")
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out)
+    seconds: dict[str, float] = {}
+    runs: dict[str, Path] = {}
+    for loss, reuse in (("sdm", args.sdm_run), ("ce", args.ce_run)):
+        if reuse:
+            runs[loss] = Path(reuse)
+        else:
+            runs[loss], seconds[f"finetune_{loss}"] = finetune(args.preset, loss, out / f"run_{loss}", args.progress)
+    data = runs["sdm"] / "data"
+    settings = {**CALIBRATE_PRESETS[args.preset], "progress": args.progress}
+    bundles: dict[str, Path] = {}
+    for name in ("sdm", "ce"):
+        started = time.perf_counter()
+        bundles[name] = Path(calibrate(replace(CalibrateConfig(), **settings, run=str(runs[name]), out=str(out / f"bundle_{name}")))["bundle"])
+        seconds[f"calibrate_{name}"] = time.perf_counter() - started
+    # The base model: the same documents and recipe as the fine-tuned arms, no fine-tuning.
+    training = json.loads((runs["sdm"] / "config.json").read_text())["config"]
+    files = ",".join(str(data / f) for f in ("calibration.jsonl", "holdout.jsonl") if (data / f).is_file())
+    started = time.perf_counter()
+    bundles["base"] = Path(calibrate(replace(
+        CalibrateConfig(), **settings, model=dict(training["model"]), calibration=files, out=str(out / "bundle_base"),
+        correctness=training.get("correctness", "word_order"), system_prompt=training.get("system_prompt"),
+        recipe_sequence_end=training.get("recipe_sequence_end", "template")))["bundle"])
+    seconds["calibrate_base"] = time.perf_counter() - started
+    started = time.perf_counter()
+    metrics = evaluate(replace(
+        EvaluateConfig(), **{**EVALUATE_PRESETS.get(args.preset, {}), "progress": args.progress, "max_docs": args.max_eval_docs},
+        bundles=tuple(f"{n}={p}" for n, p in bundles.items()), out=str(out / "eval"),
+        correctness=training.get("correctness", "word_order"),
+        data=tuple(f"{n}={data / f}" for n, f in HELDOUT if (data / f).is_file())))
+    seconds["evaluate"] = time.perf_counter() - started
+    print(json.dumps({"preset": args.preset, "out": str(out), "report": str(out / "eval" / "report.md"),
+                      "seconds": {k: round(v, 1) for k, v in seconds.items()},
+                      "arms": {name: arm_summary(metrics, name) for name in bundles}}))
+
+
+if __name__ == "__main__":
+    main()
