@@ -85,7 +85,7 @@ def test_every_route_records_its_verification_with_the_head_input(client, server
     no = store.get(ids["/v1/completions"])
     assert not no.admitted and no.abstention_reason == "predicted_no"
     # The stored h is the head input that made the decision: scoring it again gives the same probability.
-    again = head.score(admitted.embedding()[None, :], alpha=DEFAULT_ALPHA)
+    again = head.predict_scores(admitted.embedding()[None, :], alpha=DEFAULT_ALPHA)
     assert float(again.probabilities[0, 1]) == pytest.approx(admitted.probability, abs=1e-5)
 
 

@@ -11,12 +11,13 @@ import time
 import pytest
 
 from pg_support import PostgresServer
-from sdm_core.bundle import read_bundle_info
+from sdm_core.lm.bundle import read_bundle_info
 from sdm_core.traffic import TrafficStore
 from test_server_support import API_KEY, DEFAULT_ALPHA, TinyBundle, make_config, metric_value, serve, tiny_bundle  # noqa: F401
 from training.update import main as update_main
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN_KEY = "admin-key-456"
 
 
 async def ask(client, prompt: str) -> dict:
@@ -54,7 +55,9 @@ async def _loop(tiny_bundle: TinyBundle, store_setting: dict, tmp_path) -> None:
     fresh = [p for p in tiny_bundle.positive_prompts if int(p.rsplit(" ", 1)[1]) % 2 == 1]
     assert len(fresh) >= 2, tiny_bundle.positive_prompts
     wrong_prompt, ood_prompt = fresh[0], fresh[1]
-    config = make_config(tiny_bundle, api_keys=(API_KEY,), **store_setting)
+    bundles = tmp_path / "bundles"  # the server's --bundles-root: reload names a folder in it
+    bundles.mkdir()
+    config = make_config(tiny_bundle, api_keys=(API_KEY,), admin_api_keys=(ADMIN_KEY,), bundles_root=str(bundles), **store_setting)
     url = traffic_url(config)
 
     # 1. Serve and label: both answers were admitted; the operator says one was wrong and the other out of scope.
@@ -78,7 +81,7 @@ async def _loop(tiny_bundle: TinyBundle, store_setting: dict, tmp_path) -> None:
     store.close()
 
     # 3. Update without retraining: every labelled row joins the support (calibration fraction 0).
-    out = tmp_path / "bundle-u1"
+    out = bundles / "bundle-u1"
     assert update_main(["--bundle", str(tiny_bundle.path), "--store", url, "--out", str(out), "--calibration-fraction", "0"]) == 0
     new_version = read_bundle_info(out).raw["files"]["head/manifest.json"][:16]
     assert new_version != old_version
@@ -90,7 +93,7 @@ async def _loop(tiny_bundle: TinyBundle, store_setting: dict, tmp_path) -> None:
         relabel = await client.post("/v1/feedback", json={"id": wrong["id"], "label": "wrong"})
         assert relabel.status_code == 200 and relabel.json()["data"][0]["previous_label"] == "wrong"
         assert (await ask(client, wrong_prompt))["admitted"]  # the old head still admits it
-        r = await client.post("/admin/reload", json={"bundle": str(out)})
+        r = await client.post("/admin/reload", json={"bundle": out.name}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         assert r.status_code == 200, r.text
         assert r.json()["head_version"] == new_version
         assert (await client.get("/ready")).json()["head_version"] == new_version

@@ -12,7 +12,7 @@ import torch
 
 from pg_support import PostgresServer
 from sdm_core.artifact import ArtifactError, sha256_file
-from sdm_core.bundle import read_bundle_info, seal_bundle
+from sdm_core.lm.bundle import read_bundle_info, seal_bundle
 from sdm_core.estimator import SDMEstimator
 from sdm_core.traffic import Feedback, TrafficRecord, TrafficStore, sqlite_url
 from test_server_support import TinyBundle, tiny_bundle  # noqa: F401
@@ -143,7 +143,7 @@ def test_a_certified_bundle_is_recertified_on_held_out_rows(tiny_bundle: TinyBun
     shutil.copytree(tiny_bundle.path, source)
     head = head_of(source)
     x = torch.randn(40, head.input_dim)
-    s = head.score(x)
+    s = head.predict_scores(x)
     old, _ = certify_ladder(head.ladder, s.probabilities, s.predictions, s.q_prime, torch.ones(40, dtype=torch.bool), min_admitted=2,
                             source={"kind": "test"})
     seal_bundle(source, {"certification": old.to_dict()})

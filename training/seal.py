@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from sdm_core.artifact import ArtifactError
-from sdm_core.bundle import seal_bundle
+from sdm_core.lm.bundle import seal_bundle
 
 __all__ = ["seal", "main"]
 

@@ -15,7 +15,7 @@ clients label answers through ``POST /v1/feedback``. This command reads the labe
 3. appends the support rows (``SDMEstimator.add_exemplars``), scores the calibration rows against the new support
    and appends their outputs to the stored calibration outputs, and re-runs Algorithm 1 over the ladder
    (``SDMEstimator.recalibrate``): the same alphas, the same default;
-4. writes the result as a new sealed bundle (``sdm_core.bundle.seal_bundle``): the model files are hard links to
+4. writes the result as a new sealed bundle (``sdm_core.lm.bundle.seal_bundle``): the model files are hard links to
    the old bundle's where the file system allows (never modified), ``head/`` is new (so is the head version),
    ``feedback_rows.json`` lists every row used and its role, and the provenance names the store, the row count and
    the time range. The old certification moves to the provenance; the new ladder is certified on the held-out
@@ -46,7 +46,7 @@ import torch
 from sqlalchemy.exc import SQLAlchemyError
 
 from sdm_core.artifact import ArtifactError
-from sdm_core.bundle import read_bundle_info, seal_bundle
+from sdm_core.lm.bundle import read_bundle_info, seal_bundle
 from sdm_core.certification import certify_ladder
 from sdm_core.estimator import SDMEstimator
 from sdm_core.fitting import LayerStatistics
@@ -117,7 +117,7 @@ def _head_version(info) -> str:
 
 def _append_calibration(head: SDMEstimator, x: torch.Tensor, labels: torch.Tensor, ids: list[str]) -> None:
     """Score rows against the current support and append their outputs to the calibration outputs."""
-    s = head.score(x)
+    s = head.predict_scores(x)
     cal = head.calibration
     assert cal is not None
     new = LayerStatistics(s.logits, s.predictions, s.q, s.d_nearest, s.d, s.probabilities, s.q_prime)
@@ -199,7 +199,7 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
     certification = None
     if previous_certification is not None and held_out:
         # Re-certify the new ladder on labelled rows it never saw, with the old certification's rules.
-        scores = head.score(torch.from_numpy(np.stack([r.embedding() for r in held_out])))
+        scores = head.predict_scores(torch.from_numpy(np.stack([r.embedding() for r in held_out])))
         certification, _ = certify_ladder(
             head.ladder, scores.probabilities, scores.predictions, scores.q_prime,
             torch.tensor([r.label == "correct" for r in held_out], dtype=torch.bool), positive,
