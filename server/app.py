@@ -28,7 +28,7 @@ from server.admission import AdmissionController
 from server.backends import Backend, make_backend
 from server.config import ServerConfig, traffic_url
 from server.errors import APIError, internal_error, invalid_request, method_not_allowed, not_found, permission_error
-from server.feedback import FeedbackHandler, FeedbackItem
+from server.feedback import FeedbackHandler, feedback_body_schema
 from server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.model_manager import ModelManager
@@ -247,7 +247,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         return await service.chat_completions(request)
 
     @app.post("/v1/feedback", responses={**_ERRORS, 503: {"model": ErrorResponse}},
-              openapi_extra=_body_schema(FeedbackItem, components),
+              openapi_extra=feedback_body_schema(config, components),
               summary="Label served answers (correct, wrong, ood) by response id; one object or a list")
     async def post_feedback(request: Request) -> dict:
         return await feedback.handle(request)

@@ -23,7 +23,7 @@ from server.service import parse_request
 from server.traffic import StoreUnavailable, TrafficRecorder
 from server.traffic_metrics import TrafficMetrics
 
-__all__ = ["FeedbackItem", "FeedbackHandler"]
+__all__ = ["FeedbackItem", "FeedbackHandler", "feedback_body_schema"]
 
 MAX_ID_CHARS = 128
 
@@ -35,6 +35,20 @@ class FeedbackItem(BaseModel):
     id: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="the id of a response this server gave")
     label: Literal["correct", "wrong", "ood"] = Field(description="correct: the answer did what was asked; wrong: it did not; ood: out of distribution")
     note: str | None = Field(default=None, description="free text kept with the label (at most --feedback-max-note-chars)")
+
+
+def feedback_body_schema(config: ServerConfig, components: dict) -> dict:
+    """The OpenAPI request body of POST /v1/feedback: one label or a list of 1 to --feedback-max-items labels, each
+    note at most --feedback-max-note-chars characters (the limits the handler enforces)."""
+    item = FeedbackItem.model_json_schema()
+    note = item["properties"]["note"]
+    for branch in note.get("anyOf", [note]):
+        if branch.get("type") == "string":
+            branch["maxLength"] = config.feedback_max_note_chars
+    components["FeedbackItem"] = item
+    ref = {"$ref": "#/components/schemas/FeedbackItem"}
+    schema = {"anyOf": [ref, {"type": "array", "items": ref, "minItems": 1, "maxItems": config.feedback_max_items}]}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 class FeedbackHandler:

@@ -9,6 +9,8 @@ say everything the server checks: the alpha ladder and the prompt's length in to
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import schemathesis
@@ -35,18 +37,26 @@ OPERATIONS = {
     ("POST", "/v1/completions"): 40,
     ("POST", "/v1/chat/completions"): 40,
     ("POST", "/admin/reload"): 12,
+    ("POST", "/v1/feedback"): 30,
 }
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance, negative_data_rejection]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle: TinyBundle):
+def server(tiny_bundle: TinyBundle, tmp_path_factory):
     from server.app import create_app
 
-    # Client routes keyless, the admin route behind its key; tiny generations keep each case cheap.
+    # Client routes keyless, the admin route behind its key; tiny generations keep each case cheap. The traffic store
+    # is on (SQLite in a temporary folder), so POST /v1/feedback answers for real.
     config = make_config(tiny_bundle, admin_api_keys=(ADMIN_KEY,), bundles_root=str(tiny_bundle.path.parent), warmup=False,
-                         default_max_tokens=2, max_tokens_cap=4, verify_bundle=False)
-    with UvicornThread(create_app(config)) as running:
+                         default_max_tokens=2, max_tokens_cap=4, verify_bundle=False, traffic_store="sqlite",
+                         data_dir=str(tmp_path_factory.mktemp("fuzz-data")))
+    app = create_app(config)
+    with UvicornThread(app) as running:
+        deadline = time.monotonic() + 30
+        while not app.state.server.traffic.available:  # the store's writer connects in the background
+            assert time.monotonic() < deadline, app.state.server.traffic.error
+            time.sleep(0.05)
         yield running
 
 
