@@ -22,7 +22,7 @@ clients label answers through ``POST /v1/feedback``. This command reads the labe
    rows with the old certification's policy (sdm_core.certification), and its withdrawn regions are what the
    server will serve.
 
-Roll it out with ``POST /admin/reload {"bundle": "<out>"}``; ``/ready``, ``/v1/models`` and ``sdm_bundle_info``
+Roll it out with ``POST /admin/reload {"bundle": "<name of --out under the server's --bundles-root>"}`` (an admin key); ``/ready``, ``/v1/models`` and ``sdm_bundle_info``
 then report the new head version.
 """
 
