@@ -1,11 +1,13 @@
-"""The committed default bundle (deploy/bundles/smollm2-word-order): intact, small, and as documented."""
+"""The committed default bundle (deploy/bundles/smollm2-word-order): intact, small, certified on held-out
+generations, and built by today's presets. Nothing here snapshots figures that any retraining would change."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sdm_core import SDMEstimator
-from sdm_core.lm.bundle import read_bundle_info
+from sdm_core.lm.bundle import load_head, read_bundle_info
 
 BUNDLE = Path(__file__).resolve().parents[1] / "deploy" / "bundles" / "smollm2-word-order"
 
@@ -21,20 +23,48 @@ def test_default_bundle_stays_under_the_25_mb_budget():
     assert size <= 25 * 1024 * 1024, size
 
 
-def test_default_bundle_head_has_the_documented_region_at_alpha_095():
+def test_default_bundle_is_calibrated_on_generations_and_certified_on_disjoint_documents():
+    info = read_bundle_info(BUNDLE)
+    calibrate = info.provenance["calibrate_config"]
+    assert calibrate["calibration_instances"] == "generations"
+    split = info.provenance["documents_by_split"]
+    assert split["certification"] >= 256 and split["support"] + split["calibration"] >= 1024
+    certification = info.certification
+    assert certification is not None and certification.documents == split["certification"]
     head = SDMEstimator.load(BUNDLE / "head")
-    regions = head.ladder.regions
-    assert head.config.alpha == 0.95
-    assert regions[0.95].exists and regions[0.95].calibration_admitted == 26 and regions[0.95].q_prime_min == 47.0
-    assert regions[0.6].calibration_admitted == 57
-    assert not any(regions[a].exists for a in regions if a >= 0.97)
+    assert [r.alpha for r in certification.rows] == list(head.ladder.alphas)
+    # Each half holds its own documents (a support document may bring two instances, "ID" and "ID#generation"), the
+    # halves are disjoint, and with the certification split they account for every calibration document.
+    support_docs = {i.split("#")[0] for i in head.support.ids}
+    assert len(support_docs) == split["support"] and len(head.calibration_ids) == split["calibration"]
+    assert not support_docs & set(head.calibration_ids)
+    assert sum(split.values()) == info.provenance["calibration_docs"]
 
 
-def test_default_bundle_was_trained_by_the_smollm2_cpu_preset():
-    import json
+def test_default_bundle_serves_only_regions_its_certification_did_not_reject():
+    info = read_bundle_info(BUNDLE)
+    certification = info.certification
+    served = load_head(info).ladder
+    for row in certification.rows:
+        violated = row.groups and any(n >= certification.min_admitted and p < certification.violation_p for n, _, p in row.groups.values())
+        assert row.withdrawn == bool(violated), row
+        if row.withdrawn:
+            assert not served.regions[row.alpha].exists
+    # What is certified is served, with enough evidence behind it.
+    for alpha in certification.certified:
+        assert served.regions[alpha].exists and certification.row(alpha).admitted >= certification.min_admitted
 
+
+def test_default_bundle_was_trained_and_calibrated_by_the_smollm2_cpu_presets():
+    from training.calibrate import PRESETS as CALIBRATE_PRESETS
     from training.config import PRESETS
 
-    trained = json.loads((BUNDLE / "bundle.json").read_text())["provenance"]["training_config"]
-    assert {k: trained[k] for k in PRESETS["smollm2-cpu"]} == {
-        k: (list(v) if isinstance(v, tuple) else v) for k, v in PRESETS["smollm2-cpu"].items()}
+    provenance = json.loads((BUNDLE / "bundle.json").read_text())["provenance"]
+    trained = provenance["training_config"]
+    # task_holdout_docs only adds documents after the training split that fine-tuning never reads; the adapter was
+    # trained before the preset built them, on the same training documents.
+    preset = {k: v for k, v in PRESETS["smollm2-cpu"].items() if k != "task_holdout_docs"}
+    assert {k: trained[k] for k in preset} == {k: (list(v) if isinstance(v, tuple) else v) for k, v in preset.items()}
+    calibrated = provenance["calibrate_config"]
+    assert {k: calibrated[k] for k in CALIBRATE_PRESETS["smollm2-cpu"]} == CALIBRATE_PRESETS["smollm2-cpu"]
+    assert provenance["calibration_docs"] == PRESETS["smollm2-cpu"]["max_calibration_docs"] + PRESETS["smollm2-cpu"]["task_holdout_docs"]
