@@ -286,3 +286,25 @@ def test_every_training_flag_has_a_help_line(module: str) -> None:
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr
     assert cls.HELP["progress"] in " ".join(done.stdout.split())
+
+
+def test_certify_writes_a_new_sealed_bundle_with_a_fresh_certification(sdm_run, tmp_path):
+    from training.certify import PRESETS as CERTIFY_PRESETS
+    from training.certify import CertifyConfig, certify
+
+    out, _ = sdm_run
+    bundle_dir = tmp_path / "bundle"
+    calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
+    before = read_bundle_info(bundle_dir).raw
+    settings = {**CERTIFY_PRESETS["tiny"], "bundle": str(bundle_dir), "data": str(out / "data" / "test.jsonl"), "max_docs": 6}
+    result = certify(replace(CertifyConfig(), **settings, out=str(tmp_path / "recertified")))
+    info = read_bundle_info(tmp_path / "recertified")  # sealed: every checksum verifies
+    assert info.certification.documents == result["documents"] == 6
+    assert info.certification.source["kind"] == "certify" and info.certification.source["recertified_from"] == before["bundle_sha256"]
+    assert info.raw["files"] == before["files"], "only bundle.json changes"
+    assert read_bundle_info(bundle_dir).raw == before, "the input bundle is left unchanged"
+    # Documents the head was calibrated on cannot certify it, and the output must be a new folder.
+    with pytest.raises(ValueError, match="never saw"):
+        certify(replace(CertifyConfig(), **{**settings, "data": str(out / "data" / "calibration.jsonl")}, out=str(tmp_path / "x")))
+    with pytest.raises(ValueError, match="not empty"):
+        certify(replace(CertifyConfig(), **settings, out=str(tmp_path / "recertified")))

@@ -14,10 +14,8 @@ never saw: not its support, calibration or an earlier certification split.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from sdm_core import SDMEstimator
 from sdm_core.lm.bundle import load_bundle, seal_bundle
 from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder
+from sdm_core.folders import atomic_folder
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from training.config import build_parser, config_from_args
@@ -128,18 +127,13 @@ def certify(config: CertifyConfig) -> dict:
                 "recertified_from": info.raw.get("bundle_sha256")},
     )
     out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        shutil.copytree(info.path, tmp, dirs_exist_ok=True)
-        provenance = {**info.provenance, "certify_config": asdict(config)}
-        seal_bundle(tmp, {"certification": certification.to_dict(), "provenance": provenance})
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    provenance = {**info.provenance, "certify_config": asdict(config)}
+
+    def write(folder: Path) -> None:
+        shutil.copytree(info.path, folder, dirs_exist_ok=True)
+        seal_bundle(folder, {"certification": certification.to_dict(), "provenance": provenance})
+
+    atomic_folder(out, write)
     print(certification.summary(), file=sys.stderr)
     return {
         "bundle": str(out),
