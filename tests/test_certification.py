@@ -143,27 +143,26 @@ def test_split_conformal_threshold_on_a_constructed_score():
 
 
 def test_a_certified_bundle_serves_without_its_withdrawn_regions(tmp_path):
+    from sdm_core import SDMEstimator
     from sdm_core.lm.bundle import load_head, read_bundle_info, seal_bundle
 
+    # The default bundle's files, with its head given regions at the lower alphas of its ladder.
     bundle = tmp_path / "bundle"
     shutil.copytree(ROOT / "deploy" / "bundles" / "smollm2-word-order", bundle)
-    info = read_bundle_info(bundle)
-    head = load_head(info)
+    head = SDMEstimator.load(bundle / "head")
+    regions = {a: (Region(a, 3.0, (0.6, 0.6), 10, 100) if a <= 0.8 else Region(a, math.inf, (0.0, 0.0), 0, 100))
+               for a in head.ladder.alphas}
+    head.ladder = RegionLadder(regions=regions, nested=head.ladder.nested, default_alpha=head.ladder.default_alpha)
     existing = [a for a in head.ladder.alphas if head.ladder.regions[a].exists]
-    assert existing, "the default bundle's head has regions to withdraw"
-    certification = info.certification
-    if certification is None:
-        rows = [{"alpha": a, "admitted": 20, "correct": 10, "accuracy": 0.5, "p_value": 1e-5, "lower_bound": 0.3,
-                 "status": "violated", "withdrawn": True, "groups": {}} for a in existing]
-        certification = Certification.from_dict({"documents": 100, "rows": rows})
-    else:
-        certification = Certification.from_dict({**certification.to_dict(), "rows": [
-            {**r, "status": "violated", "withdrawn": True} for r in certification.to_dict()["rows"]]})
-    seal_bundle(bundle, {"certification": certification.to_dict()})
+    assert existing
+    shutil.rmtree(bundle / "head")
+    head.save(bundle / "head")
+    seal_bundle(bundle, {"certification": None})
+    rows = [{"alpha": a, "admitted": 20, "correct": 10, "accuracy": 0.5, "p_value": 1e-5, "lower_bound": 0.3,
+             "status": "violated", "withdrawn": a in existing, "groups": {}} for a in head.ladder.alphas]
+    seal_bundle(bundle, {"certification": Certification.from_dict({"documents": 100, "rows": rows}).to_dict()})
     served = load_head(read_bundle_info(bundle))  # checksums verified after the re-seal
     assert not any(served.ladder.regions[a].exists for a in served.ladder.alphas)
     # The head on disk keeps its regions: the withdrawal is the certification's, applied at load.
-    from sdm_core import SDMEstimator
-
     on_disk = SDMEstimator.load(bundle / "head").ladder
-    assert {a: on_disk.regions[a].exists for a in on_disk.alphas} == {a: head.ladder.regions[a].exists for a in head.ladder.alphas}
+    assert [a for a in on_disk.alphas if on_disk.regions[a].exists] == existing
