@@ -163,32 +163,8 @@ def _write_manifest(root: Path, body: dict) -> None:
     (root / BUNDLE_JSON).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
 
 
-def seal_bundle(folder: str | os.PathLike, updates: dict | None = None) -> BundleInfo:
-    """Re-seal a bundle in place after its files were changed on purpose (a recalibrated or extended head, a new
-    certification): the head summary is re-read from ``head/``, ``updates`` replace top-level manifest entries
-    (e.g. ``certification``, ``provenance``), and every file's sha256 and the manifest's own are recomputed.
-
-    The manifest must still parse and name this format; its old checksums are not checked (that is the point)."""
-    root = Path(folder)
-    path = root / BUNDLE_JSON
-    if not path.is_file():
-        raise ArtifactError(f"{root} is not an sdm-lm bundle: {BUNDLE_JSON} is missing")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from None
-    if raw.get("format") != BUNDLE_FORMAT or raw.get("format_version") != BUNDLE_VERSION:
-        raise ArtifactError(f"{root} is not an sdm-lm bundle of format_version {BUNDLE_VERSION}")
-    head = SDMEstimator.load(root / raw["head"]["path"])
-    body = {**raw, **(updates or {})}
-    body["head"] = {"path": raw["head"]["path"], **head.summary()}
-    _write_manifest(root, body)
-    return read_bundle_info(root)
-
-
-def read_bundle_info(folder: str | os.PathLike, verify: bool = True) -> BundleInfo:
-    """Parse and (by default) verify a bundle's manifest and the sha256 of every file it lists."""
-    root = Path(folder)
+def _read_manifest(root: Path) -> dict:
+    """``bundle.json`` parsed, with its format and version checked (not its checksums)."""
     path = root / BUNDLE_JSON
     if not path.is_file():
         raise ArtifactError(f"{root} is not an sdm-lm bundle: {BUNDLE_JSON} is missing (build one with python -m training.calibrate)")
@@ -200,6 +176,29 @@ def read_bundle_info(folder: str | os.PathLike, verify: bool = True) -> BundleIn
         raise ArtifactError(f"{root} holds format {raw.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     if raw.get("format_version") != BUNDLE_VERSION:
         raise ArtifactError(f"{root} has bundle format_version {raw.get('format_version')!r}; this sdm-lm reads {BUNDLE_VERSION}")
+    return raw
+
+
+def seal_bundle(folder: str | os.PathLike, updates: dict | None = None) -> BundleInfo:
+    """Re-seal a bundle in place after its files were changed on purpose (a recalibrated or extended head, a new
+    certification): the head summary is re-read from ``head/``, ``updates`` replace top-level manifest entries
+    (e.g. ``certification``, ``provenance``), and every file's sha256 and the manifest's own are recomputed.
+
+    The manifest must still parse and name this format; its old checksums are not checked (that is the point)."""
+    root = Path(folder)
+    raw = _read_manifest(root)
+    head = SDMEstimator.load(root / raw["head"]["path"])
+    body = {**raw, **(updates or {})}
+    body["head"] = {"path": raw["head"]["path"], **head.summary()}
+    _write_manifest(root, body)
+    return read_bundle_info(root)
+
+
+def read_bundle_info(folder: str | os.PathLike, verify: bool = True) -> BundleInfo:
+    """Parse and (by default) verify a bundle's manifest and the sha256 of every file it lists."""
+    root = Path(folder)
+    path = root / BUNDLE_JSON
+    raw = _read_manifest(root)
     body = {k: v for k, v in raw.items() if k != "bundle_sha256"}
     if raw.get("bundle_sha256") != hashlib.sha256(canonical_json(body).encode()).hexdigest():
         raise ArtifactError(f"{path} has been modified since it was written; rebuild the bundle")
