@@ -34,7 +34,11 @@ RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin sdm
  && mkdir -p /bundles /cache/sdm /cache/huggingface /cache/vllm /data \
  && chown -R sdm:sdm /bundles /cache /data
 
-# Settings: every SDM_* variable of python -m server --help; these are the image's defaults.
+# Settings: every SDM_* variable of python -m server --help; these are the image's defaults. The GPU settings
+# (0 = vLLM's own choice): SDM_VLLM_TENSOR_PARALLEL_SIZE (GPUs per replica, with --gpus / nvidia.com/gpu to match),
+# SDM_VLLM_GPU_MEMORY_UTILIZATION (the engine's share of each GPU; with SDM_VLLM_HIDDEN_STATES=transformers the
+# second copy of the weights needs the rest), SDM_VLLM_MAX_MODEL_LEN, SDM_VLLM_MAX_NUM_SEQS, SDM_VLLM_ENFORCE_EAGER
+# (no CUDA graphs: faster start, less memory, slower decoding) and SDM_DTYPE.
 ENV SDM_BUNDLE=/bundles/default \
     SDM_BACKEND=vllm \
     SDM_HOST=0.0.0.0 \
@@ -43,6 +47,13 @@ ENV SDM_BUNDLE=/bundles/default \
     SDM_DRAIN_TIMEOUT_S=125 \
     SDM_CACHE_DIR=/cache/sdm \
     SDM_DATA_DIR=/data \
+    SDM_DTYPE=auto \
+    SDM_VLLM_TENSOR_PARALLEL_SIZE=1 \
+    SDM_VLLM_GPU_MEMORY_UTILIZATION=0 \
+    SDM_VLLM_MAX_MODEL_LEN=0 \
+    SDM_VLLM_MAX_NUM_SEQS=0 \
+    SDM_VLLM_ENFORCE_EAGER=false \
+    SDM_VLLM_HIDDEN_STATES=auto \
     HF_HOME=/cache/huggingface \
     VLLM_CACHE_ROOT=/cache/vllm
 

@@ -26,6 +26,7 @@ ENV_PREFIX = "SDM_"
 BACKENDS = ("transformers", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_STATE_MODES = ("auto", "reuse", "forward")
+VLLM_HIDDEN_STATE_MODES = ("auto", "engine", "transformers")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -76,6 +77,9 @@ class ServerConfig:
     vllm_max_model_len: int = field(default=0, metadata=_meta("vllm backend: longest sequence (prompt + completion) in tokens; 0 = the model's own limit"))
     vllm_gpu_memory_utilization: float = field(default=0.0, metadata=_meta("vllm backend: share of GPU memory for weights + KV cache; 0 = vLLM's default (leave room for the verification pass)"))
     vllm_tensor_parallel_size: int = field(default=1, metadata=_meta("vllm backend: GPUs to split the model across"))
+    vllm_enforce_eager: bool = field(default=False, metadata=_meta("vllm backend: run eagerly, without CUDA graphs or torch.compile (starts faster, holds less memory, decodes slower; CPU always runs eager)"))
+    vllm_max_num_seqs: int = field(default=0, metadata=_meta("vllm backend: most sequences the engine runs at once; 0 = vLLM's default"))
+    vllm_hidden_states: str = field(default="auto", metadata=_meta("vllm backend: where the head's input comes from: engine (the vLLM engine's own final-layer states, recorded in its worker: no second copy of the weights), transformers (a transformers prefill over a second copy of the weights, as training ran it), auto (engine for a float32 model whose recipe reads the final layer, else transformers)", VLLM_HIDDEN_STATE_MODES))
     # -- the traffic store and feedback (server/traffic.py, server/feedback.py) --
     data_dir: str = field(default="sdm-data", metadata=_meta("folder for the server's own data: the default traffic store (SQLite) lives here", metavar="PATH"))
     traffic_store: str = field(default="sqlite", metadata=_meta("where every verification is recorded: sqlite (a file under --data-dir), off, or a SQLAlchemy URL shared by replicas (postgresql+psycopg://user@host/db)", metavar="STORE"))
@@ -110,6 +114,9 @@ class ServerConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(_hint(name, f"must be an integer >= 0, got {value!r}"))
         _positive_int(self, "vllm_tensor_parallel_size")
+        _choice(self, "vllm_hidden_states", VLLM_HIDDEN_STATE_MODES)
+        if not isinstance(self.vllm_max_num_seqs, int) or isinstance(self.vllm_max_num_seqs, bool) or self.vllm_max_num_seqs < 0:
+            raise ConfigError(_hint("vllm_max_num_seqs", f"must be an integer >= 0 (0: vLLM's default), got {self.vllm_max_num_seqs!r}"))
         if not isinstance(self.vllm_max_model_len, int) or isinstance(self.vllm_max_model_len, bool) or self.vllm_max_model_len < 0:
             raise ConfigError(_hint("vllm_max_model_len", f"must be an integer >= 0 (0: the model's limit), got {self.vllm_max_model_len!r}"))
         if not (0.0 <= self.vllm_gpu_memory_utilization < 1.0):
@@ -154,7 +161,11 @@ class ServerConfig:
             engine_args["gpu_memory_utilization"] = self.vllm_gpu_memory_utilization
         if self.vllm_tensor_parallel_size > 1:
             engine_args["tensor_parallel_size"] = self.vllm_tensor_parallel_size
-        return {"max_model_len": self.vllm_max_model_len or None, "engine_args": engine_args}
+        if self.vllm_enforce_eager:
+            engine_args["enforce_eager"] = True
+        if self.vllm_max_num_seqs > 0:
+            engine_args["max_num_seqs"] = self.vllm_max_num_seqs
+        return {"max_model_len": self.vllm_max_model_len or None, "engine_args": engine_args, "head_input": self.vllm_hidden_states}
 
     @property
     def served_model_name(self) -> str:

@@ -38,6 +38,8 @@ def test_config_flags_win_over_environment(fake_bundle: Path, tmp_path: Path) ->
         ([], {"SDM_BUNDLE": "@", "SDM_VLLM_GPU_MEMORY_UTILIZATION": "1.5"}, "SDM_VLLM_GPU_MEMORY_UTILIZATION) must be in [0, 1)"),
         (["--vllm-tensor-parallel-size", "0"], {"SDM_BUNDLE": "@"}, "--vllm-tensor-parallel-size (env SDM_VLLM_TENSOR_PARALLEL_SIZE)"),
         (["--vllm-max-model-len", "-1"], {"SDM_BUNDLE": "@"}, "--vllm-max-model-len (env SDM_VLLM_MAX_MODEL_LEN) must be an integer >= 0"),
+        (["--vllm-max-num-seqs", "-1"], {"SDM_BUNDLE": "@"}, "--vllm-max-num-seqs (env SDM_VLLM_MAX_NUM_SEQS) must be an integer >= 0"),
+        ([], {"SDM_BUNDLE": "@", "SDM_VLLM_HIDDEN_STATES": "pooling"}, "--vllm-hidden-states (env SDM_VLLM_HIDDEN_STATES) must be one of auto, engine, transformers"),
     ],
 )
 def test_config_errors_say_what_to_do(fake_bundle: Path, argv, env, fragment) -> None:
@@ -52,10 +54,15 @@ def test_config_errors_say_what_to_do(fake_bundle: Path, argv, env, fragment) ->
 def test_vllm_settings_pass_only_what_was_set(fake_bundle: Path) -> None:
     from server.config import ServerConfig
 
-    assert ServerConfig(bundle=str(fake_bundle)).vllm_settings() == {"max_model_len": None, "engine_args": {}}
+    assert ServerConfig(bundle=str(fake_bundle)).vllm_settings() == {"max_model_len": None, "engine_args": {}, "head_input": "auto"}
     config = ServerConfig.from_sources(["--vllm-max-model-len", "512"], {"SDM_BUNDLE": str(fake_bundle),
                                         "SDM_VLLM_GPU_MEMORY_UTILIZATION": "0.7", "SDM_VLLM_TENSOR_PARALLEL_SIZE": "2"})
-    assert config.vllm_settings() == {"max_model_len": 512, "engine_args": {"gpu_memory_utilization": 0.7, "tensor_parallel_size": 2}}
+    assert config.vllm_settings() == {"max_model_len": 512, "engine_args": {"gpu_memory_utilization": 0.7, "tensor_parallel_size": 2}, "head_input": "auto"}
+    config = ServerConfig.from_sources(["--vllm-enforce-eager", "--vllm-hidden-states", "transformers"],
+                                       {"SDM_BUNDLE": str(fake_bundle), "SDM_VLLM_MAX_NUM_SEQS": "32"})
+    assert config.vllm_settings() == {"max_model_len": None, "engine_args": {"enforce_eager": True, "max_num_seqs": 32}, "head_input": "transformers"}
+    eager = ServerConfig.from_sources([], {"SDM_BUNDLE": str(fake_bundle), "SDM_VLLM_ENFORCE_EAGER": "true", "SDM_VLLM_HIDDEN_STATES": "engine"})
+    assert eager.vllm_settings()["engine_args"] == {"enforce_eager": True} and eager.vllm_settings()["head_input"] == "engine"
 
 
 def test_help_lists_every_setting_and_its_variable(capsys) -> None:

@@ -29,7 +29,7 @@ def make_backend(
     hidden_states: str = "auto",
 ) -> Backend:
     """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``; ``vllm`` holds the vllm
-    backend's ``max_model_len`` and ``engine_args``; ``hidden_states`` is the transformers backend's source of head
+    backend's ``max_model_len``, ``engine_args`` and ``head_input``; ``hidden_states`` is the transformers backend's source of head
     inputs (``auto``, ``reuse`` or ``forward``)."""
     settings = dict(device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer)
     if kind == "transformers":

