@@ -150,7 +150,10 @@ def server_environment() -> dict[str, str]:
 
 
 class ServerProcess:
-    """``python -m server`` on a free port; stderr and stdout to ``log_path``. Always stop it (``with`` block)."""
+    """``python -m server`` on a free port; stderr and stdout to ``log_path``. Always stop it (``with`` block).
+    Subclasses that start another server override :meth:`argv` and ``ready_path`` (polled until it answers 200)."""
+
+    ready_path = "/ready"
 
     def __init__(self, flags: dict, log_path: Path, ready_timeout_s: float) -> None:
         self.flags = flags
@@ -197,7 +200,7 @@ class ServerProcess:
                 if code is not None:
                     raise RuntimeError(f"the server exited with status {code} before it was ready; its log ({self.log_path}) ends:\n{self._log_tail()}")
                 try:
-                    response = client.get(self.url + "/ready")
+                    response = client.get(self.url + self.ready_path)
                     if response.status_code == 200:
                         log(f"server ready on port {self.port} after {time.monotonic() - started:.1f} s")
                         return
@@ -253,9 +256,10 @@ async def post(client: httpx.AsyncClient, body: dict) -> Sample:
     return Sample(latency, 200, body=response.json())
 
 
-async def closed_loop(client: httpx.AsyncClient, bodies: list[dict], clients: int) -> tuple[list[Sample], float]:
-    """``clients`` workers each send the next body as soon as their previous answer arrives; returns the samples
-    (in body order) and the wall time from the first send to the last answer."""
+async def closed_loop(client: httpx.AsyncClient, bodies: list[dict], clients: int, send=post) -> tuple[list[Sample], float]:
+    """``clients`` workers each send the next body as soon as their previous answer arrives (``send(client, body)``,
+    default: POST /generate); returns the samples (in body order) and the wall time from the first send to the last
+    answer."""
     samples: list[Sample | None] = [None] * len(bodies)
     next_index = 0
 
@@ -264,7 +268,7 @@ async def closed_loop(client: httpx.AsyncClient, bodies: list[dict], clients: in
         while next_index < len(bodies):
             i = next_index
             next_index += 1
-            samples[i] = await post(client, bodies[i])
+            samples[i] = await send(client, bodies[i])
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))

@@ -286,6 +286,25 @@ def test_vllm_head_input_equals_embed_texts(served) -> None:
     assert float(relative.max()) < 1e-4
 
 
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_head_input_comes_from_the_engine_without_a_second_copy_of_the_weights(served) -> None:
+    """The default for this float32 bundle: the engine's own states, recorded in its worker; no transformers model
+    is loaded, and every recorded request is forgotten once its head input is pooled (nothing leaks)."""
+    from server.backends.base import BackendError
+    from server.backends.vllm_backend import _BundleParts
+
+    backend = served.backend
+    assert backend.head_input == "engine" and isinstance(backend._embedder, _BundleParts)
+    with pytest.raises(BackendError, match="no transformers model"):
+        backend.model
+    texts = [backend.render_prompt(p) + "b a c <verified>" for p in PROMPTS]
+    one_by_one = [served.loop.run(backend.embed([t])) for t in texts]
+    together = served.loop.run(backend.embed(texts))
+    assert torch.allclose(torch.cat(one_by_one), together, rtol=1e-5, atol=1e-6), "batching with other requests changes nothing"
+    assert served.loop.run(backend.engine.collective_rpc("sdm_capture_count")) == [0]
+
+
 # -- (c) the HTTP API with --backend vllm ------------------------------------------------------------------------------
 @pytest.mark.slow
 @requires_vllm

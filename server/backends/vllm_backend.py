@@ -49,7 +49,7 @@ from sdm_core.estimator import SDMEstimator
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
 from server.backends.row import GenerationRow
 
-__all__ = ["VLLMBackend", "vllm_available", "vllm_model_folder", "vllm_tokenizer_folder"]
+__all__ = ["VLLMBackend", "choose_head_input", "vllm_available", "vllm_model_folder", "vllm_tokenizer_folder"]
 
 logger = logging.getLogger("sdm.server.vllm")
 
@@ -147,6 +147,24 @@ def _load_parts(bundle_path: str, verify: bool) -> _BundleParts:
                         worker_tokenizer=AutoTokenizer.from_pretrained(folder))
 
 
+def choose_head_input(setting: str, info: BundleInfo, dtype: torch.dtype) -> str:
+    """Where the head input comes from for ``setting`` ("auto", "engine" or "transformers"): the engine when asked
+    for, or for "auto" when the recipe reads the final layer of a float32 model (where the engine's states were
+    measured within 1e-4 of the training pass; see docs/decisions.md); else transformers."""
+    if setting not in HEAD_INPUTS:
+        raise BackendError(f"head_input must be one of {HEAD_INPUTS}, got {setting!r}")
+    if setting == "transformers":
+        return "transformers"
+    if info.recipe.layer != -1:
+        if setting == "engine":
+            raise BackendError(f"{info.path}: the bundle's recipe reads hidden-state layer {info.recipe.layer}; the engine head input "
+                               "has only the final layer's states: use --vllm-hidden-states transformers")
+        return "transformers"
+    if setting == "auto" and dtype != torch.float32:
+        return "transformers"  # lower precision: vLLM's kernels drift further from the training pass
+    return "engine"
+
+
 class VLLMBackend(Backend):
     """A bundle served with vLLM: generation, and the head input from the engine's own forward passes
     (``head_input="engine"``) or from a transformers prefill pass over a second copy of the weights
@@ -219,20 +237,6 @@ class VLLMBackend(Backend):
             raise BackendError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)}")
         return _DTYPES[name]
 
-    def _choose_head_input(self, info: BundleInfo, dtype: torch.dtype) -> str:
-        """engine when asked for, or for "auto" when the recipe reads the final layer of a float32 model (where the
-        engine's states were measured within 1e-4 of the training pass; see docs/decisions.md); else transformers."""
-        if self.head_input_setting == "transformers":
-            return "transformers"
-        if info.recipe.layer != -1:
-            if self.head_input_setting == "engine":
-                raise BackendError(f"{info.path}: the bundle's recipe reads hidden-state layer {info.recipe.layer}; the engine head input "
-                                   "has only the final layer's states: use --vllm-hidden-states transformers")
-            return "transformers"
-        if self.head_input_setting == "auto" and dtype != torch.float32:
-            return "transformers"  # lower precision: vLLM's kernels drift further from the training pass
-        return "engine"
-
     def _engine_args(self, folder: Path, tokenizer: Path, dtype: torch.dtype, capture: bool = False):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -264,7 +268,7 @@ class VLLMBackend(Backend):
             loop = asyncio.get_running_loop()
             info = await loop.run_in_executor(None, read_bundle_info, self.bundle_path, False)
             dtype = self._resolve_dtype(info)
-            mode = self._choose_head_input(info, dtype)
+            mode = choose_head_input(self.head_input_setting, info, dtype)
             embedder = None
             engine = None
             try:
