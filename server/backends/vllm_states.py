@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CAPTURE_PREFIX", "StateCaptureExtension", "EXTENSION_QUALNAME"]
+__all__ = ["CAPTURE_PREFIX", "EXTENSION_QUALNAME", "StateCaptureExtension"]
 
 logger = logging.getLogger("sdm.server.vllm")
 
@@ -80,7 +80,7 @@ class StateCaptureExtension:
             output = original(*args, **kwargs)
             try:
                 _record(runner, tables, kwargs.get("positions"), output)
-            except Exception:  # noqa: BLE001 - never break generation; the owner then falls back to another pass
+            except Exception:
                 logger.exception("recording hidden states failed")
             return output
 
@@ -117,7 +117,7 @@ class StateCaptureExtension:
         return len(tables) if tables else 0
 
 
-def _take(tables: "OrderedDict[str, _Table]", request_id: str) -> _Table | None:
+def _take(tables: OrderedDict[str, _Table], request_id: str) -> _Table | None:
     # vLLM appends "-<8 random chars>" to the caller's request id inside the engine (InputProcessor).
     for key in list(tables):
         if key == request_id or key.startswith(request_id + "-"):
@@ -125,7 +125,7 @@ def _take(tables: "OrderedDict[str, _Table]", request_id: str) -> _Table | None:
     return None
 
 
-def _record(runner, tables: "OrderedDict[str, _Table]", positions: torch.Tensor | None, output: Any) -> None:
+def _record(runner, tables: OrderedDict[str, _Table], positions: torch.Tensor | None, output: Any) -> None:
     if not isinstance(output, torch.Tensor) or positions is None:
         return
     batch = runner.input_batch
