@@ -116,14 +116,15 @@ async def post_plain(client: httpx.AsyncClient, body: dict) -> Sample:
 
 def answer_text(system: str, sample: Sample, tag: str) -> str | None:
     """The generated text before the verification tag (the project writes the tag from the head; plain vLLM stops
-    before it), or None for a failed request."""
+    before it) without trailing whitespace (the project writes the answer right-stripped, then a newline, then the
+    tag: sdm_core.lm.embedding.verification_prefix), or None for a failed request."""
     if sample.body is None:
         return None
     if system == "plain":
-        return sample.body["choices"][0]["text"]
+        return sample.body["choices"][0]["text"].rstrip()
     text = sample.body["text"]
     at = text.rfind(tag)
-    return text[:at] if at >= 0 else text
+    return (text[:at] if at >= 0 else text).rstrip()
 
 
 async def run_one(system: str, url: str, bodies: list[dict], warmup: list[dict], clients: int, timeout_s: float) -> tuple[list[Sample], float]:

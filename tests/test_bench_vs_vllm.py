@@ -17,9 +17,13 @@ def test_texts_are_compared_up_to_the_tag() -> None:
     from bench.vs_vllm import answer_text
 
     tag = "<verified>"
-    project = Sample(1.0, 200, body={"text": "b a c <verified>Yes</verified>"})
+    project = Sample(1.0, 200, body={"text": "b a c\n<verified>Yes</verified>"})
     plain = Sample(1.0, 200, body={"choices": [{"text": "b a c "}]})
-    assert answer_text("vllm", project, tag) == answer_text("plain", plain, tag) == "b a c "
+    assert answer_text("vllm", project, tag) == answer_text("plain", plain, tag) == "b a c"
+    # A length-stopped answer: the project writes it right-stripped, a newline, then the tag.
+    cut = Sample(1.0, 200, body={"text": "x x x\n<verified>No</verified>"})
+    assert answer_text("vllm", cut, tag) == answer_text("plain", Sample(1.0, 200, body={"choices": [{"text": "x x x"}]}), tag)
+    assert answer_text("plain", Sample(1.0, 200, body={"choices": [{"text": "x x y"}]}), tag) != answer_text("vllm", cut, tag)
     assert answer_text("transformers", Sample(1.0, 200, body={"text": "no tag at all"}), tag) == "no tag at all"
     assert answer_text("plain", Sample(1.0, 500, error="boom"), tag) is None
 
