@@ -108,6 +108,39 @@ def _explain(error) -> str:
     return f"{_where(error)}: {error.message}"
 
 
+def _parse_line(lineno: int, raw: bytes) -> tuple[dict | None, str | None]:
+    """One line of a record file as (JSON object, None); (None, None) for a blank line; (None, what to fix) when it
+    is not UTF-8, not JSON or not an object. A UTF-8 byte-order mark on the first line is dropped."""
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+    if not text.strip():
+        return None, None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"malformed JSON ({exc.msg} at column {exc.colno}); each line must be one complete JSON object"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}; write one object per line"
+    return obj, None
+
+
+def _record_problems(validator, obj: dict) -> list[str]:
+    """What to fix in one record, one message per distinct fix: the schema's errors, or (when the schema passes)
+    the record class's."""
+    errors = sorted(validator.iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    messages = list(dict.fromkeys(_explain(e) for e in errors))  # one line per distinct fix
+    if not messages:
+        try:  # the schema passed; the record class must agree (a test keeps the two in step)
+            Record.from_dict(obj)
+        except DataError as exc:
+            messages = [exc.reason]
+    return messages
+
+
 def validate_file(path: str | os.PathLike) -> FileReport:
     """Check a JSONL record file line by line; every problem is collected, none stops the check."""
     report = FileReport(str(path))
@@ -125,30 +158,12 @@ def validate_file(path: str | os.PathLike) -> FileReport:
         return report
     with handle:
         for lineno, raw in enumerate(handle, start=1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                problem(lineno, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8")
+            obj, message = _parse_line(lineno, raw)
+            if message is not None:
+                problem(lineno, message)
+            if obj is None:
                 continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problem(lineno, f"malformed JSON ({exc.msg} at column {exc.colno}); each line must be one complete JSON object")
-                continue
-            if not isinstance(obj, dict):
-                problem(lineno, f"expected a JSON object, got {type(obj).__name__}; write one object per line")
-                continue
-            errors = sorted(validator.iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
-            messages = list(dict.fromkeys(_explain(e) for e in errors))  # one line per distinct fix
-            if not messages:
-                try:  # the schema passed; the record class must agree (a test keeps the two in step)
-                    Record.from_dict(obj)
-                except DataError as exc:
-                    messages = [exc.reason]
+            messages = _record_problems(validator, obj)
             for message in messages:
                 problem(lineno, message)
             record_id = obj.get("id")
