@@ -65,6 +65,28 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json"
 
 
+def _send_with_ids(send: Send, request_id: str, client_id: str | None, status: dict) -> Send:
+    """``send`` that puts the server's request id (and the client's, when it sent one) on the response headers in
+    place of any the app set, and records in ``status`` the status code, whether the response is SSE and whether
+    its last body part went out."""
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status["code"] = message["status"]
+            drop = {b"x-request-id", b"x-client-request-id"}
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
+            status["sse"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+            headers.append((b"x-request-id", request_id.encode("latin-1")))
+            if client_id:
+                headers.append((b"x-client-request-id", client_id.encode("latin-1")))
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            status["complete"] = True
+        await send(message)
+
+    return send_with_id
+
+
 class RequestContextMiddleware:
     def __init__(
         self,
@@ -137,66 +159,68 @@ class RequestContextMiddleware:
         state["client_request_id"] = client_id
         started = time.perf_counter()
         status = {"code": 0, "sse": False, "complete": False}
+        send_with_id = _send_with_ids(send, request_id, client_id, status)
         kid: str | None = None
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                drop = {b"x-request-id", b"x-client-request-id"}
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
-                status["sse"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                if client_id:
-                    headers.append((b"x-client-request-id", client_id.encode("latin-1")))
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                status["complete"] = True
-            await send(message)
-
         try:
             error, kid = self._check_key(scope)
             if kid is not None:
                 tokens.append((key_id_var, key_id_var.set(kid)))
                 state["key_id"] = kid
             if error is None and scope.get("method") in _BODY_METHODS:
-                replay, error, body = await self._read_body(scope, receive)
-                if replay is not None:
-                    receive = replay
-                if error is None and body and body.strip() and not _is_json(_header(scope, b"content-type")):
-                    # Browsers send text/plain (and forms) cross-origin without a CORS preflight; JSON needs one.
-                    error = unsupported_media_type(_header(scope, b"content-type"))
+                receive, error = await self._checked_body(scope, receive)
             if error is not None:
                 if self.on_error is not None:
                     self.on_error(self.route_label(scope.get("path", "")), error.status)
                 await self._send_error(send_with_id, error)
                 return
-            try:
-                await self.app(scope, receive, send_with_id)
-            except asyncio.CancelledError:
-                # The server cancels what still runs when the drain timeout ends: answer it in the API's terms.
-                await self._answer_cancelled(send_with_id, status)
-                raise
-            except Exception:  # noqa: BLE001 - answered here so that the 500 keeps the request id
-                self.logger.error("unhandled error", exc_info=True)
-                if self.on_error is not None:
-                    self.on_error(self.route_label(scope.get("path", "")), 500)
-                if not status["code"]:
-                    await self._send_error(send_with_id, internal_error("internal server error; see the server log for this request id"))
+            await self._run_app(scope, receive, send_with_id, status)
         finally:
-            quiet = scope.get("path") in _QUIET_PATHS and 0 < status["code"] < 400
-            self.logger.log(
-                logging.DEBUG if quiet else logging.INFO,
-                "%s %s %s",
-                scope.get("method"),
-                scope.get("path"),
-                status["code"] or "-",
-                extra={"method": scope.get("method"), "path": scope.get("path"), "status": status["code"] or None,
-                       "duration_ms": round((time.perf_counter() - started) * 1000.0, 2),
-                       "client": (scope.get("client") or ("", 0))[0], "request_id": request_id, "client_request_id": client_id,
-                       "key_id": kid},
-            )
+            self._log_access(scope, status["code"], started, request_id, client_id, kid)
             for var, token in reversed(tokens):
                 var.reset(token)
+
+    async def _checked_body(self, scope: Scope, receive: Receive) -> tuple[Receive, APIError | None]:
+        """The body read whole, with the receive that replays it to the app; 413 past the size limit, 415 for a
+        body that is not JSON."""
+        replay, error, body = await self._read_body(scope, receive)
+        if replay is not None:
+            receive = replay
+        if error is None and body and body.strip() and not _is_json(_header(scope, b"content-type")):
+            # Browsers send text/plain (and forms) cross-origin without a CORS preflight; JSON needs one.
+            error = unsupported_media_type(_header(scope, b"content-type"))
+        return receive, error
+
+    async def _run_app(self, scope: Scope, receive: Receive, send: Send, status: dict) -> None:
+        """The app, with a request cancelled by the drain timeout answered as shutting down, and an unhandled
+        error logged and answered as a 500 that keeps the request id."""
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            # The server cancels what still runs when the drain timeout ends: answer it in the API's terms.
+            await self._answer_cancelled(send, status)
+            raise
+        except Exception:  # noqa: BLE001 - answered here so that the 500 keeps the request id
+            self.logger.error("unhandled error", exc_info=True)
+            if self.on_error is not None:
+                self.on_error(self.route_label(scope.get("path", "")), 500)
+            if not status["code"]:
+                await self._send_error(send, internal_error("internal server error; see the server log for this request id"))
+
+    def _log_access(self, scope: Scope, code: int, started: float, request_id: str, client_id: str | None,
+                    kid: str | None) -> None:
+        """The request's access line; probes and scrapes that succeed log at debug level."""
+        quiet = scope.get("path") in _QUIET_PATHS and 0 < code < 400
+        self.logger.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "%s %s %s",
+            scope.get("method"),
+            scope.get("path"),
+            code or "-",
+            extra={"method": scope.get("method"), "path": scope.get("path"), "status": code or None,
+                   "duration_ms": round((time.perf_counter() - started) * 1000.0, 2),
+                   "client": (scope.get("client") or ("", 0))[0], "request_id": request_id, "client_request_id": client_id,
+                   "key_id": kid},
+        )
 
     async def _answer_cancelled(self, send: Send, status: dict) -> None:
         error = shutting_down(self.drain_timeout_s)
