@@ -14,6 +14,7 @@ from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, ve
 from sdm_core.estimator import SDMEstimator
 from training import evaluate as ev
 from training.records import Record, write_records
+from training.surface_metrics import aggregate_surface
 from training.word_order import make_record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -200,7 +201,7 @@ def test_surface_metrics():
     assert wrong["word_acc"] == pytest.approx((len(words) - 2) / len(words))
     empty = ev.surface_metrics("I cannot do that.", record)
     assert empty["no_response"] and empty["word_acc"] == 0.0
-    agg = ev._aggregate_surface([exact, spaced, wrong, empty])
+    agg = aggregate_surface([exact, spaced, wrong, empty])
     assert agg["sentence_correct"] == 2 and agg["exact_match"] == 1 and agg["no_response"] == 1
     assert agg["own_tag_vs_sentence"] == {"tp": 1, "fp": 0, "fn": 0, "tn": 1, "missing": 1}
 
