@@ -41,8 +41,14 @@ from pathlib import Path
 from training.records import DataError, Record, write_records
 from training.word_order import make_record, make_record_widening
 
-__all__ = ["DEFAULT_CORPORA", "LENGTH_SHIFT_MIN_WORDS", "LICENCE_NOTE", "WordOrderConfig", "build_word_order",
-           "read_sentences"]
+__all__ = [
+    "DEFAULT_CORPORA",
+    "LENGTH_SHIFT_MIN_WORDS",
+    "LICENCE_NOTE",
+    "WordOrderConfig",
+    "build_word_order",
+    "read_sentences",
+]
 
 DEFAULT_CORPORA = Path(__file__).resolve().parent / "corpora"
 
@@ -96,8 +102,10 @@ class WordOrderConfig:
         if not 1 <= self.min_words <= self.max_words:
             raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}")
         if self.length_shift_max_words < LENGTH_SHIFT_MIN_WORDS:
-            raise ValueError(f"length_shift_max_words must be >= {LENGTH_SHIFT_MIN_WORDS} (the length-shift "
-                             f"set has {LENGTH_SHIFT_MIN_WORDS}-{self.length_shift_max_words}-word sentences)")
+            raise ValueError(
+                f"length_shift_max_words must be >= {LENGTH_SHIFT_MIN_WORDS} (the length-shift "
+                f"set has {LENGTH_SHIFT_MIN_WORDS}-{self.length_shift_max_words}-word sentences)"
+            )
 
 
 @dataclass
@@ -119,8 +127,9 @@ def _sha256(path: Path) -> str:
 def read_sentences(path: Path) -> list[tuple[int, str]]:
     """(1-based line number, stripped sentence) for every non-blank line of a corpus file."""
     if not path.is_file():
-        raise DataError("corpus file not found; pass --corpora DIR pointing at a folder with "
-                        "the training/corpora layout", path)
+        raise DataError(
+            "corpus file not found; pass --corpora DIR pointing at a folder with the training/corpora layout", path
+        )
     out: list[tuple[int, str]] = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -153,10 +162,10 @@ def _take(
     return records, skipped, consumed
 
 
-
 @dataclass
 class _Corpora:
     """The three corpus files, each as (line number, sentence) pairs."""
+
     wiki_path: Path
     shift_path: Path
     harvard_path: Path
@@ -174,24 +183,30 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
     log = (lambda msg: None) if config.quiet else (lambda msg: print(f"[word-order] {msg}", file=sys.stderr))
 
     corpora = _read_corpora(config)
-    log(f"read {len(corpora.wiki)} Wikipedia, {len(corpora.shift)} length-shift, {len(corpora.harvard)} Harvard sentences")
+    log(
+        f"read {len(corpora.wiki)} Wikipedia, {len(corpora.shift)} length-shift, "
+        f"{len(corpora.harvard)} Harvard sentences"
+    )
     _check_length_shift(corpora, config)
     pool, pool_counts = _wikipedia_pool(corpora, config)
     results, remaining = _wikipedia_splits(pool, config, log)
     results["length_shift"] = _length_shift_split(corpora, config)
-    log(f"length_shift: {len(results['length_shift'].records)} records "
-        f"({results['length_shift'].skipped} sentences skipped)")
+    log(
+        f"length_shift: {len(results['length_shift'].records)} records "
+        f"({results['length_shift'].skipped} sentences skipped)"
+    )
     harvard_result = _harvard_split(corpora, config)
     results["harvard"] = harvard_result
-    log(f"harvard: {len(harvard_result.records)} records ({len(harvard_result.widened)} with a "
-        f"widened suffix, {harvard_result.skipped} left out)")
+    log(
+        f"harvard: {len(harvard_result.records)} records ({len(harvard_result.widened)} with a "
+        f"widened suffix, {harvard_result.skipped} left out)"
+    )
     _check_disjoint(results)
 
     splits_info = _write_splits(out, results, config)
     manifest = _manifest(config, corpora, {"usable": len(pool), **pool_counts, "unused": len(remaining)}, splits_info)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log(f"wrote {sum(len(r.records) for r in results.values())} records to {out}")
     return manifest
 
@@ -202,8 +217,14 @@ def _read_corpora(config: WordOrderConfig) -> _Corpora:
     wiki_path = corpora / config.wiki_file
     shift_path = corpora / config.length_shift_file
     harvard_path = corpora / config.harvard_file
-    return _Corpora(wiki_path, shift_path, harvard_path,
-                    read_sentences(wiki_path), read_sentences(shift_path), read_sentences(harvard_path))
+    return _Corpora(
+        wiki_path,
+        shift_path,
+        harvard_path,
+        read_sentences(wiki_path),
+        read_sentences(shift_path),
+        read_sentences(harvard_path),
+    )
 
 
 def _check_length_shift(corpora: _Corpora, config: WordOrderConfig) -> None:
@@ -211,9 +232,12 @@ def _check_length_shift(corpora: _Corpora, config: WordOrderConfig) -> None:
     for lineno, sentence in corpora.shift:
         n = len(sentence.split())
         if not LENGTH_SHIFT_MIN_WORDS <= n <= config.length_shift_max_words:
-            raise DataError(f"length-shift sentence has {n} words, outside "
-                            f"{LENGTH_SHIFT_MIN_WORDS}-{config.length_shift_max_words}; remove it from the file",
-                            corpora.shift_path, lineno)
+            raise DataError(
+                f"length-shift sentence has {n} words, outside "
+                f"{LENGTH_SHIFT_MIN_WORDS}-{config.length_shift_max_words}; remove it from the file",
+                corpora.shift_path,
+                lineno,
+            )
 
 
 def _wikipedia_pool(corpora: _Corpora, config: WordOrderConfig) -> tuple[list[str], dict[str, int]]:
@@ -235,15 +259,21 @@ def _wikipedia_pool(corpora: _Corpora, config: WordOrderConfig) -> tuple[list[st
             pool.append(sentence)
     wanted = config.train + config.calibration + config.test + config.holdout
     if wanted > len(pool):
-        raise ValueError(f"requested {wanted} Wikipedia records (train+calibration+test) but "
-                         f"only {len(pool)} sentences are available; lower the split sizes")
-    counts = {"excluded_as_length_shift_or_harvard": n_excluded, "duplicates": n_duplicate,
-              "outside_length_range": n_out_of_length}
+        raise ValueError(
+            f"requested {wanted} Wikipedia records (train+calibration+test) but "
+            f"only {len(pool)} sentences are available; lower the split sizes"
+        )
+    counts = {
+        "excluded_as_length_shift_or_harvard": n_excluded,
+        "duplicates": n_duplicate,
+        "outside_length_range": n_out_of_length,
+    }
     return pool, counts
 
 
-def _wikipedia_splits(pool: list[str], config: WordOrderConfig,
-                      log: Callable[[str], None]) -> tuple[dict[str, _SplitResult], list[str]]:
+def _wikipedia_splits(
+    pool: list[str], config: WordOrderConfig, log: Callable[[str], None]
+) -> tuple[dict[str, _SplitResult], list[str]]:
     """Shuffle the pool with the seed and draw test, calibration, then train (and the holdout after train) from
     its end, each split with its own RNG; returns the splits and the sentences left unused."""
     random.Random(config.seed).shuffle(pool)
@@ -255,21 +285,32 @@ def _wikipedia_splits(pool: list[str], config: WordOrderConfig,
 
         def build(sentence: str, index: int, split: str = split, rng: random.Random = rng) -> Record | None:
             return make_record(
-                sentence, rng, record_id=f"wiki-{split}-{index:06d}", source="wikipedia",
-                suffix_size=config.suffix, attempts=config.attempts,
-                tag_drop_prob=config.tag_drop_prob, extra_meta={"split": split},
+                sentence,
+                rng,
+                record_id=f"wiki-{split}-{index:06d}",
+                source="wikipedia",
+                suffix_size=config.suffix,
+                attempts=config.attempts,
+                tag_drop_prob=config.tag_drop_prob,
+                extra_meta={"split": split},
             )
 
         records, skipped, consumed = _take(remaining, size, build)
         remaining = remaining[consumed:]
         if len(records) < size:
-            raise ValueError(f"ran out of Wikipedia sentences while building '{split}' "
-                             f"({len(records)} of {size}); lower the split sizes")
+            raise ValueError(
+                f"ran out of Wikipedia sentences while building '{split}' "
+                f"({len(records)} of {size}); lower the split sizes"
+            )
         if split == "train":
             extra = records[config.train :]
             records = records[: config.train]
-            results["holdout"] = _SplitResult([replace(r, id=f"wiki-holdout-{i:06d}", meta={**(r.meta or {}), "split": "holdout"})
-                                               for i, r in enumerate(extra, start=1)])
+            results["holdout"] = _SplitResult(
+                [
+                    replace(r, id=f"wiki-holdout-{i:06d}", meta={**(r.meta or {}), "split": "holdout"})
+                    for i, r in enumerate(extra, start=1)
+                ]
+            )
             log(f"holdout: {len(extra)} records")
         results[split] = _SplitResult(records, skipped)
         log(f"{split}: {len(records)} records ({skipped} sentences skipped)")
@@ -282,14 +323,22 @@ def _length_shift_split(corpora: _Corpora, config: WordOrderConfig) -> _SplitRes
     shift_rng = random.Random(f"{config.seed}:length_shift")
     shift_wanted = len(shift) if config.length_shift is None else config.length_shift
     if shift_wanted > len(shift):
-        raise ValueError(f"requested {shift_wanted} length-shift records but the file has only "
-                         f"{len(shift)} sentences; lower --length-shift")
+        raise ValueError(
+            f"requested {shift_wanted} length-shift records but the file has only "
+            f"{len(shift)} sentences; lower --length-shift"
+        )
     shift_records, shift_skipped, _ = _take(
-        (s for _, s in shift), shift_wanted,
+        (s for _, s in shift),
+        shift_wanted,
         lambda sentence, index: make_record(
-            sentence, shift_rng, record_id=f"lenshift-{index:06d}", source="wikipedia",
-            suffix_size=config.suffix, attempts=config.attempts,
-            tag_drop_prob=config.tag_drop_prob, extra_meta={"split": "length_shift"},
+            sentence,
+            shift_rng,
+            record_id=f"lenshift-{index:06d}",
+            source="wikipedia",
+            suffix_size=config.suffix,
+            attempts=config.attempts,
+            tag_drop_prob=config.tag_drop_prob,
+            extra_meta={"split": "length_shift"},
         ),
     )
     return _SplitResult(shift_records, shift_skipped)
@@ -303,14 +352,22 @@ def _harvard_split(corpora: _Corpora, config: WordOrderConfig) -> _SplitResult:
     for index, (lineno, sentence) in enumerate(corpora.harvard, start=1):
         record_id = f"harvard-{index:06d}"
         record = make_record_widening(
-            sentence, harvard_rng, record_id=record_id, source="harvard",
-            suffix_size=config.suffix, attempts=config.harvard_attempts,
-            tag_drop_prob=config.tag_drop_prob, extra_meta={"split": "harvard", "line": lineno},
+            sentence,
+            harvard_rng,
+            record_id=record_id,
+            source="harvard",
+            suffix_size=config.suffix,
+            attempts=config.harvard_attempts,
+            tag_drop_prob=config.tag_drop_prob,
+            extra_meta={"split": "harvard", "line": lineno},
         )
         if record is None:
             harvard_result.left_out.append({"line": lineno, "sentence": sentence})
-            print(f"[word-order] warning: {corpora.harvard_path}:{lineno}: sentence has too few distinct "
-                  "word orders to build a record; left out (listed in manifest.json)", file=sys.stderr)
+            print(
+                f"[word-order] warning: {corpora.harvard_path}:{lineno}: sentence has too few distinct "
+                "word orders to build a record; left out (listed in manifest.json)",
+                file=sys.stderr,
+            )
             continue
         if record.meta["suffix_size"] != config.suffix:
             harvard_result.widened.append(record_id)
@@ -321,8 +378,13 @@ def _harvard_split(corpora: _Corpora, config: WordOrderConfig) -> _SplitResult:
 
 def _write_splits(out: Path, results: dict[str, _SplitResult], config: WordOrderConfig) -> dict[str, dict]:
     """Write each split's JSONL file; returns the manifest's per-split entries."""
-    files = {"train": "train.jsonl", "calibration": "calibration.jsonl", "test": "test.jsonl",
-             "length_shift": "length_shift.jsonl", "harvard": "harvard.jsonl"}
+    files = {
+        "train": "train.jsonl",
+        "calibration": "calibration.jsonl",
+        "test": "test.jsonl",
+        "length_shift": "length_shift.jsonl",
+        "harvard": "harvard.jsonl",
+    }
     if config.holdout:
         files["holdout"] = "holdout.jsonl"
     splits_info: dict[str, dict] = {}
@@ -344,8 +406,9 @@ def _write_splits(out: Path, results: dict[str, _SplitResult], config: WordOrder
     return splits_info
 
 
-def _manifest(config: WordOrderConfig, corpora: _Corpora, wikipedia_pool: dict[str, int],
-              splits_info: dict[str, dict]) -> dict:
+def _manifest(
+    config: WordOrderConfig, corpora: _Corpora, wikipedia_pool: dict[str, int], splits_info: dict[str, dict]
+) -> dict:
     """manifest.json: the settings, each source file's hash, how the Wikipedia pool was used, and the splits."""
     config_dict = asdict(config)
     config_dict["corpora_dir"] = str(config.corpora_dir)
@@ -375,6 +438,8 @@ def _check_disjoint(results: dict[str, _SplitResult]) -> None:
         for record in result.records:
             other = owner.setdefault(record.reference, split)
             if other != split:
-                raise RuntimeError(f"sentence appears in both '{other}' and '{split}': "
-                                   f"{record.reference[:80]!r}; the corpora overlap in a way the "
-                                   "builder did not exclude")
+                raise RuntimeError(
+                    f"sentence appears in both '{other}' and '{split}': "
+                    f"{record.reference[:80]!r}; the corpora overlap in a way the "
+                    "builder did not exclude"
+                )
