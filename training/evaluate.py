@@ -157,19 +157,10 @@ def parse_named_paths(specs: Sequence[str], kind: str) -> dict[str, Path]:
 
 def evaluate(config: EvaluateConfig) -> dict:
     """Run the evaluation and write its outputs; returns the metrics dict (also written as metrics.json)."""
-    from sdm_core.lm.bundle import load_bundle
-
     config.validate()
     bundle_paths = parse_named_paths(config.bundles, "bundle")
     data_paths = parse_named_paths(config.data, "data")
-    datasets: dict[str, list[Record]] = {}
-    for name, path in data_paths.items():
-        records = load_records(path)
-        if config.max_docs:
-            records = records[: config.max_docs]
-        if not records:
-            raise ValueError(f"data {name!r}: {path} holds no records")
-        datasets[name] = records
+    datasets = _load_datasets(data_paths, config.max_docs)
     device = resolve_device(config.device)  # a bad --device is the flag's error, before any bundle loads
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,24 +172,8 @@ def evaluate(config: EvaluateConfig) -> dict:
         "results": {},
     }
     for bundle_name, bundle_path in bundle_paths.items():
-        try:
-            bundle = load_bundle(bundle_path, device=device)
-        except ValueError as exc:
-            raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
-        head = bundle.head
-        if head.num_classes != 2:
-            raise ValueError(f"bundle {bundle_name!r}: its head has {head.num_classes} classes; a verification head has 2")
-        try:
-            alpha = head.ladder.resolve_alpha(config.alpha)
-        except ValueError as exc:
-            raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
-        certification = bundle.info.certification
-        metrics["bundles"][bundle_name] = {
-            "path": str(bundle_path), "alpha": alpha, "ladder": list(head.ladder.alphas), "model": bundle.info.model,
-            "provenance_git_revision": bundle.info.provenance.get("git_revision"),
-            "certified_alphas": list(certification.certified) if certification else None,
-            "withdrawn_alphas": list(certification.withdrawn) if certification else None,
-        }
+        bundle, alpha = _load_bundle(bundle_name, bundle_path, device, config.alpha)
+        metrics["bundles"][bundle_name] = _bundle_entry(bundle, bundle_path, alpha)
         metrics["results"][bundle_name] = {}
         for dataset_name, records in datasets.items():
             metrics["results"][bundle_name][dataset_name] = evaluate_pair(bundle, bundle_name, dataset_name, records, config, alpha, out)
@@ -214,6 +189,48 @@ def evaluate(config: EvaluateConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     return metrics
+
+
+def _load_datasets(data_paths: dict[str, Path], max_docs: int) -> dict[str, list[Record]]:
+    """Each named record file's records (the first ``max_docs`` when it is set); an empty one is an error."""
+    datasets: dict[str, list[Record]] = {}
+    for name, path in data_paths.items():
+        records = load_records(path)
+        if max_docs:
+            records = records[:max_docs]
+        if not records:
+            raise ValueError(f"data {name!r}: {path} holds no records")
+        datasets[name] = records
+    return datasets
+
+
+def _load_bundle(bundle_name: str, bundle_path: Path, device, alpha_setting: float | None):
+    """The bundle on ``device`` and the alpha to report it at; errors name the bundle."""
+    from sdm_core.lm.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(bundle_path, device=device)
+    except ValueError as exc:
+        raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
+    head = bundle.head
+    if head.num_classes != 2:
+        raise ValueError(f"bundle {bundle_name!r}: its head has {head.num_classes} classes; a verification head has 2")
+    try:
+        alpha = head.ladder.resolve_alpha(alpha_setting)
+    except ValueError as exc:
+        raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
+    return bundle, alpha
+
+
+def _bundle_entry(bundle, bundle_path: Path, alpha: float) -> dict:
+    """metrics.json's entry for a bundle: where it is, its alpha and ladder, its model, provenance and certification."""
+    head, certification = bundle.head, bundle.info.certification
+    return {
+        "path": str(bundle_path), "alpha": alpha, "ladder": list(head.ladder.alphas), "model": bundle.info.model,
+        "provenance_git_revision": bundle.info.provenance.get("git_revision"),
+        "certified_alphas": list(certification.certified) if certification else None,
+        "withdrawn_alphas": list(certification.withdrawn) if certification else None,
+    }
 
 
 def _summary(metrics: dict, out: str) -> dict:

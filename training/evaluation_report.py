@@ -1,7 +1,6 @@
-"""training.evaluate's outputs besides metrics.json: report.md (Tables 2, 3 and 4 of the LM paper, the held-out
-validity of SDM_HR, the AUROCs and the methods side by side) and the plots (admitted proportion and accuracy
-against alpha, q' by correctness, risk against coverage). Every function reads the metrics dict, or one pair's
-scores, and writes nothing else."""
+"""training.evaluate's report.md (Tables 2, 3 and 4 of the LM paper, the held-out validity of SDM_HR, the AUROCs,
+the methods side by side), rendered from the metrics dict, and its plots: admitted proportion and accuracy against
+alpha, q' by correctness, risk against coverage."""
 
 from __future__ import annotations
 
@@ -16,8 +15,6 @@ from training.baselines import METHODS
 __all__ = ["REPORT_ALPHAS", "plot_admitted", "plot_q_prime", "plot_risk_coverage", "render_report"]
 
 
-# -- plots ----------------------------------------------------------------------------------------------------
-
 def _pyplot():
     import matplotlib
 
@@ -27,10 +24,15 @@ def _pyplot():
     return plt
 
 
-def plot_q_prime(path: Path, q_prime: torch.Tensor, labels: torch.Tensor, positive: int, q_prime_min: float | None, title: str) -> None:
+def plot_q_prime(
+    path: Path, q_prime: torch.Tensor, labels: torch.Tensor, positive: int, q_prime_min: float | None, title: str
+) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    groups = [("correct (y=1)", q_prime[labels == positive], "tab:green"), ("wrong (y=0)", q_prime[labels != positive], "tab:red")]
+    groups = [
+        ("correct (y=1)", q_prime[labels == positive], "tab:green"),
+        ("wrong (y=0)", q_prime[labels != positive], "tab:red"),
+    ]
     values = q_prime[torch.isfinite(q_prime)]
     top = float(values.max()) if values.numel() else 1.0
     bins = torch.linspace(0.0, max(top, 1.0), 31).tolist()
@@ -63,10 +65,17 @@ def plot_admitted(path: Path, dataset: str, per_bundle: dict[str, dict]) -> None
         alphas = [r["alpha"] for r in rows]
         lo = min([lo] + alphas)
         line = left.plot(alphas, [r["HR"]["marginal"]["proportion"] for r in rows], marker="o", label=name)[0]
-        left.plot(alphas, [r["HR_lower"]["marginal"]["proportion"] for r in rows], linestyle=":", color=line.get_color())
+        left.plot(
+            alphas, [r["HR_lower"]["marginal"]["proportion"] for r in rows], linestyle=":", color=line.get_color()
+        )
         acc = [r["HR"]["marginal"]["accuracy"] for r in rows]
-        right.plot([a for a, v in zip(alphas, acc) if v is not None], [v for v in acc if v is not None], marker="o",
-                   color=line.get_color(), label=name)
+        right.plot(
+            [a for a, v in zip(alphas, acc) if v is not None],
+            [v for v in acc if v is not None],
+            marker="o",
+            color=line.get_color(),
+            label=name,
+        )
     right.plot([lo, 1.0], [lo, 1.0], color="grey", linestyle="--", linewidth=1, label="accuracy = alpha")
     left.set_xlabel("alpha")
     left.set_ylabel("admitted proportion n/|D| (dotted: HR_lower)")
@@ -94,10 +103,18 @@ def plot_risk_coverage(path: Path, dataset: str, per_bundle: dict[str, dict]) ->
         curves = result["risk_coverage"]
         line = ax.plot(*curves["sdm"], label=f"{name}: SDM(z')", linewidth=1.4)[0]
         ax.plot(*curves["softmax"], color=line.get_color(), linestyle="-.", linewidth=1, label=f"{name}: softmax(z')")
-        ax.plot(*curves["lm_probability"], color=line.get_color(), linestyle="--", linewidth=1, label=f"{name}: LM P(Yes)")
-        points = [(r["verified"]["share"], 1.0 - r["verified"]["accuracy"]) for r in result["methods"]["sdm_hr"] if r["verified"]["admitted"]]
+        ax.plot(
+            *curves["lm_probability"], color=line.get_color(), linestyle="--", linewidth=1, label=f"{name}: LM P(Yes)"
+        )
+        points = [
+            (r["verified"]["share"], 1.0 - r["verified"]["accuracy"])
+            for r in result["methods"]["sdm_hr"]
+            if r["verified"]["admitted"]
+        ]
         if points:
-            ax.scatter(*zip(*points), color=line.get_color(), marker="o", s=18, zorder=3, label=f"{name}: SDM_HR (ladder)")
+            ax.scatter(
+                *zip(*points), color=line.get_color(), marker="o", s=18, zorder=3, label=f"{name}: SDM_HR (ladder)"
+            )
     ax.set_xlabel("coverage (share admitted as verified)")
     ax.set_ylabel("risk (share of admitted that are wrong)")
     ax.set_xlim(0, 1)
@@ -111,6 +128,7 @@ def plot_risk_coverage(path: Path, dataset: str, per_bundle: dict[str, dict]) ->
 
 # -- report ---------------------------------------------------------------------------------------------------
 
+
 def _fmt(value: float | None) -> str:
     if value is None:
         return "–"
@@ -122,32 +140,59 @@ def _fmt(value: float | None) -> str:
 REPORT_ALPHAS = (0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
 
 
-def _methods_section(metrics: dict) -> list[str]:
-    """Held-out validity of SDM_HR (every alpha that admitted something, with its exact binomial test), the
-    AUROC of each score, and every method's verified answers side by side."""
-    lines = ["## Held-out validity of SDM_HR", "",
-             "Answers admitted as verified (in the served region, predicted Yes) against alpha: the one-sided exact binomial "
-             "p-value of H0 accuracy >= alpha and the 95 % Clopper-Pearson lower bound. **VIOLATION**: p < 0.01 with at least 10 "
-             "admitted.", "", "| Dataset | Bundle | alpha | admitted | correct | accuracy | p | lower bound |", "|---|---|---|---|---|---|---|---|"]
+def _validity_lines(metrics: dict) -> list[str]:
+    """Held-out validity of SDM_HR: every alpha that admitted something, with its exact binomial test."""
+    lines = [
+        "## Held-out validity of SDM_HR",
+        "",
+        "Answers admitted as verified (in the served region, predicted Yes) against alpha: the one-sided exact "
+        "binomial p-value of H0 accuracy >= alpha and the 95 % Clopper-Pearson lower bound. **VIOLATION**: p < 0.01 "
+        "with at least 10 admitted.",
+        "",
+        "| Dataset | Bundle | alpha | admitted | correct | accuracy | p | lower bound |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for d in metrics["datasets"]:
         for b in metrics["bundles"]:
             rows = [r for r in metrics["results"][b][d]["methods"]["sdm_hr"] if r["verified"]["admitted"]]
             for r in rows:
                 v = r["verified"]
                 flag = " **VIOLATION**" if v["p_value"] < 0.01 and v["admitted"] >= 10 else ""
-                lines.append(f"| {d} | {b} | {r['alpha']:g} | {v['admitted']} | {v['correct']} | {_fmt(v['accuracy'])} | "
-                             f"{v['p_value']:.3g}{flag} | {v['lower_bound']:.2f} |")
+                lines.append(
+                    f"| {d} | {b} | {r['alpha']:g} | {v['admitted']} | {v['correct']} | {_fmt(v['accuracy'])} | "
+                    f"{v['p_value']:.3g}{flag} | {v['lower_bound']:.2f} |"
+                )
             if not rows:
                 lines.append(f"| {d} | {b} | – | 0 | – | – | – | – |")
-    lines += ["", "## AUROC of right against wrong generations", "",
-              "| Dataset | Bundle | LM P(Yes) | softmax(z')_Yes | SDM(z')_Yes |", "|---|---|---|---|---|"]
+    return lines
+
+
+def _auroc_lines(metrics: dict) -> list[str]:
+    """The AUROC of each score (the LM's P(Yes), softmax(z'), SDM(z')) of right against wrong generations."""
+    lines = [
+        "",
+        "## AUROC of right against wrong generations",
+        "",
+        "| Dataset | Bundle | LM P(Yes) | softmax(z')_Yes | SDM(z')_Yes |",
+        "|---|---|---|---|---|",
+    ]
     for d in metrics["datasets"]:
         for b in metrics["bundles"]:
             a = metrics["results"][b][d]["auroc"]
             lines.append(f"| {d} | {b} | {_fmt(a['lm_probability'])} | {_fmt(a['softmax'])} | {_fmt(a['sdm'])} |")
-    lines += ["", "## Methods side by side", "",
-              "Accuracy (against r) of the answers each method admits as verified, and how many (of the dataset), at each alpha. "
-              "Methods: training/baselines.py. Full Table 4 cells per method and alpha are in metrics.json.", ""]
+    return lines
+
+
+def _methods_lines(metrics: dict) -> list[str]:
+    """Every method's verified answers side by side, per pair, at the report's alphas on the pair's ladder."""
+    lines = [
+        "",
+        "## Methods side by side",
+        "",
+        "Accuracy (against r) of the answers each method admits as verified, and how many (of the dataset), at "
+        "each alpha. Methods: training/baselines.py. Full Table 4 cells per method and alpha are in metrics.json.",
+        "",
+    ]
     for d in metrics["datasets"]:
         for b in metrics["bundles"]:
             methods = metrics["results"][b][d]["methods"]
@@ -177,7 +222,9 @@ def render_report(metrics: dict) -> str:
     lines += _table2_lines(metrics)
     lines += _table3_lines(metrics)
     lines += _abstention_lines(metrics)
-    lines += _methods_section(metrics)
+    lines += _validity_lines(metrics)
+    lines += _auroc_lines(metrics)
+    lines += _methods_lines(metrics)
     lines += _table4_lines(metrics)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -186,9 +233,14 @@ def _header_lines(metrics: dict) -> list[str]:
     """The title, the correctness function, each bundle with its alpha, and each bundle's certified ladder."""
     bundles = list(metrics["bundles"])
     lines = ["# SDM LM evaluation", ""]
-    lines.append(f"Correctness: `{metrics['config']['correctness']}`; max_new_tokens {metrics['config']['max_new_tokens']}. "
-                 "Bundles: " + "; ".join(f"**{b}** = `{metrics['bundles'][b]['path']}` (α = {metrics['bundles'][b]['alpha']:g})"
-                                         for b in bundles) + ".")
+    lines.append(
+        f"Correctness: `{metrics['config']['correctness']}`; max_new_tokens {metrics['config']['max_new_tokens']}. "
+        "Bundles: "
+        + "; ".join(
+            f"**{b}** = `{metrics['bundles'][b]['path']}` (α = {metrics['bundles'][b]['alpha']:g})" for b in bundles
+        )
+        + "."
+    )
     lines.append("")
     for b in bundles:
         certified = metrics["bundles"][b].get("certified_alphas")
@@ -196,8 +248,10 @@ def _header_lines(metrics: dict) -> list[str]:
             lines.append(f"- {b}: no certification recorded (a bundle from before held-out certification).")
         else:
             withdrawn = metrics["bundles"][b].get("withdrawn_alphas") or []
-            lines.append(f"- {b}: certified alphas {', '.join(f'{a:g}' for a in certified) or 'none'}; withdrawn "
-                         f"{', '.join(f'{a:g}' for a in withdrawn) or 'none'} (the served ladder, evaluated here).")
+            lines.append(
+                f"- {b}: certified alphas {', '.join(f'{a:g}' for a in certified) or 'none'}; withdrawn "
+                f"{', '.join(f'{a:g}' for a in withdrawn) or 'none'} (the served ladder, evaluated here)."
+            )
     lines.append("")
     return lines
 
@@ -207,8 +261,10 @@ def _table2_lines(metrics: dict) -> list[str]:
     bundles = list(metrics["bundles"])
     results = metrics["results"]
     lines = ["## Table 2: SDM_HR (accuracy, admitted proportion n/|D|)", ""]
-    lines.append("Marginal accuracy of the verification prediction among admitted documents, and the admitted proportion, "
-                 "at each bundle's α. '–' means nothing was admitted.")
+    lines.append(
+        "Marginal accuracy of the verification prediction among admitted documents, and the admitted proportion, "
+        "at each bundle's α. '–' means nothing was admitted."
+    )
     lines.append("")
     lines.append("| Dataset | " + " | ".join(f"{b} (α={metrics['bundles'][b]['alpha']:g})" for b in bundles) + " |")
     lines.append("|" + "---|" * (len(bundles) + 1))
@@ -228,7 +284,9 @@ def _table3_lines(metrics: dict) -> list[str]:
     datasets = list(metrics["datasets"])
     results = metrics["results"]
     lines = ["## Table 3: generation (Sentence acc / Exact-match acc)", ""]
-    lines.append("No SDM layer: the first `<sentence>` against the reference, and the whole generation against the positive.")
+    lines.append(
+        "No SDM layer: the first `<sentence>` against the reference, and the whole generation against the positive."
+    )
     lines.append("")
     lines.append("| Dataset | " + " | ".join(bundles) + " |")
     lines.append("|" + "---|" * (len(bundles) + 1))
@@ -236,8 +294,10 @@ def _table3_lines(metrics: dict) -> list[str]:
         cells = [f"{results[b][d]['sentence_acc']:.2f} / {results[b][d]['exact_match_acc']:.2f}" for b in bundles]
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Raw counts: exact / sentence / no response / own tag TP,FP,FN,TN (missing) / word acc mean ± sd / "
-                 "correct under the correctness function.")
+    lines.append(
+        "Raw counts: exact / sentence / no response / own tag TP,FP,FN,TN (missing) / word acc mean ± sd / "
+        "correct under the correctness function."
+    )
     lines.append("")
     lines.append("| Dataset | Bundle | counts |")
     lines.append("|---|---|---|")
@@ -245,9 +305,12 @@ def _table3_lines(metrics: dict) -> list[str]:
         for b in bundles:
             r = results[b][d]
             c = r["own_tag_vs_sentence"]
-            lines.append(f"| {d} | {b} | {r['exact_match']} / {r['sentence_correct']} / {r['no_response']} / "
-                         f"{c['tp']},{c['fp']},{c['fn']},{c['tn']} ({c['missing']}) / {r['word_acc_mean']:.4f} ± {r['word_acc_sd']:.4f} / "
-                         f"{r['generation_correct']} of {r['n']} |")
+            lines.append(
+                f"| {d} | {b} | {r['exact_match']} / {r['sentence_correct']} / {r['no_response']} / "
+                f"{c['tp']},{c['fp']},{c['fn']},{c['tn']} ({c['missing']}) / "
+                f"{r['word_acc_mean']:.4f} ± {r['word_acc_sd']:.4f} / "
+                f"{r['generation_correct']} of {r['n']} |"
+            )
     lines.append("")
     return lines
 
@@ -261,7 +324,9 @@ def _abstention_lines(metrics: dict) -> list[str]:
         for b in metrics["bundles"]:
             r = metrics["results"][b][d]
             reasons = ", ".join(f"{k}: {v}" for k, v in r["abstention_reasons"].items()) or "–"
-            lines.append(f"| {d} | {b} | {r['sdm_hr']['admitted']} of {r['n']} | {r['ood_proportion']:.2f} | {reasons} |")
+            lines.append(
+                f"| {d} | {b} | {r['sdm_hr']['admitted']} of {r['n']} | {r['ood_proportion']:.2f} | {reasons} |"
+            )
     lines.append("")
     return lines
 
@@ -274,6 +339,9 @@ def _table4_lines(metrics: dict) -> list[str]:
             table = render_markdown(metrics["results"][b][d]["report"], title=f"{b} on {d}")
             # render_markdown's level-1 title becomes a level-3 heading under this section.
             lines.append("##" + table if table.startswith("# ") else table)
-            lines.append(f"![admitted vs alpha](admitted_vs_alpha_{d}.png) ![q' by correctness](q_prime_by_correctness_{b}_{d}.png)")
+            lines.append(
+                f"![admitted vs alpha](admitted_vs_alpha_{d}.png) "
+                f"![q' by correctness](q_prime_by_correctness_{b}_{d}.png)"
+            )
             lines.append("")
     return lines
