@@ -75,21 +75,8 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
             built = json.loads(manifest.read_text()).get("task")
             if built != config.task:
                 raise ValueError(f"{data_dir} holds the {built} task but --task is {config.task}; use another --output-dir")
-        elif config.task == "arithmetic":
-            from training.arithmetic import ArithmeticConfig, build_arithmetic
-
-            n_train = config.max_train_docs or 5000
-            n_cal = config.max_calibration_docs or 2000
-            build_arithmetic(data_dir, ArithmeticConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(1000, n_cal)),
-                                                        holdout=config.task_holdout_docs, shift=200, min_digits=config.task_min_digits, max_digits=config.task_max_digits,
-                                                        operations=tuple(config.task_operations), quiet=True))
         else:
-            from training.data import WordOrderConfig, build_word_order
-
-            n_train = config.max_train_docs or 5000
-            n_cal = config.max_calibration_docs or 5000
-            build_word_order(data_dir, WordOrderConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(2000, n_cal)),
-                                                       holdout=config.task_holdout_docs, min_words=config.task_min_words, max_words=config.task_max_words, quiet=True))
+            _build_task(config, data_dir)
         train_path, cal_path = str(data_dir / "train.jsonl"), str(data_dir / "calibration.jsonl")
     train = load_records(train_path)
     cal = load_records(cal_path)
@@ -101,6 +88,25 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
     if overlap:
         raise DataError(f"train and calibration share ids, e.g. {sorted(overlap)[:3]}; the splits must be disjoint")
     return train, cal
+
+
+def _build_task(config: FinetuneConfig, data_dir: Path) -> None:
+    """Build ``config.task``'s data set into ``data_dir`` at the sizes the fine-tuning run asks for."""
+    if config.task == "arithmetic":
+        from training.arithmetic import ArithmeticConfig, build_arithmetic
+
+        n_train = config.max_train_docs or 5000
+        n_cal = config.max_calibration_docs or 2000
+        build_arithmetic(data_dir, ArithmeticConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(1000, n_cal)),
+                                                    holdout=config.task_holdout_docs, shift=200, min_digits=config.task_min_digits, max_digits=config.task_max_digits,
+                                                    operations=tuple(config.task_operations), quiet=True))
+    else:
+        from training.data import WordOrderConfig, build_word_order
+
+        n_train = config.max_train_docs or 5000
+        n_cal = config.max_calibration_docs or 5000
+        build_word_order(data_dir, WordOrderConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(2000, n_cal)),
+                                                   holdout=config.task_holdout_docs, min_words=config.task_min_words, max_words=config.task_max_words, quiet=True))
 
 
 def _setup_logging(output_dir: Path) -> None:
