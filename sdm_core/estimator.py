@@ -421,7 +421,9 @@ class SDMEstimator:
         for row_d, row_p in zip(dist.tolist(), pos.tolist()):
             neighbours.append(
                 [
-                    Exemplar(self.support.ids[p], int(self.support.labels[p]), int(self.support.predictions[p]), float(dv))
+                    Exemplar(
+                        self.support.ids[p], int(self.support.labels[p]), int(self.support.predictions[p]), float(dv)
+                    )
                     for dv, p in zip(row_d, row_p)
                     if p >= 0
                 ]

@@ -3,8 +3,8 @@ labelling of generations by the task's correctness function."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -76,8 +76,15 @@ def _generate_fillers(model, count: int, pad_id: int, eos_token_id: int, max_new
     device = next(model.parameters()).device
     for _ in range(count):
         filler = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
-        model.generate(input_ids=filler, attention_mask=torch.ones_like(filler), max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=eos_token_id, pad_token_id=pad_id, **extra)
+        model.generate(
+            input_ids=filler,
+            attention_mask=torch.ones_like(filler),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_id,
+            **extra,
+        )
 
 
 def _left_padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +111,9 @@ class LabelledGenerations:
         return sum(self.labels) / len(self.labels) if self.labels else 0.0
 
 
-def label_generations(records: Sequence[Record], texts: Sequence[str], correct: Callable[[str, str], bool]) -> LabelledGenerations:
+def label_generations(
+    records: Sequence[Record], texts: Sequence[str], correct: Callable[[str, str], bool]
+) -> LabelledGenerations:
     """Label generations with the task's correctness function, against each record's reference (or positive).
 
     Each generation is first cut where the server's output would end (:func:`served_generation`), so the label
@@ -116,8 +125,17 @@ def label_generations(records: Sequence[Record], texts: Sequence[str], correct: 
     return LabelledGenerations(list(texts), labels)
 
 
-def decode_and_label(model, tokenizer, records: Sequence[Record], chat: ChatFormat, correct: Callable[[str, str], bool],
-                     max_new_tokens: int, batch_size: int = 16, progress: bool = False, desc: str = "generating") -> LabelledGenerations:
+def decode_and_label(
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    chat: ChatFormat,
+    correct: Callable[[str, str], bool],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generating",
+) -> LabelledGenerations:
     """What calibration, certification and evaluation all do to a record file: greedy-decode every prompt with
     the model as served, then label each generation with r. One function, so the head is calibrated and checked
     on exactly the kind of generation it is later scored on."""
