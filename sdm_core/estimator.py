@@ -174,6 +174,24 @@ def _ids(ids: Sequence[str] | None, n: int, prefix: str, name: str) -> list[str]
     return out
 
 
+def _neighbour_exemplars(
+    support: SupportIndex, exemplars: torch.Tensor, k: int, exclude: torch.Tensor
+) -> list[list[Exemplar]]:
+    """The k nearest support exemplars of each row of ``exemplars``, nearest first (fewer when the support is
+    smaller)."""
+    neighbours: list[list[Exemplar]] = []
+    dist, pos = support.neighbors(exemplars, k, exclude=exclude)
+    for row_d, row_p in zip(dist.tolist(), pos.tolist()):
+        neighbours.append(
+            [
+                Exemplar(support.ids[p], int(support.labels[p]), int(support.predictions[p]), float(dv))
+                for dv, p in zip(row_d, row_p)
+                if p >= 0
+            ]
+        )
+    return neighbours
+
+
 class SDMEstimator:
     """An SDM activation layer with its support set, calibration eCDFs and HIGH-RELIABILITY regions."""
 
@@ -386,7 +404,9 @@ class SDMEstimator:
         own_lower = self.ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
         admitted_lower = self.ladder.admitted_at(own_lower, a)
 
-        neighbours = self._neighbour_exemplars(exemplars, int(return_exemplars), exclude) if return_exemplars else []
+        neighbours = (
+            _neighbour_exemplars(self.support, exemplars, int(return_exemplars), exclude) if return_exemplars else []
+        )
         return SDMScores(
             alpha=a,
             logits=logits,
@@ -412,23 +432,6 @@ class SDMEstimator:
             nearest_id=[self.support.ids[i] if i >= 0 else None for i in sim.nearest_index.tolist()],
             exemplars=neighbours,
         )
-
-    def _neighbour_exemplars(self, exemplars: torch.Tensor, k: int, exclude: torch.Tensor) -> list[list[Exemplar]]:
-        """The k nearest support exemplars of each row of ``exemplars``, nearest first (fewer when the support is
-        smaller)."""
-        neighbours: list[list[Exemplar]] = []
-        dist, pos = self.support.neighbors(exemplars, k, exclude=exclude)
-        for row_d, row_p in zip(dist.tolist(), pos.tolist()):
-            neighbours.append(
-                [
-                    Exemplar(
-                        self.support.ids[p], int(self.support.labels[p]), int(self.support.predictions[p]), float(dv)
-                    )
-                    for dv, p in zip(row_d, row_p)
-                    if p >= 0
-                ]
-            )
-        return neighbours
 
     def nearest_exemplars(self, embeddings: object, k: int = 5) -> list[list[Exemplar]]:
         return self.predict_scores(embeddings, return_exemplars=k).exemplars

@@ -11,8 +11,8 @@
         [--corpora DIR] [--quiet]
         the paper's word-ordering task (training/word_order_data.py says how its splits are drawn)
 
-This module is the command line; each task's builder lives with its task. The word-order builder's names are
-importable from here too, as scripts and tests have always imported them.
+This module is the command line; each task's builder lives with its task. It re-exports the word-order
+builder's names, which training.finetune, the bench scripts and the tests import from here.
 """
 
 from __future__ import annotations
