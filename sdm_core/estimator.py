@@ -143,6 +143,24 @@ class SDMScores:
         return [self.record(i) for i in range(len(self))]
 
 
+def _neighbour_exemplars(
+    support: SupportIndex, exemplars: torch.Tensor, k: int, exclude: torch.Tensor
+) -> list[list[Exemplar]]:
+    """The k nearest support exemplars of each row of ``exemplars``, nearest first (fewer when the support is
+    smaller)."""
+    neighbours: list[list[Exemplar]] = []
+    dist, pos = support.neighbors(exemplars, k, exclude=exclude)
+    for row_d, row_p in zip(dist.tolist(), pos.tolist()):
+        neighbours.append(
+            [
+                Exemplar(support.ids[p], int(support.labels[p]), int(support.predictions[p]), float(dv))
+                for dv, p in zip(row_d, row_p)
+                if p >= 0
+            ]
+        )
+    return neighbours
+
+
 def _labels_tensor(labels: object, n: int, num_classes: int | None, name: str) -> torch.Tensor:
     y = as_tensor(labels, name, dtype=torch.long).reshape(-1)
     if y.shape[0] != n:
@@ -172,24 +190,6 @@ def _ids(ids: Sequence[str] | None, n: int, prefix: str, name: str) -> list[str]
     if len(set(out)) != n:
         raise ValueError(f"{name} must be unique")
     return out
-
-
-def _neighbour_exemplars(
-    support: SupportIndex, exemplars: torch.Tensor, k: int, exclude: torch.Tensor
-) -> list[list[Exemplar]]:
-    """The k nearest support exemplars of each row of ``exemplars``, nearest first (fewer when the support is
-    smaller)."""
-    neighbours: list[list[Exemplar]] = []
-    dist, pos = support.neighbors(exemplars, k, exclude=exclude)
-    for row_d, row_p in zip(dist.tolist(), pos.tolist()):
-        neighbours.append(
-            [
-                Exemplar(support.ids[p], int(support.labels[p]), int(support.predictions[p]), float(dv))
-                for dv, p in zip(row_d, row_p)
-                if p >= 0
-            ]
-        )
-    return neighbours
 
 
 class SDMEstimator:
