@@ -25,7 +25,7 @@ from sdm_core.estimator import SDMScores
 from sdm_core.support import OOD_LABEL
 from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
 
-__all__ = ["PreparedPrompt", "VerificationRequest", "Attempt", "VerificationResult", "SelectivePipeline", "derive_seed"]
+__all__ = ["PreparedPrompt", "VerificationDraft", "VerificationRequest", "Attempt", "VerificationResult", "SelectivePipeline", "derive_seed"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,32 @@ class PreparedPrompt:
     @property
     def chat_prompt(self) -> str | list[dict]:
         return self.prompt if isinstance(self.prompt, str) else [dict(m) for m in self.prompt]
+
+
+@dataclass(frozen=True)
+class VerificationDraft:
+    """A request of any route as the pipeline will run it, before its prompt is rendered and tokenized (that waits
+    for an admission slot). ``prompt_param`` and ``tokens_param`` name the request fields errors point at."""
+
+    prompt: str | list[dict]
+    prompt_param: str
+    max_tokens: int
+    tokens_param: str = "max_tokens"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    alpha: float | None = None
+    on_abstain: str = "flag"
+    return_exemplars: int = 0
+    max_attempts: int = 1
+
+    def prepared(self, prompt: PreparedPrompt) -> "VerificationRequest":
+        """The request to run, with the rendered and tokenized prompt."""
+        return VerificationRequest(
+            prompt=prompt, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop,
+            alpha=self.alpha, on_abstain=self.on_abstain, return_exemplars=self.return_exemplars, max_attempts=self.max_attempts,
+        )
 
 
 @dataclass(frozen=True)
