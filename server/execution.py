@@ -76,14 +76,18 @@ class Completed:
         r = self.result
         return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, total_tokens=r.prompt_tokens + r.completion_tokens)
 
-    def verification(self) -> SDMVerification:
-        r = self.result
-        return SDMVerification(
-            verified=r.verified, probability=r.probability, probability_lower=r.probability_lower, admitted=r.admitted,
-            abstained=r.abstained, abstention_reason=r.abstention_reason, withheld=r.withheld, alpha=r.alpha,
-            region_alpha=r.region_alpha, q=r.q, q_prime=r.q_prime, d=r.d, exemplars=[Exemplar(**e) for e in r.exemplars],
-            attempts=r.attempts, timings=self.timings(),
+    def verdict(self) -> dict:
+        """The verification fields every route returns (``/generate`` flat, the OpenAI routes under ``sdm``)."""
+        r, best = self.result, self.result.best
+        return dict(
+            verified=best.verified, probability=best.probability, probability_lower=best.probability_lower, admitted=best.admitted,
+            abstained=r.abstained, abstention_reason=best.abstention_reason, withheld=r.withheld, alpha=r.alpha,
+            region_alpha=best.region_alpha, q=best.q, q_prime=best.q_prime, d=best.d, exemplars=[Exemplar(**e) for e in best.exemplars],
+            attempts=r.attempts,
         )
+
+    def verification(self) -> SDMVerification:
+        return SDMVerification(**self.verdict(), timings=self.timings())
 
 
 class RequestExecutor:
@@ -277,8 +281,8 @@ class RequestExecutor:
         self.metrics.latency.labels(stage="total").observe(done.total_ms / 1000.0)
         self.logger.info(
             "answered",
-            extra={"id": plan.response_id, "route": plan.route, "admitted": result.admitted, "abstention_reason": result.abstention_reason,
-                   "probability": round(result.probability, 6), "attempts": result.attempts, "prompt_tokens": result.prompt_tokens,
+            extra={"id": plan.response_id, "route": plan.route, "admitted": result.best.admitted, "abstention_reason": result.best.abstention_reason,
+                   "probability": round(result.best.probability, 6), "attempts": result.attempts, "prompt_tokens": result.prompt_tokens,
                    "completion_tokens": result.completion_tokens, "total_ms": round(done.total_ms, 2)},
         )
         return done

@@ -15,7 +15,7 @@ import functools
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -107,37 +107,47 @@ class Attempt:
 
 @dataclass
 class VerificationResult:
-    """The answer to one request: the best attempt by (admitted, probability), plus totals over attempts."""
+    """The answer to one request: the best attempt by (admitted, probability), whose verification it reports, and
+    what holds over all attempts."""
 
-    text: str | None
-    withheld: bool
-    verified: str
-    prediction: int
-    probability: float
-    probability_lower: float
-    admitted: bool
-    abstained: bool
-    abstention_reason: str | None
+    best: Attempt
+    all_attempts: list[Attempt]
     alpha: float
-    region_alpha: float | None
-    q: int
-    q_prime: float
-    d: float
-    exemplars: list[dict]
-    attempts: int
-    finish_reason: str
+    withheld: bool  # on_abstain = withhold and the best attempt abstained: no text is returned
     prompt_tokens: int
-    completion_tokens: int
-    generation_ms: float
-    verification_ms: float
-    generated_text: str
-    verification_text: str
-    embedding: torch.Tensor
-    all_attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def text(self) -> str | None:
+        return None if self.withheld else self.best.text
+
+    @property
+    def abstained(self) -> bool:
+        return not self.best.admitted
+
+    @property
+    def attempts(self) -> int:
+        return len(self.all_attempts)
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if self.best.generation.finish_reason == "length" else "stop"
+
+    @property
+    def completion_tokens(self) -> int:
+        """Of the returned attempt (``usage``)."""
+        return self.best.generation.completion_tokens
 
     @property
     def completion_tokens_all_attempts(self) -> int:
         return sum(a.generation.completion_tokens for a in self.all_attempts)
+
+    @property
+    def generation_ms(self) -> float:
+        return sum(a.generation_ms for a in self.all_attempts)
+
+    @property
+    def verification_ms(self) -> float:
+        return sum(a.verification_ms for a in self.all_attempts)
 
 
 def derive_seed(seed: int | None, attempt: int) -> int | None:
@@ -221,33 +231,7 @@ class SelectivePipeline:
                 break
         best = max(attempts, key=lambda a: (a.admitted, a.probability))
         withheld = request.on_abstain == "withhold" and not best.admitted
-        return VerificationResult(
-            text=None if withheld else best.text,
-            withheld=withheld,
-            verified=best.verified,
-            prediction=best.prediction,
-            probability=best.probability,
-            probability_lower=best.probability_lower,
-            admitted=best.admitted,
-            abstained=not best.admitted,
-            abstention_reason=best.abstention_reason,
-            alpha=alpha,
-            region_alpha=best.region_alpha,
-            q=best.q,
-            q_prime=best.q_prime,
-            d=best.d,
-            exemplars=best.exemplars,
-            attempts=len(attempts),
-            finish_reason="length" if best.generation.finish_reason == "length" else "stop",
-            prompt_tokens=len(request.prompt.ids),
-            completion_tokens=best.generation.completion_tokens,
-            generation_ms=sum(a.generation_ms for a in attempts),
-            verification_ms=sum(a.verification_ms for a in attempts),
-            generated_text=best.generation.text,
-            verification_text=best.verification_text,
-            embedding=best.embedding,
-            all_attempts=attempts,
-        )
+        return VerificationResult(best=best, all_attempts=attempts, alpha=alpha, withheld=withheld, prompt_tokens=len(request.prompt.ids))
 
     async def _attempt(self, request: VerificationRequest, params: SamplingParams, alpha: float, on_text) -> Attempt:
         started = time.perf_counter()

@@ -253,8 +253,8 @@ class Timings(BaseModel):
     total_ms: float
 
 
-class SDMVerification(BaseModel):
-    """The verification of one output: what ``/generate`` returns next to the text, and each OpenAI choice's ``sdm``."""
+class _Verdict(BaseModel):
+    """The verification fields that ``/generate`` returns next to the text and each OpenAI choice's ``sdm`` holds."""
 
     verified: str = Field(description="the force-decoded verification tag word (Yes / No) from the head's prediction")
     probability: float = Field(description="the SDM probability of the verified class")
@@ -270,29 +270,25 @@ class SDMVerification(BaseModel):
     d: float
     exemplars: list[Exemplar]
     attempts: int
+
+
+class SDMVerification(_Verdict):
+    """The verification of one output: what ``/generate`` returns next to the text, and each OpenAI choice's ``sdm``."""
+
     timings: Timings
 
 
-class GenerateResponse(BaseModel):
+class _GenerationHead(BaseModel):
     id: str
     object: Literal["generation"] = "generation"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     text: str | None
-    verified: str
-    probability: float
-    probability_lower: float
-    admitted: bool
-    abstained: bool
-    abstention_reason: AbstentionReason | None
-    withheld: bool
-    alpha: float
-    region_alpha: float | None
-    q: int
-    q_prime: float
-    d: float
-    exemplars: list[Exemplar]
-    attempts: int
+
+
+class GenerateResponse(_Verdict, _GenerationHead):
+    # POST /generate's answer: the text, its verification (SDMVerification's fields, flat), how it finished, usage
+    # and timings, in that order (pydantic takes the bases' fields last base first).
     finish_reason: FinishReason
     usage: Usage
     timings: Timings

@@ -34,7 +34,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from sdm_core.calibration import admissions_unchecked, same_alpha
+from sdm_core.calibration import same_alpha
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from sdm_core.report import render_markdown, selective_report
@@ -271,7 +271,7 @@ def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Re
             reasons[reason] = reasons.get(reason, 0) + 1
     row = _row_at(report, alpha)
     q_prime = s.q_prime.double()
-    own_lower = admissions_unchecked(s.probabilities_lower, s.predictions, s.q_prime_lower, [head.ladder.regions[a] for a in head.ladder.alphas])
+    own_lower = head.ladder.admissions(s.probabilities_lower, s.predictions, s.q_prime_lower)
     own = head.ladder.admissions(s.probabilities, s.predictions, s.q_prime)
     scored = ScoredGenerations(
         labels=(labels == positive).long(), own_tag=[r["own_tag"] for r in surface_rows], p_yes=p_yes,

@@ -33,9 +33,9 @@ _REASONS = {
 
 def refusal(result: VerificationResult) -> str:
     """``message.refusal`` of a withheld answer: the abstention in words (OpenAI clients have no other field for it)."""
-    reason = result.abstention_reason or "below_threshold"
+    reason = result.best.abstention_reason or "below_threshold"
     return (f"abstained ({reason}): {_REASONS.get(reason, reason)}; the answer was withheld "
-            f"(probability {result.probability:.3f} at alpha {result.alpha:g}; see choices[0].sdm)")
+            f"(probability {result.best.probability:.3f} at alpha {result.alpha:g}; see choices[0].sdm)")
 
 
 class ChatServing(OpenAIServing):

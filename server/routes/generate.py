@@ -9,7 +9,7 @@ from starlette.requests import Request
 
 from server.bodies import parse_request, read_json
 from server.execution import RequestExecutor
-from server.protocol import Exemplar, GenerateRequest, GenerateResponse
+from server.protocol import GenerateRequest, GenerateResponse
 from server.routes.common import ERRORS, body_schema, server_state
 
 __all__ = ["router", "GenerateServing"]
@@ -29,14 +29,8 @@ class GenerateServing:
             done = await self.executor.execute(plan, request, started)
         finally:
             self.executor.release(plan)
-        r = done.result
-        return GenerateResponse(
-            id=plan.response_id, model=self.executor.config.served_model_name, text=r.text, verified=r.verified, probability=r.probability,
-            probability_lower=r.probability_lower, admitted=r.admitted, abstained=r.abstained, abstention_reason=r.abstention_reason,
-            withheld=r.withheld, alpha=r.alpha, region_alpha=r.region_alpha, q=r.q, q_prime=r.q_prime, d=r.d,
-            exemplars=[Exemplar(**e) for e in r.exemplars], attempts=r.attempts, finish_reason=r.finish_reason,
-            usage=done.usage(), timings=done.timings(),
-        )
+        return GenerateResponse(id=plan.response_id, model=self.executor.config.served_model_name, text=done.result.text, **done.verdict(),
+                                finish_reason=done.result.finish_reason, usage=done.usage(), timings=done.timings())
 
 
 router = APIRouter()
