@@ -53,7 +53,7 @@ class Plan:
 
 @dataclass
 class Admitted:
-    """A request holding an admission slot, its prompt prepared: ``release`` gives the slot back (once)."""
+    """A request holding an admission slot, its prompt prepared: ``release`` gives the slot back (call it once)."""
 
     queue_s: float
     request: VerificationRequest
