@@ -7,8 +7,8 @@ fields), and every choice carries an ``sdm`` object (:class:`SDMVerification`). 
 :class:`ErrorResponse`. Each generation request turns itself into the pipeline's
 :class:`~server.pipeline.VerificationDraft` (``to_verification``), applying this server's defaults.
 
-The module is over 350 lines because it is the whole wire contract in one file, as vLLM's protocol module: a
-client author reads every request, response and stream chunk here, and the OpenAPI schema is generated from it.
+Size: the whole wire contract in one file, as vLLM's protocol module: a client author reads every request,
+response and stream chunk here, and the OpenAPI schema is generated from it.
 """
 
 from __future__ import annotations

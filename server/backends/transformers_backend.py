@@ -17,8 +17,8 @@ The two agree to float rounding (a test checks 1e-4); see docs/decisions.md.
 All model calls run in one worker thread; a second tokenizer instance serves the event loop thread (fast
 tokenizers must not be shared across threads).
 
-The module is over 350 lines because the sampling processor, the stopping criterion and the state capture are the
-three halves of one ``model.generate`` call: each reads the rows the others write, and they change together.
+Size: the sampling processor, the stopping criterion and the state capture are three parts of one
+``model.generate`` call: each reads the rows the others write, and they change together.
 """
 
 from __future__ import annotations
