@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,22 +29,21 @@ sys.path.insert(0, str(ROOT))
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from sdm_core.traffic import TrafficStore, redact_url, sqlite_url  # noqa: E402
+from server.backends.base import GenerationResult  # noqa: E402
+from server.pipeline import Attempt, VerificationResult  # noqa: E402
 from server.traffic import TrafficRecorder, TrafficSettings, make_record  # noqa: E402
 from server.traffic_metrics import TrafficMetrics  # noqa: E402
 
 
-@dataclass
-class _Result:  # the fields make_record reads from a server.pipeline.VerificationResult
-    embedding: torch.Tensor
-    alpha: float = 0.9
-    admitted: bool = True
-    prediction: int = 1
-    probability: float = 0.95
-    q: int = 12
-    q_prime: float = 9.5
-    d: float = 0.7
-    abstention_reason: str | None = None
-    generated_text: str = "the dog barked loudly\n<verified>"
+def _result(h: torch.Tensor) -> VerificationResult:
+    """An admitted answer with the head input ``h``: what make_record reads."""
+    text = "the dog barked loudly\n<verified>"
+    attempt = Attempt(
+        generation=GenerationResult(text, 12, 8, "stop", "<verified>"), verification_text=text, embedding=h, prediction=1, verified="Yes",
+        text=text + "Yes</verified>", probability=0.95, probability_lower=0.9, head_admitted=True, admitted=True, abstention_reason=None,
+        region_alpha=0.9, q=12, q_prime=9.5, d=0.7, exemplars=[], generation_ms=0.0, verification_ms=0.0,
+    )
+    return VerificationResult(best=attempt, all_attempts=[attempt], alpha=0.9, withheld=False, prompt_tokens=12)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         time.sleep(0.05)
     facts = {"bundle": "/bundles/bench", "bundle_sha256": "0" * 16, "head_version": "1" * 16}
-    h = torch.randn(args.dim)
+    result = _result(torch.randn(args.dim))  # built before the clock: the server has its result already
     costs = []
     started = time.perf_counter()
     ids = []
     for i in range(args.records):
         t0 = time.perf_counter()
-        record = make_record(f"gen-bench-{i}", "/generate", facts, _Result(h), "Put the words in order: dog the barked")
+        record = make_record(f"gen-bench-{i}", "/generate", facts, result, "Put the words in order: dog the barked")
         recorder.submit(record)
         costs.append((time.perf_counter() - t0) * 1e6)
         ids.append(record.id)

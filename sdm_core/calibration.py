@@ -23,7 +23,6 @@ __all__ = [
     "fit_ladder",
     "is_ood",
     "in_region",
-    "admissions_unchecked",
     "DEFAULT_ALPHA_LADDER",
     "ALPHA_TOLERANCE",
     "same_alpha",
@@ -154,10 +153,10 @@ def in_region(probabilities: object, predictions: object, q_prime: object, regio
     qp = as_tensor(q_prime, "q_prime").reshape(-1)
     if p.dim() != 2 or yhat.shape[0] != p.shape[0] or qp.shape[0] != p.shape[0]:
         raise ValueError("probabilities must be (N, C) with predictions and q_prime of shape (N,)")
-    return admissions_unchecked(p, yhat, qp, [region])[:, 0]
+    return _region_admissions(p, yhat, qp, [region])[:, 0]
 
 
-def admissions_unchecked(
+def _region_admissions(
     probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, regions: Sequence[Region]
 ) -> torch.Tensor:
     """(N, L) bool: the HR rule for every region at once (no validation; hot path)."""
@@ -210,6 +209,8 @@ class RegionLadder:
     nested: bool = True
     default_alpha: float = 0.95
     alphas: tuple[float, ...] = field(init=False)
+    # (regions key, psi, q'_min, exclusive): the thresholds as tensors, kept between calls (admissions_unchecked)
+    _tensor_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.regions:
@@ -236,7 +237,9 @@ class RegionLadder:
 
     def admitted_at(self, own: torch.Tensor, alpha: float) -> torch.Tensor:
         """Admission at ``alpha`` from the (N, L) own-region matrix: nested (any alpha' >= alpha) or own."""
-        column = self.alphas.index(self.resolve_alpha(alpha))
+        return self._admitted_at_column(own, self.alphas.index(self.resolve_alpha(alpha)))
+
+    def _admitted_at_column(self, own: torch.Tensor, column: int) -> torch.Tensor:
         return own[:, : column + 1].any(dim=1) if self.nested else own[:, column]
 
     def decide(
@@ -254,7 +257,7 @@ class RegionLadder:
     def admissions_unchecked(self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor) -> torch.Tensor:
         """``admissions`` without validation, with the ladder's thresholds kept as tensors between calls."""
         key = tuple((a, self.regions[a].q_prime_min, self.regions[a].thresholds) for a in self.alphas)
-        cached = getattr(self, "_tensor_cache", None)
+        cached = self._tensor_cache
         if cached is None or cached[0] != key or cached[1].dtype != probabilities.dtype:
             psi = torch.tensor([self.regions[a].thresholds for a in self.alphas], dtype=probabilities.dtype)
             q_min = torch.tensor([self.regions[a].q_prime_min for a in self.alphas], dtype=torch.float64)
@@ -269,8 +272,7 @@ class RegionLadder:
         """``decide`` for validated tensors and an alpha already on the ladder (hot path)."""
         a, qp = alpha, q_prime
         own = self.admissions_unchecked(probabilities, predictions, qp)
-        column = self.alphas.index(a)
-        admitted = own[:, : column + 1].any(dim=1) if self.nested else own[:, column]
+        admitted = self._admitted_at_column(own, self.alphas.index(a))
         # The highest alpha whose own region admits the row (columns run from the highest alpha down).
         any_hit = own.any(dim=1)
         first = own.to(torch.int8).argmax(dim=1)

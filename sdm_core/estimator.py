@@ -24,20 +24,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+import sdm_core._kernels as kernels
 from sdm_core import __version__
 from sdm_core.adaptor import ExemplarAdaptor
 from sdm_core.artifact import ArtifactError, read_artifact, write_artifact
 from sdm_core.calibration import RegionLadder, fit_ladder
 from sdm_core.config import SDMConfig
-from sdm_core.fitting import FittedLayer, LayerStatistics, fit_estimator_layers
-from sdm_core.math import (
-    as_tensor,
-    distance_quantile_unchecked,
-    dkw_epsilon_unchecked,
-    effective_sample_sizes_unchecked,
-    rescaled_similarity_unchecked,
-    sdm_probabilities_unchecked,
-)
+from sdm_core.fitting import FittedLayer, LayerStatistics, example_ids, fit_estimator_layers
+from sdm_core.math import as_tensor
 from sdm_core.support import OOD_LABEL, SupportIndex
 
 __all__ = ["SDMEstimator", "SDMScores", "Exemplar", "NotFittedError", "ARTIFACT_FORMAT", "ARTIFACT_VERSION"]
@@ -181,17 +175,6 @@ def _embeddings_tensor(x: object, name: str, dim: int | None = None) -> torch.Te
     return t.contiguous()
 
 
-def _ids(ids: Sequence[str] | None, n: int, prefix: str, name: str) -> list[str]:
-    if ids is None:
-        return [f"{prefix}-{i}" for i in range(n)]
-    out = [str(i) for i in ids]
-    if len(out) != n:
-        raise ValueError(f"{name} must have {n} entries, got {len(out)}")
-    if len(set(out)) != n:
-        raise ValueError(f"{name} must be unique")
-    return out
-
-
 class SDMEstimator:
     """An SDM activation layer with its support set, calibration eCDFs and HIGH-RELIABILITY regions."""
 
@@ -207,6 +190,8 @@ class SDMEstimator:
         self.calibration: LayerStatistics | None = None
         self.metadata: dict = {}
         self._q_prime_cdf_cache: list[torch.Tensor] | None = None
+        # (source lists, calibration, training and q' eCDFs as float64): see _scoring_cdfs
+        self._scoring_cdf_cache: tuple | None = None
 
     # -- fitting --------------------------------------------------------------------------------------------
     @property
@@ -249,8 +234,8 @@ class SDMEstimator:
         c = num_classes if num_classes is not None else int(max(int(y_tr.max()), int(y_ca.max())) + 1)
         if c < 2:
             raise ValueError("fit needs at least 2 classes; pass num_classes when a split lacks a class")
-        tr_ids = _ids(train_ids, x_tr.shape[0], "train", "train_ids")
-        ca_ids = _ids(calibration_ids, x_ca.shape[0], "calibration", "calibration_ids")
+        tr_ids = example_ids(train_ids, x_tr.shape[0], "train", "train_ids")
+        ca_ids = example_ids(calibration_ids, x_ca.shape[0], "calibration", "calibration_ids")
         if set(tr_ids) & set(ca_ids):
             raise ValueError("train_ids and calibration_ids must be disjoint")
         started = time.perf_counter()
@@ -305,7 +290,7 @@ class SDMEstimator:
     # -- scoring --------------------------------------------------------------------------------------------
     def _q_prime_cdfs(self) -> list[torch.Tensor]:
         # Over all calibration points, OOD included (Eq. 11's |D_ca|_c eCDF_c); cached, as scoring needs it per call.
-        if getattr(self, "_q_prime_cdf_cache", None) is None:
+        if self._q_prime_cdf_cache is None:
             self._q_prime_cdf_cache = [
                 torch.sort(self.calibration.q_prime[self.calibration_labels == c].to(torch.float64)).values for c in range(self.num_classes)
             ]
@@ -315,7 +300,7 @@ class SDMEstimator:
         """Calibration and training distance eCDFs and the q' eCDFs as float64, converted once per state."""
         # The key holds the source lists themselves (compared by identity): fit, load and recalibrate replace them.
         key = (self.calibration_cdfs, self.train_cdfs, self._q_prime_cdfs())
-        cached = getattr(self, "_scoring_cdf_cache", None)
+        cached = self._scoring_cdf_cache
         if cached is None or any(a is not b for a, b in zip(cached[0], key)):
             as64 = lambda cdfs: [c.to(torch.float64) for c in cdfs]  # noqa: E731
             cached = (key, as64(self.calibration_cdfs), as64(self.train_cdfs), self._q_prime_cdfs())
@@ -380,27 +365,27 @@ class SDMEstimator:
         """``predict_scores`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions (-1: none)."""
         logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
-        # Inputs are validated above; the hot path below skips re-validating its own intermediate tensors.
+        # Inputs are validated above: the formulas run as kernels on the intermediate tensors, without re-validating them.
         sim = self.support.similarity_unchecked(exemplars, predictions, exclude)
         q = sim.q.to(logits.dtype)
         calibration_cdfs, train_cdfs, q_prime_cdfs = self._scoring_cdfs()
-        d = distance_quantile_unchecked(sim.d_nearest, calibration_cdfs)
+        d = kernels.distance_quantile(sim.d_nearest, calibration_cdfs)
         if from_support:
             in_train = exclude >= 0
             if bool(in_train.any()):
-                d = torch.where(in_train, distance_quantile_unchecked(sim.d_nearest, train_cdfs), d)
+                d = torch.where(in_train, kernels.distance_quantile(sim.d_nearest, train_cdfs), d)
         d = d.to(logits.dtype)
-        probabilities = sdm_probabilities_unchecked(logits, q, d)
-        q_prime = rescaled_similarity_unchecked(q, probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))
+        probabilities = kernels.sdm_probabilities(logits, q, d)
+        q_prime = kernels.rescaled_similarity(q, probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))
         admitted, region_alpha, reasons = self.ladder.decide_unchecked(probabilities, predictions, q_prime, a)
 
-        ess = effective_sample_sizes_unchecked(q_prime, q_prime_cdfs, self.config.effective_sample_size_rule)
-        epsilon = dkw_epsilon_unchecked(ess, a).max(dim=1).values.to(logits.dtype)
+        ess = kernels.effective_sample_sizes(q_prime, q_prime_cdfs, self.config.effective_sample_size_rule)
+        epsilon = kernels.dkw_epsilon(ess, a).max(dim=1).values.to(logits.dtype)
         d_lower = torch.clamp(d - epsilon, 0.0, 1.0)
         d_upper = torch.clamp(d + epsilon, 0.0, 1.0)
-        p_lower = sdm_probabilities_unchecked(logits, q, d_lower)
-        p_upper = sdm_probabilities_unchecked(logits, q, d_upper)
-        q_prime_lower = rescaled_similarity_unchecked(q, p_lower.gather(1, predictions.unsqueeze(1)).squeeze(1))
+        p_lower = kernels.sdm_probabilities(logits, q, d_lower)
+        p_upper = kernels.sdm_probabilities(logits, q, d_upper)
+        q_prime_lower = kernels.rescaled_similarity(q, p_lower.gather(1, predictions.unsqueeze(1)).squeeze(1))
         own_lower = self.ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
         admitted_lower = self.ladder.admitted_at(own_lower, a)
 

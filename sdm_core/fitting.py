@@ -24,7 +24,7 @@ from sdm_core.config import SDMConfig
 from sdm_core.math import distance_quantile, rescaled_similarity, sdm_loss, sdm_probabilities
 from sdm_core.support import SupportIndex
 
-__all__ = ["LayerStatistics", "FittedLayer", "class_cdfs", "fit_layer", "fit_estimator_layers", "balanced_loss"]
+__all__ = ["LayerStatistics", "FittedLayer", "class_cdfs", "fit_layer", "fit_estimator_layers", "balanced_loss", "example_ids"]
 
 
 def class_cdfs(d_nearest: torch.Tensor, labels: torch.Tensor, q: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
@@ -32,8 +32,17 @@ def class_cdfs(d_nearest: torch.Tensor, labels: torch.Tensor, q: torch.Tensor, n
     return [torch.sort(d_nearest[(labels == c) & (q > 0)]).values.contiguous() for c in range(num_classes)]
 
 
-def _default_ids(ids: Sequence[str] | None, n: int, prefix: str) -> list[str]:
-    return list(ids) if ids is not None else [f"{prefix}-{i}" for i in range(n)]
+def example_ids(ids: Sequence[str] | None, n: int, prefix: str, name: str) -> list[str]:
+    """The ids of ``n`` examples: ``ids`` as strings (ValueError naming ``name`` unless there are ``n`` unique ones),
+    or ``prefix-0`` ... ``prefix-(n-1)`` when there are none."""
+    if ids is None:
+        return [f"{prefix}-{i}" for i in range(n)]
+    out = [str(i) for i in ids]
+    if len(out) != n:
+        raise ValueError(f"{name} must have {n} entries, got {len(out)}")
+    if len(set(out)) != n:
+        raise ValueError(f"{name} must be unique")
+    return out
 
 
 def balanced_loss(logits: torch.Tensor, q: torch.Tensor, d: torch.Tensor, labels: torch.Tensor) -> float:
@@ -123,14 +132,13 @@ def fit_layer(
     num_classes: int,
     config: SDMConfig,
     seed: int,
-    train_ids: Sequence[str] | None = None,
-    calibration_ids: Sequence[str] | None = None,
+    train_ids: Sequence[str],
+    calibration_ids: Sequence[str],
     iteration: int = 0,
 ) -> FittedLayer:
-    """TRAIN_ONE_SDM_LAYER of SDM_SPEC §1.7 on already-validated float32 inputs."""
+    """TRAIN_ONE_SDM_LAYER of SDM_SPEC §1.7 on already-validated float32 inputs and ids (:func:`example_ids`)."""
     started = time.perf_counter()
-    train_ids = _default_ids(train_ids, train_embeddings.shape[0], "train")
-    calibration_ids = _default_ids(calibration_ids, calibration_embeddings.shape[0], "calibration")
+    train_ids = list(train_ids)
     adaptor, optimizer = _initial_layer(train_embeddings, num_classes, config, seed)
     best, history = _fit_epochs(
         adaptor,
@@ -152,7 +160,7 @@ def fit_layer(
         support=best["support"],
         train_cdfs=best["train_cdfs"],
         calibration_cdfs=best["calibration_cdfs"],
-        calibration_ids=calibration_ids,
+        calibration_ids=list(calibration_ids),
         calibration_labels=calibration_labels,
         calibration=best["calibration"],
         best_epoch=best["epoch"],
@@ -331,20 +339,18 @@ def fit_estimator_layers(
     calibration_labels: torch.Tensor,
     num_classes: int,
     config: SDMConfig,
-    train_ids: Sequence[str] | None = None,
-    calibration_ids: Sequence[str] | None = None,
+    train_ids: Sequence[str],
+    calibration_ids: Sequence[str],
 ) -> tuple[FittedLayer, list[dict]]:
     """TRAIN_SDM_ESTIMATOR: J iterations; keep the lowest balanced calibration loss (ties go to the later one).
+    Inputs and ids are validated by the caller (the estimator; ids with :func:`example_ids`).
 
     With ``shuffle_splits`` each iteration pools train and calibration, permutes them with a seeded generator,
     and takes the first half as the support and the second half as calibration.
     """
-    n_train = train_embeddings.shape[0]
-    train_ids = _default_ids(train_ids, n_train, "train")
-    calibration_ids = _default_ids(calibration_ids, calibration_embeddings.shape[0], "calibration")
     pooled_x = torch.cat([train_embeddings, calibration_embeddings])
     pooled_y = torch.cat([train_labels, calibration_labels])
-    pooled_ids = train_ids + calibration_ids
+    pooled_ids = list(train_ids) + list(calibration_ids)
     best: FittedLayer | None = None
     summaries: list[dict] = []
     for j in range(config.iterations):

@@ -13,6 +13,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+import sdm_core._kernels as kernels
+from sdm_core._kernels import Q_RESCALE_OFFSET
+
 __all__ = [
     "Q_RESCALE_OFFSET",
     "as_tensor",
@@ -25,15 +28,7 @@ __all__ = [
     "distance_quantile",
     "effective_sample_sizes",
     "dkw_epsilon",
-    "sdm_probabilities_unchecked",
-    "rescaled_similarity_unchecked",
-    "distance_quantile_unchecked",
-    "effective_sample_sizes_unchecked",
-    "dkw_epsilon_unchecked",
 ]
-
-# The base of the SDM activation is 2 + q: q = 0 (OOD) still gives a valid base > 1 (SDM_SPEC §1.6).
-Q_RESCALE_OFFSET = 2.0
 
 
 def as_tensor(value: object, name: str, *, dtype: torch.dtype | None = None, finite: bool = True) -> torch.Tensor:
@@ -101,31 +96,20 @@ def _q_d(logits: object, q: object, d: object) -> tuple[torch.Tensor, torch.Tens
     return z, qt, dt, squeeze
 
 
-def _scaled_logits(z: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    log_base = torch.log(q + Q_RESCALE_OFFSET)
-    return z * (d * log_base).unsqueeze(1), log_base
-
-
 def sdm_probabilities(logits: object, q: object, d: object) -> torch.Tensor:
     """SDM(z')_i = (2+q)^(d z'_i) / sum_c (2+q)^(d z'_c), computed as softmax(z' d ln(2+q)) (ACT Eq. 6/10).
 
     logits: (N, C) or (C,); q, d: scalars or (N,). Returns probabilities of the same leading shape as logits.
     """
     z, q_t, d_t, squeeze = _q_d(logits, q, d)
-    out = sdm_probabilities_unchecked(z, q_t, d_t)
+    out = kernels.sdm_probabilities(z, q_t, d_t)
     return out.squeeze(0) if squeeze else out
-
-
-def sdm_probabilities_unchecked(logits: torch.Tensor, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``sdm_probabilities`` without validation, for hot paths whose inputs are already known to be valid:
-    logits (N, C), q and d (N,) of the logits' dtype."""
-    return torch.softmax(_scaled_logits(logits, q, d)[0], dim=1)
 
 
 def sdm_log_probabilities(logits: object, q: object, d: object) -> torch.Tensor:
     """log_{2+q} SDM(z')_i = log_softmax(z' d ln(2+q))_i / ln(2+q): the change of base of ACT Eq. 7."""
     z, q_t, d_t, squeeze = _q_d(logits, q, d)
-    scaled, log_base = _scaled_logits(z, q_t, d_t)
+    scaled, log_base = kernels.scaled_logits(z, q_t, d_t)
     out = torch.log_softmax(scaled, dim=1) / log_base.unsqueeze(1)
     return out.squeeze(0) if squeeze else out
 
@@ -140,7 +124,7 @@ def sdm_loss(logits: object, q: object, d: object, labels: object, reduction: st
         raise ValueError(f"labels must have shape ({z.shape[0]},), got {tuple(y.shape)}")
     if y.numel() and bool(((y < 0) | (y >= z.shape[1])).any()):
         raise ValueError(f"labels must be class indices in [0, {z.shape[1] - 1}]")
-    scaled, log_base = _scaled_logits(z, q_t, d_t)
+    scaled, log_base = kernels.scaled_logits(z, q_t, d_t)
     per_item = -torch.log_softmax(scaled, dim=1).gather(1, y.unsqueeze(1)).squeeze(1) / log_base
     if reduction == "mean":
         return per_item.mean()
@@ -162,12 +146,7 @@ def rescaled_similarity(q: object, p_predicted: object) -> torch.Tensor:
     if p_t.numel() and bool(((p_t < 0) | (p_t > 1)).any()):
         raise ValueError("p_predicted must lie in [0, 1] (it is a probability)")
     dtype = torch.promote_types(q_t.dtype, p_t.dtype)
-    return rescaled_similarity_unchecked(q_t.to(dtype), p_t.to(dtype))
-
-
-def rescaled_similarity_unchecked(q: torch.Tensor, p_predicted: torch.Tensor) -> torch.Tensor:
-    """``rescaled_similarity`` without validation (hot paths)."""
-    return torch.minimum(q, torch.pow(q + Q_RESCALE_OFFSET, p_predicted))
+    return kernels.rescaled_similarity(q_t.to(dtype), p_t.to(dtype))
 
 
 def similarity_from_matches(matches: object) -> torch.Tensor:
@@ -205,21 +184,8 @@ def distance_quantile(d_nearest: object, class_cdfs: Sequence[object]) -> torch.
     if x.numel() and bool((x < 0).any()):
         raise ValueError("d_nearest must be >= 0 (it is a distance)")
     cdfs = _sorted_cdfs(class_cdfs, "class_cdfs")
-    d = distance_quantile_unchecked(x.reshape(-1), cdfs)
+    d = kernels.distance_quantile(x.reshape(-1), cdfs)
     return d.to(x.dtype if torch.is_floating_point(x) else torch.float32).reshape(x.shape)
-
-
-def distance_quantile_unchecked(d_nearest: torch.Tensor, class_cdfs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``distance_quantile`` without validation (hot paths): 1-D d_nearest, sorted tensors; float64 result."""
-    flat = d_nearest.to(torch.float64)
-    if not class_cdfs:
-        return torch.ones_like(flat)
-    if any(values.numel() == 0 for values in class_cdfs):
-        return torch.zeros_like(flat)
-    # min_c (1 - eCDF_c) = 1 - max_c eCDF_c, with eCDF_c = #{calibration distances < d} / n_c.
-    shares = [torch.searchsorted(values.to(torch.float64), flat, side="left").to(torch.float64) / values.numel() for values in class_cdfs]
-    highest = shares[0] if len(shares) == 1 else torch.stack(shares).amax(dim=0)
-    return 1.0 - highest
 
 
 def effective_sample_sizes(
@@ -239,22 +205,7 @@ def effective_sample_sizes(
     if rule not in ("paper", "reference"):
         raise ValueError(f"rule must be 'paper' or 'reference', got {rule!r}")
     cdfs = _sorted_cdfs(class_q_prime_cdfs, "class_q_prime_cdfs")
-    return effective_sample_sizes_unchecked(x.reshape(-1), cdfs, rule)
-
-
-def effective_sample_sizes_unchecked(q_prime: torch.Tensor, class_q_prime_cdfs: Sequence[torch.Tensor], rule: str) -> torch.Tensor:
-    """``effective_sample_sizes`` without validation (hot paths)."""
-    flat = q_prime.to(torch.float64)
-    columns = []
-    for values in class_q_prime_cdfs:
-        v = values.to(torch.float64)
-        if rule == "paper":
-            counts = torch.searchsorted(v, flat, side="right").to(torch.float64)
-        else:
-            counts = torch.searchsorted(v, flat, side="left").to(torch.float64)
-            counts = torch.clamp(counts, max=max(v.numel() - 1, 0))
-        columns.append(counts)
-    return torch.stack(columns, dim=1)
+    return kernels.effective_sample_sizes(x.reshape(-1), cdfs, rule)
 
 
 def dkw_epsilon(n: object, alpha: float) -> torch.Tensor:
@@ -268,15 +219,4 @@ def dkw_epsilon(n: object, alpha: float) -> torch.Tensor:
         raise ValueError("n must be >= 0 (it is a sample size)")
     if a >= 1.0:
         return torch.ones_like(n_t)
-    return dkw_epsilon_unchecked(n_t, a)
-
-
-def dkw_epsilon_unchecked(n: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``dkw_epsilon`` without validation (hot paths): float64 n >= 0, alpha already checked."""
-    n_t, a = n, alpha
-    if a >= 1.0:
-        return torch.ones_like(n_t)
-    numerator = math.log(2.0 / (1.0 - a))
-    safe = torch.clamp(n_t, min=1.0)
-    eps = torch.sqrt(numerator / (2.0 * safe))
-    return torch.where(n_t > 0, eps, torch.ones_like(n_t))
+    return kernels.dkw_epsilon(n_t, a)

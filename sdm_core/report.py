@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from sdm_core.calibration import RegionLadder, admissions_unchecked
+from sdm_core.calibration import RegionLadder
 
 __all__ = ["Cell", "selective_report", "selective_row", "render_markdown", "auroc"]
 
@@ -59,7 +59,7 @@ def selective_report(
     """The report as JSON-ready data. ``labels`` are the true classes of the scored documents."""
     num_classes = probabilities.shape[1]
     own = ladder.admissions(probabilities, predictions, q_prime)
-    own_lower = admissions_unchecked(probabilities_lower, predictions, q_prime_lower, [ladder.regions[a] for a in ladder.alphas])
+    own_lower = ladder.admissions(probabilities_lower, predictions, q_prime_lower)
     rows = []
     for alpha in ladder.alphas:
         hr, hr_lower = ladder.admitted_at(own, alpha), ladder.admitted_at(own_lower, alpha)

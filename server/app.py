@@ -11,51 +11,37 @@ verification; see server/traffic.py and server/feedback.py). Every error is the 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
-import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, Response
 
 from server.admission import AdmissionController
 from server.backends import Backend, make_backend
 from server.config import ServerConfig, traffic_url
-from server.errors import APIError, internal_error, invalid_request, method_not_allowed, not_found, permission_error
-from server.feedback import FeedbackHandler, feedback_body_schema
-from server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from server.errors import APIError, internal_error, invalid_request, method_not_allowed, not_found
+from server.execution import ClientDisconnected, RequestExecutor
+from server.feedback import FeedbackHandler, set_feedback_limits
+from server.metrics import ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.model_manager import ModelManager
-from server.protocol import (
-    BUNDLE_NAME_PATTERN,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ErrorResponse,
-    GenerateRequest,
-    GenerateResponse,
-    ModelCard,
-    ModelList,
-    ReloadRequest,
-)
-from server.service import ClientDisconnected, GenerationService, parse_request, read_json
+from server.routes import admin, chat, completions, feedback, generate, models, operations
+from server.routes.chat import ChatServing
+from server.routes.completions import CompletionServing
+from server.routes.generate import GenerateServing
 from server.traffic import TrafficRecorder, TrafficSettings, make_record
 
 __all__ = ["create_app", "ServerState", "ROUTES"]
 
 ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/generate", "/v1/completions", "/v1/chat/completions", "/admin/reload", "/v1/feedback")
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
-_GET_ERRORS = {status: {"model": ErrorResponse} for status in (401, 500, 503)}
-_ADMIN_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 413, 415, 500, 503)}
-_STREAMED = {"text/event-stream": {"schema": {"type": "string", "description": "server-sent events (stream: true): chunks, then data: [DONE]"}}}
-
 
 @dataclass
 class ServerState:
@@ -65,10 +51,14 @@ class ServerState:
     metrics: ServerMetrics
     manager: ModelManager
     admission: AdmissionController
-    service: GenerationService
+    executor: RequestExecutor
+    traffic: TrafficRecorder
+    feedback: FeedbackHandler
+    generate: GenerateServing
+    completions: CompletionServing
+    chat: ChatServing
     logger: logging.Logger
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
-    traffic: TrafficRecorder | None = None
 
     def begin_drain(self) -> None:
         """SIGTERM arrived (callable from any thread): what still runs after --drain-timeout-s is answered with 503."""
@@ -76,34 +66,48 @@ class ServerState:
         if loop is None or loop.is_closed():
             return
         timeout = self.config.drain_timeout_s
-        loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.service.abort_in_flight))
+        loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.executor.abort_in_flight))
+
+
+_ROUTERS = (operations.router, models.router, generate.router, completions.router, chat.router, feedback.router, admin.router)
 
 
 def _route_label(path: str) -> str:
+    """The metrics label of a path: the route, or "other" (unknown paths must not grow the label set)."""
     return path if path in ROUTES else "other"
-
-
-def _body_schema(model, components: dict, required: bool = True) -> dict:
-    """OpenAPI request body for a route that parses its body itself (for exact 400s); the models go to components."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    components.update(schema.pop("$defs", {}))
-    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
-
-
-def _set_maximum(schema: dict, value: int) -> None:
-    """Set ``maximum`` on an integer property schema (or its integer branch)."""
-    for branch in schema.get("anyOf", [schema]):
-        if branch.get("type") == "integer":
-            branch["maximum"] = value
-
-
-def _bundle_name(config: ServerConfig, path: str) -> str:
-    """How responses name a bundle: its folder name (never a host path)."""
-    return Path(path).name
 
 
 def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     """The app for ``config``. ``backend`` (unloaded or loaded) replaces the one the config names (tests, tools)."""
+    state = _build_state(config, backend)
+    app = FastAPI(
+        title="sdm-lm selective generation",
+        version="0.1.0",
+        description="Generations with a calibrated probability that they followed the instructions, or an abstention with its reason.",
+        lifespan=_lifespan(state),
+    )
+    app.state.server = state
+    open_paths = {"/health"} | (set() if config.metrics_require_key else {"/metrics"})
+    app.add_middleware(
+        RequestContextMiddleware, api_keys=config.api_keys, admin_keys=config.admin_api_keys, open_paths=open_paths,
+        max_body_bytes=config.max_body_bytes, drain_timeout_s=config.drain_timeout_s, on_error=state.metrics.observe_error,
+        route_label=_route_label, logger=logging.getLogger("sdm.server.access"),
+    )
+    if config.cors_allow_origins:  # outside the key check: browsers send preflights without credentials
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.cors_allow_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Client-Request-Id"],
+            expose_headers=["X-Request-Id", "X-Client-Request-Id", "Retry-After"], max_age=600,
+        )
+    _install_error_handlers(app, state)
+    for router in _ROUTERS:
+        app.include_router(router)
+    app.openapi = _openapi(app, config)  # type: ignore[method-assign]
+    return app
+
+
+def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
+    """The app's objects: metrics, backend, traffic recorder, model manager, admission, executor and route servings."""
     logger = logging.getLogger("sdm.server")
     metrics = ServerMetrics()
     if backend is None:
@@ -114,178 +118,108 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         )
     elif getattr(backend, "observer", "missing") is None:
         backend.observer = metrics.observe_batch
-
-    traffic_metrics = metrics.traffic
     traffic = TrafficRecorder(
         TrafficSettings(url=traffic_url(config), store_text=config.store_text, sample_rate=config.traffic_sample_rate,
                         queue_size=config.traffic_queue_size, retention_s=config.traffic_retention_days * 86400.0, max_rows=config.traffic_max_rows),
-        traffic_metrics, logging.getLogger("sdm.server.traffic"),
+        metrics.traffic, logging.getLogger("sdm.server.traffic"),
     )
-    feedback = FeedbackHandler(config, traffic, traffic_metrics)
-
-    def loaded(facts: dict) -> None:
-        metrics.set_bundle({k: v for k, v in facts.items() if k not in ("alphas", "certification")})
-        metrics.set_certification(facts.get("certification"))
-        traffic_metrics.set_ladder(facts.get("alphas", ()))
-        certification = facts.get("certification")
-        logger.info("certification", extra={"bundle": facts["bundle"], "certification": certification["summary"] if certification
-                                             else "none recorded: the ladder was not checked on held-out documents"})
-        metrics.ready.set(1)
-
     manager = ModelManager(backend, model_name=config.served_model_name, warmup=config.warmup,
-                           warmup_max_tokens=min(4, config.max_tokens_cap), on_loaded=loaded, logger=logger)
+                           warmup_max_tokens=min(4, config.max_tokens_cap), on_loaded=_on_loaded(metrics, logger), logger=logger)
 
     def queue_changed(active: int, waiting: int) -> None:
         metrics.in_flight.set(active)
         metrics.queue_depth.set(waiting)
 
     admission = AdmissionController(config.max_concurrent_requests, config.max_queue_size, queue_changed)
-    service = GenerationService(config, manager, admission, metrics, logger)
+    executor = RequestExecutor(config, manager, admission, metrics, logger)
     if traffic.enabled:
-        service.on_answer = lambda rid, route, facts, prompt, result: traffic.submit(make_record(rid, route, facts, result, prompt))
-    state = ServerState(config, metrics, manager, admission, service, logger, traffic=traffic)
+        executor.on_answer = lambda rid, route, facts, prompt, result: traffic.submit(make_record(rid, route, facts, result, prompt))
+    return ServerState(config, metrics, manager, admission, executor, traffic, FeedbackHandler(config, traffic, metrics.traffic),
+                       GenerateServing(executor), CompletionServing(executor), ChatServing(executor), logger)
+
+
+def _on_loaded(metrics: ServerMetrics, logger: logging.Logger) -> Callable[[dict], None]:
+    """What the model manager calls with the facts of each loaded bundle: the metrics' bundle facts and readiness."""
+
+    def loaded(facts: dict) -> None:
+        metrics.set_bundle({k: v for k, v in facts.items() if k not in ("alphas", "certification")})
+        metrics.set_certification(facts.get("certification"))
+        metrics.traffic.set_ladder(facts.get("alphas", ()))
+        certification = facts.get("certification")
+        logger.info("certification", extra={"bundle": facts["bundle"], "certification": certification["summary"] if certification
+                                             else "none recorded: the ladder was not checked on held-out documents"})
+        metrics.ready.set(1)
+
+    return loaded
+
+
+def _lifespan(state: ServerState):
+    """Load the bundle in the background at start (``/health`` answers at once); close everything at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        logger.info("starting", extra={"config": config.to_dict()})
+        state.logger.info("starting", extra={"config": state.config.to_dict()})
         state.loop = asyncio.get_running_loop()
-        traffic.start()
-        manager.start()
+        state.traffic.start()
+        state.manager.start()
         try:
             yield
         finally:
-            logger.info("shutting down")
-            metrics.ready.set(0)
-            await manager.close()
-            await asyncio.to_thread(traffic.close)
+            state.logger.info("shutting down")
+            state.metrics.ready.set(0)
+            await state.manager.close()
+            await asyncio.to_thread(state.traffic.close)
 
-    app = FastAPI(
-        title="sdm-lm selective generation",
-        version="0.1.0",
-        description="Generations with a calibrated probability that they followed the instructions, or an abstention with its reason.",
-        lifespan=lifespan,
-    )
-    app.state.server = state
-    open_paths = {"/health"} | (set() if config.metrics_require_key else {"/metrics"})
-    app.add_middleware(
-        RequestContextMiddleware, api_keys=config.api_keys, admin_keys=config.admin_api_keys, open_paths=open_paths,
-        max_body_bytes=config.max_body_bytes, drain_timeout_s=config.drain_timeout_s, on_error=metrics.observe_error,
-        route_label=_route_label, logger=logging.getLogger("sdm.server.access"),
-    )
-    if config.cors_allow_origins:  # outside the key check: browsers send preflights without credentials
-        app.add_middleware(
-            CORSMiddleware, allow_origins=list(config.cors_allow_origins), allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Client-Request-Id"],
-            expose_headers=["X-Request-Id", "X-Client-Request-Id", "Retry-After"], max_age=600,
-        )
-    _install_error_handlers(app, state)
-    components: dict = {}
-    base_openapi = app.openapi
+    return lifespan
+
+
+# The limits this server enforces on generation requests (they are settings, so they are not in the models).
+_LIMITED_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+
+
+def _set_maximum(schema: dict, value: int) -> None:
+    """Set ``maximum`` on an integer property schema (or its integer branch)."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = value
+
+
+def _json_body(operation: dict) -> dict:
+    """The JSON request body schema of an OpenAPI operation ({} when it has none)."""
+    return operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+
+
+def _openapi(app: FastAPI, config: ServerConfig) -> Callable[[], dict]:
+    """The app's OpenAPI schema: FastAPI's, with the request bodies' models moved to the components and this
+    server's limits written in. Built once per app, on a copy (the routers' declarations are shared by every app)."""
+    base = app.openapi
+    built: dict = {}
 
     def openapi() -> dict:
-        schema = base_openapi()
+        if built:
+            return built
+        schema = copy.deepcopy(base())
         known = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name, value in components.items():
-            known.setdefault(name, value)
-        # The limits this server enforces (they are settings, so they are not in the models).
+        for route in (route for router in _ROUTERS for route in router.routes):
+            extra = getattr(route, "openapi_extra", None) or {}
+            # As declared (FastAPI's rendering of the operation drops the models' null defaults).
+            for name, value in _json_body(extra).get("$defs", {}).items():
+                known.setdefault(name, copy.deepcopy(value))
+        for operations_ in schema["paths"].values():
+            for operation in operations_.values():
+                _json_body(operation).pop("$defs", None)
         limits = {"max_tokens": config.max_tokens_cap, "max_completion_tokens": config.max_tokens_cap,
                   "return_exemplars": config.max_exemplars, "max_attempts": config.max_attempts_cap}
-        for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
-            body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
-            properties = body.get("properties", {})
+        for path in _LIMITED_PATHS:
+            properties = _json_body(schema["paths"][path]["post"]).get("properties", {})
             for name, value in limits.items():
                 if name in properties:
                     _set_maximum(properties[name], value)
-        return schema
+        set_feedback_limits(_json_body(schema["paths"]["/v1/feedback"]["post"]), known["FeedbackItem"], config)
+        built.update(schema)
+        return built
 
-    app.openapi = openapi
-
-    # -- operations ----------------------------------------------------------------------------------------------
-    @app.get("/health", summary="Liveness: 200 while the process runs")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/ready", summary="Readiness: 200 once the model and head are loaded and warmed up", responses=_GET_ERRORS)
-    async def ready() -> Response:
-        if manager.ready:
-            facts = manager.current.facts
-            return JSONResponse({"status": "ready", "model": facts["model"], "bundle": _bundle_name(config, facts["bundle"]), "head_version": facts["head_version"],
-                                 "traffic_store": traffic.status()})
-        message = f"not ready: {manager.state}" + (f" ({manager.error})" if manager.error else "")
-        error = APIError(503, message, "service_unavailable", None, manager.state, {"Retry-After": "5"})
-        return JSONResponse(error.envelope(), status_code=503, headers=error.headers)
-
-    @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse, responses=_GET_ERRORS)
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models", response_model=ModelList, responses=_GET_ERRORS)
-    async def models() -> ModelList:
-        served = manager.hold()
-        try:
-            facts = served.facts
-            card = ModelCard(id=config.served_model_name, created=int(served.loaded_at), root=Path(facts["bundle"]).name,
-                             max_model_len=served.backend.max_model_len, sdm={k: v for k, v in facts.items() if k not in ("model", "bundle")})
-            return ModelList(data=[card])
-        finally:
-            manager.release(served)
-
-    # -- generation ----------------------------------------------------------------------------------------------
-    @app.post("/generate", response_model=GenerateResponse, responses=_ERRORS, openapi_extra=_body_schema(GenerateRequest, components),
-              summary="Generate, verify, and return the text with its calibrated probability or an abstention")
-    async def generate(request: Request) -> GenerateResponse:
-        return await service.generate(request)
-
-    @app.post("/v1/completions", responses={**_ERRORS, 200: {"model": CompletionResponse, "content": _STREAMED}},
-              openapi_extra=_body_schema(CompletionRequest, components), summary="OpenAI-compatible completions (+ sdm)")
-    async def completions(request: Request):
-        return await service.completions(request)
-
-    @app.post("/v1/chat/completions", responses={**_ERRORS, 200: {"model": ChatCompletionResponse, "content": _STREAMED}},
-              openapi_extra=_body_schema(ChatCompletionRequest, components), summary="OpenAI-compatible chat completions (+ sdm)")
-    async def chat_completions(request: Request):
-        return await service.chat_completions(request)
-
-    @app.post("/v1/feedback", responses={**_ERRORS, 503: {"model": ErrorResponse}},
-              openapi_extra=feedback_body_schema(config, components),
-              summary="Label served answers (correct, wrong, ood) by response id; one object or a list")
-    async def post_feedback(request: Request) -> dict:
-        return await feedback.handle(request)
-
-    @app.post("/admin/reload", responses=_ADMIN_ERRORS, openapi_extra=_body_schema(ReloadRequest, components, required=False),
-              summary="Swap in a bundle (by name, under --bundles-root; default: re-read the served one) without dropping in-flight requests")
-    async def reload(request: Request) -> dict:
-        if not config.admin_enabled:  # the middleware refuses first; this keeps the route closed whatever the middleware
-            raise permission_error("POST /admin/reload is disabled without admin keys: set SDM_ADMIN_API_KEYS (or --admin-api-keys)")
-        previous = manager.current.facts if manager.current is not None else None
-        try:
-            raw = await request.body()
-            body = parse_request(ReloadRequest, await read_json(request)) if raw.strip() else ReloadRequest()
-            served = await manager.reload(_reload_target(config, body.bundle))
-        except APIError:
-            metrics.reloads.labels(result="failed").inc()
-            raise
-        metrics.reloads.labels(result="ok").inc()
-        return {"status": "reloaded", "model": served.facts["model"], "bundle": _bundle_name(config, served.facts["bundle"]),
-                "head_version": served.facts["head_version"], "previous_bundle": _bundle_name(config, previous["bundle"]) if previous else None}
-
-    return app
-
-
-def _reload_target(config: ServerConfig, name: str | None) -> str | None:
-    """The folder a reload names: a sub-folder of --bundles-root, by name (never a path the client chose)."""
-    if name is None:
-        return None
-    if not config.bundles_root:
-        raise invalid_request("naming a bundle needs a bundles root on the server (--bundles-root / SDM_BUNDLES_ROOT); "
-                              "without one, send no bundle to re-read the served bundle", "bundle", "invalid_bundle")
-    if not re.fullmatch(BUNDLE_NAME_PATTERN, name):
-        raise invalid_request(f"bundle must be the name of a folder under the bundles root (letters, digits, '.', '_', '-'; "
-                              f"not starting with '.'), not a path; got {name!r}", "bundle", "invalid_bundle")
-    path = Path(config.bundles_root).expanduser() / name
-    if not (path / "bundle.json").is_file():
-        raise invalid_request(f"there is no bundle named {name!r} under the bundles root (a folder holding a bundle.json)", "bundle", "invalid_bundle")
-    return str(path)
+    return openapi
 
 
 def _install_error_handlers(app: FastAPI, state: ServerState) -> None:

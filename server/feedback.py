@@ -19,11 +19,11 @@ from starlette.requests import Request
 from sdm_core.traffic import Feedback
 from server.config import ServerConfig
 from server.errors import APIError, invalid_request, not_found
-from server.service import parse_request
+from server.bodies import parse_request
 from server.traffic import StoreUnavailable, TrafficRecorder
 from server.traffic_metrics import TrafficMetrics
 
-__all__ = ["FeedbackItem", "FeedbackHandler", "feedback_body_schema"]
+__all__ = ["FeedbackItem", "FeedbackHandler", "feedback_body_schema", "set_feedback_limits"]
 
 MAX_ID_CHARS = 128
 
@@ -37,18 +37,24 @@ class FeedbackItem(BaseModel):
     note: str | None = Field(default=None, description="free text kept with the label (at most --feedback-max-note-chars)")
 
 
-def feedback_body_schema(config: ServerConfig, components: dict) -> dict:
-    """The OpenAPI request body of POST /v1/feedback: one label or a list of 1 to --feedback-max-items labels, each
-    note at most --feedback-max-note-chars characters (the limits the handler enforces)."""
-    item = FeedbackItem.model_json_schema()
+def feedback_body_schema() -> dict:
+    """The OpenAPI request body of POST /v1/feedback: one label or a list of labels. The limits the handler enforces
+    (--feedback-max-items, --feedback-max-note-chars) are settings: :func:`set_feedback_limits` writes them in."""
+    ref = {"$ref": "#/components/schemas/FeedbackItem"}
+    schema = {"anyOf": [ref, {"type": "array", "items": ref, "minItems": 1}], "$defs": {"FeedbackItem": FeedbackItem.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def set_feedback_limits(body: dict, item: dict, config: ServerConfig) -> None:
+    """Write this server's limits into the feedback body schema ``body`` and its ``FeedbackItem`` component ``item``:
+    a list of 1 to --feedback-max-items labels, each note at most --feedback-max-note-chars characters."""
     note = item["properties"]["note"]
     for branch in note.get("anyOf", [note]):
         if branch.get("type") == "string":
             branch["maxLength"] = config.feedback_max_note_chars
-    components["FeedbackItem"] = item
-    ref = {"$ref": "#/components/schemas/FeedbackItem"}
-    schema = {"anyOf": [ref, {"type": "array", "items": ref, "minItems": 1, "maxItems": config.feedback_max_items}]}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    for branch in body["anyOf"]:
+        if branch.get("type") == "array":
+            branch["maxItems"] = config.feedback_max_items
 
 
 class FeedbackHandler:

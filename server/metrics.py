@@ -62,15 +62,16 @@ class ServerMetrics:
 
     def observe_result(self, route: str, result) -> None:
         """Record a served answer (a :class:`server.pipeline.VerificationResult`)."""
-        self.requests.labels(route=route, outcome="admitted" if result.admitted else "abstained").inc()
-        if not result.admitted and result.abstention_reason:
-            self.abstentions.labels(reason=result.abstention_reason).inc()
-        self.probability.observe(result.probability)
-        self.q_prime.observe(result.q_prime)
-        if result.region_alpha is None:
+        best = result.best
+        self.requests.labels(route=route, outcome="admitted" if best.admitted else "abstained").inc()
+        if not best.admitted and best.abstention_reason:
+            self.abstentions.labels(reason=best.abstention_reason).inc()
+        self.probability.observe(best.probability)
+        self.q_prime.observe(best.q_prime)
+        if best.region_alpha is None:
             self.no_region.inc()
         else:
-            self.region_alpha.observe(result.region_alpha)
+            self.region_alpha.observe(best.region_alpha)
         self.attempts.observe(result.attempts)
         self.prompt_tokens.inc(result.prompt_tokens * result.attempts)
         self.completion_tokens.inc(result.completion_tokens_all_attempts)

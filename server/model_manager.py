@@ -148,7 +148,7 @@ class ModelManager:
                     self.state = "warming_up"
                 prompt = pipeline.prepare(WARMUP_PROMPT)
                 result = await pipeline.run(VerificationRequest(prompt, max_tokens=self.warmup_max_tokens))
-                self.logger.info("warm-up passed", extra={"verified": result.verified, "probability": result.probability})
+                self.logger.info("warm-up passed", extra={"verified": result.best.verified, "probability": result.best.probability})
         except BaseException:
             pipeline.close()
             raise

@@ -15,7 +15,7 @@ import functools
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -25,7 +25,7 @@ from sdm_core.estimator import SDMScores
 from sdm_core.support import OOD_LABEL
 from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
 
-__all__ = ["PreparedPrompt", "VerificationRequest", "Attempt", "VerificationResult", "SelectivePipeline", "derive_seed"]
+__all__ = ["PreparedPrompt", "VerificationDraft", "VerificationRequest", "Attempt", "VerificationResult", "SelectivePipeline", "derive_seed"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,32 @@ class PreparedPrompt:
     @property
     def chat_prompt(self) -> str | list[dict]:
         return self.prompt if isinstance(self.prompt, str) else [dict(m) for m in self.prompt]
+
+
+@dataclass(frozen=True)
+class VerificationDraft:
+    """A request of any route as the pipeline will run it, before its prompt is rendered and tokenized (that waits
+    for an admission slot). ``prompt_param`` and ``tokens_param`` name the request fields errors point at."""
+
+    prompt: str | list[dict]
+    prompt_param: str
+    max_tokens: int
+    tokens_param: str = "max_tokens"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    alpha: float | None = None
+    on_abstain: str = "flag"
+    return_exemplars: int = 0
+    max_attempts: int = 1
+
+    def prepared(self, prompt: PreparedPrompt) -> "VerificationRequest":
+        """The request to run, with the rendered and tokenized prompt."""
+        return VerificationRequest(
+            prompt=prompt, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop,
+            alpha=self.alpha, on_abstain=self.on_abstain, return_exemplars=self.return_exemplars, max_attempts=self.max_attempts,
+        )
 
 
 @dataclass(frozen=True)
@@ -81,37 +107,47 @@ class Attempt:
 
 @dataclass
 class VerificationResult:
-    """The answer to one request: the best attempt by (admitted, probability), plus totals over attempts."""
+    """The answer to one request: the best attempt by (admitted, probability), whose verification it reports, and
+    what holds over all attempts."""
 
-    text: str | None
-    withheld: bool
-    verified: str
-    prediction: int
-    probability: float
-    probability_lower: float
-    admitted: bool
-    abstained: bool
-    abstention_reason: str | None
+    best: Attempt
+    all_attempts: list[Attempt]
     alpha: float
-    region_alpha: float | None
-    q: int
-    q_prime: float
-    d: float
-    exemplars: list[dict]
-    attempts: int
-    finish_reason: str
+    withheld: bool  # on_abstain = withhold and the best attempt abstained: no text is returned
     prompt_tokens: int
-    completion_tokens: int
-    generation_ms: float
-    verification_ms: float
-    generated_text: str
-    verification_text: str
-    embedding: torch.Tensor
-    all_attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def text(self) -> str | None:
+        return None if self.withheld else self.best.text
+
+    @property
+    def abstained(self) -> bool:
+        return not self.best.admitted
+
+    @property
+    def attempts(self) -> int:
+        return len(self.all_attempts)
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if self.best.generation.finish_reason == "length" else "stop"
+
+    @property
+    def completion_tokens(self) -> int:
+        """Of the returned attempt (``usage``)."""
+        return self.best.generation.completion_tokens
 
     @property
     def completion_tokens_all_attempts(self) -> int:
         return sum(a.generation.completion_tokens for a in self.all_attempts)
+
+    @property
+    def generation_ms(self) -> float:
+        return sum(a.generation_ms for a in self.all_attempts)
+
+    @property
+    def verification_ms(self) -> float:
+        return sum(a.verification_ms for a in self.all_attempts)
 
 
 def derive_seed(seed: int | None, attempt: int) -> int | None:
@@ -195,33 +231,7 @@ class SelectivePipeline:
                 break
         best = max(attempts, key=lambda a: (a.admitted, a.probability))
         withheld = request.on_abstain == "withhold" and not best.admitted
-        return VerificationResult(
-            text=None if withheld else best.text,
-            withheld=withheld,
-            verified=best.verified,
-            prediction=best.prediction,
-            probability=best.probability,
-            probability_lower=best.probability_lower,
-            admitted=best.admitted,
-            abstained=not best.admitted,
-            abstention_reason=best.abstention_reason,
-            alpha=alpha,
-            region_alpha=best.region_alpha,
-            q=best.q,
-            q_prime=best.q_prime,
-            d=best.d,
-            exemplars=best.exemplars,
-            attempts=len(attempts),
-            finish_reason="length" if best.generation.finish_reason == "length" else "stop",
-            prompt_tokens=len(request.prompt.ids),
-            completion_tokens=best.generation.completion_tokens,
-            generation_ms=sum(a.generation_ms for a in attempts),
-            verification_ms=sum(a.verification_ms for a in attempts),
-            generated_text=best.generation.text,
-            verification_text=best.verification_text,
-            embedding=best.embedding,
-            all_attempts=attempts,
-        )
+        return VerificationResult(best=best, all_attempts=attempts, alpha=alpha, withheld=withheld, prompt_tokens=len(request.prompt.ids))
 
     async def _attempt(self, request: VerificationRequest, params: SamplingParams, alpha: float, on_text) -> Attempt:
         started = time.perf_counter()

@@ -4,16 +4,23 @@
 routes take :class:`CompletionRequest` / :class:`ChatCompletionRequest` (unknown OpenAI fields are ignored, the
 SDM fields ``alpha``, ``on_abstain``, ``return_exemplars`` and ``max_attempts`` may be sent as extra body
 fields), and every choice carries an ``sdm`` object (:class:`SDMVerification`). Every error is an
-:class:`ErrorResponse`.
+:class:`ErrorResponse`. Each generation request turns itself into the pipeline's
+:class:`~server.pipeline.VerificationDraft` (``to_verification``), applying this server's defaults.
+
+Size: the whole wire contract in one file, as vLLM's protocol module: a client author reads every request,
+response and stream chunk here, and the OpenAPI schema is generated from it.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Sequence
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
+
+from server.errors import invalid_request
+from server.pipeline import VerificationDraft
 
 __all__ = [
     "AbstentionReason",
@@ -43,6 +50,7 @@ __all__ = [
     "ModelList",
     "ReloadRequest",
     "MAX_STOP_STRINGS",
+    "chat_prompt",
 ]
 
 AbstentionReason = Literal["ood", "no_region", "low_similarity", "below_threshold", "predicted_no"]
@@ -134,6 +142,18 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def chat_prompt(messages: Sequence[ChatMessage]) -> list[dict]:
+    """The chat as the pipeline takes it (``developer`` turns as ``system``); a 400 naming a non-text part."""
+    out = []
+    for i, m in enumerate(messages):
+        try:
+            content = m.text()
+        except ValueError as exc:
+            raise invalid_request(f"messages.{i}.content: {exc}", f"messages.{i}.content", "unsupported_content") from None
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return out
+
+
 class SelectiveParams(BaseModel):
     """The SDM fields every generation route accepts."""
 
@@ -150,6 +170,11 @@ class SelectiveParams(BaseModel):
         if value is not None and not (0.5 < value <= 1.0):  # sdm_core's domain of alpha (Algorithm 1 needs > 0.5)
             raise ValueError(f"alpha must be in (0.5, 1], got {value}")
         return value
+
+    def _draft(self, **generation) -> VerificationDraft:
+        """The draft of ``generation``'s fields (prompt, tokens, sampling, stop) with this request's SDM fields."""
+        return VerificationDraft(**generation, alpha=self.alpha, on_abstain=self.on_abstain, return_exemplars=int(self.return_exemplars),
+                                 max_attempts=int(self.max_attempts))
 
 
 def _normalize_stop(value: str | list[str] | None) -> list[str]:
@@ -201,6 +226,11 @@ class GenerateRequest(SelectiveParams):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
 
+    def to_verification(self, default_max_tokens: int) -> VerificationDraft:
+        prompt, param = (self.prompt, "prompt") if self.prompt is not None else (chat_prompt(self.messages or []), "messages")
+        return self._draft(prompt=prompt, prompt_param=param, max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+                           temperature=float(self.temperature), top_p=float(self.top_p), seed=self.seed, stop=tuple(self.stop or ()))
+
 
 class Exemplar(BaseModel):
     id: str
@@ -223,8 +253,8 @@ class Timings(BaseModel):
     total_ms: float
 
 
-class SDMVerification(BaseModel):
-    """The verification of one output: what ``/generate`` returns next to the text, and each OpenAI choice's ``sdm``."""
+class _Verdict(BaseModel):
+    """The verification fields that ``/generate`` returns next to the text and each OpenAI choice's ``sdm`` holds."""
 
     verified: str = Field(description="the force-decoded verification tag word (Yes / No) from the head's prediction")
     probability: float = Field(description="the SDM probability of the verified class")
@@ -240,29 +270,25 @@ class SDMVerification(BaseModel):
     d: float
     exemplars: list[Exemplar]
     attempts: int
+
+
+class SDMVerification(_Verdict):
+    """The verification of one output: what ``/generate`` returns next to the text, and each OpenAI choice's ``sdm``."""
+
     timings: Timings
 
 
-class GenerateResponse(BaseModel):
+class _GenerationHead(BaseModel):
     id: str
     object: Literal["generation"] = "generation"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     text: str | None
-    verified: str
-    probability: float
-    probability_lower: float
-    admitted: bool
-    abstained: bool
-    abstention_reason: AbstentionReason | None
-    withheld: bool
-    alpha: float
-    region_alpha: float | None
-    q: int
-    q_prime: float
-    d: float
-    exemplars: list[Exemplar]
-    attempts: int
+
+
+class GenerateResponse(_Verdict, _GenerationHead):
+    # POST /generate's answer: the text, its verification (SDMVerification's fields, flat), how it finished, usage
+    # and timings, in that order (pydantic takes the bases' fields last base first).
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
@@ -296,6 +322,12 @@ class _OpenAIRequest(SelectiveParams):
     def _stop(cls, value: str | list[str] | None) -> list[str]:
         return _normalize_stop(value)
 
+    def _openai_draft(self, prompt: str | list[dict], prompt_param: str, max_tokens: int, tokens_param: str) -> VerificationDraft:
+        # temperature defaults to 0 (greedy, as the head was calibrated), not OpenAI's 1
+        return self._draft(prompt=prompt, prompt_param=prompt_param, max_tokens=max_tokens, tokens_param=tokens_param,
+                           temperature=0.0 if self.temperature is None else float(self.temperature),
+                           top_p=1.0 if self.top_p is None else float(self.top_p), seed=self.seed, stop=tuple(self.stop or ()))
+
 
 class CompletionRequest(_OpenAIRequest):
     """``prompt`` is treated as a user turn in the bundle's chat format (the head was calibrated on chat outputs)."""
@@ -306,6 +338,14 @@ class CompletionRequest(_OpenAIRequest):
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+
+    def to_verification(self, default_max_tokens: int) -> VerificationDraft:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise invalid_request("prompt: send one prompt per request (a string, or a list holding one string)", "prompt", "unsupported_parameter")
+            prompt = prompt[0]
+        return self._openai_draft(prompt, "prompt", default_max_tokens if self.max_tokens is None else self.max_tokens, "max_tokens")
 
 
 class ChatCompletionRequest(_OpenAIRequest):
@@ -325,6 +365,14 @@ class ChatCompletionRequest(_OpenAIRequest):
         if not value:
             raise ValueError("must not be empty; send at least one message")
         return value
+
+    def to_verification(self, default_max_tokens: int) -> VerificationDraft:
+        """``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens`` and is the one errors name."""
+        if self.max_completion_tokens is not None:
+            tokens, param = self.max_completion_tokens, "max_completion_tokens"
+        else:
+            tokens, param = (default_max_tokens if self.max_tokens is None else self.max_tokens), "max_tokens"
+        return self._openai_draft(chat_prompt(self.messages), "messages", tokens, param)
 
 
 class CompletionChoice(BaseModel):

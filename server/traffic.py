@@ -254,12 +254,13 @@ class TrafficRecorder:
 
 def make_record(response_id: str, route: str, facts: dict, result, prompt, created_at: float | None = None) -> TrafficRecord:
     """The record of one answer (a :class:`server.pipeline.VerificationResult`) served by the model of ``facts``."""
-    h, dim = TrafficRecord.encode_h(result.embedding.detach().to("cpu").float().numpy())
+    best = result.best
+    h, dim = TrafficRecord.encode_h(best.embedding.detach().to("cpu").float().numpy())
     prompt_text = prompt if isinstance(prompt, str) else json.dumps([dict(m) for m in prompt], ensure_ascii=False)
     return TrafficRecord(
         id=response_id, created_at=time.time() if created_at is None else created_at, bundle=str(facts.get("bundle", "")),
         bundle_sha256=str(facts.get("bundle_sha256", "")), head_version=str(facts.get("head_version", "")), route=route,
-        alpha=float(result.alpha), admitted=bool(result.admitted), prediction=int(result.prediction), probability=float(result.probability),
-        q=int(result.q), q_prime=float(result.q_prime), d=float(result.d), abstention_reason=result.abstention_reason, h=h, h_dim=dim,
-        prompt=prompt_text, answer=result.generated_text,
+        alpha=float(result.alpha), admitted=bool(best.admitted), prediction=int(best.prediction), probability=float(best.probability),
+        q=int(best.q), q_prime=float(best.q_prime), d=float(best.d), abstention_reason=best.abstention_reason, h=h, h_dim=dim,
+        prompt=prompt_text, answer=best.generation.text,
     )

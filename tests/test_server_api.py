@@ -336,11 +336,11 @@ def test_head_input_equals_the_training_embedding(tiny_bundle) -> None:
     results = asyncio.run(run())
     bundle = load_bundle(tiny_bundle.path)
     for prompt, result in results:
-        text = verification_text(bundle.tokenizer, prompt, result.generated_text, bundle.info.chat, bundle.info.recipe)
-        assert text == result.verification_text
+        text = verification_text(bundle.tokenizer, prompt, result.best.generation.text, bundle.info.chat, bundle.info.recipe)
+        assert text == result.best.verification_text
         direct = embed_texts(bundle.model, bundle.tokenizer, [text], bundle.info.recipe)[0]
-        assert torch.equal(result.embedding, direct)
-        trained = embed_instances(bundle.model, bundle.tokenizer, [Instance("d", prompt, result.generated_text, 1)], bundle.info.chat, bundle.info.recipe, 8)[0]
-        assert torch.equal(result.embedding, trained)
+        assert torch.equal(result.best.embedding, direct)
+        trained = embed_instances(bundle.model, bundle.tokenizer, [Instance("d", prompt, result.best.generation.text, 1)], bundle.info.chat, bundle.info.recipe, 8)[0]
+        assert torch.equal(result.best.embedding, trained)
         scores = bundle.head.predict_scores(direct.unsqueeze(0), alpha=DEFAULT_ALPHA)
-        assert float(scores.probabilities[0, int(scores.predictions[0])]) == pytest.approx(result.probability, abs=0.0)
+        assert float(scores.probabilities[0, int(scores.predictions[0])]) == pytest.approx(result.best.probability, abs=0.0)

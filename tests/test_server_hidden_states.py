@@ -60,22 +60,22 @@ def test_captured_states_equal_the_training_embedding(served) -> None:
     model, tokenizer = backend.model, backend.worker_tokenizer
     recipe = backend.info.recipe
     for prompt, result in zip(PROMPTS, reused):
-        text = verification_text(tokenizer, prompt, result.generated_text, backend.info.chat, recipe)
-        assert text == result.verification_text
+        text = verification_text(tokenizer, prompt, result.best.generation.text, backend.info.chat, recipe)
+        assert text == result.best.verification_text
         direct = embed_texts(model, tokenizer, [text], recipe)[0]
-        relative = float((result.embedding - direct).abs().max() / direct.abs().max())
+        relative = float((result.best.embedding - direct).abs().max() / direct.abs().max())
         assert relative <= 1e-4, relative
 
 
 def test_capturing_does_not_change_generation_and_forward_mode_is_bit_identical(served) -> None:
     reused, _, forward, backend = served
     assert backend.reused_states == 0
-    assert [r.generated_text for r in reused] == [r.generated_text for r in forward]
+    assert [r.best.generation.text for r in reused] == [r.best.generation.text for r in forward]
     assert [r.completion_tokens for r in reused] == [r.completion_tokens for r in forward]
     # The three verification texts were embedded as one batch, as training embeds a batch.
-    direct = embed_texts(backend.model, backend.worker_tokenizer, [r.verification_text for r in forward], backend.info.recipe, batch_size=len(forward))
+    direct = embed_texts(backend.model, backend.worker_tokenizer, [r.best.verification_text for r in forward], backend.info.recipe, batch_size=len(forward))
     for result, expected in zip(forward, direct):
-        assert torch.equal(result.embedding, expected)
+        assert torch.equal(result.best.embedding, expected)
 
 
 def test_a_generation_cut_by_max_tokens_falls_back_to_the_forward_pass() -> None:
@@ -83,10 +83,10 @@ def test_a_generation_cut_by_max_tokens_falls_back_to_the_forward_pass() -> None
     results, backend = _serve("reuse", max_tokens=3)
     try:
         assert backend.reused_states == 0
-        direct = embed_texts(backend.model, backend.worker_tokenizer, [r.verification_text for r in results], backend.info.recipe, batch_size=len(results))
+        direct = embed_texts(backend.model, backend.worker_tokenizer, [r.best.verification_text for r in results], backend.info.recipe, batch_size=len(results))
         for result, expected in zip(results, direct):
-            assert not result.generated_text.rstrip().endswith("<verified>")
-            assert torch.equal(result.embedding, expected)
+            assert not result.best.generation.text.rstrip().endswith("<verified>")
+            assert torch.equal(result.best.embedding, expected)
     finally:
         asyncio.run(backend.close())
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sdm_core.calibration import admissions_unchecked, same_alpha
+from sdm_core.calibration import same_alpha
 from sdm_core.estimator import SDMScores
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.report import selective_report
@@ -145,9 +145,7 @@ def _scored_generations(head, pair: _PairScores, surface_rows: list[dict], posit
     """Every score training.baselines compares, on the same generations: the own tag, the LM's P(Yes),
     softmax(z') and SDM(z') of Yes, and SDM_HR's admissions (and HR_lower's) at each alpha of the ladder."""
     s = pair.scores
-    own_lower = admissions_unchecked(
-        s.probabilities_lower, s.predictions, s.q_prime_lower, [head.ladder.regions[a] for a in head.ladder.alphas]
-    )
+    own_lower = head.ladder.admissions(s.probabilities_lower, s.predictions, s.q_prime_lower)
     own = head.ladder.admissions(s.probabilities, s.predictions, s.q_prime)
     return ScoredGenerations(
         labels=(pair.labels == positive).long(),

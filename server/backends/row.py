@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from sdm_core.lm.stops import cut_at_stop
 from server.backends.base import GenerationRequest, GenerationResult
 
 __all__ = ["GenerationRow"]
@@ -23,8 +24,6 @@ class GenerationRow:
         self.finish_reason = "length"
         self.stop_reason: str | None = None
         self.final_text: str | None = None
-        stops = [(s, False) for s in request.stop] + [(s, True) for s in request.stop_inclusive]
-        self.stops = stops
         self.holdback = max((len(s) - 1 for s in request.stop), default=0)
         self.generator: torch.Generator | None = None
 
@@ -34,14 +33,13 @@ class GenerationRow:
         self.stop_reason = stop_reason
         self.final_text = text
 
-    def find_stop(self) -> tuple[int, str, bool] | None:
-        """The earliest stop string in the text: (position, string, inclusive)."""
-        best: tuple[int, str, bool] | None = None
-        for stop, inclusive in self.stops:
-            at = self.text.find(stop)
-            if at >= 0 and (best is None or at < best[0] or (at == best[0] and len(stop) > len(best[1]))):
-                best = (at, stop, inclusive)
-        return best
+    def finish_at_stop(self) -> bool:
+        """Finish the row if its text holds a stop string, cut as :func:`sdm_core.lm.stops.cut_at_stop` says."""
+        cut = cut_at_stop(self.text, self.request.stop, self.request.stop_inclusive)
+        if cut is None:
+            return False
+        self.finish("stop", cut.stop, cut.text)
+        return True
 
     def stream(self) -> None:
         """Send text that can no longer change: a possible stop string, trailing whitespace and partial characters

@@ -16,6 +16,9 @@ The two agree to float rounding (a test checks 1e-4); see docs/decisions.md.
 
 All model calls run in one worker thread; a second tokenizer instance serves the event loop thread (fast
 tokenizers must not be shared across threads).
+
+Size: the sampling processor, the stopping criterion and the state capture are three parts of one
+``model.generate`` call: each reads the rows the others write, and they change together.
 """
 
 from __future__ import annotations
@@ -104,13 +107,10 @@ class _RowStopper:
                 row.finish("stop", "eos", row.text)
             else:
                 row.text = self.tokenizer.decode(input_ids[i, self.width :], skip_special_tokens=True)
-                hit = row.find_stop()
-                if hit is not None:
-                    at, stop, inclusive = hit
-                    row.finish("stop", stop, row.text[: at + len(stop)] if inclusive else row.text[:at])
-                elif row.count >= row.request.params.max_tokens:
+                stopped = row.finish_at_stop()
+                if not stopped and row.count >= row.request.params.max_tokens:
                     row.finish("length", None, row.text)
-                else:
+                elif not stopped:
                     row.stream()
             done[i] = row.done and not (self.linger and row.finish_reason == "stop" and row.stop_reason in row.request.stop_inclusive)
         return done.to(input_ids.device)

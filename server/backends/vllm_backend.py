@@ -430,10 +430,7 @@ class VLLMBackend(Backend):
                 if request.cancel.is_set():
                     row.finish("cancelled", None, row.text)
                     break
-                hit = row.find_stop()
-                if hit is not None:
-                    at, stop, inclusive = hit
-                    row.finish("stop", stop, row.text[: at + len(stop)] if inclusive else row.text[:at])
+                if row.finish_at_stop():
                     break
                 if finished:
                     reason = completion.finish_reason
