@@ -23,11 +23,7 @@ def _server_text(generation: str) -> str:
     """What the server's generation loop keeps of ``generation``: the text through its earliest stop string."""
     row = GenerationRow(GenerationRequest([1], SamplingParams(max_tokens=8), stop=(), stop_inclusive=("<verified>",)))
     row.text = generation
-    hit = row.find_stop()
-    if hit is None:
-        return generation
-    at, stop, inclusive = hit
-    return generation[: at + len(stop)] if inclusive else generation[:at]
+    return row.final_text if row.finish_at_stop() else generation
 
 
 @pytest.mark.parametrize("generation", [

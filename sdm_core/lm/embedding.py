@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Sequence
 
 import torch
+from sdm_core.lm.stops import cut_at_stop
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -106,13 +107,13 @@ def served_generation(generation: str, verified_open: str = VERIFIED_OPEN, verif
     still see it. A generation without ``<verified>`` is returned whole; one whose first tag never closes is cut
     right after ``<verified>``, as the server cuts it.
     """
-    start = generation.find(verified_open)
-    if start < 0:
+    cut = cut_at_stop(generation, stop_inclusive=(verified_open,))
+    if cut is None:
         return generation
-    close = generation.find(verified_close, start + len(verified_open))
-    nested = generation.find(verified_open, start + len(verified_open))
+    close = generation.find(verified_close, len(cut.text))
+    nested = generation.find(verified_open, len(cut.text))
     if close < 0 or (0 <= nested < close):
-        return generation[: start + len(verified_open)]
+        return cut.text
     return generation[: close + len(verified_close)]
 
 
