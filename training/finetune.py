@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from sdm_core.lm.models import load_model, load_tokenizer
-from training.config import FinetuneConfig, build_parser, config_from_args
+from training.config import FINETUNE, FinetuneConfig
 from training.correctness import get_correctness
 from training.records import DataError, Record, load_records
 from training.state import TrainerCallback, TrainResult
@@ -132,10 +133,11 @@ def run(config: FinetuneConfig, resume: bool = False, callbacks: Sequence[Traine
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
-    parser = build_parser(description=__doc__)
+    parser = replace(FINETUNE, description=__doc__ or "").parser()
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint after a crash")
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = FINETUNE.resolve(args)
         result = run(config, resume=args.resume, callbacks=callbacks)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
