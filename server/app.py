@@ -24,6 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from sdm_core import __version__
 from server.admission import AdmissionController
 from server.backends import Backend, make_backend
 from server.config import ServerConfig, traffic_url
@@ -161,7 +162,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
 
     app = FastAPI(
         title="sdm-lm selective generation",
-        version="0.1.0",
+        version=__version__,
         description="Generations with a calibrated probability that they followed the instructions, or an abstention with its reason.",
         lifespan=lifespan,
     )
