@@ -93,10 +93,10 @@ class ServerConfig:
         if not (root / "bundle.json").is_file():
             what = "does not exist" if not root.exists() else "is not an sdm-lm bundle (no bundle.json)"
             raise ConfigError(_hint("bundle", f"{self.bundle!r} {what}; point it at a folder written by python -m training.calibrate"))
-        _choice(self, "backend", choices=BACKENDS)
-        _choice(self, "dtype", choices=DTYPES)
-        _choice(self, "hidden_states", choices=HIDDEN_STATE_MODES)
-        _choice(self, "log_level", choices=LOG_LEVELS)
+        _choice(self, "backend", BACKENDS)
+        _choice(self, "dtype", DTYPES)
+        _choice(self, "hidden_states", HIDDEN_STATE_MODES)
+        _choice(self, "log_level", LOG_LEVELS)
         if not (1 <= self.port <= 65535):
             raise ConfigError(_hint("port", f"must be between 1 and 65535, got {self.port}"))
         for name in ("default_max_tokens", "max_tokens_cap", "max_prompt_tokens", "max_body_bytes", "max_concurrent_requests", "batch_size", "max_attempts_cap"):
