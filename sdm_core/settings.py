@@ -22,8 +22,9 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["CommandLine", "Option", "SettingsError", "build", "flatten", "group", "options", "parse_device", "parse_text",
            "setting"]

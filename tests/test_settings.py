@@ -7,7 +7,17 @@ from dataclasses import dataclass
 import pytest
 
 from sdm_core import SDMConfig
-from sdm_core.settings import CommandLine, SettingsError, build, flatten, group, options, parse_device, parse_text, setting
+from sdm_core.settings import (
+    CommandLine,
+    SettingsError,
+    build,
+    flatten,
+    group,
+    options,
+    parse_device,
+    parse_text,
+    setting,
+)
 
 
 @dataclass(frozen=True)
