@@ -41,11 +41,13 @@ class SettingsError(ValueError):
 
 def setting(default: Any = MISSING, *, help: str, default_factory: Callable[[], Any] | Any = MISSING,
             choices: Sequence[str] | None = None, metavar: str | None = None, required: bool = False,
-            parse: Callable[[str], Any] | None = None) -> Any:
+            parse: Callable[[str], Any] | None = None, flag: str | None = None, repeat: bool = False) -> Any:
     """A dataclass field that is also a flag: ``help`` is its --help line; ``choices`` and ``metavar`` go to argparse;
-    ``required`` only changes the help (validation stays in the class); ``parse`` reads the text of a flag/variable."""
+    ``required`` only changes the help (validation stays in the class); ``parse`` reads the text of a flag/variable;
+    ``flag`` names the flag (and variable) when it differs from the field; ``repeat``: a tuple field whose flag may
+    be given several times (its variable is comma-separated)."""
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "metavar": metavar, "required": required,
-                "parse": parse}
+                "parse": parse, "flag": flag, "repeat": repeat}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -75,6 +77,7 @@ class Option:
     metavar: str | None = None
     required: bool = False
     parse: Callable[[str], Any] | None = None
+    repeat: bool = False
 
     @property
     def flag(self) -> str:
@@ -110,8 +113,9 @@ def options(cls: type) -> list[Option]:
             continue
         if "help" not in meta:
             raise TypeError(f"{cls.__name__}.{f.name} has no help line: declare it with setting(default, help=...)")
-        found.append(Option(f.name, (f.name,), hints[f.name], meta["help"], _default_of(f), meta.get("choices"),
-                            meta.get("metavar"), bool(meta.get("required")), meta.get("parse")))
+        found.append(Option(meta.get("flag") or f.name, (f.name,), hints[f.name], meta["help"], _default_of(f),
+                            meta.get("choices"), meta.get("metavar"), bool(meta.get("required")), meta.get("parse"),
+                            bool(meta.get("repeat"))))
     return found
 
 
@@ -183,7 +187,7 @@ def build(cls: type, values: Mapping[str, Any]) -> Any:
     for name, value in values.items():
         path = by_name[name].path
         if len(path) == 1:
-            top[name] = value
+            top[path[0]] = value
         else:
             nested.setdefault(path[0], {})[path[1]] = value
     for outer, inner in nested.items():
@@ -250,6 +254,9 @@ class CommandLine:
             if self.switches and option.kind is bool:
                 parser.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None,
                                     help=text)
+            elif option.repeat:
+                parser.add_argument(option.flag, dest=option.name, action="append", default=None, metavar=option.metavar,
+                                    help=text)
             else:
                 parser.add_argument(option.flag, dest=option.name, default=None, choices=option.choices,
                                     metavar=option.metavar, help=text)
@@ -270,7 +277,9 @@ class CommandLine:
                 if env.get(variable, "") != "":
                     values[option.name] = _parse(option, env[variable], variable)
                 given = getattr(args, option.name, None)
-                if given is not None:
+                if isinstance(given, list):  # a repeated flag: each occurrence is one or more comma-separated items
+                    values[option.name] = tuple(v for text in given for v in _parse(option, text, option.flag))
+                elif given is not None:
                     values[option.name] = given if isinstance(given, bool) else _parse(option, given, option.flag)
             except SettingsError as exc:
                 raise self.error(str(exc)) from None

@@ -147,3 +147,25 @@ def test_finetune_settings_nest_the_sdm_layers_and_keep_the_flat_record() -> Non
     assert "sdm" not in record and record["sdm_learning_rate"] == 0.002
     assert build(FinetuneConfig, {**record, "lora_targets": tuple(record["lora_targets"]),
                                   "task_operations": tuple(record["task_operations"])}) == config
+
+
+def test_update_takes_repeated_head_versions_times_and_its_store_from_the_environment() -> None:
+    from training.update import COMMAND_LINE, UpdateError
+
+    env = {"SDM_UPDATE_STORE": "sqlite:////tmp/traffic.sqlite3", "SDM_UPDATE_SINCE": "2026-12-01T00:00:00"}
+    config = COMMAND_LINE.parse(["--bundle", "b", "--out", "o", "--head-version", "v1", "--head-version", "v2,v3",
+                                 "--until", "1796169600"], env)
+    assert config.store == "sqlite:////tmp/traffic.sqlite3" and config.head_versions == ("v1", "v2", "v3")
+    assert config.since == 1796083200.0 and config.until == 1796169600.0  # a time without a zone is UTC
+    with pytest.raises(SettingsError, match="SDM_UPDATE_SINCE: expected an ISO time"):
+        COMMAND_LINE.parse(["--bundle", "b", "--out", "o"], {**env, "SDM_UPDATE_SINCE": "yesterday"})
+    with pytest.raises(UpdateError, match="--store is required"):
+        COMMAND_LINE.parse(["--bundle", "b", "--out", "o"], {})
+
+
+def test_seal_needs_a_bundle() -> None:
+    from training.seal import COMMAND_LINE
+
+    assert COMMAND_LINE.parse([], {"SDM_SEAL_BUNDLE": "b", "SDM_SEAL_NOTE": "hand edit"}).note == "hand edit"
+    with pytest.raises(ValueError, match="--bundle .* is required"):
+        COMMAND_LINE.parse(["--note", "x"], {})
