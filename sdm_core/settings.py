@@ -197,7 +197,7 @@ def build(cls: type, values: Mapping[str, Any]) -> Any:
             top[outer] = dataclasses.replace(base, **inner)
         except ValueError as exc:
             names = ", ".join(o.flag for o in by_name.values() if o.path[0] == outer)
-            raise type(exc)(f"{exc} (settings {names})") from None
+            raise ValueError(f"{exc} (settings {names})") from None
     return cls(**top)
 
 
