@@ -31,32 +31,12 @@ def _alphas(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SDMConfig()
-    parser = argparse.ArgumentParser(prog="python -m sdm_core", description="Fit and apply SDM estimators over embeddings.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sdm_core", description="Fit and apply SDM estimators over embeddings."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    fit = sub.add_parser("fit", help="fit an SDM layer and its regions; write an artifact folder")
-    fit.add_argument("--train-embeddings", required=True, help=".npy or .safetensors (N, D): the support set")
-    fit.add_argument("--train-labels", required=True, help="JSONL {id, label} per training row")
-    fit.add_argument("--calibration-embeddings", required=True)
-    fit.add_argument("--calibration-labels", required=True)
-    fit.add_argument("--out", required=True, help="artifact folder to write")
-    fit.add_argument("--num-classes", type=int, default=None, help="default: 1 + the largest label")
-    fit.add_argument("--class-names", default="", help="comma-separated names, index order (labels may use them)")
-    fit.add_argument("--exemplar-dim", type=int, default=defaults.exemplar_dim)
-    fit.add_argument("--epochs", type=int, default=defaults.epochs)
-    fit.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    fit.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    fit.add_argument("--max-q", type=int, default=defaults.max_q)
-    fit.add_argument("--iterations", type=int, default=defaults.iterations, help="J random splits/initialisations")
-    fit.add_argument("--shuffle-splits", action="store_true", help="pool train + calibration and re-split each iteration")
-    fit.add_argument("--alpha", type=float, default=defaults.alpha)
-    fit.add_argument("--alphas", type=_alphas, default=list(defaults.alpha_ladder), help="the alpha ladder, comma-separated")
-    fit.add_argument("--independent-regions", action="store_true", help="use each alpha's own region (not nested)")
-    fit.add_argument("--ess-rule", choices=("paper", "reference"), default=defaults.effective_sample_size_rule)
-    fit.add_argument("--no-normalize", action="store_true", help="skip the scalar mean/std input normalisation")
-    fit.add_argument("--backend", choices=("torch", "faiss", "auto"), default=defaults.backend)
-    fit.add_argument("--seed", type=int, default=defaults.seed)
-    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_fit_command(sub, defaults)
 
     score = sub.add_parser("score", help="write one JSON line per document with every estimator quantity")
     score.add_argument("--artifact", required=True)
@@ -76,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     recal = sub.add_parser("recalibrate", help="re-run Algorithm 1 at a new alpha ladder without retraining")
     recal.add_argument("--artifact", required=True)
     recal.add_argument("--alphas", type=_alphas, required=True)
-    recal.add_argument("--alpha", type=float, default=None, help="the new default alpha (default: keep the current one, which joins the ladder)")
+    recal.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="the new default alpha (default: keep the current one, which joins the ladder)",
+    )
     recal.add_argument("--independent-regions", action="store_true")
     recal.add_argument("--out", default=None, help="write here instead of replacing the artifact")
 
@@ -86,6 +71,37 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--labels", required=True, help="JSONL {id, label}; label may be 'ood'")
     add.add_argument("--out", default=None)
     return parser
+
+
+def _add_fit_command(sub: argparse._SubParsersAction, defaults: SDMConfig) -> None:
+    """``fit``: the data files, SDMConfig's settings (with its defaults) and the output folder."""
+    fit = sub.add_parser("fit", help="fit an SDM layer and its regions; write an artifact folder")
+    fit.add_argument("--train-embeddings", required=True, help=".npy or .safetensors (N, D): the support set")
+    fit.add_argument("--train-labels", required=True, help="JSONL {id, label} per training row")
+    fit.add_argument("--calibration-embeddings", required=True)
+    fit.add_argument("--calibration-labels", required=True)
+    fit.add_argument("--out", required=True, help="artifact folder to write")
+    fit.add_argument("--num-classes", type=int, default=None, help="default: 1 + the largest label")
+    fit.add_argument("--class-names", default="", help="comma-separated names, index order (labels may use them)")
+    fit.add_argument("--exemplar-dim", type=int, default=defaults.exemplar_dim)
+    fit.add_argument("--epochs", type=int, default=defaults.epochs)
+    fit.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    fit.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    fit.add_argument("--max-q", type=int, default=defaults.max_q)
+    fit.add_argument("--iterations", type=int, default=defaults.iterations, help="J random splits/initialisations")
+    fit.add_argument(
+        "--shuffle-splits", action="store_true", help="pool train + calibration and re-split each iteration"
+    )
+    fit.add_argument("--alpha", type=float, default=defaults.alpha)
+    fit.add_argument(
+        "--alphas", type=_alphas, default=list(defaults.alpha_ladder), help="the alpha ladder, comma-separated"
+    )
+    fit.add_argument("--independent-regions", action="store_true", help="use each alpha's own region (not nested)")
+    fit.add_argument("--ess-rule", choices=("paper", "reference"), default=defaults.effective_sample_size_rule)
+    fit.add_argument("--no-normalize", action="store_true", help="skip the scalar mean/std input normalisation")
+    fit.add_argument("--backend", choices=("torch", "faiss", "auto"), default=defaults.backend)
+    fit.add_argument("--seed", type=int, default=defaults.seed)
+    fit.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _fit(args: argparse.Namespace) -> dict:

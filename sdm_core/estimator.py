@@ -4,6 +4,9 @@
 probabilities, q', the OOD flag, the HIGH-RELIABILITY decision at the requested alpha, the highest ladder alpha
 whose region admits the prediction, the abstention reason, the DKW band (SDM_lower/upper, q'_lower, HR_lower),
 and optionally the nearest exemplars.
+
+Size: one class, scikit-learn's interface (fit, predict, score, save, load) over one fitted layer and its ladder,
+with the scores it returns; the parts that stand alone (fitting, support, calibration, artifact) are modules.
 """
 
 from __future__ import annotations
@@ -138,6 +141,24 @@ class SDMScores:
 
     def records(self) -> list[dict]:
         return [self.record(i) for i in range(len(self))]
+
+
+def _neighbour_exemplars(
+    support: SupportIndex, exemplars: torch.Tensor, k: int, exclude: torch.Tensor
+) -> list[list[Exemplar]]:
+    """The k nearest support exemplars of each row of ``exemplars``, nearest first (fewer when the support is
+    smaller)."""
+    neighbours: list[list[Exemplar]] = []
+    dist, pos = support.neighbors(exemplars, k, exclude=exclude)
+    for row_d, row_p in zip(dist.tolist(), pos.tolist()):
+        neighbours.append(
+            [
+                Exemplar(support.ids[p], int(support.labels[p]), int(support.predictions[p]), float(dv))
+                for dv, p in zip(row_d, row_p)
+                if p >= 0
+            ]
+        )
+    return neighbours
 
 
 def _labels_tensor(labels: object, n: int, num_classes: int | None, name: str) -> torch.Tensor:
@@ -383,17 +404,9 @@ class SDMEstimator:
         own_lower = self.ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
         admitted_lower = self.ladder.admitted_at(own_lower, a)
 
-        neighbours: list[list[Exemplar]] = []
-        if return_exemplars:
-            dist, pos = self.support.neighbors(exemplars, int(return_exemplars), exclude=exclude)
-            for row_d, row_p in zip(dist.tolist(), pos.tolist()):
-                neighbours.append(
-                    [
-                        Exemplar(self.support.ids[p], int(self.support.labels[p]), int(self.support.predictions[p]), float(dv))
-                        for dv, p in zip(row_d, row_p)
-                        if p >= 0
-                    ]
-                )
+        neighbours = (
+            _neighbour_exemplars(self.support, exemplars, int(return_exemplars), exclude) if return_exemplars else []
+        )
         return SDMScores(
             alpha=a,
             logits=logits,

@@ -8,6 +8,9 @@ Two backends give the same neighbours:
   support points that precede the first non-matching one in (distance, position) order, capped at k, which is
   exactly the leading run of matches among the k nearest (ACT Eq. 4).
 - ``faiss``: ``IndexFlatL2`` k-NN search, canonicalised to the same tie order, then the leading run.
+
+Size: one index and its two backends, which must give the same neighbours; side by side, they can be read
+against each other.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from server.errors import (
     APIError,
@@ -65,6 +65,28 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json"
 
 
+def _send_with_ids(send: Send, request_id: str, client_id: str | None, status: dict) -> Send:
+    """``send`` that puts the server's request id (and the client's, when it sent one) on the response headers in
+    place of any the app set, and records in ``status`` the status code, whether the response is SSE and whether
+    its last body part went out."""
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status["code"] = message["status"]
+            drop = {b"x-request-id", b"x-client-request-id"}
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
+            status["sse"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+            headers.append((b"x-request-id", request_id.encode("latin-1")))
+            if client_id:
+                headers.append((b"x-client-request-id", client_id.encode("latin-1")))
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            status["complete"] = True
+        await send(message)
+
+    return send_with_id
+
+
 class RequestContextMiddleware:
     def __init__(
         self,
@@ -102,7 +124,9 @@ class RequestContextMiddleware:
         path = scope.get("path") or ""
         admin = path.startswith(ADMIN_PREFIX)
         if admin and not self.admin_keys and not self.api_keys:
-            return permission_error(f"{path} is disabled: the server has no admin keys; set SDM_ADMIN_API_KEYS (or --admin-api-keys)"), None
+            return permission_error(
+                f"{path} is disabled: the server has no admin keys; set SDM_ADMIN_API_KEYS (or --admin-api-keys)"
+            ), None
         if not admin and (path in self.open_paths or not self.api_keys):
             return None, None
         header = _header(scope, b"authorization")
@@ -120,7 +144,10 @@ class RequestContextMiddleware:
             return authentication_error("invalid API key"), None
         if admin:
             if not self.admin_keys:
-                return permission_error(f"{path} is refused: the server has client keys but no admin keys; set SDM_ADMIN_API_KEYS (or --admin-api-keys)"), client_id
+                return permission_error(
+                    f"{path} is refused: the server has client keys but no admin keys; set SDM_ADMIN_API_KEYS (or "
+                    "--admin-api-keys)"
+                ), client_id
             return permission_error(f"{path} needs an admin key; this is a client key"), client_id
         return None, client_id
 
@@ -131,72 +158,86 @@ class RequestContextMiddleware:
         incoming = _header(scope, b"x-client-request-id") or _header(scope, b"x-request-id")
         client_id = incoming if incoming and _SAFE_ID.match(incoming) else None
         request_id = new_request_id()
-        tokens = [(request_id_var, request_id_var.set(request_id)), (client_request_id_var, client_request_id_var.set(client_id))]
+        tokens = [
+            (request_id_var, request_id_var.set(request_id)),
+            (client_request_id_var, client_request_id_var.set(client_id)),
+        ]
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["client_request_id"] = client_id
         started = time.perf_counter()
         status = {"code": 0, "sse": False, "complete": False}
+        send_with_id = _send_with_ids(send, request_id, client_id, status)
         kid: str | None = None
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                drop = {b"x-request-id", b"x-client-request-id"}
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
-                status["sse"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
-                headers.append((b"x-request-id", request_id.encode("latin-1")))
-                if client_id:
-                    headers.append((b"x-client-request-id", client_id.encode("latin-1")))
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                status["complete"] = True
-            await send(message)
-
         try:
             error, kid = self._check_key(scope)
             if kid is not None:
                 tokens.append((key_id_var, key_id_var.set(kid)))
                 state["key_id"] = kid
             if error is None and scope.get("method") in _BODY_METHODS:
-                replay, error, body = await self._read_body(scope, receive)
-                if replay is not None:
-                    receive = replay
-                if error is None and body and body.strip() and not _is_json(_header(scope, b"content-type")):
-                    # Browsers send text/plain (and forms) cross-origin without a CORS preflight; JSON needs one.
-                    error = unsupported_media_type(_header(scope, b"content-type"))
+                receive, error = await self._checked_body(scope, receive)
             if error is not None:
                 if self.on_error is not None:
                     self.on_error(self.route_label(scope.get("path", "")), error.status)
                 await self._send_error(send_with_id, error)
                 return
-            try:
-                await self.app(scope, receive, send_with_id)
-            except asyncio.CancelledError:
-                # The server cancels what still runs when the drain timeout ends: answer it in the API's terms.
-                await self._answer_cancelled(send_with_id, status)
-                raise
-            except Exception:  # noqa: BLE001 - answered here so that the 500 keeps the request id
-                self.logger.error("unhandled error", exc_info=True)
-                if self.on_error is not None:
-                    self.on_error(self.route_label(scope.get("path", "")), 500)
-                if not status["code"]:
-                    await self._send_error(send_with_id, internal_error("internal server error; see the server log for this request id"))
+            await self._run_app(scope, receive, send_with_id, status)
         finally:
-            quiet = scope.get("path") in _QUIET_PATHS and 0 < status["code"] < 400
-            self.logger.log(
-                logging.DEBUG if quiet else logging.INFO,
-                "%s %s %s",
-                scope.get("method"),
-                scope.get("path"),
-                status["code"] or "-",
-                extra={"method": scope.get("method"), "path": scope.get("path"), "status": status["code"] or None,
-                       "duration_ms": round((time.perf_counter() - started) * 1000.0, 2),
-                       "client": (scope.get("client") or ("", 0))[0], "request_id": request_id, "client_request_id": client_id,
-                       "key_id": kid},
-            )
+            self._log_access(scope, status["code"], started, request_id, client_id, kid)
             for var, token in reversed(tokens):
                 var.reset(token)
+
+    async def _checked_body(self, scope: Scope, receive: Receive) -> tuple[Receive, APIError | None]:
+        """The body read whole, with the receive that replays it to the app; 413 past the size limit, 415 for a
+        body that is not JSON."""
+        replay, error, body = await self._read_body(scope, receive)
+        if replay is not None:
+            receive = replay
+        if error is None and body and body.strip() and not _is_json(_header(scope, b"content-type")):
+            # Browsers send text/plain (and forms) cross-origin without a CORS preflight; JSON needs one.
+            error = unsupported_media_type(_header(scope, b"content-type"))
+        return receive, error
+
+    async def _run_app(self, scope: Scope, receive: Receive, send: Send, status: dict) -> None:
+        """The app, with a request cancelled by the drain timeout answered as shutting down, and an unhandled
+        error logged and answered as a 500 that keeps the request id."""
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            # The server cancels what still runs when the drain timeout ends: answer it in the API's terms.
+            await self._answer_cancelled(send, status)
+            raise
+        except Exception:  # noqa: BLE001 - answered here so that the 500 keeps the request id
+            self.logger.error("unhandled error", exc_info=True)
+            if self.on_error is not None:
+                self.on_error(self.route_label(scope.get("path", "")), 500)
+            if not status["code"]:
+                await self._send_error(
+                    send, internal_error("internal server error; see the server log for this request id")
+                )
+
+    def _log_access(
+        self, scope: Scope, code: int, started: float, request_id: str, client_id: str | None, kid: str | None
+    ) -> None:
+        """The request's access line; probes and scrapes that succeed log at debug level."""
+        quiet = scope.get("path") in _QUIET_PATHS and 0 < code < 400
+        self.logger.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "%s %s %s",
+            scope.get("method"),
+            scope.get("path"),
+            code or "-",
+            extra={
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "status": code or None,
+                "duration_ms": round((time.perf_counter() - started) * 1000.0, 2),
+                "client": (scope.get("client") or ("", 0))[0],
+                "request_id": request_id,
+                "client_request_id": client_id,
+                "key_id": kid,
+            },
+        )
 
     async def _answer_cancelled(self, send: Send, status: dict) -> None:
         error = shutting_down(self.drain_timeout_s)
@@ -222,7 +263,7 @@ class RequestContextMiddleware:
                 pending = [message]
 
                 async def disconnected() -> Message:
-                    return pending[0]
+                    return pending[0]  # noqa: B023 - returned at once; the loop never rebinds it
 
                 return disconnected, None, b""
             body = message.get("body", b"")

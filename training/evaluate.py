@@ -18,38 +18,33 @@ Outputs under ``--out``:
     python -m training.evaluate --preset tiny --bundles /tmp/bundle_tiny \\
         --data wiki=data/test.jsonl,harvard=data/harvard.jsonl --out eval/tiny
     python -m training.evaluate --bundles sdm=bundles/sdm,ce=bundles/ce --data wiki=data/test.jsonl --out eval/cmp
+
+One bundle on one dataset is scored in training.evaluation_pair; report.md and the plots are drawn in
+training.evaluation_report; the surface metrics are training.surface_metrics.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import math
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from sdm_core.calibration import admissions_unchecked, same_alpha
-from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from sdm_core.math import check_alpha
-from sdm_core.report import render_markdown, selective_report
 from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
-from training.baselines import METHODS, ScoredGenerations, aurocs, compare_methods, risk_coverage
-from training.correctness import CORRECTNESS_HELP, first_sentence, get_correctness
-from training.generation import decode_and_label
+from training.correctness import CORRECTNESS_HELP, get_correctness
+from training.evaluation_pair import evaluate_pair
+from training.evaluation_report import plot_admitted, plot_risk_coverage, render_report
 from training.records import Record, load_records
-from training.tag_probability import tag_probabilities
+from training.surface_metrics import surface_metrics
 
 __all__ = ["EvaluateConfig", "PRESETS", "evaluate", "parse_named_paths", "surface_metrics", "main"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_SENTENCE_OPEN_RE = re.compile(r"<sentence>(.*?)</sentence>", re.DOTALL)
 
 
 def _alpha_or_default(text: str) -> float | None:
@@ -160,434 +155,12 @@ def parse_named_paths(specs: Sequence[str], kind: str) -> dict[str, Path]:
     return out
 
 
-# -- surface metrics (SDM_SPEC §4.3, Table 3) ----------------------------------------------------------------
-
-def _collapse(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _own_tag(generation: str, yes: str, no: str) -> str | None:
-    """The model's own verification word: the first ``<verified>...</verified>`` (the one paired with the first
-    sentence), "Yes"/"No", or None when there is none or it holds something else."""
-    match = re.search(r"<verified>(.*?)</verified>", generation, re.DOTALL)
-    if match is None:
-        return None
-    word = match.group(1).strip()
-    return "Yes" if word == yes else "No" if word == no else None
-
-
-def _reference_sentence(record: Record) -> str:
-    if record.reference is not None:
-        return record.reference
-    return first_sentence(record.positive, require_verified=False) or record.positive
-
-
-def surface_metrics(generation: str, record: Record, yes: str = "Yes", no: str = "No") -> dict:
-    """Per-document surface metrics of §4.3: sentence match (first <sentence>, no paired tag required),
-    exact match (whitespace-collapsed whole generation vs positive), no response (no sentence tag at all),
-    word-level accuracy (position-wise, 0 when the lengths differ) and the model's own tag."""
-    reference = _reference_sentence(record).strip().split()
-    sentence = first_sentence(generation, require_verified=False).strip().split()
-    if len(reference) == len(sentence) and reference:
-        word_acc = sum(a == b for a, b in zip(reference, sentence)) / len(reference)
-    else:
-        word_acc = 1.0 if not reference and not sentence else 0.0
-    return {
-        "sentence_correct": sentence == reference,
-        "exact_match": _collapse(generation) == _collapse(record.positive),
-        "no_response": _SENTENCE_OPEN_RE.search(generation) is None,
-        "word_acc": word_acc,
-        "own_tag": _own_tag(generation, yes, no),
-    }
-
-
-def _aggregate_surface(rows: list[dict]) -> dict:
-    n = len(rows)
-    word = [r["word_acc"] for r in rows]
-    mean = sum(word) / n if n else 0.0
-    sd = math.sqrt(sum((w - mean) ** 2 for w in word) / n) if n else 0.0
-    confusion = {"tp": 0, "fp": 0, "fn": 0, "tn": 0, "missing": 0}
-    for r in rows:
-        if r["no_response"]:
-            continue  # as in the reference counts, a response without a sentence is outside the confusion matrix
-        if r["own_tag"] is None:
-            confusion["missing"] += 1
-        elif r["own_tag"] == "Yes":
-            confusion["tp" if r["sentence_correct"] else "fp"] += 1
-        else:
-            confusion["fn" if r["sentence_correct"] else "tn"] += 1
-    sentence = sum(r["sentence_correct"] for r in rows)
-    exact = sum(r["exact_match"] for r in rows)
-    return {
-        "sentence_correct": sentence,
-        "sentence_acc": sentence / n if n else 0.0,
-        "exact_match": exact,
-        "exact_match_acc": exact / n if n else 0.0,
-        "no_response": sum(r["no_response"] for r in rows),
-        "word_acc_mean": mean,
-        "word_acc_sd": sd,
-        "own_tag_vs_sentence": confusion,
-    }
-
-
-# -- evaluation -----------------------------------------------------------------------------------------------
-
-def _row_at(report: dict, alpha: float) -> dict:
-    for row in report["alphas"]:
-        if same_alpha(row["alpha"], alpha):
-            return row
-    raise ValueError(f"alpha {alpha} is not in the report")
-
-
-def _evaluate_pair(bundle, bundle_name: str, dataset_name: str, records: list[Record], config: EvaluateConfig,
-                   alpha: float, out: Path) -> dict:
-    info, model, tokenizer, head = bundle.info, bundle.model, bundle.tokenizer, bundle.head
-    correct = get_correctness(config.correctness)
-    prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
-
-    started = time.perf_counter()
-    generated = decode_and_label(model, tokenizer, records, info.chat, correct, config.max_new_tokens, config.generate_batch_size,
-                                 config.progress, f"{bundle_name}/{dataset_name}: generating")
-    generations = generated.texts
-    generate_seconds = time.perf_counter() - started
-
-    positive, negative = info.tags.positive_class, 1 - info.tags.positive_class
-    labels = torch.tensor([positive if y else negative for y in generated.labels], dtype=torch.long)
-    texts = [verification_text(tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generations)]
-    started = time.perf_counter()
-    h = embed_texts(model, tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
-    embed_seconds = time.perf_counter() - started
-    s = head.predict_scores(h, alpha=alpha)
-    p_yes = tag_probabilities(model, tokenizer, prompts, generations, info.chat, info.tags.yes, info.recipe.max_length,
-                              config.embed_batch_size)
-    report = selective_report(s.probabilities, s.probabilities_lower, s.predictions, s.q_prime, s.q_prime_lower, labels,
-                              head.ladder, head.class_names)
-
-    surface_rows = [surface_metrics(g, r, info.tags.yes, info.tags.no) for g, r in zip(generations, records)]
-    n = len(records)
-    reasons: dict[str, int] = {}
-    for reason in s.abstention_reason:
-        if reason is not None:
-            reasons[reason] = reasons.get(reason, 0) + 1
-    row = _row_at(report, alpha)
-    q_prime = s.q_prime.double()
-    own_lower = admissions_unchecked(s.probabilities_lower, s.predictions, s.q_prime_lower, [head.ladder.regions[a] for a in head.ladder.alphas])
-    own = head.ladder.admissions(s.probabilities, s.predictions, s.q_prime)
-    scored = ScoredGenerations(
-        labels=(labels == positive).long(), own_tag=[r["own_tag"] for r in surface_rows], p_yes=p_yes,
-        softmax_yes=torch.softmax(s.logits.double(), dim=1)[:, positive].float(), sdm_yes=s.probabilities[:, positive],
-        head_predictions=(s.predictions == positive).long(), alphas=tuple(head.ladder.alphas),
-        hr=torch.stack([head.ladder.admitted_at(own, a) for a in head.ladder.alphas], dim=1),
-        hr_lower=torch.stack([head.ladder.admitted_at(own_lower, a) for a in head.ladder.alphas], dim=1),
-    )
-    thresholds = (info.raw.get("baselines") or {}).get("tag_probability", {}).get("thresholds")
-    result = {
-        "n": n,
-        "alpha": alpha,
-        "generation_correct": int((labels == positive).sum()),
-        "generation_acc": float((labels == positive).float().mean()) if n else 0.0,
-        **_aggregate_surface(surface_rows),
-        "sdm_hr": {"alpha": alpha, "accuracy": row["HR"]["marginal"]["accuracy"],
-                   "admitted_proportion": row["HR"]["marginal"]["proportion"], "admitted": row["HR"]["marginal"]["admitted"],
-                   "q_prime_min": row["q_prime_min"]},
-        "sdm_hr_lower": {"alpha": alpha, "accuracy": row["HR_lower"]["marginal"]["accuracy"],
-                         "admitted_proportion": row["HR_lower"]["marginal"]["proportion"],
-                         "admitted": row["HR_lower"]["marginal"]["admitted"]},
-        # Admitted with yhat = Yes: the generations a selective-generation server returns as verified.
-        "verified_yes": row["HR"]["prediction_conditional"][positive],
-        "no_reject": report["no_reject"]["marginal"],
-        "abstention_reasons": dict(sorted(reasons.items())),
-        "ood_proportion": float(s.is_ood.float().mean()) if n else 0.0,
-        "q_prime_mean": {"correct": _mean(q_prime[labels == positive]), "wrong": _mean(q_prime[labels == negative])},
-        "report": report,
-        # The alternatives on the same generations (training.baselines), and how well each score ranks them.
-        "methods": compare_methods(scored, thresholds),
-        "auroc": aurocs(scored),
-        "seconds": {"generate": round(generate_seconds, 3), "embed": round(embed_seconds, 3)},
-    }
-
-    path = out / f"predictions_{bundle_name}_{dataset_name}.jsonl"
-    with open(path, "w", encoding="utf-8") as handle:
-        for i, (record, text) in enumerate(zip(records, generations)):
-            row_i = {
-                "id": record.id,
-                "generation": text,
-                "label": int(labels[i]),
-                "prediction": int(s.predictions[i]),
-                "probability": float(s.probabilities[i, s.predictions[i]]),
-                "q": int(s.q[i]),
-                "q_prime": float(s.q_prime[i]),
-                "d": float(s.d[i]),
-                "is_ood": bool(s.is_ood[i]),
-                "admitted": bool(s.admitted[i]),
-                "admitted_lower": bool(s.admitted_lower[i]),
-                "abstention_reason": s.abstention_reason[i],
-                "region_alpha": s.region_alpha[i],
-                "sentence_correct": surface_rows[i]["sentence_correct"],
-                "exact_match": surface_rows[i]["exact_match"],
-                "own_tag": surface_rows[i]["own_tag"],
-                "lm_p_yes": float(p_yes[i]),
-            }
-            handle.write(json.dumps(row_i, ensure_ascii=False) + "\n")
-    _plot_q_prime(out / f"q_prime_by_correctness_{bundle_name}_{dataset_name}.png", q_prime, labels, positive,
-                  row["q_prime_min"], f"{bundle_name} on {dataset_name}: q' by correctness (alpha={alpha:g})")
-    result["risk_coverage"] = {name: risk_coverage(score, scored.labels)
-                               for name, score in (("lm_probability", p_yes), ("softmax", scored.softmax_yes), ("sdm", scored.sdm_yes))}
-    return result
-
-
-def _mean(values: torch.Tensor) -> float | None:
-    return float(values.mean()) if values.numel() else None
-
-
-# -- plots ----------------------------------------------------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_q_prime(path: Path, q_prime: torch.Tensor, labels: torch.Tensor, positive: int, q_prime_min: float | None, title: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    groups = [("correct (y=1)", q_prime[labels == positive], "tab:green"), ("wrong (y=0)", q_prime[labels != positive], "tab:red")]
-    values = q_prime[torch.isfinite(q_prime)]
-    top = float(values.max()) if values.numel() else 1.0
-    bins = torch.linspace(0.0, max(top, 1.0), 31).tolist()
-    for name, data, color in groups:
-        data = data[torch.isfinite(data)]
-        if data.numel():
-            ax.hist(data.tolist(), bins=bins, alpha=0.55, color=color, label=f"{name}, n={data.numel()}")
-        else:
-            ax.plot([], [], color=color, label=f"{name}, n=0")
-    if q_prime_min is not None:
-        ax.axvline(q_prime_min, color="black", linestyle="--", linewidth=1, label=f"q'_min = {q_prime_min:.2f}")
-    ax.set_xlabel("q' (rescaled similarity)")
-    ax.set_ylabel("documents")
-    ax.set_title(title, fontsize=10)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_admitted(path: Path, dataset: str, per_bundle: dict[str, dict]) -> None:
-    """Left: SDM_HR admitted proportion against alpha; right: accuracy among admitted against alpha (with the
-    y = alpha line the regions aim for). One line per bundle."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0))
-    lo = 1.0
-    for name, result in per_bundle.items():
-        rows = sorted(result["report"]["alphas"], key=lambda r: r["alpha"])
-        alphas = [r["alpha"] for r in rows]
-        lo = min([lo] + alphas)
-        line = left.plot(alphas, [r["HR"]["marginal"]["proportion"] for r in rows], marker="o", label=name)[0]
-        left.plot(alphas, [r["HR_lower"]["marginal"]["proportion"] for r in rows], linestyle=":", color=line.get_color())
-        acc = [r["HR"]["marginal"]["accuracy"] for r in rows]
-        right.plot([a for a, v in zip(alphas, acc) if v is not None], [v for v in acc if v is not None], marker="o",
-                   color=line.get_color(), label=name)
-    right.plot([lo, 1.0], [lo, 1.0], color="grey", linestyle="--", linewidth=1, label="accuracy = alpha")
-    left.set_xlabel("alpha")
-    left.set_ylabel("admitted proportion n/|D| (dotted: HR_lower)")
-    left.set_ylim(-0.02, 1.02)
-    left.set_title(f"{dataset}: SDM_HR admitted proportion", fontsize=10)
-    right.set_xlabel("alpha")
-    right.set_ylabel("accuracy among admitted")
-    right.set_ylim(-0.02, 1.02)
-    right.set_title(f"{dataset}: SDM_HR accuracy", fontsize=10)
-    for ax in (left, right):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_risk_coverage(path: Path, dataset: str, per_bundle: dict[str, dict]) -> None:
-    """Risk (share of wrong answers among those admitted as verified) against coverage when admitting the
-    top-scored answers, per bundle: SDM(z')_Yes solid, softmax(z')_Yes dash-dot, the LM's P(Yes) dashed; SDM_HR at
-    each alpha of the ladder as points."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for name, result in per_bundle.items():
-        curves = result["risk_coverage"]
-        line = ax.plot(*curves["sdm"], label=f"{name}: SDM(z')", linewidth=1.4)[0]
-        ax.plot(*curves["softmax"], color=line.get_color(), linestyle="-.", linewidth=1, label=f"{name}: softmax(z')")
-        ax.plot(*curves["lm_probability"], color=line.get_color(), linestyle="--", linewidth=1, label=f"{name}: LM P(Yes)")
-        points = [(r["verified"]["share"], 1.0 - r["verified"]["accuracy"]) for r in result["methods"]["sdm_hr"] if r["verified"]["admitted"]]
-        if points:
-            ax.scatter(*zip(*points), color=line.get_color(), marker="o", s=18, zorder=3, label=f"{name}: SDM_HR (ladder)")
-    ax.set_xlabel("coverage (share admitted as verified)")
-    ax.set_ylabel("risk (share of admitted that are wrong)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{dataset}: risk-coverage", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# -- report ---------------------------------------------------------------------------------------------------
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "–"
-    if 0.0 < value < 0.01:
-        return "<0.01"
-    return f"{value:.2f}"
-
-
-REPORT_ALPHAS = (0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
-
-
-def _methods_section(metrics: dict) -> list[str]:
-    """Held-out validity of SDM_HR (every alpha that admitted something, with its exact binomial test), the
-    AUROC of each score, and every method's verified answers side by side."""
-    lines = ["## Held-out validity of SDM_HR", "",
-             "Answers admitted as verified (in the served region, predicted Yes) against alpha: the one-sided exact binomial "
-             "p-value of H0 accuracy >= alpha and the 95 % Clopper-Pearson lower bound. **VIOLATION**: p < 0.01 with at least 10 "
-             "admitted.", "", "| Dataset | Bundle | alpha | admitted | correct | accuracy | p | lower bound |", "|---|---|---|---|---|---|---|---|"]
-    for d in metrics["datasets"]:
-        for b in metrics["bundles"]:
-            rows = [r for r in metrics["results"][b][d]["methods"]["sdm_hr"] if r["verified"]["admitted"]]
-            for r in rows:
-                v = r["verified"]
-                flag = " **VIOLATION**" if v["p_value"] < 0.01 and v["admitted"] >= 10 else ""
-                lines.append(f"| {d} | {b} | {r['alpha']:g} | {v['admitted']} | {v['correct']} | {_fmt(v['accuracy'])} | "
-                             f"{v['p_value']:.3g}{flag} | {v['lower_bound']:.2f} |")
-            if not rows:
-                lines.append(f"| {d} | {b} | – | 0 | – | – | – | – |")
-    lines += ["", "## AUROC of right against wrong generations", "",
-              "| Dataset | Bundle | LM P(Yes) | softmax(z')_Yes | SDM(z')_Yes |", "|---|---|---|---|---|"]
-    for d in metrics["datasets"]:
-        for b in metrics["bundles"]:
-            a = metrics["results"][b][d]["auroc"]
-            lines.append(f"| {d} | {b} | {_fmt(a['lm_probability'])} | {_fmt(a['softmax'])} | {_fmt(a['sdm'])} |")
-    lines += ["", "## Methods side by side", "",
-              "Accuracy (against r) of the answers each method admits as verified, and how many (of the dataset), at each alpha. "
-              "Methods: training/baselines.py. Full Table 4 cells per method and alpha are in metrics.json.", ""]
-    for d in metrics["datasets"]:
-        for b in metrics["bundles"]:
-            methods = metrics["results"][b][d]["methods"]
-            alphas = [a for a in REPORT_ALPHAS if any(same_alpha(r["alpha"], a) for r in methods["sdm_hr"])]
-            lines.append(f"### {b} on {d} ({metrics['datasets'][d]['n']})")
-            lines.append("")
-            lines.append("| Method | " + " | ".join(f"α={a:g}" for a in alphas) + " |")
-            lines.append("|" + "---|" * (len(alphas) + 1))
-            for name in METHODS:
-                if name not in methods:
-                    continue
-                cells = []
-                for a in alphas:
-                    v = next(r["verified"] for r in methods[name] if same_alpha(r["alpha"], a))
-                    cells.append(f"{_fmt(v['accuracy'])} ({v['admitted']})")
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
-            lines.append("")
-            lines.append(f"![risk-coverage](risk_coverage_{d}.png)")
-            lines.append("")
-    return lines
-
-
-def render_report(metrics: dict) -> str:
-    bundles = list(metrics["bundles"])
-    datasets = list(metrics["datasets"])
-    results = metrics["results"]
-
-    lines = ["# SDM LM evaluation", ""]
-    lines.append(f"Correctness: `{metrics['config']['correctness']}`; max_new_tokens {metrics['config']['max_new_tokens']}. "
-                 "Bundles: " + "; ".join(f"**{b}** = `{metrics['bundles'][b]['path']}` (α = {metrics['bundles'][b]['alpha']:g})"
-                                         for b in bundles) + ".")
-    lines.append("")
-    for b in bundles:
-        certified = metrics["bundles"][b].get("certified_alphas")
-        if certified is None:
-            lines.append(f"- {b}: no certification recorded (a bundle from before held-out certification).")
-        else:
-            withdrawn = metrics["bundles"][b].get("withdrawn_alphas") or []
-            lines.append(f"- {b}: certified alphas {', '.join(f'{a:g}' for a in certified) or 'none'}; withdrawn "
-                         f"{', '.join(f'{a:g}' for a in withdrawn) or 'none'} (the served ladder, evaluated here).")
-    lines.append("")
-    lines.append("## Table 2: SDM_HR (accuracy, admitted proportion n/|D|)")
-    lines.append("")
-    lines.append("Marginal accuracy of the verification prediction among admitted documents, and the admitted proportion, "
-                 "at each bundle's α. '–' means nothing was admitted.")
-    lines.append("")
-    lines.append("| Dataset | " + " | ".join(f"{b} (α={metrics['bundles'][b]['alpha']:g})" for b in bundles) + " |")
-    lines.append("|" + "---|" * (len(bundles) + 1))
-    for d in datasets:
-        cells = []
-        for b in bundles:
-            hr = results[b][d]["sdm_hr"]
-            cells.append(f"{_fmt(hr['accuracy'])}, {_fmt(hr['admitted_proportion'])}")
-        lines.append(f"| {d} ({metrics['datasets'][d]['n']}) | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("## Table 3: generation (Sentence acc / Exact-match acc)")
-    lines.append("")
-    lines.append("No SDM layer: the first `<sentence>` against the reference, and the whole generation against the positive.")
-    lines.append("")
-    lines.append("| Dataset | " + " | ".join(bundles) + " |")
-    lines.append("|" + "---|" * (len(bundles) + 1))
-    for d in datasets:
-        cells = [f"{results[b][d]['sentence_acc']:.2f} / {results[b][d]['exact_match_acc']:.2f}" for b in bundles]
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Raw counts: exact / sentence / no response / own tag TP,FP,FN,TN (missing) / word acc mean ± sd / "
-                 "correct under the correctness function.")
-    lines.append("")
-    lines.append("| Dataset | Bundle | counts |")
-    lines.append("|---|---|---|")
-    for d in datasets:
-        for b in bundles:
-            r = results[b][d]
-            c = r["own_tag_vs_sentence"]
-            lines.append(f"| {d} | {b} | {r['exact_match']} / {r['sentence_correct']} / {r['no_response']} / "
-                         f"{c['tp']},{c['fp']},{c['fn']},{c['tn']} ({c['missing']}) / {r['word_acc_mean']:.4f} ± {r['word_acc_sd']:.4f} / "
-                         f"{r['generation_correct']} of {r['n']} |")
-    lines.append("")
-    lines.append("## Abstentions at α")
-    lines.append("")
-    lines.append("| Dataset | Bundle | admitted | OOD proportion | abstention reasons |")
-    lines.append("|---|---|---|---|---|")
-    for d in datasets:
-        for b in bundles:
-            r = results[b][d]
-            reasons = ", ".join(f"{k}: {v}" for k, v in r["abstention_reasons"].items()) or "–"
-            lines.append(f"| {d} | {b} | {r['sdm_hr']['admitted']} of {r['n']} | {r['ood_proportion']:.2f} | {reasons} |")
-    lines.append("")
-    lines.extend(_methods_section(metrics))
-    lines.append("## Table 4: class-, prediction-conditional and marginal results")
-    lines.append("")
-    for b in bundles:
-        for d in datasets:
-            table = render_markdown(results[b][d]["report"], title=f"{b} on {d}")
-            # render_markdown's level-1 title becomes a level-3 heading under this section.
-            lines.append("##" + table if table.startswith("# ") else table)
-            lines.append(f"![admitted vs alpha](admitted_vs_alpha_{d}.png) ![q' by correctness](q_prime_by_correctness_{b}_{d}.png)")
-            lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
 def evaluate(config: EvaluateConfig) -> dict:
     """Run the evaluation and write its outputs; returns the metrics dict (also written as metrics.json)."""
-    from sdm_core.lm.bundle import load_bundle
-
     config.validate()
     bundle_paths = parse_named_paths(config.bundles, "bundle")
     data_paths = parse_named_paths(config.data, "data")
-    datasets: dict[str, list[Record]] = {}
-    for name, path in data_paths.items():
-        records = load_records(path)
-        if config.max_docs:
-            records = records[: config.max_docs]
-        if not records:
-            raise ValueError(f"data {name!r}: {path} holds no records")
-        datasets[name] = records
+    datasets = _load_datasets(data_paths, config.max_docs)
     device = resolve_device(config.device)  # a bad --device is the flag's error, before any bundle loads
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -599,39 +172,65 @@ def evaluate(config: EvaluateConfig) -> dict:
         "results": {},
     }
     for bundle_name, bundle_path in bundle_paths.items():
-        try:
-            bundle = load_bundle(bundle_path, device=device)
-        except ValueError as exc:
-            raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
-        head = bundle.head
-        if head.num_classes != 2:
-            raise ValueError(f"bundle {bundle_name!r}: its head has {head.num_classes} classes; a verification head has 2")
-        try:
-            alpha = head.ladder.resolve_alpha(config.alpha)
-        except ValueError as exc:
-            raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
-        certification = bundle.info.certification
-        metrics["bundles"][bundle_name] = {
-            "path": str(bundle_path), "alpha": alpha, "ladder": list(head.ladder.alphas), "model": bundle.info.model,
-            "provenance_git_revision": bundle.info.provenance.get("git_revision"),
-            "certified_alphas": list(certification.certified) if certification else None,
-            "withdrawn_alphas": list(certification.withdrawn) if certification else None,
-        }
+        bundle, alpha = _load_bundle(bundle_name, bundle_path, device, config.alpha)
+        metrics["bundles"][bundle_name] = _bundle_entry(bundle, bundle_path, alpha)
         metrics["results"][bundle_name] = {}
         for dataset_name, records in datasets.items():
-            metrics["results"][bundle_name][dataset_name] = _evaluate_pair(bundle, bundle_name, dataset_name, records, config, alpha, out)
+            metrics["results"][bundle_name][dataset_name] = evaluate_pair(bundle, bundle_name, dataset_name, records, config, alpha, out)
         del bundle
         gc.collect()
 
     for dataset_name in datasets:
         per_bundle = {b: metrics["results"][b][dataset_name] for b in bundle_paths}
-        _plot_admitted(out / f"admitted_vs_alpha_{dataset_name}.png", dataset_name, per_bundle)
-        _plot_risk_coverage(out / f"risk_coverage_{dataset_name}.png", dataset_name, per_bundle)
+        plot_admitted(out / f"admitted_vs_alpha_{dataset_name}.png", dataset_name, per_bundle)
+        plot_risk_coverage(out / f"risk_coverage_{dataset_name}.png", dataset_name, per_bundle)
         for result in per_bundle.values():
             del result["risk_coverage"]  # plotted; the curves are as long as the dataset
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     return metrics
+
+
+def _load_datasets(data_paths: dict[str, Path], max_docs: int) -> dict[str, list[Record]]:
+    """Each named record file's records (the first ``max_docs`` when it is set); an empty one is an error."""
+    datasets: dict[str, list[Record]] = {}
+    for name, path in data_paths.items():
+        records = load_records(path)
+        if max_docs:
+            records = records[:max_docs]
+        if not records:
+            raise ValueError(f"data {name!r}: {path} holds no records")
+        datasets[name] = records
+    return datasets
+
+
+def _load_bundle(bundle_name: str, bundle_path: Path, device, alpha_setting: float | None):
+    """The bundle on ``device`` and the alpha to report it at; errors name the bundle."""
+    from sdm_core.lm.bundle import load_bundle
+
+    try:
+        bundle = load_bundle(bundle_path, device=device)
+    except ValueError as exc:
+        raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
+    head = bundle.head
+    if head.num_classes != 2:
+        raise ValueError(f"bundle {bundle_name!r}: its head has {head.num_classes} classes; a verification head has 2")
+    try:
+        alpha = head.ladder.resolve_alpha(alpha_setting)
+    except ValueError as exc:
+        raise ValueError(f"bundle {bundle_name!r}: {exc}") from None
+    return bundle, alpha
+
+
+def _bundle_entry(bundle, bundle_path: Path, alpha: float) -> dict:
+    """metrics.json's entry for a bundle: where it is, its alpha and ladder, its model, provenance and certification."""
+    head, certification = bundle.head, bundle.info.certification
+    return {
+        "path": str(bundle_path), "alpha": alpha, "ladder": list(head.ladder.alphas), "model": bundle.info.model,
+        "provenance_git_revision": bundle.info.provenance.get("git_revision"),
+        "certified_alphas": list(certification.certified) if certification else None,
+        "withdrawn_alphas": list(certification.withdrawn) if certification else None,
+    }
 
 
 def _summary(metrics: dict, out: str) -> dict:

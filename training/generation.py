@@ -3,8 +3,8 @@ labelling of generations by the task's correctness function."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -52,13 +52,8 @@ def greedy_generate(
         fillers = int(count.item()) - len(batches)
     extra = {"synced_gpus": True} if synced else {}
     for index in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        width = max(len(encoded[i]) for i in index)
-        ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(index), width), dtype=torch.long)
-        for row, i in enumerate(index):
-            n = len(encoded[i])
-            ids[row, width - n :] = torch.tensor(encoded[i])
-            mask[row, width - n :] = 1
+        ids, mask = _left_padded([encoded[i] for i in index], pad_id)
+        width = ids.shape[1]
         generated = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -70,12 +65,38 @@ def greedy_generate(
         )
         for row, i in enumerate(index):
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-    for _ in range(fillers):  # output discarded; only the collective forwards matter
-        filler = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
-        model.generate(input_ids=filler, attention_mask=torch.ones_like(filler), max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **extra)
+    _generate_fillers(model, fillers, pad_id, tokenizer.eos_token_id, max_new_tokens, extra)
     model.train(was_training)
     return out
+
+
+def _generate_fillers(model, count: int, pad_id: int, eos_token_id: int, max_new_tokens: int, extra: dict) -> None:
+    """``count`` one-token generations whose output is discarded: a sharded rank short of batches still makes
+    the collective forwards the other ranks make."""
+    device = next(model.parameters()).device
+    for _ in range(count):
+        filler = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
+        model.generate(
+            input_ids=filler,
+            attention_mask=torch.ones_like(filler),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_id,
+            **extra,
+        )
+
+
+def _left_padded(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One generation batch: the prompts' ids padded on the left to the longest, and the attention mask."""
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e)
+        ids[row, width - n :] = torch.tensor(e)
+        mask[row, width - n :] = 1
+    return ids, mask
 
 
 @dataclass(frozen=True)
@@ -90,7 +111,9 @@ class LabelledGenerations:
         return sum(self.labels) / len(self.labels) if self.labels else 0.0
 
 
-def label_generations(records: Sequence[Record], texts: Sequence[str], correct: Callable[[str, str], bool]) -> LabelledGenerations:
+def label_generations(
+    records: Sequence[Record], texts: Sequence[str], correct: Callable[[str, str], bool]
+) -> LabelledGenerations:
     """Label generations with the task's correctness function, against each record's reference (or positive).
 
     Each generation is first cut where the server's output would end (:func:`served_generation`), so the label
@@ -102,8 +125,17 @@ def label_generations(records: Sequence[Record], texts: Sequence[str], correct: 
     return LabelledGenerations(list(texts), labels)
 
 
-def decode_and_label(model, tokenizer, records: Sequence[Record], chat: ChatFormat, correct: Callable[[str, str], bool],
-                     max_new_tokens: int, batch_size: int = 16, progress: bool = False, desc: str = "generating") -> LabelledGenerations:
+def decode_and_label(
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    chat: ChatFormat,
+    correct: Callable[[str, str], bool],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generating",
+) -> LabelledGenerations:
     """What calibration, certification and evaluation all do to a record file: greedy-decode every prompt with
     the model as served, then label each generation with r. One function, so the head is calibrated and checked
     on exactly the kind of generation it is later scored on."""

@@ -85,18 +85,28 @@ def _explain(error) -> str:
         return f"{_where(error)} must be an object with exactly the keys 'role' and 'content'"
     if kind == "required":
         missing = [k for k in ("id", "positive", "negative") if k not in error.instance]
-        return (f"missing required field(s) {missing}; every record needs ['id', 'positive', 'negative'] and one of "
-                "'prompt' or 'messages'")
+        return (
+            f"missing required field(s) {missing}; every record needs ['id', 'positive', 'negative'] and one of "
+            "'prompt' or 'messages'"
+        )
     if kind == "oneOf":
         which = "both" if "prompt" in error.instance else "neither"
         return f"record has {which} of 'prompt' and 'messages'; give exactly one"
     if kind == "type":
-        expected = {"string": "a string", "array": "a list", "object": "a JSON object"}.get(error.validator_value, error.validator_value)
+        expected = {"string": "a string", "array": "a list", "object": "a JSON object"}.get(
+            error.validator_value, error.validator_value
+        )
         return f"{_where(error)} must be {expected}, got {type(error.instance).__name__}"
     if kind == "pattern" and path == ["positive"]:
-        return f"field 'positive' does not end with {YES_TAG}; append the tag to the target completion (only whitespace may follow it)"
+        return (
+            f"field 'positive' does not end with {YES_TAG}; append the tag to the target completion (only "
+            "whitespace may follow it)"
+        )
     if kind == "pattern" and path == ["negative"]:
-        return f"field 'negative' does not end with {NO_TAG}; append the tag to the static negative (only whitespace may follow it)"
+        return (
+            f"field 'negative' does not end with {NO_TAG}; append the tag to the static negative (only whitespace "
+            "may follow it)"
+        )
     if kind == "pattern" and path == ["id"]:
         return "field 'id' is empty; give every record a unique non-empty id"
     if kind == "pattern" and path == ["prompt"]:
@@ -106,6 +116,39 @@ def _explain(error) -> str:
     if kind in ("minItems", "contains"):
         return "field 'messages' has no non-empty 'user' turn (empty prompt); add the user's request"
     return f"{_where(error)}: {error.message}"
+
+
+def _parse_line(lineno: int, raw: bytes) -> tuple[dict | None, str | None]:
+    """One line of a record file as (JSON object, None); (None, None) for a blank line; (None, what to fix) when it
+    is not UTF-8, not JSON or not an object. A UTF-8 byte-order mark on the first line is dropped."""
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8"
+    if not text.strip():
+        return None, None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"malformed JSON ({exc.msg} at column {exc.colno}); each line must be one complete JSON object"
+    if not isinstance(obj, dict):
+        return None, f"expected a JSON object, got {type(obj).__name__}; write one object per line"
+    return obj, None
+
+
+def _record_problems(validator, obj: dict) -> list[str]:
+    """What to fix in one record, one message per distinct fix: the schema's errors, or (when the schema passes)
+    the record class's."""
+    errors = sorted(validator.iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    messages = list(dict.fromkeys(_explain(e) for e in errors))  # one line per distinct fix
+    if not messages:
+        try:  # the schema passed; the record class must agree (a test keeps the two in step)
+            Record.from_dict(obj)
+        except DataError as exc:
+            messages = [exc.reason]
+    return messages
 
 
 def validate_file(path: str | os.PathLike) -> FileReport:
@@ -125,37 +168,22 @@ def validate_file(path: str | os.PathLike) -> FileReport:
         return report
     with handle:
         for lineno, raw in enumerate(handle, start=1):
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                problem(lineno, f"not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8")
+            obj, message = _parse_line(lineno, raw)
+            if message is not None:
+                problem(lineno, message)
+            if obj is None:
                 continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problem(lineno, f"malformed JSON ({exc.msg} at column {exc.colno}); each line must be one complete JSON object")
-                continue
-            if not isinstance(obj, dict):
-                problem(lineno, f"expected a JSON object, got {type(obj).__name__}; write one object per line")
-                continue
-            errors = sorted(validator.iter_errors(obj), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
-            messages = list(dict.fromkeys(_explain(e) for e in errors))  # one line per distinct fix
-            if not messages:
-                try:  # the schema passed; the record class must agree (a test keeps the two in step)
-                    Record.from_dict(obj)
-                except DataError as exc:
-                    messages = [exc.reason]
+            messages = _record_problems(validator, obj)
             for message in messages:
                 problem(lineno, message)
             record_id = obj.get("id")
             if isinstance(record_id, str) and record_id.strip():
                 if record_id in first_line_of:
-                    problem(lineno, f"duplicate id {record_id!r} (first used on line {first_line_of[record_id]}); ids must "
-                                    "be unique, rename or remove one of them")
+                    problem(
+                        lineno,
+                        f"duplicate id {record_id!r} (first used on line {first_line_of[record_id]}); ids must "
+                        "be unique, rename or remove one of them",
+                    )
                 else:
                     first_line_of[record_id] = lineno
             fmt = record_format(obj)

@@ -1,5 +1,8 @@
 """The SDM LM fine-tuning loop (SDM_SPEC §3.3–§3.6) and its cross-entropy baseline.
 
+Size: one class, the loop and the passes it makes through one model, which read best whole; the parts that
+stand alone (sampling, bases, ranks, state, checkpoints, the SDM layers) are their own modules.
+
 Per epoch: (SDM loss only) fit the training-set SDM layer on one instance per training document, embedded with
 the frozen LM. Per optimiser step: draw each document's instance (:mod:`training.sampling`), compute each
 instance's base b = 2 + SDM(z')_y with the training layer (:mod:`training.bases`), and take an AdamW step on Eq. 1

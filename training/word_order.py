@@ -105,18 +105,10 @@ def make_record(
     if suffix_size < 2:
         raise ValueError(f"suffix_size must be at least 2 to allow a reordering, got {suffix_size}")
     tokens = sentence.split()
-    if len(tokens) < suffix_size:
-        return None
-    prefix_tokens, suffix = tokens[:-suffix_size], tokens[-suffix_size:]
-    if check_variety and len(set(suffix)) < 2:
-        return None
-    # Fewer than 3 distinct orderings cannot yield two shuffles that both differ from the
-    # original; skip the sampling loop instead of burning all attempts.
-    if distinct_orderings(suffix) < 3:
-        return None
-    shuffles = two_distinct_shuffles(suffix, rng, attempts)
+    shuffles = _suffix_shuffles(tokens, suffix_size, rng, attempts, check_variety)
     if shuffles is None:
         return None
+    prefix_tokens = tokens[:-suffix_size]
     prompt_shuffle, negative_shuffle = shuffles
 
     drop = "none"
@@ -149,6 +141,24 @@ def make_record(
     )
 
 
+def _suffix_shuffles(
+    tokens: list[str], suffix_size: int, rng: random.Random, attempts: int, check_variety: bool
+) -> tuple[list[str], list[str]] | None:
+    """The prompt's and the negative's shuffles of the last ``suffix_size`` tokens, or None when the sentence is
+    too short, (with ``check_variety``) its suffix has fewer than 2 distinct words, or no two distinct shuffles
+    exist or were drawn."""
+    if len(tokens) < suffix_size:
+        return None
+    suffix = tokens[-suffix_size:]
+    if check_variety and len(set(suffix)) < 2:
+        return None
+    # Fewer than 3 distinct orderings cannot yield two shuffles that both differ from the
+    # original; skip the sampling loop instead of burning all attempts.
+    if distinct_orderings(suffix) < 3:
+        return None
+    return two_distinct_shuffles(suffix, rng, attempts)
+
+
 def make_record_widening(
     sentence: str,
     rng: random.Random,
@@ -169,8 +179,14 @@ def make_record_widening(
     n_tokens = len(sentence.split())
     for size in range(suffix_size, n_tokens + 1):
         record = make_record(
-            sentence, rng, record_id=record_id, source=source, suffix_size=size,
-            attempts=attempts, tag_drop_prob=tag_drop_prob, check_variety=False,
+            sentence,
+            rng,
+            record_id=record_id,
+            source=source,
+            suffix_size=size,
+            attempts=attempts,
+            tag_drop_prob=tag_drop_prob,
+            check_variety=False,
             extra_meta=extra_meta,
         )
         if record is not None:
