@@ -21,11 +21,11 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sdm_core.settings import build  # noqa: E402
 from training.calibrate import PRESETS as CALIBRATE_PRESETS  # noqa: E402
 from training.calibrate import CalibrateConfig, calibrate  # noqa: E402
 from training.config import PRESETS, FinetuneConfig  # noqa: E402
@@ -37,7 +37,7 @@ HELDOUT = (("wiki", "test.jsonl"), ("harvard", "harvard.jsonl"), ("length_shift"
 
 
 def finetune(preset: str, loss: str, out: Path, progress: bool) -> tuple[Path, float]:
-    config = replace(FinetuneConfig(), **{**PRESETS[preset], "output_dir": str(out), "loss": loss, "progress": progress})
+    config = build(FinetuneConfig, {**PRESETS[preset], "output_dir": str(out), "loss": loss, "progress": progress})
     started = time.perf_counter()
     run(config)
     return out, time.perf_counter() - started
@@ -77,23 +77,24 @@ def main() -> None:
     bundles: dict[str, Path] = {}
     for name in ("sdm", "ce"):
         started = time.perf_counter()
-        bundles[name] = Path(calibrate(replace(CalibrateConfig(), **settings, run=str(runs[name]), out=str(out / f"bundle_{name}")))["bundle"])
+        config = build(CalibrateConfig, {**settings, "run": str(runs[name]), "out": str(out / f"bundle_{name}")})
+        bundles[name] = Path(calibrate(config)["bundle"])
         seconds[f"calibrate_{name}"] = time.perf_counter() - started
     # The base model: the same documents and recipe as the fine-tuned arms, no fine-tuning.
     training = json.loads((runs["sdm"] / "config.json").read_text())["config"]
     files = ",".join(str(data / f) for f in ("calibration.jsonl", "holdout.jsonl") if (data / f).is_file())
     started = time.perf_counter()
-    bundles["base"] = Path(calibrate(replace(
-        CalibrateConfig(), **settings, model=dict(training["model"]), calibration=files, out=str(out / "bundle_base"),
-        correctness=training.get("correctness", "word_order"), system_prompt=training.get("system_prompt"),
-        recipe_sequence_end=training.get("recipe_sequence_end", "template")))["bundle"])
+    bundles["base"] = Path(calibrate(build(CalibrateConfig, {
+        **settings, "model": dict(training["model"]), "calibration": files, "out": str(out / "bundle_base"),
+        "correctness": training.get("correctness", "word_order"), "system_prompt": training.get("system_prompt"),
+        "recipe_sequence_end": training.get("recipe_sequence_end", "template")}))["bundle"])
     seconds["calibrate_base"] = time.perf_counter() - started
     started = time.perf_counter()
-    metrics = evaluate(replace(
-        EvaluateConfig(), **{**EVALUATE_PRESETS.get(args.preset, {}), "progress": args.progress, "max_docs": args.max_eval_docs},
-        bundles=tuple(f"{n}={p}" for n, p in bundles.items()), out=str(out / "eval"),
-        correctness=training.get("correctness", "word_order"),
-        data=tuple(f"{n}={data / f}" for n, f in HELDOUT if (data / f).is_file())))
+    metrics = evaluate(build(EvaluateConfig, {
+        **EVALUATE_PRESETS.get(args.preset, {}), "progress": args.progress, "max_docs": args.max_eval_docs,
+        "bundles": tuple(f"{n}={p}" for n, p in bundles.items()), "out": str(out / "eval"),
+        "correctness": training.get("correctness", "word_order"),
+        "data": tuple(f"{n}={data / f}" for n, f in HELDOUT if (data / f).is_file())}))
     seconds["evaluate"] = time.perf_counter() - started
     print(json.dumps({"preset": args.preset, "out": str(out), "report": str(out / "eval" / "report.md"),
                       "seconds": {k: round(v, 1) for k, v in seconds.items()},

@@ -14,24 +14,25 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sdm_core.settings import build, options, parse_text  # noqa: E402
 from training.calibrate import PRESETS as CALIBRATE_PRESETS  # noqa: E402
 from training.calibrate import CalibrateConfig, calibrate  # noqa: E402
-from training.config import PRESETS, FinetuneConfig, _parse_value  # noqa: E402
+from training.config import PRESETS, FinetuneConfig  # noqa: E402
 from training.finetune import run  # noqa: E402
 
 
-def _overrides(pairs: list[str], defaults: object) -> dict:
+def _overrides(pairs: list[str], cls: type) -> dict:
     values = {}
+    names = {option.name for option in options(cls)}
     for pair in pairs:
         name, sep, text = pair.partition("=")
-        if not sep or not hasattr(defaults, name):
-            raise SystemExit(f"error: --set/--calibrate-set takes NAME=VALUE with NAME a field of {type(defaults).__name__}, got {pair!r}")
-        values[name] = _parse_value(name, text, getattr(defaults, name))
+        if not sep or name not in names:
+            raise SystemExit(f"error: --set/--calibrate-set takes NAME=VALUE with NAME a setting of {cls.__name__}, got {pair!r}")
+        values[name] = parse_text(cls, name, text)
     return values
 
 
@@ -45,13 +46,13 @@ def main() -> None:
     parser.add_argument("--calibrate-set", action="append", default=[], metavar="NAME=VALUE", help="override a calibration config field")
     args = parser.parse_args()
     out = Path(args.out)
-    overrides = _overrides(args.set, FinetuneConfig())
-    calibrate_overrides = _overrides(args.calibrate_set, CalibrateConfig())
-    config = replace(FinetuneConfig(), **{**PRESETS[args.preset], **overrides, "output_dir": str(out / "run"), "loss": args.loss, "progress": args.progress})
+    overrides = _overrides(args.set, FinetuneConfig)
+    calibrate_overrides = _overrides(args.calibrate_set, CalibrateConfig)
+    config = build(FinetuneConfig, {**PRESETS[args.preset], **overrides, "output_dir": str(out / "run"), "loss": args.loss, "progress": args.progress})
     started = time.perf_counter()
     result = run(config)
     finetune_seconds = time.perf_counter() - started
-    cal_config = replace(CalibrateConfig(), **{**CALIBRATE_PRESETS.get(args.preset, {}), **calibrate_overrides, "run": str(out / "run"), "out": str(out / "bundle"), "progress": args.progress})
+    cal_config = build(CalibrateConfig, {**CALIBRATE_PRESETS.get(args.preset, {}), **calibrate_overrides, "run": str(out / "run"), "out": str(out / "bundle"), "progress": args.progress})
     started = time.perf_counter()
     summary = calibrate(cal_config)
     calibrate_seconds = time.perf_counter() - started

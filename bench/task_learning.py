@@ -16,7 +16,6 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdm_core.lm.embedding import ChatFormat  # noqa: E402
+from sdm_core.settings import build  # noqa: E402
 from training.config import FinetuneConfig  # noqa: E402
 from training.correctness import word_order  # noqa: E402
 from training.data import WordOrderConfig, build_word_order  # noqa: E402
@@ -64,7 +64,7 @@ def main() -> None:
     model_source = {"kind": args.model} if args.model in ("smollm2", "tiny") else {"kind": "hf", "path": args.model}
     settings = dict(TRAINABLE[args.trainable])
     settings.setdefault("trainable_last_layers", args.last_layers)
-    config = replace(FinetuneConfig(), model=model_source, lora_r=args.lora_r, lora_alpha=2 * args.lora_r, max_length=256, **settings)
+    config = build(FinetuneConfig, {"model": model_source, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r, "max_length": 256, **settings})
     torch.manual_seed(args.seed)
     model, tokenizer = prepare_model(config)
     chat = ChatFormat(system_prompt=config.system_prompt)

@@ -24,6 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sdm_core import __version__
 from server.admission import AdmissionController
 from server.backends import Backend, make_backend
 from server.config import ServerConfig, traffic_url
@@ -82,7 +83,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     state = _build_state(config, backend)
     app = FastAPI(
         title="sdm-lm selective generation",
-        version="0.1.0",
+        version=__version__,
         description="Generations with a calibrated probability that they followed the instructions, or an abstention with its reason.",
         lifespan=_lifespan(state),
     )

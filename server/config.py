@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
+
+from sdm_core.settings import DEVICE_HELP, CommandLine, SettingsError, parse_device, setting
 
 __all__ = ["ServerConfig", "ConfigError", "build_parser", "ENV_PREFIX", "traffic_url"]
 
@@ -28,68 +29,63 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_STATE_MODES = ("auto", "reuse", "forward")
 VLLM_HIDDEN_STATE_MODES = ("auto", "engine", "transformers")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 
-class ConfigError(ValueError):
+class ConfigError(SettingsError):
     """A setting is missing or invalid; the message says which flag / variable to change and how."""
-
-
-def _meta(help: str, choices: Sequence[str] | None = None, metavar: str | None = None) -> dict:
-    return {"help": help, "choices": tuple(choices) if choices else None, "metavar": metavar}
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Every setting of ``python -m server``. Construct directly (tests) or with :meth:`from_sources` (CLI + env)."""
 
-    bundle: str = field(default="", metadata=_meta("path to an sdm-lm bundle folder (bundle.json, model/ or adapter/, tokenizer/, head/)", metavar="PATH"))
-    backend: str = field(default="transformers", metadata=_meta("generation backend", BACKENDS))
-    host: str = field(default="127.0.0.1", metadata=_meta("interface to listen on (0.0.0.0 for all)"))
-    port: int = field(default=8000, metadata=_meta("TCP port"))
-    device: str = field(default="auto", metadata=_meta("torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N"))
-    dtype: str = field(default="auto", metadata=_meta("model dtype; auto = the dtype the bundle was written in (what training used)", DTYPES))
-    default_max_tokens: int = field(default=128, metadata=_meta("max_tokens when a request gives none"))
-    max_tokens_cap: int = field(default=512, metadata=_meta("largest max_tokens a request may ask for (larger: 400)"))
-    max_prompt_tokens: int = field(default=2048, metadata=_meta("longest rendered prompt in tokens (longer: 400)"))
-    max_body_bytes: int = field(default=1_048_576, metadata=_meta("largest request body in bytes (larger: 413)"))
-    max_concurrent_requests: int = field(default=16, metadata=_meta("requests processed at once; more wait in the queue"))
-    max_queue_size: int = field(default=64, metadata=_meta("requests allowed to wait for a slot; beyond it: 429 with Retry-After"))
-    request_timeout_s: float = field(default=120.0, metadata=_meta("per-request limit, queue included (exceeded: 504)"))
-    batch_size: int = field(default=8, metadata=_meta("most requests per generation / hidden-state batch"))
-    batch_wait_ms: float = field(default=5.0, metadata=_meta("how long a batch waits for more requests before it runs"))
-    hidden_states: str = field(default="auto", metadata=_meta("transformers backend: where the head's input comes from: reuse (the states generation computed, when they cover the verification text exactly), forward (a separate pass, as training ran it), auto (reuse with a float32 model, else forward)", HIDDEN_STATE_MODES))
-    api_keys: tuple[str, ...] = field(default=(), metadata=_meta("comma-separated API keys (prefer SDM_API_KEYS or --api-key-file: flags show in ps)", metavar="KEYS"))
-    api_key_file: str = field(default="", metadata=_meta("file with one API key a line (# comments allowed)", metavar="PATH"))
-    admin_api_keys: tuple[str, ...] = field(default=(), metadata=_meta("comma-separated admin keys: the only keys POST /admin/* accepts (they work on every other route too); with client keys but no admin keys the admin routes are refused (prefer SDM_ADMIN_API_KEYS: flags show in ps)", metavar="KEYS"))
-    bundles_root: str = field(default="", metadata=_meta("folder whose sub-folders POST /admin/reload may load, by name ({\"bundle\": \"NAME\"}); empty: reload only re-reads the served bundle", metavar="PATH"))
-    cors_allow_origins: tuple[str, ...] = field(default=(), metadata=_meta("comma-separated origins browsers may call the API from (e.g. https://app.example); empty: no CORS (browsers refuse cross-origin calls)", metavar="ORIGINS"))
-    sse_keepalive_s: float = field(default=15.0, metadata=_meta("seconds between SSE keep-alive comments on a stream that has nothing to send (proxies drop idle connections)"))
-    metrics_require_key: bool = field(default=True, metadata=_meta("whether GET /metrics needs an API key when keys are configured"))
-    warmup: bool = field(default=True, metadata=_meta("run one request through the whole pipeline before /ready turns 200"))
-    log_level: str = field(default="info", metadata=_meta("log level", LOG_LEVELS))
-    model_name: str = field(default="", metadata=_meta("model id reported by /v1/models and in responses (default: the bundle folder's name, or its parent's when it is called 'bundle')"))
-    max_attempts_cap: int = field(default=8, metadata=_meta("largest max_attempts a request may ask for"))
-    max_exemplars: int = field(default=32, metadata=_meta("largest return_exemplars a request may ask for"))
-    drain_timeout_s: float = field(default=125.0, metadata=_meta("on SIGTERM, how long in-flight requests may take to finish; those still running then get a 503 (keep it >= --request-timeout-s)"))
-    verify_bundle: bool = field(default=True, metadata=_meta("check the sha256 of every bundle file on load"))
-    vllm_max_model_len: int = field(default=0, metadata=_meta("vllm backend: longest sequence (prompt + completion) in tokens; 0 = the model's own limit"))
-    vllm_gpu_memory_utilization: float = field(default=0.0, metadata=_meta("vllm backend: share of GPU memory for weights + KV cache; 0 = vLLM's default (leave room for the verification pass)"))
-    vllm_tensor_parallel_size: int = field(default=1, metadata=_meta("vllm backend: GPUs to split the model across"))
-    vllm_enforce_eager: bool = field(default=False, metadata=_meta("vllm backend: run eagerly, without CUDA graphs or torch.compile (starts faster, holds less memory, decodes slower; CPU always runs eager)"))
-    vllm_max_num_seqs: int = field(default=0, metadata=_meta("vllm backend: most sequences the engine runs at once; 0 = vLLM's default"))
-    vllm_hidden_states: str = field(default="auto", metadata=_meta("vllm backend: where the head's input comes from: engine (the vLLM engine's own final-layer states, recorded in its worker: no second copy of the weights), transformers (a transformers prefill over a second copy of the weights, as training ran it), auto (engine for a float32 model whose recipe reads the final layer, else transformers)", VLLM_HIDDEN_STATE_MODES))
+    bundle: str = setting("", help="path to an sdm-lm bundle folder (bundle.json, model/ or adapter/, tokenizer/, head/)", metavar="PATH",
+                          required=True)
+    backend: str = setting("transformers", help="generation backend", choices=BACKENDS)
+    host: str = setting("127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    port: int = setting(8000, help="TCP port")
+    device: str = setting("auto", help=f"torch device: {DEVICE_HELP}")
+    dtype: str = setting("auto", help="model dtype; auto = the dtype the bundle was written in (what training used)", choices=DTYPES)
+    default_max_tokens: int = setting(128, help="max_tokens when a request gives none")
+    max_tokens_cap: int = setting(512, help="largest max_tokens a request may ask for (larger: 400)")
+    max_prompt_tokens: int = setting(2048, help="longest rendered prompt in tokens (longer: 400)")
+    max_body_bytes: int = setting(1_048_576, help="largest request body in bytes (larger: 413)")
+    max_concurrent_requests: int = setting(16, help="requests processed at once; more wait in the queue")
+    max_queue_size: int = setting(64, help="requests allowed to wait for a slot; beyond it: 429 with Retry-After")
+    request_timeout_s: float = setting(120.0, help="per-request limit, queue included (exceeded: 504)")
+    batch_size: int = setting(8, help="most requests per generation / hidden-state batch")
+    batch_wait_ms: float = setting(5.0, help="how long a batch waits for more requests before it runs")
+    hidden_states: str = setting("auto", help="transformers backend: where the head's input comes from: reuse (the states generation computed, when they cover the verification text exactly), forward (a separate pass, as training ran it), auto (reuse with a float32 model, else forward)", choices=HIDDEN_STATE_MODES)
+    api_keys: tuple[str, ...] = setting((), help="comma-separated API keys (prefer SDM_API_KEYS or --api-key-file: flags show in ps)", metavar="KEYS")
+    api_key_file: str = setting("", help="file with one API key a line (# comments allowed)", metavar="PATH")
+    admin_api_keys: tuple[str, ...] = setting((), help="comma-separated admin keys: the only keys POST /admin/* accepts (they work on every other route too); with client keys but no admin keys the admin routes are refused (prefer SDM_ADMIN_API_KEYS: flags show in ps)", metavar="KEYS")
+    bundles_root: str = setting("", help="folder whose sub-folders POST /admin/reload may load, by name ({\"bundle\": \"NAME\"}); empty: reload only re-reads the served bundle", metavar="PATH")
+    cors_allow_origins: tuple[str, ...] = setting((), help="comma-separated origins browsers may call the API from (e.g. https://app.example); empty: no CORS (browsers refuse cross-origin calls)", metavar="ORIGINS")
+    sse_keepalive_s: float = setting(15.0, help="seconds between SSE keep-alive comments on a stream that has nothing to send (proxies drop idle connections)")
+    metrics_require_key: bool = setting(True, help="whether GET /metrics needs an API key when keys are configured")
+    warmup: bool = setting(True, help="run one request through the whole pipeline before /ready turns 200")
+    log_level: str = setting("info", help="log level", choices=LOG_LEVELS)
+    model_name: str = setting("", help="model id reported by /v1/models and in responses (default: the bundle folder's name, or its parent's when it is called 'bundle')")
+    max_attempts_cap: int = setting(8, help="largest max_attempts a request may ask for")
+    max_exemplars: int = setting(32, help="largest return_exemplars a request may ask for")
+    drain_timeout_s: float = setting(125.0, help="on SIGTERM, how long in-flight requests may take to finish; those still running then get a 503 (keep it >= --request-timeout-s)")
+    verify_bundle: bool = setting(True, help="check the sha256 of every bundle file on load")
+    vllm_max_model_len: int = setting(0, help="vllm backend: longest sequence (prompt + completion) in tokens; 0 = the model's own limit")
+    vllm_gpu_memory_utilization: float = setting(0.0, help="vllm backend: share of GPU memory for weights + KV cache; 0 = vLLM's default (leave room for the verification pass)")
+    vllm_tensor_parallel_size: int = setting(1, help="vllm backend: GPUs to split the model across")
+    vllm_enforce_eager: bool = setting(False, help="vllm backend: run eagerly, without CUDA graphs or torch.compile (starts faster, holds less memory, decodes slower; CPU always runs eager)")
+    vllm_max_num_seqs: int = setting(0, help="vllm backend: most sequences the engine runs at once; 0 = vLLM's default")
+    vllm_hidden_states: str = setting("auto", help="vllm backend: where the head's input comes from: engine (the vLLM engine's own final-layer states, recorded in its worker: no second copy of the weights), transformers (a transformers prefill over a second copy of the weights, as training ran it), auto (engine for a float32 model whose recipe reads the final layer, else transformers)", choices=VLLM_HIDDEN_STATE_MODES)
     # -- the traffic store and feedback (server/traffic.py, server/feedback.py) --
-    data_dir: str = field(default="sdm-data", metadata=_meta("folder for the server's own data: the default traffic store (SQLite) lives here", metavar="PATH"))
-    traffic_store: str = field(default="sqlite", metadata=_meta("where every verification is recorded: sqlite (a file under --data-dir), off, or a SQLAlchemy URL shared by replicas (postgresql+psycopg://user@host/db)", metavar="STORE"))
-    store_text: bool = field(default=False, metadata=_meta("also record prompt and answer text (off: only decisions and the head's input; see docs/operations.md on privacy)"))
-    traffic_sample_rate: float = field(default=1.0, metadata=_meta("share of answers recorded, in (0, 1]; unrecorded answers cannot get feedback"))
-    traffic_queue_size: int = field(default=10000, metadata=_meta("records waiting for the background writer; beyond it they are dropped (sdm_traffic_records_dropped_total)"))
-    traffic_retention_days: float = field(default=30.0, metadata=_meta("delete records older than this many days (0: keep them)"))
-    traffic_max_rows: int = field(default=1_000_000, metadata=_meta("keep at most this many records, deleting the oldest (0: no limit)"))
-    feedback_max_items: int = field(default=1000, metadata=_meta("most labels one POST /v1/feedback may carry"))
-    feedback_max_note_chars: int = field(default=2000, metadata=_meta("longest note a label may carry, in characters"))
+    data_dir: str = setting("sdm-data", help="folder for the server's own data: the default traffic store (SQLite) lives here", metavar="PATH")
+    traffic_store: str = setting("sqlite", help="where every verification is recorded: sqlite (a file under --data-dir), off, or a SQLAlchemy URL shared by replicas (postgresql+psycopg://user@host/db)", metavar="STORE")
+    store_text: bool = setting(False, help="also record prompt and answer text (off: only decisions and the head's input; see docs/operations.md on privacy)")
+    traffic_sample_rate: float = setting(1.0, help="share of answers recorded, in (0, 1]; unrecorded answers cannot get feedback")
+    traffic_queue_size: int = setting(10000, help="records waiting for the background writer; beyond it they are dropped (sdm_traffic_records_dropped_total)")
+    traffic_retention_days: float = setting(30.0, help="delete records older than this many days (0: keep them)")
+    traffic_max_rows: int = setting(1_000_000, help="keep at most this many records, deleting the oldest (0: no limit)")
+    feedback_max_items: int = setting(1000, help="most labels one POST /v1/feedback may carry")
+    feedback_max_note_chars: int = setting(2000, help="longest note a label may carry, in characters")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", tuple(k.strip() for k in self.api_keys if k and k.strip()))
@@ -129,10 +125,10 @@ class ServerConfig:
         if not (self.batch_wait_ms >= 0):
             raise ConfigError(_hint("batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms!r}"))
         _check_traffic(self)
-        device = self.device.strip().lower()
-        if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
-            raise ConfigError(_hint("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}"))
-        object.__setattr__(self, "device", device)
+        try:
+            object.__setattr__(self, "device", parse_device(self.device))
+        except ValueError:
+            raise ConfigError(_hint("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")) from None
         if self.api_key_file:
             path = Path(self.api_key_file).expanduser()
             if not path.is_file():
@@ -185,20 +181,17 @@ class ServerConfig:
         return bool(self.admin_api_keys)
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        """The torch device to load on: ``auto`` resolved, a CUDA device checked against what torch sees."""
+        from sdm_core.lm.models import resolve_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            return resolve_device(self.device)
+        except ValueError:
+            raise ConfigError(_hint("device", f"is {self.device!r} but torch sees no CUDA device; use --device cpu")) from None
 
     def check_runtime(self) -> None:
         """Checks that need the runtime (torch, vllm): run once at start, before loading anything."""
         device = self.resolved_device()
-        if device.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError(_hint("device", f"is {self.device!r} but torch sees no CUDA device; use --device cpu"))
         if device == "cpu" and self.dtype == "float16":
             raise ConfigError(_hint("dtype", "float16 is not supported on CPU; use float32 (or bfloat16)"))
         if self.backend == "vllm" and importlib.util.find_spec("vllm") is None:
@@ -218,18 +211,7 @@ class ServerConfig:
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> "ServerConfig":
         """Flags, then ``SDM_*`` variables, then defaults. Raises :class:`ConfigError` (argparse exits on bad flags)."""
-        env = os.environ if environ is None else environ
-        args = build_parser().parse_args(argv)
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            given = getattr(args, f.name)
-            if given is not None:
-                values[f.name] = _convert(f, given, f"--{_flag(f.name)}")
-                continue
-            variable = env_name(f.name)
-            if variable in env and env[variable] != "":
-                values[f.name] = _convert(f, env[variable], variable)
-        return cls(**values)
+        return COMMAND_LINE.resolve(COMMAND_LINE.parser().parse_args(argv), environ)
 
 
 def _check_traffic(config: ServerConfig) -> None:
@@ -284,56 +266,13 @@ def _positive_int(config: ServerConfig, name: str) -> None:
         raise ConfigError(_hint(name, f"must be an integer >= 1, got {value!r}"))
 
 
-def _field_kind(f) -> str:
-    text = str(f.type)
-    if "tuple" in text:
-        return "list"
-    return {"bool": "bool", "int": "int", "float": "float"}.get(text, "str")
+COMMAND_LINE = CommandLine(
+    ServerConfig, prog="python -m server", env_prefix=ENV_PREFIX, switches=True, error=ConfigError,
+    description="sdm-lm selective-generation server: every answer comes with a calibrated probability, or an abstention.",
+    epilog="Every flag can also be set with the environment variable shown; a flag wins over its variable.",
+)
 
 
-def _convert(f, raw: Any, source: str) -> Any:
-    kind = _field_kind(f)
-    if not isinstance(raw, str):
-        return raw
-    value = raw.strip()
-    try:
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-    except ValueError:
-        raise ConfigError(f"{source} must be a{'n integer' if kind == 'int' else ' number'}, got {raw!r}") from None
-    if kind == "bool":
-        if value.lower() in _TRUE:
-            return True
-        if value.lower() in _FALSE:
-            return False
-        raise ConfigError(f"{source} must be one of {'/'.join(_TRUE + _FALSE)}, got {raw!r}")
-    if kind == "list":
-        return tuple(v.strip() for v in value.split(",") if v.strip())
-    return value
-
-
-def build_parser(prog: str = "python -m server") -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     """The argument parser: one flag per :class:`ServerConfig` field, each help naming its ``SDM_*`` variable."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="sdm-lm selective-generation server: every answer comes with a calibrated probability, or an abstention.",
-        epilog="Every flag can also be set with the environment variable shown; a flag wins over its variable.",
-    )
-    defaults = ServerConfig.__dataclass_fields__
-    for name, f in defaults.items():
-        meta = f.metadata
-        kind = _field_kind(f)
-        if name == "bundle":
-            help_text = f"{meta['help']} [env {env_name(name)}; required]"
-        elif kind == "list":
-            help_text = f"{meta['help']} [env {env_name(name)}]"
-        else:
-            help_text = f"{meta['help']} [env {env_name(name)}; default {f.default!r}]"
-        flag = f"--{_flag(name)}"
-        if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=name, default=None, choices=meta["choices"], metavar=meta["metavar"], help=help_text)
-    return parser
+    return COMMAND_LINE.parser()

@@ -19,6 +19,7 @@ from typing import Annotated, ClassVar, Literal, Sequence
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from sdm_core.math import check_alpha
 from server.errors import invalid_request
 from server.pipeline import VerificationDraft
 
@@ -167,9 +168,7 @@ class SelectiveParams(BaseModel):
     @field_validator("alpha")
     @classmethod
     def _alpha_range(cls, value: float | None) -> float | None:
-        if value is not None and not (0.5 < value <= 1.0):  # sdm_core's domain of alpha (Algorithm 1 needs > 0.5)
-            raise ValueError(f"alpha must be in (0.5, 1], got {value}")
-        return value
+        return None if value is None else check_alpha(value, "alpha")
 
     def _draft(self, **generation) -> VerificationDraft:
         """The draft of ``generation``'s fields (prompt, tokens, sampling, stop) with this request's SDM fields."""

@@ -19,9 +19,8 @@ PACKAGES = ("sdm_core", "training", "server", "bench")
 LM_LIBRARIES = ("transformers", "peft")
 
 # Private names that bench scripts still import; each is owned by work in progress elsewhere (issue 14:
-# training/calibrate.py; issue 15 item 4: training/config.py). Remove an entry once its name is public.
+# training/calibrate.py). Remove an entry once its name is public.
 KNOWN_PRIVATE_IMPORTS = {
-    ("bench/finetune_preset.py", "training.config", "_parse_value"),
     ("bench/head_probe.py", "training.calibrate", "_load"),
     ("bench/head_probe.py", "training.calibrate", "_resolve"),
 }

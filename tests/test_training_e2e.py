@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 
 from sdm_core.lm.bundle import load_bundle, read_bundle_info
 from sdm_core.lm.embedding import embed_texts, verification_text
+from sdm_core.settings import build
 from training.calibrate import PRESETS as CALIBRATE_PRESETS
 from training.calibrate import CalibrateConfig, calibrate
 from training.config import PRESETS, FinetuneConfig
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_config(out: Path, **overrides) -> FinetuneConfig:
-    return replace(FinetuneConfig(), **{**PRESETS["tiny"], "output_dir": str(out), **overrides})
+    return build(FinetuneConfig, {**PRESETS["tiny"], "output_dir": str(out), **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_sdm_run_writes_outputs_and_generates_hard_negatives(sdm_run):
 def test_calibrate_builds_a_bundle_that_loads_and_scores(sdm_run, tmp_path):
     out, _ = sdm_run
     bundle_dir = tmp_path / "bundle"
-    summary = calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
+    summary = calibrate(build(CalibrateConfig, {**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
     assert summary["calibration_docs"] == 16 and summary["hard_negatives"] > 0
     assert summary["documents_by_split"]["certification"] == CALIBRATE_PRESETS["tiny"]["certification_docs"]
     info = read_bundle_info(bundle_dir)
@@ -94,8 +94,8 @@ def test_generations_calibration_half_holds_each_documents_own_labelled_generati
 
     out, _ = sdm_run
     settings = {**CALIBRATE_PRESETS["tiny"], "run": str(out)}
-    calibrate(replace(CalibrateConfig(), **settings, out=str(tmp_path / "mixture"), calibration_instances="mixture"))
-    calibrate(replace(CalibrateConfig(), **settings, out=str(tmp_path / "generations")))  # the default
+    calibrate(build(CalibrateConfig, {**settings, "out": str(tmp_path / "mixture"), "calibration_instances": "mixture"}))
+    calibrate(build(CalibrateConfig, {**settings, "out": str(tmp_path / "generations")}))  # the default
     mixture = SDMEstimator.load(tmp_path / "mixture" / "head")
     own = SDMEstimator.load(tmp_path / "generations" / "head")
     generations = {json.loads(line)["id"]: json.loads(line)["generation"]
@@ -155,7 +155,7 @@ def test_lora_run_calibrates_into_an_adapter_bundle(tmp_path):
     run(tiny_config(out, epochs=1, lora=True, lora_r=4, lora_alpha=8))
     assert (out / "best" / "adapter_config.json").is_file()
     bundle_dir = tmp_path / "bundle"
-    calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
+    calibrate(build(CalibrateConfig, {**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
     info = read_bundle_info(bundle_dir)
     assert info.model["kind"] == "adapter" and info.model["base"] == {"kind": "tiny", "seed": 0}
     bundle = load_bundle(bundle_dir)
@@ -216,7 +216,7 @@ def test_an_unfinetuned_model_is_bundled_by_reference(tmp_path):
 
     build_word_order(tmp_path / "data", WordOrderConfig(train=8, calibration=12, test=4, quiet=True))
     bundle_dir = tmp_path / "base-bundle"
-    calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "model": {"kind": "tiny", "seed": 0},
+    calibrate(build(CalibrateConfig, {**CALIBRATE_PRESETS["tiny"], "model": {"kind": "tiny", "seed": 0},
                                             "calibration": str(tmp_path / "data" / "calibration.jsonl"), "out": str(bundle_dir)}))
     info = read_bundle_info(bundle_dir)
     assert info.model["kind"] == "base" and not (bundle_dir / "model").exists()
@@ -274,18 +274,17 @@ def test_bf16_mixed_precision_trains_float32_weights_under_autocast(tmp_path):
 
 @pytest.mark.parametrize("module", ["training.finetune", "training.calibrate", "training.evaluate"])
 def test_every_training_flag_has_a_help_line(module: str) -> None:
-    from dataclasses import fields
-
+    from sdm_core.settings import options
     from training.evaluate import EvaluateConfig
 
     cls = {"training.finetune": FinetuneConfig, "training.calibrate": CalibrateConfig, "training.evaluate": EvaluateConfig}[module]
-    missing = [f.name for f in fields(cls) if not cls.HELP.get(f.name)]
-    assert not missing, f"{cls.__name__} fields without a --help line: {missing}"
-    assert not set(cls.HELP) - {f.name for f in fields(cls)}, "help for fields that do not exist"
+    lines = {option.name: option.help for option in options(cls)}  # options() refuses a field without a help line
+    assert all(lines.values()), f"{cls.__name__} settings with an empty --help line: {[n for n, t in lines.items() if not t]}"
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode == 0, done.stderr
-    assert cls.HELP["progress"] in " ".join(done.stdout.split())
+    text = "".join(done.stdout.split())  # argparse wraps lines, also at hyphens
+    assert all("".join(line.split()) in text for line in lines.values()), [n for n, t in lines.items() if "".join(t.split()) not in text]
 
 
 def test_certify_writes_a_new_sealed_bundle_with_a_fresh_certification(sdm_run, tmp_path):
@@ -294,10 +293,10 @@ def test_certify_writes_a_new_sealed_bundle_with_a_fresh_certification(sdm_run, 
 
     out, _ = sdm_run
     bundle_dir = tmp_path / "bundle"
-    calibrate(replace(CalibrateConfig(), **{**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
+    calibrate(build(CalibrateConfig, {**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
     before = read_bundle_info(bundle_dir).raw
     settings = {**CERTIFY_PRESETS["tiny"], "bundle": str(bundle_dir), "data": str(out / "data" / "test.jsonl"), "max_docs": 6}
-    result = certify(replace(CertifyConfig(), **settings, out=str(tmp_path / "recertified")))
+    result = certify(build(CertifyConfig, {**settings, "out": str(tmp_path / "recertified")}))
     info = read_bundle_info(tmp_path / "recertified")  # sealed: every checksum verifies
     assert info.certification.documents == result["documents"] == 6
     assert info.certification.source["kind"] == "certify" and info.certification.source["recertified_from"] == before["bundle_sha256"]
@@ -305,6 +304,6 @@ def test_certify_writes_a_new_sealed_bundle_with_a_fresh_certification(sdm_run, 
     assert read_bundle_info(bundle_dir).raw == before, "the input bundle is left unchanged"
     # Documents the head was calibrated on cannot certify it, and the output must be a new folder.
     with pytest.raises(ValueError, match="never saw"):
-        certify(replace(CertifyConfig(), **{**settings, "data": str(out / "data" / "calibration.jsonl")}, out=str(tmp_path / "x")))
+        certify(build(CertifyConfig, {**settings, "data": str(out / "data" / "calibration.jsonl"), "out": str(tmp_path / "x")}))
     with pytest.raises(ValueError, match="not empty"):
-        certify(replace(CertifyConfig(), **settings, out=str(tmp_path / "recertified")))
+        certify(build(CertifyConfig, {**settings, "out": str(tmp_path / "recertified")}))

@@ -28,20 +28,20 @@ import json
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import torch
 
 from sdm_core import SDMConfig
 from sdm_core.artifact import sha256_file
-from sdm_core.calibration import DEFAULT_ALPHA_LADDER
 from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder, fit_score_threshold, withdraw_regions
 from sdm_core.lm.bundle import VerificationTags, write_bundle
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
 from sdm_core.lm.models import load_model, load_tokenizer, resolve_device
-from training.config import build_parser, config_from_args
+from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, group, parse_device, setting
+from training.config import parse_model_source
 from training.correctness import CORRECTNESS_HELP, get_correctness, is_verbatim, normalize_hard_negative
 from training.generation import LabelledGenerations, greedy_generate, label_generations
 from training.records import Record, load_records
@@ -64,78 +64,70 @@ __all__ = ["CalibrateConfig", "calibrate", "main"]
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    run: str = ""  # a training.finetune output folder: its checkpoint, config and data are used
-    checkpoint: str = "best"  # "best" or "final" within --run
-    model: dict = field(default_factory=dict)  # or a model source (e.g. smollm2) for an un-fine-tuned baseline
-    calibration: str = ""  # comma-separated record files; default: the run's calibration data (+ its holdout split)
-    out: str = ""
-    correctness: str = ""  # empty: the run's correctness function (word_order with --model)
-    max_calibration_docs: int = 0
-    max_new_tokens: int = 512
-    generate_batch_size: int = 16
-    embed_batch_size: int = 16
-    sdm_epochs: int = 200
-    sdm_exemplar_dim: int = 1000
-    sdm_batch_size: int = 50
-    sdm_learning_rate: float = 1e-5
-    alpha: float = 0.95
-    alphas: tuple[str, ...] = tuple(str(a) for a in DEFAULT_ALPHA_LADDER)
-    system_prompt: str | None = "You are a helpful AI assistant."
-    recipe_sequence_end: str = "template"
-    recipe_layer: int = -1  # hidden-state layer of the head's input (-1: the final layer, as in fine-tuning)
-    max_length: int = 2048
-    split_seed: int = PAPER_SPLIT_SEED
-    instance_seed: int = PAPER_INSTANCE_SEED
+    run: str = setting("",
+        help="a training.finetune output folder: its checkpoint, config and data are used")
+    checkpoint: str = setting("best",
+        help="best or final (within --run)")
+    model: dict = setting(default_factory=dict, parse=parse_model_source,
+        help="instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline")
+    calibration: str = setting("",
+        help="comma-separated calibration record files (JSONL); default: the run's calibration split and its holdout split")
+    out: str = setting("",
+        help="bundle folder to write (required)")
+    correctness: str = setting("",
+        help=CORRECTNESS_HELP + " (labels generations, decides hard negatives); default: the run's, else word_order")
+    max_calibration_docs: int = setting(0,
+        help="use the first N calibration documents (0: all)")
+    max_new_tokens: int = setting(512,
+        help="tokens to generate at most per calibration prompt (match the serving and evaluation limit)")
+    generate_batch_size: int = setting(16,
+        help="prompts per batched greedy generation")
+    embed_batch_size: int = setting(16,
+        help="instances per no-grad hidden-state pass")
+    sdm: SDMConfig = group(SDMConfig, {
+        "sdm_epochs": ("epochs", "epochs of the final SDM head"),
+        "sdm_exemplar_dim": ("exemplar_dim", "exemplar dimension M of the head"),
+        "sdm_batch_size": ("batch_size", "mini-batch size of the head"),
+        "sdm_learning_rate": ("learning_rate", "Adam learning rate of the head"),
+        "alpha": ("alpha", "the bundle's default alpha (must be on the ladder)"),
+        "alphas": ("alpha_ladder", "comma-separated alpha ladder of the nested regions"),
+    })
+    system_prompt: str | None = setting("You are a helpful AI assistant.",
+        help="system turn put before every prompt; default: the run's")
+    recipe_sequence_end: str = setting("template",
+        help="where h's sequence ends (template or verified); default: the run's")
+    recipe_layer: int = setting(-1,
+        help="hidden-state layer of the head's input h (index into hidden_states; -1: the final layer after the final norm)")
+    max_length: int = setting(2048,
+        help="longest hidden-state sequence in tokens")
+    split_seed: int = setting(PAPER_SPLIT_SEED,
+        help="seed of the documents' support/calibration/certification split")
+    instance_seed: int = setting(PAPER_INSTANCE_SEED,
+        help="seed of the per-document instance draw (mixture instances)")
     # What the head's two halves hold (docs/decisions.md, "What the final head is calibrated on"). "generations":
     # each document's own greedy generation labelled by r, the distribution the server scores, so that Algorithm 1's
     # region is estimated on it; "mixture": the paper's drawn instances (reference, hard or static negative).
-    calibration_instances: str = "generations"
-    support_instances: str = "mixture"
+    calibration_instances: str = setting("generations",
+        help="the head's calibration half: generations (each document's own greedy generation, labelled by r; default) or mixture (the paper's drawn instances)")
+    support_instances: str = setting("mixture",
+        help="the head's support half: mixture (the paper's drawn reference/negative instances; default), generations, or both")
     # Documents held out of both halves to certify the finished ladder (sdm_core.certification).
-    certification_docs: int = 256
-    certification_policy: str = "violation"
-    certification_min_admitted: int = 10
-    certification_violation_p: float = 0.01
-    reuse_generations: str = ""  # a previous calibration's generations file for the same model and decoding
-    seed: int = 0
-    device: str = "auto"  # auto: the first GPU when there is one, else the CPU
-    progress: bool = True
-
-    # One line of --help per field (a test checks that every field has one).
-    HELP: ClassVar[dict[str, str]] = {
-        "run": "a training.finetune output folder: its checkpoint, config and data are used",
-        "checkpoint": "best or final (within --run)",
-        "model": "instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline",
-        "calibration": "comma-separated calibration record files (JSONL); default: the run's calibration split and its holdout split",
-        "out": "bundle folder to write (required)",
-        "correctness": CORRECTNESS_HELP + " (labels generations, decides hard negatives); default: the run's, else word_order",
-        "max_calibration_docs": "use the first N calibration documents (0: all)",
-        "max_new_tokens": "tokens to generate at most per calibration prompt (match the serving and evaluation limit)",
-        "generate_batch_size": "prompts per batched greedy generation",
-        "embed_batch_size": "instances per no-grad hidden-state pass",
-        "sdm_epochs": "epochs of the final SDM head",
-        "sdm_exemplar_dim": "exemplar dimension M of the head",
-        "sdm_batch_size": "mini-batch size of the head",
-        "sdm_learning_rate": "Adam learning rate of the head",
-        "alpha": "the bundle's default alpha (must be on the ladder)",
-        "alphas": "comma-separated alpha ladder of the nested regions",
-        "system_prompt": "system turn put before every prompt; default: the run's",
-        "recipe_sequence_end": "where h's sequence ends (template or verified); default: the run's",
-        "recipe_layer": "hidden-state layer of the head's input h (index into hidden_states; -1: the final layer after the final norm)",
-        "max_length": "longest hidden-state sequence in tokens",
-        "split_seed": "seed of the documents' support/calibration/certification split",
-        "instance_seed": "seed of the per-document instance draw (mixture instances)",
-        "calibration_instances": "the head's calibration half: generations (each document's own greedy generation, labelled by r; default) or mixture (the paper's drawn instances)",
-        "support_instances": "the head's support half: mixture (the paper's drawn reference/negative instances; default), generations, or both",
-        "certification_docs": "documents held out of the head to certify its ladder (0: no certification)",
-        "certification_policy": "which regions stay on the ladder: violation (withdraw a significant violation), evidence (also withdraw regions with too few admitted), lower-bound (keep only regions whose Clopper-Pearson bound reaches alpha)",
-        "certification_min_admitted": "admitted answers a region needs on the certification split for its test to count",
-        "certification_violation_p": "exact binomial p-value below which a region's accuracy is significantly below alpha",
-        "reuse_generations": "a previous calibration's generations file (JSONL) for the same model and decoding: its decodings are reused",
-        "seed": "seed of the head's fit",
-        "device": "auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N",
-        "progress": "show progress bars",
-    }
+    certification_docs: int = setting(256,
+        help="documents held out of the head to certify its ladder (0: no certification)")
+    certification_policy: str = setting("violation",
+        help="which regions stay on the ladder: violation (withdraw a significant violation), evidence (also withdraw regions with too few admitted), lower-bound (keep only regions whose Clopper-Pearson bound reaches alpha)")
+    certification_min_admitted: int = setting(10,
+        help="admitted answers a region needs on the certification split for its test to count")
+    certification_violation_p: float = setting(0.01,
+        help="exact binomial p-value below which a region's accuracy is significantly below alpha")
+    reuse_generations: str = setting("",
+        help="a previous calibration's generations file (JSONL) for the same model and decoding: its decodings are reused")
+    seed: int = setting(0,
+        help="seed of the head's fit")
+    device: str = setting("auto",
+        help=DEVICE_HELP, parse=parse_device)
+    progress: bool = setting(True,
+        help="show progress bars")
 
     def validate(self) -> None:
         if not self.out:
@@ -334,12 +326,8 @@ def calibrate(config: CalibrateConfig) -> dict:
     splits = split_documents([r.id for r in records], config.certification_docs, config.split_seed)
     instances, flags = _instances(config, records, generated, splits, hard_negatives)
     h = embed_instances(compute_model, tokenizer, instances, chat, recipe, config.embed_batch_size, config.progress)
-    alphas = tuple(float(a) for a in config.alphas)
-    sdm_config = SDMConfig(
-        exemplar_dim=config.sdm_exemplar_dim, epochs=config.sdm_epochs, batch_size=config.sdm_batch_size,
-        learning_rate=config.sdm_learning_rate, alpha=config.alpha, alpha_ladder=alphas, seed=config.seed,
-        progress=config.progress, class_names=CLASS_NAMES,
-    )
+    alphas = config.sdm.alpha_ladder
+    sdm_config = replace(config.sdm, seed=config.seed, progress=config.progress, class_names=CLASS_NAMES)
     head = fit_verification_layer(h, instances, flags, sdm_config)
 
     certification = None
@@ -361,7 +349,7 @@ def calibrate(config: CalibrateConfig) -> dict:
     out = Path(config.out)
     counts = {split: sum(1 for r in records if splits[r.id] == split) for split in ("support", "calibration", "certification")}
     provenance = {
-        "calibrate_config": {k: v for k, v in asdict(config).items()},
+        "calibrate_config": flatten(config),
         "training_config": training,
         "git_revision": git_revision(),
         "calibration_files": list(files),
@@ -412,10 +400,11 @@ def calibrate(config: CalibrateConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m training.calibrate", __doc__, cls=CalibrateConfig, env_prefix="SDM_CALIBRATE_", presets=PRESETS)
-    args = parser.parse_args(argv)
+    command_line = CommandLine(CalibrateConfig, prog="python -m training.calibrate", env_prefix="SDM_CALIBRATE_", presets=PRESETS,
+                               description=__doc__ or "")
+    args = command_line.parser().parse_args(argv)
     try:
-        config = config_from_args(args, cls=CalibrateConfig, env_prefix="SDM_CALIBRATE_", presets=PRESETS)
+        config = command_line.resolve(args)
         result = calibrate(config)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

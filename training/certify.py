@@ -17,9 +17,9 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder
 from sdm_core.folders import atomic_folder
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
-from training.config import build_parser, config_from_args
+from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
 from training.correctness import get_correctness
 from training.generation import decode_and_label
 from training.records import Record, load_records
@@ -39,35 +39,32 @@ __all__ = ["CertifyConfig", "PRESETS", "certify", "main"]
 
 @dataclass(frozen=True)
 class CertifyConfig:
-    bundle: str = ""
-    data: str = ""  # comma-separated labelled record files
-    out: str = ""
-    correctness: str = "word_order"
-    max_docs: int = 0
-    max_new_tokens: int = 512
-    generate_batch_size: int = 16
-    embed_batch_size: int = 16
-    policy: str = "violation"
-    min_admitted: int = 10
-    violation_p: float = 0.01
-    device: str = "auto"
-    progress: bool = True
-
-    HELP: ClassVar[dict[str, str]] = {
-        "bundle": "the bundle to re-certify (left unchanged)",
-        "data": "comma-separated JSONL record files of prompts the head never saw, with references",
-        "out": "folder for the re-certified bundle (required; must not exist or be empty)",
-        "correctness": "correctness function r by name (labels the generations)",
-        "max_docs": "use the first N documents (0: all)",
-        "max_new_tokens": "tokens to generate at most per prompt (as the bundle was calibrated)",
-        "generate_batch_size": "prompts per batched greedy generation",
-        "embed_batch_size": "instances per no-grad hidden-state pass",
-        "policy": "which regions stay on the ladder: violation, evidence or lower-bound (see sdm_core.certification)",
-        "min_admitted": "admitted answers a region needs for its test to count",
-        "violation_p": "exact binomial p-value below which a region's accuracy is significantly below alpha",
-        "device": "auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N",
-        "progress": "show progress bars",
-    }
+    bundle: str = setting("",
+        help="the bundle to re-certify (left unchanged)")
+    data: str = setting("",
+        help="comma-separated JSONL record files of prompts the head never saw, with references")
+    out: str = setting("",
+        help="folder for the re-certified bundle (required; must not exist or be empty)")
+    correctness: str = setting("word_order",
+        help="correctness function r by name (labels the generations)")
+    max_docs: int = setting(0,
+        help="use the first N documents (0: all)")
+    max_new_tokens: int = setting(512,
+        help="tokens to generate at most per prompt (as the bundle was calibrated)")
+    generate_batch_size: int = setting(16,
+        help="prompts per batched greedy generation")
+    embed_batch_size: int = setting(16,
+        help="instances per no-grad hidden-state pass")
+    policy: str = setting("violation",
+        help="which regions stay on the ladder: violation, evidence or lower-bound (see sdm_core.certification)")
+    min_admitted: int = setting(10,
+        help="admitted answers a region needs for its test to count")
+    violation_p: float = setting(0.01,
+        help="exact binomial p-value below which a region's accuracy is significantly below alpha")
+    device: str = setting("auto",
+        help=DEVICE_HELP, parse=parse_device)
+    progress: bool = setting(True,
+        help="show progress bars")
 
     def validate(self) -> None:
         if not self.bundle or not self.data or not self.out:
@@ -127,7 +124,7 @@ def certify(config: CertifyConfig) -> dict:
                 "recertified_from": info.raw.get("bundle_sha256")},
     )
     out = Path(config.out)
-    provenance = {**info.provenance, "certify_config": asdict(config)}
+    provenance = {**info.provenance, "certify_config": flatten(config)}
 
     def write(folder: Path) -> None:
         shutil.copytree(info.path, folder, dirs_exist_ok=True)
@@ -149,10 +146,11 @@ def certify(config: CertifyConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m training.certify", __doc__, cls=CertifyConfig, env_prefix="SDM_CERTIFY_", presets=PRESETS)
-    args = parser.parse_args(argv)
+    command_line = CommandLine(CertifyConfig, prog="python -m training.certify", env_prefix="SDM_CERTIFY_", presets=PRESETS,
+                               description=__doc__ or "")
+    args = command_line.parser().parse_args(argv)
     try:
-        config = config_from_args(args, cls=CertifyConfig, env_prefix="SDM_CERTIFY_", presets=PRESETS)
+        config = command_line.resolve(args)
         result = certify(config)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,150 +1,157 @@
 """Fine-tuning configuration: one validated dataclass, presets, and CLI flags mirrored by ``SDM_*`` variables.
 
-Precedence: preset < environment variable (``SDM_<FIELD>``) < command-line flag.
+Precedence: default < preset < environment variable (``SDM_<FIELD>``) < command-line flag (sdm_core.settings).
+The SDM layers fitted during fine-tuning are configured by one nested :class:`sdm_core.SDMConfig` (``config.sdm``),
+whose flags keep their flat names (``--sdm-learning-rate``, ``--alpha``).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, ClassVar
+import json
+from dataclasses import dataclass
+from typing import Any
 
+from sdm_core.config import SDMConfig
+from sdm_core.settings import CommandLine, flatten, group, setting
 from training.correctness import CORRECTNESS_HELP
 
-__all__ = ["FinetuneConfig", "PRESETS", "build_parser", "config_from_args"]
+__all__ = ["FinetuneConfig", "FINETUNE", "PRESETS", "parse_model_source"]
+
+
+def parse_model_source(text: str) -> dict:
+    """A model source from a flag's text: JSON, ``smollm2``/``tiny``, or a Hugging Face folder or hub id."""
+    if text.strip().startswith("{"):
+        source = json.loads(text)
+        if not isinstance(source, dict):
+            raise ValueError(f"a JSON model source must be an object such as {{\"kind\": \"hf\", \"path\": ...}}, got {text!r}")
+        return source
+    if text in ("smollm2", "tiny"):
+        return {"kind": text}
+    return {"kind": "hf", "path": text}
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     # data
-    train: str = ""
-    calibration: str = ""
-    output_dir: str = "runs/finetune"
-    correctness: str = "word_order"
-    max_train_docs: int = 0  # 0: all
-    max_calibration_docs: int = 0
+    train: str = setting("",
+        help="training records (JSONL); empty: build the word-ordering task into OUTPUT_DIR/data")
+    calibration: str = setting("",
+        help="calibration records (JSONL) for evaluation and the validation SDM layer; empty: the built task's")
+    output_dir: str = setting("runs/finetune",
+        help="run folder: config.json, train.log, metrics.jsonl, checkpoint/, best/, final/")
+    correctness: str = setting("word_order",
+        help=CORRECTNESS_HELP + " (checked at start and recorded in config.json; the loop's hard negatives are every non-verbatim generation)")
+    max_train_docs: int = setting(0,
+        help="use the first N training documents (0: all)")
+    max_calibration_docs: int = setting(0,
+        help="use the first N calibration documents (0: all)")
     # the task built into OUTPUT_DIR/data when no --train/--calibration are given: word_order or arithmetic
-    task: str = "word_order"
+    task: str = setting("word_order",
+        help="task built into OUTPUT_DIR/data when no --train/--calibration are given: word_order or arithmetic")
     # sentence lengths (words) when the word-ordering task is built
-    task_min_words: int = 5
-    task_max_words: int = 60
+    task_min_words: int = setting(5,
+        help="shortest sentence (words) when the word-ordering task is built")
+    task_max_words: int = setting(60,
+        help="longest sentence (words) when the word-ordering task is built")
     # operand digits and operations when the arithmetic task is built
-    task_min_digits: int = 2
-    task_max_digits: int = 4
-    task_operations: tuple[str, ...] = ("+", "-", "*")
+    task_min_digits: int = setting(2,
+        help="fewest digits of an operand when the arithmetic task is built")
+    task_max_digits: int = setting(4,
+        help="most digits of an operand when the arithmetic task is built")
+    task_operations: tuple[str, ...] = setting(("+", "-", "*"),
+        help="comma-separated operations (+,-,*) when the arithmetic task is built")
     # documents built after the training split (continuing its draw) that fine-tuning never reads: training.calibrate
     # uses them with the calibration split for the final head and its certification
-    task_holdout_docs: int = 0
+    task_holdout_docs: int = setting(0,
+        help="documents built after the training split that fine-tuning never reads (calibration and certification data for training.calibrate)")
     # model
-    model: dict = field(default_factory=lambda: {"kind": "smollm2"})
-    dtype: str = "float32"
+    model: dict = setting(default_factory=lambda: {"kind": "smollm2"}, parse=parse_model_source,
+        help="model source: smollm2, tiny, a Hugging Face folder, or JSON such as '{\"kind\": \"hf\", \"path\": ...}'")
+    dtype: str = setting("float32",
+        help="float32 or bfloat16 weights and compute")
     # "bf16": the fine-tuning loop's LM passes (training steps, its SDM layers' embeddings, hard-negative decoding,
     # evaluation) run under bfloat16 autocast over float32 weights; calibration and serving stay at ``dtype``.
-    mixed_precision: str = "no"
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    mixed_precision: str = setting("no",
+        help="no, or bf16: bfloat16 autocast over float32 weights in the fine-tuning loop's LM passes only")
+    lora: bool = setting(False,
+        help="train LoRA adapters (peft) instead of the full weights")
+    lora_r: int = setting(8,
+        help="LoRA rank")
+    lora_alpha: int = setting(16,
+        help="LoRA scaling alpha")
+    lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        help="comma-separated module names that get LoRA adapters")
     # >0: train only the last N blocks (a CPU budget option): their full weights (+ final norm), or with --lora
     # LoRA adapters on those blocks only, so the backward pass stops N blocks from the top either way.
-    trainable_last_layers: int = 0
-    gradient_checkpointing: bool = False
-    system_prompt: str | None = "You are a helpful AI assistant."
+    trainable_last_layers: int = setting(0,
+        help="train only the last N blocks (0: all), a CPU budget option")
+    gradient_checkpointing: bool = setting(False,
+        help="recompute activations in the backward pass to save memory")
+    system_prompt: str | None = setting("You are a helpful AI assistant.",
+        help="system turn put before every prompt (and before a chat that brings none)")
     # objective
-    loss: str = "sdm"  # "sdm" (Eq. 1) or "ce" (the baseline on the same encoding)
-    gamma_positive: float = 0.5
-    gamma_generate: float = 0.5
-    generate_from_epoch: int = 1  # 0-based epoch from which hard negatives are generated (reference: after epoch 1)
+    loss: str = setting("sdm",
+        help="sdm (Eq. 1, base 2 + SDM(z')_y) or ce (the cross-entropy baseline on the same encoding)")
+    gamma_positive: float = setting(0.5,
+        help="probability that a document's instance is its positive")
+    gamma_generate: float = setting(0.5,
+        help="probability that a negative instance is a fresh greedy generation (hard negative)")
+    generate_from_epoch: int = setting(1,
+        help="0-based epoch from which hard negatives are generated")
     # "step" (reference): a document drawn for generation is decoded in its own step with the current weights.
     # "epoch": all of an epoch's draws are decoded in batches at the epoch start (a CPU budget option, see decisions.md).
-    generation_timing: str = "step"
-    max_new_tokens: int = 512
-    max_length: int = 2048
+    generation_timing: str = setting("step",
+        help="step: decode in the step that draws it; epoch: decode an epoch's draws in batches at its start")
+    max_new_tokens: int = setting(512,
+        help="tokens to generate at most per hard negative")
+    max_length: int = setting(2048,
+        help="longest training sequence in tokens (a longer one keeps its end, which holds the completion)")
     # optimisation
-    epochs: int = 10
-    micro_batch_size: int = 16
-    gradient_accumulation: int = 1
-    learning_rate: float = 5e-5
-    warmup_steps: int = 78
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    eval_steps: int = 39
-    save_steps: int = 39
-    max_eval_docs: int = 0  # 0: the whole calibration set
-    validation_layer_docs: int = 0  # calibration documents for the validation SDM layer; 0: all
-    seed: int = 0
+    epochs: int = setting(10,
+        help="training epochs")
+    micro_batch_size: int = setting(16,
+        help="instances per forward/backward pass on each process")
+    gradient_accumulation: int = setting(1,
+        help="micro-batches per optimiser step")
+    learning_rate: float = setting(5e-5,
+        help="AdamW peak learning rate")
+    warmup_steps: int = setting(78,
+        help="linear warmup steps, then linear decay to 0")
+    weight_decay: float = setting(0.01,
+        help="AdamW weight decay")
+    max_grad_norm: float = setting(1.0,
+        help="gradient clipping norm (0: off)")
+    eval_steps: int = setting(39,
+        help="evaluate (and keep the best checkpoint) every N optimiser steps")
+    save_steps: int = setting(39,
+        help="write the resumable checkpoint every N optimiser steps")
+    max_eval_docs: int = setting(0,
+        help="calibration documents in each evaluation (0: all)")
+    validation_layer_docs: int = setting(0,
+        help="calibration documents for the validation SDM layer (0: all)")
+    seed: int = setting(0,
+        help="seed of every draw, shuffle and initialisation")
     # SDM layers inside fine-tuning (SDM_SPEC §3.5)
-    sdm_epochs: int = 200
-    sdm_exemplar_dim: int = 1000
-    sdm_batch_size: int = 50
-    sdm_learning_rate: float = 1e-5
-    alpha: float = 0.95
+    sdm: SDMConfig = group(SDMConfig, {
+        "sdm_epochs": ("epochs", "epochs of each SDM layer fitted during training"),
+        "sdm_exemplar_dim": ("exemplar_dim", "exemplar dimension M of those SDM layers"),
+        "sdm_batch_size": ("batch_size", "mini-batch size of those SDM layers"),
+        "sdm_learning_rate": ("learning_rate", "Adam learning rate of those SDM layers"),
+        "alpha": ("alpha", "alpha of the SDM layers' HIGH-RELIABILITY region"),
+    })
     # embedding / generation batch sizes (no-grad passes)
-    embed_batch_size: int = 16
-    generate_batch_size: int = 16
-    recipe_sequence_end: str = "template"
-    progress: bool = True
-
-    # One line of --help per field (a test checks that every field has one).
-    HELP: ClassVar[dict[str, str]] = {
-        "train": "training records (JSONL); empty: build the word-ordering task into OUTPUT_DIR/data",
-        "calibration": "calibration records (JSONL) for evaluation and the validation SDM layer; empty: the built task's",
-        "output_dir": "run folder: config.json, train.log, metrics.jsonl, checkpoint/, best/, final/",
-        "correctness": CORRECTNESS_HELP + " (checked at start and recorded in config.json; the loop's hard negatives are every non-verbatim generation)",
-        "max_train_docs": "use the first N training documents (0: all)",
-        "max_calibration_docs": "use the first N calibration documents (0: all)",
-        "task": "task built into OUTPUT_DIR/data when no --train/--calibration are given: word_order or arithmetic",
-        "task_min_words": "shortest sentence (words) when the word-ordering task is built",
-        "task_max_words": "longest sentence (words) when the word-ordering task is built",
-        "task_min_digits": "fewest digits of an operand when the arithmetic task is built",
-        "task_max_digits": "most digits of an operand when the arithmetic task is built",
-        "task_operations": "comma-separated operations (+,-,*) when the arithmetic task is built",
-        "task_holdout_docs": "documents built after the training split that fine-tuning never reads (calibration and certification data for training.calibrate)",
-        "model": "model source: smollm2, tiny, a Hugging Face folder, or JSON such as '{\"kind\": \"hf\", \"path\": ...}'",
-        "dtype": "float32 or bfloat16 weights and compute",
-        "mixed_precision": "no, or bf16: bfloat16 autocast over float32 weights in the fine-tuning loop's LM passes only",
-        "lora": "train LoRA adapters (peft) instead of the full weights",
-        "lora_r": "LoRA rank",
-        "lora_alpha": "LoRA scaling alpha",
-        "lora_targets": "comma-separated module names that get LoRA adapters",
-        "trainable_last_layers": "train only the last N blocks (0: all), a CPU budget option",
-        "gradient_checkpointing": "recompute activations in the backward pass to save memory",
-        "system_prompt": "system turn put before every prompt (and before a chat that brings none)",
-        "loss": "sdm (Eq. 1, base 2 + SDM(z')_y) or ce (the cross-entropy baseline on the same encoding)",
-        "gamma_positive": "probability that a document's instance is its positive",
-        "gamma_generate": "probability that a negative instance is a fresh greedy generation (hard negative)",
-        "generate_from_epoch": "0-based epoch from which hard negatives are generated",
-        "generation_timing": "step: decode in the step that draws it; epoch: decode an epoch's draws in batches at its start",
-        "max_new_tokens": "tokens to generate at most per hard negative",
-        "max_length": "longest training sequence in tokens (a longer one keeps its end, which holds the completion)",
-        "epochs": "training epochs",
-        "micro_batch_size": "instances per forward/backward pass on each process",
-        "gradient_accumulation": "micro-batches per optimiser step",
-        "learning_rate": "AdamW peak learning rate",
-        "warmup_steps": "linear warmup steps, then linear decay to 0",
-        "weight_decay": "AdamW weight decay",
-        "max_grad_norm": "gradient clipping norm (0: off)",
-        "eval_steps": "evaluate (and keep the best checkpoint) every N optimiser steps",
-        "save_steps": "write the resumable checkpoint every N optimiser steps",
-        "max_eval_docs": "calibration documents in each evaluation (0: all)",
-        "validation_layer_docs": "calibration documents for the validation SDM layer (0: all)",
-        "seed": "seed of every draw, shuffle and initialisation",
-        "sdm_epochs": "epochs of each SDM layer fitted during training",
-        "sdm_exemplar_dim": "exemplar dimension M of those SDM layers",
-        "sdm_batch_size": "mini-batch size of those SDM layers",
-        "sdm_learning_rate": "Adam learning rate of those SDM layers",
-        "alpha": "alpha of the SDM layers' HIGH-RELIABILITY region",
-        "embed_batch_size": "instances per no-grad hidden-state pass",
-        "generate_batch_size": "prompts per batched greedy generation",
-        "recipe_sequence_end": "where h's sequence ends: template (reference code) or verified (the paper: at <verified>)",
-        "progress": "show progress bars",
-    }
+    embed_batch_size: int = setting(16,
+        help="instances per no-grad hidden-state pass")
+    generate_batch_size: int = setting(16,
+        help="prompts per batched greedy generation")
+    recipe_sequence_end: str = setting("template",
+        help="where h's sequence ends: template (reference code) or verified (the paper: at <verified>)")
+    progress: bool = setting(True,
+        help="show progress bars")
 
     def __post_init__(self) -> None:
-        positive_ints = ("epochs", "micro_batch_size", "gradient_accumulation", "eval_steps", "save_steps", "sdm_epochs",
-                         "sdm_exemplar_dim", "sdm_batch_size", "embed_batch_size", "generate_batch_size", "max_new_tokens",
-                         "max_length", "lora_r", "lora_alpha")
+        positive_ints = ("epochs", "micro_batch_size", "gradient_accumulation", "eval_steps", "save_steps", "embed_batch_size",
+                         "generate_batch_size", "max_new_tokens", "max_length", "lora_r", "lora_alpha")
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
@@ -163,10 +170,9 @@ class FinetuneConfig:
         if self.mixed_precision == "bf16" and self.dtype != "float32":
             raise ValueError("mixed_precision bf16 (the smollm2-cpu preset sets it) autocasts over float32 weights; with dtype bfloat16 "
                              "pass --mixed-precision no (or SDM_MIXED_PRECISION=no)")
-        if self.learning_rate <= 0 or self.sdm_learning_rate <= 0:
-            raise ValueError("learning rates must be > 0")
-        if not 0.5 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0.5, 1], got {self.alpha}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        # The SDM layers' settings (sdm_*, alpha) are validated by SDMConfig itself.
         if not isinstance(self.model, dict) or "kind" not in self.model:
             raise ValueError("model must be a model source such as {'kind': 'smollm2'} or {'kind': 'hf', 'path': ...}")
         if not 1 <= self.task_min_words <= self.task_max_words:
@@ -183,9 +189,8 @@ class FinetuneConfig:
             raise ValueError(f"recipe_sequence_end must be 'template' or 'verified', got {self.recipe_sequence_end!r}")
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data["lora_targets"] = list(self.lora_targets)
-        return data
+        """The flat settings, named as their flags (what config.json records)."""
+        return flatten(self)
 
 
 # The paper's configuration (SDM_SPEC §3.8) for Phi-3.5-mini-instruct on GPUs.
@@ -296,79 +301,4 @@ PRESETS["arithmetic-cpu"] = {
 }
 
 
-def _parse_value(name: str, text: str, current: Any) -> Any:
-    if name == "model":
-        import json
-
-        if text.strip().startswith("{"):
-            return json.loads(text)
-        if text in ("smollm2", "tiny"):
-            return {"kind": text}
-        return {"kind": "hf", "path": text}
-    if isinstance(current, bool):
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"{name} must be a boolean (true/false), got {text!r}")
-    if isinstance(current, tuple):
-        return tuple(v.strip() for v in text.split(",") if v.strip())
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        return float(text)
-    if current is None and name == "system_prompt":
-        return text
-    if name in ("model", "base_model") or isinstance(current, dict):
-        import json
-
-        if text.strip().startswith("{"):
-            return json.loads(text)
-        if text in ("smollm2", "tiny"):
-            return {"kind": text}
-        return {"kind": "hf", "path": text}
-    return text
-
-
-def build_parser(prog: str = "python -m training.finetune", description: str = "", cls: type = None, env_prefix: str = "SDM_",
-                 presets: dict | None = None) -> argparse.ArgumentParser:
-    """A parser with one flag per field of the config dataclass ``cls`` (default FinetuneConfig), each mirrored by
-    the environment variable ``<env_prefix><FIELD>``."""
-    cls = cls or FinetuneConfig
-    presets = PRESETS if presets is None and cls is FinetuneConfig else (presets or {})
-    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    if presets:
-        parser.add_argument("--preset", choices=sorted(presets), default=os.environ.get(f"{env_prefix}PRESET"), help=f"start from a preset (env {env_prefix}PRESET)")
-    if cls is FinetuneConfig:
-        parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint after a crash")
-    defaults = cls()
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        current = getattr(defaults, f.name)
-        text = getattr(cls, "HELP", {}).get(f.name)
-        where = f"env {env_prefix}{f.name.upper()}, default {current!r}"
-        parser.add_argument(flag, dest=f.name, default=None, metavar="VALUE", help=f"{text} ({where})" if text else where)
-    return parser
-
-
-def config_from_args(args: argparse.Namespace, cls: type = None, env_prefix: str = "SDM_", presets: dict | None = None):
-    """Resolve preset < environment < flags into a validated ``cls`` instance."""
-    cls = cls or FinetuneConfig
-    presets = PRESETS if presets is None and cls is FinetuneConfig else (presets or {})
-    values: dict[str, Any] = {}
-    if getattr(args, "preset", None):
-        values.update(presets[args.preset])
-    base = cls()
-    for f in fields(cls):
-        current = values.get(f.name, getattr(base, f.name))
-        env_name = f"{env_prefix}{f.name.upper()}"
-        for source, text in ((env_name, os.environ.get(env_name)), (f"--{f.name.replace('_', '-')}", getattr(args, f.name, None))):
-            if text is None:
-                continue
-            try:
-                values[f.name] = _parse_value(f.name, text, current)
-            except ValueError as exc:
-                raise ValueError(f"{source}: {exc}") from None
-            current = values[f.name]
-    return replace(base, **values)
+FINETUNE = CommandLine(FinetuneConfig, prog="python -m training.finetune", presets=PRESETS)

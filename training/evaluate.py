@@ -29,12 +29,13 @@ import gc
 import json
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 from sdm_core.lm.models import resolve_device
-from training.config import build_parser, config_from_args
+from sdm_core.math import check_alpha
+from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
 from training.correctness import CORRECTNESS_HELP, get_correctness
 from training.evaluation_pair import evaluate_pair
 from training.evaluation_report import plot_admitted, plot_risk_coverage, render_report
@@ -46,51 +47,50 @@ __all__ = ["EvaluateConfig", "PRESETS", "evaluate", "parse_named_paths", "surfac
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+def _alpha_or_default(text: str) -> float | None:
+    """--alpha's text: a number, or default/none for each bundle's own alpha."""
+    value = text.strip().lower()
+    if value in ("", "none", "default"):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"alpha must be a number in (0.5, 1] or 'default', got {text!r}") from None
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
-    bundles: tuple[str, ...] = ()  # "NAME=PATH" or a bundle folder (named after the folder)
-    data: tuple[str, ...] = ()  # "NAME=PATH" JSONL record files, or a path (named after the file stem)
-    out: str = ""
-    correctness: str = "word_order"
-    max_docs: int = 0  # per dataset; 0: all
-    max_new_tokens: int = 512
-    generate_batch_size: int = 16
-    embed_batch_size: int = 16
-    alpha: float | None = None  # None: each bundle's default alpha; otherwise it must be on every bundle's ladder
-    device: str = "auto"  # auto: the first GPU when there is one, else the CPU
-    progress: bool = True
-
-    # One line of --help per field (a test checks that every field has one).
-    HELP: ClassVar[dict[str, str]] = {
-        "bundles": "comma-separated NAME=PATH bundles (or bundle folders, named after the folder) to compare",
-        "data": "comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)",
-        "out": "folder for metrics.json, report.md, predictions and plots (required)",
-        "correctness": CORRECTNESS_HELP,
-        "max_docs": "use the first N documents of each dataset (0: all)",
-        "max_new_tokens": "tokens to generate at most per prompt",
-        "generate_batch_size": "prompts per batched greedy generation",
-        "embed_batch_size": "instances per no-grad hidden-state pass",
-        "alpha": "alpha to report at (on every bundle's ladder); default: each bundle's own",
-        "device": "auto (the first GPU when there is one, else the CPU), cpu, cuda or cuda:N",
-        "progress": "show progress bars",
-    }
+    bundles: tuple[str, ...] = setting((),
+        help="comma-separated NAME=PATH bundles (or bundle folders, named after the folder) to compare")
+    data: tuple[str, ...] = setting((),
+        help="comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)")
+    out: str = setting("",
+        help="folder for metrics.json, report.md, predictions and plots (required)")
+    correctness: str = setting("word_order",
+        help=CORRECTNESS_HELP)
+    max_docs: int = setting(0,
+        help="use the first N documents of each dataset (0: all)")
+    max_new_tokens: int = setting(512,
+        help="tokens to generate at most per prompt")
+    generate_batch_size: int = setting(16,
+        help="prompts per batched greedy generation")
+    embed_batch_size: int = setting(16,
+        help="instances per no-grad hidden-state pass")
+    # None: each bundle's default alpha; otherwise it must be on every bundle's ladder
+    alpha: float | None = setting(None, parse=_alpha_or_default,
+        help="alpha to report at (on every bundle's ladder); default: each bundle's own")
+    device: str = setting("auto",
+        help=DEVICE_HELP, parse=parse_device)
+    progress: bool = setting(True,
+        help="show progress bars")
 
     def __post_init__(self) -> None:
-        # The CLI hands strings for fields whose default is None or a tuple; normalise them here.
+        # bundles and data may be given as one comma-separated string, as on the command line.
         for name in ("bundles", "data"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(",") if v.strip())
             object.__setattr__(self, name, tuple(value))
-        if isinstance(self.alpha, str):
-            text = self.alpha.strip().lower()
-            if text in ("", "none", "default"):
-                object.__setattr__(self, "alpha", None)
-            else:
-                try:
-                    object.__setattr__(self, "alpha", float(text))
-                except ValueError:
-                    raise ValueError(f"alpha must be a number in (0.5, 1] or 'default', got {self.alpha!r}") from None
 
     def validate(self) -> None:
         if not self.bundles:
@@ -104,8 +104,8 @@ class EvaluateConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if int(self.max_docs) < 0:
             raise ValueError(f"max_docs must be >= 0 (0: all), got {self.max_docs!r}")
-        if self.alpha is not None and not 0.5 < float(self.alpha) <= 1.0:
-            raise ValueError(f"alpha must be in (0.5, 1], got {self.alpha}")
+        if self.alpha is not None:
+            check_alpha(self.alpha, "alpha")
         get_correctness(self.correctness)
         bundles = parse_named_paths(self.bundles, "bundle")
         data = parse_named_paths(self.data, "data")
@@ -166,7 +166,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     metrics: dict = {
-        "config": asdict(config),
+        "config": flatten(config),
         "bundles": {},
         "datasets": {name: {"path": str(path), "n": len(datasets[name])} for name, path in data_paths.items()},
         "results": {},
@@ -247,10 +247,11 @@ def _summary(metrics: dict, out: str) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser("python -m training.evaluate", __doc__, cls=EvaluateConfig, env_prefix="SDM_EVALUATE_", presets=PRESETS)
-    args = parser.parse_args(argv)
+    command_line = CommandLine(EvaluateConfig, prog="python -m training.evaluate", env_prefix="SDM_EVALUATE_", presets=PRESETS,
+                               description=__doc__ or "")
+    args = command_line.parser().parse_args(argv)
     try:
-        config = config_from_args(args, cls=EvaluateConfig, env_prefix="SDM_EVALUATE_", presets=PRESETS)
+        config = command_line.resolve(args)
         metrics = evaluate(config)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -16,12 +16,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sdm_core.lm.models import load_model, load_tokenizer
-from training.config import FinetuneConfig, build_parser, config_from_args
+from training.config import FINETUNE, FinetuneConfig
 from training.correctness import get_correctness
 from training.records import DataError, Record, load_records
 from training.state import TrainerCallback, TrainResult
@@ -174,10 +175,11 @@ def run(config: FinetuneConfig, resume: bool = False, callbacks: Sequence[Traine
 
 
 def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
-    parser = build_parser(description=__doc__)
+    parser = replace(FINETUNE, description=__doc__ or "").parser()
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint after a crash")
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(args)
+        config = FINETUNE.resolve(args)
         result = run(config, resume=args.resume, callbacks=callbacks)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -9,17 +9,32 @@ seal (its time and ``--note``). Then ``POST /admin/reload`` serves it, with a ne
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
 from sdm_core.artifact import ArtifactError
 from sdm_core.lm.bundle import seal_bundle
+from sdm_core.settings import CommandLine, setting
 
-__all__ = ["seal", "main"]
+__all__ = ["SealConfig", "seal", "main"]
+
+
+@dataclass(frozen=True)
+class SealConfig:
+    bundle: str = setting("", required=True, metavar="PATH", help="the bundle folder to re-seal in place")
+    note: str = setting("", help="why it was edited (kept in the provenance)")
+
+    def __post_init__(self) -> None:
+        if not self.bundle:
+            raise ValueError("--bundle (the bundle folder to re-seal) is required")
+
+
+COMMAND_LINE = CommandLine(SealConfig, prog="python -m training.seal", env_prefix="SDM_SEAL_",
+                           description=(__doc__ or "").split("\n\n")[0])
 
 
 def seal(bundle: str, note: str = "") -> dict:
@@ -42,12 +57,10 @@ def seal(bundle: str, note: str = "") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.seal", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", required=True, help="the bundle folder to re-seal in place")
-    parser.add_argument("--note", default="", help="why it was edited (kept in the provenance)")
-    args = parser.parse_args(argv)
+    args = COMMAND_LINE.parser().parse_args(argv)
     try:
-        result = seal(args.bundle, args.note)
+        config = COMMAND_LINE.resolve(args)
+        result = seal(config.bundle, config.note)
     except (ArtifactError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -23,13 +23,14 @@ import random
 import subprocess
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from sdm_core import SDMConfig, SDMEstimator
+from sdm_core import SDMEstimator
 from sdm_core.folders import atomic_folder
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, is_sharded
 from training.bases import CE_BASE, bases_from_h, uniform_bases
@@ -136,9 +137,7 @@ class SDMTrainer:
         self._check_accelerator()
         self.out = Path(config.output_dir)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.sdm_config = SDMConfig(exemplar_dim=config.sdm_exemplar_dim, epochs=config.sdm_epochs, batch_size=config.sdm_batch_size,
-                                    learning_rate=config.sdm_learning_rate, alpha=config.alpha, seed=config.seed, progress=False,
-                                    class_names=CLASS_NAMES)
+        self.sdm_config = replace(config.sdm, seed=config.seed, progress=False, class_names=CLASS_NAMES)
         optimizer, self.scheduler = _optimizer_and_schedule(model, config, self.total_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.sharded = is_sharded(self.model)  # FSDP2: forwards, generation and state gathering are collective

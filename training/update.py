@@ -28,7 +28,6 @@ then report the new head version.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -50,25 +49,57 @@ from sdm_core.lm.bundle import read_bundle_info, seal_bundle
 from sdm_core.certification import certify_ladder
 from sdm_core.estimator import SDMEstimator
 from sdm_core.fitting import LayerStatistics
+from sdm_core.settings import CommandLine, SettingsError, setting
 from sdm_core.traffic import StoreError, TrafficRecord, TrafficStore, redact_url
 
-__all__ = ["UpdateConfig", "UpdateResult", "update_bundle", "split_role", "main"]
+__all__ = ["UpdateConfig", "UpdateError", "UpdateResult", "update_bundle", "split_role", "parse_time", "main"]
 
 ROWS_FILE = "feedback_rows.json"
 
 
+class UpdateError(ValueError):
+    """Nothing to update, or inputs that do not fit; the message says what to do."""
+
+
+def parse_time(text: str) -> float:
+    """An ISO time (UTC when it names no zone) or epoch seconds, as epoch seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"expected an ISO time (2026-12-01T00:00:00Z) or epoch seconds, got {text!r}") from None
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+
+
 @dataclass(frozen=True)
 class UpdateConfig:
-    bundle: str
-    store: str
-    out: str
-    calibration_fraction: float = 0.5
+    bundle: str = setting("", required=True, metavar="PATH",
+        help="the bundle the labelled answers came from (read, never changed)")
+    store: str = setting("", required=True, metavar="URL",
+        help="the server's traffic store: a SQLAlchemy URL (sqlite:////path/traffic.sqlite3, postgresql+psycopg://...)")
+    out: str = setting("", required=True, metavar="PATH",
+        help="the new bundle's folder (must not exist or be empty)")
+    calibration_fraction: float = setting(0.5,
+        help="share of correct/wrong rows that join the calibration set instead of the support (deterministic by id)")
     # Share of correct/wrong rows held out of the head to re-certify its ladder (bundles with a certification only).
-    certification_fraction: float = 0.25
-    seed: int = 0
-    since: float | None = None
-    until: float | None = None
-    head_versions: tuple[str, ...] = ()
+    certification_fraction: float = setting(0.25,
+        help="share of correct/wrong rows held out to re-certify the new ladder, when the bundle has a certification")
+    seed: int = setting(0,
+        help="seed of the support/calibration split")
+    since: float | None = setting(None, parse=parse_time,
+        help="only labels given at or after this time (ISO or epoch seconds)")
+    until: float | None = setting(None, parse=parse_time,
+        help="only labels given at or before this time")
+    head_versions: tuple[str, ...] = setting((), flag="head_version", repeat=True,
+        help="only rows served by this head version (repeatable)")
+
+    def __post_init__(self) -> None:
+        missing = [f"--{name}" for name in ("bundle", "store", "out") if not getattr(self, name)]
+        if missing:
+            raise UpdateError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
 
 
 @dataclass
@@ -88,10 +119,6 @@ class UpdateResult:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-class UpdateError(ValueError):
-    """Nothing to update, or inputs that do not fit; the message says what to do."""
 
 
 def split_role(identifier: str, label: str, fraction: float, seed: int, certification_fraction: float = 0.0) -> str:
@@ -261,43 +288,16 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
                         skipped=skipped, labelled_from=summary["labelled_from"], labelled_to=summary["labelled_to"])
 
 
-def _time(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an ISO time (2026-12-01T00:00:00Z) or epoch seconds, got {text!r}") from None
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.update", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", required=True, help="the bundle the labelled answers came from (read, never changed)")
-    parser.add_argument("--store", required=True, help="the server's traffic store: a SQLAlchemy URL (sqlite:////path/traffic.sqlite3, postgresql+psycopg://...)")
-    parser.add_argument("--out", required=True, help="the new bundle's folder (must not exist or be empty)")
-    parser.add_argument("--calibration-fraction", type=float, default=0.5,
-                        help="share of correct/wrong rows that join the calibration set instead of the support (deterministic by id) [0.5]")
-    parser.add_argument("--certification-fraction", type=float, default=0.25,
-                        help="share of correct/wrong rows held out to re-certify the new ladder, when the bundle has a certification [0.25]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the support/calibration split [0]")
-    parser.add_argument("--since", type=_time, default=None, help="only labels given at or after this time (ISO or epoch seconds)")
-    parser.add_argument("--until", type=_time, default=None, help="only labels given at or before this time")
-    parser.add_argument("--head-version", action="append", default=[], help="only rows served by this head version (repeatable)")
-    return parser
+COMMAND_LINE = CommandLine(UpdateConfig, prog="python -m training.update", env_prefix="SDM_UPDATE_",
+                           description=(__doc__ or "").split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = UpdateConfig(bundle=args.bundle, store=args.store, out=args.out, calibration_fraction=args.calibration_fraction,
-                          certification_fraction=args.certification_fraction, seed=args.seed,
-                          since=args.since, until=args.until, head_versions=tuple(args.head_version))
+    args = COMMAND_LINE.parser().parse_args(argv)
     try:
+        config = COMMAND_LINE.resolve(args)
         result = update_bundle(config)
-    except (UpdateError, StoreError, ArtifactError, OSError) as exc:
+    except (UpdateError, SettingsError, StoreError, ArtifactError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from sdm_core.folders import atomic_folder
+from sdm_core.settings import parse_device
 
 __all__ = ["cache_dir", "smollm2_gguf", "load_tokenizer", "load_model", "source_folder", "TINY_DEFAULTS", "ModelSourceError", "resolve_device"]
 
@@ -33,12 +34,11 @@ class ModelSourceError(ValueError):
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` is the first CUDA device when torch sees one, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` pass
+    """``auto`` is the first CUDA device when torch sees one, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` pass
     through after a check, so a run asked for a GPU fails at start instead of silently running on the CPU."""
+    name = parse_device(name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device is {name!r} but torch sees no CUDA device; use --device cpu or auto")
     return name
