@@ -109,14 +109,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(_hint(name, f"must be an integer >= 0, got {value!r}"))
-        _positive_int(self, "vllm_tensor_parallel_size")
-        _choice(self, "vllm_hidden_states", VLLM_HIDDEN_STATE_MODES)
-        if not isinstance(self.vllm_max_num_seqs, int) or isinstance(self.vllm_max_num_seqs, bool) or self.vllm_max_num_seqs < 0:
-            raise ConfigError(_hint("vllm_max_num_seqs", f"must be an integer >= 0 (0: vLLM's default), got {self.vllm_max_num_seqs!r}"))
-        if not isinstance(self.vllm_max_model_len, int) or isinstance(self.vllm_max_model_len, bool) or self.vllm_max_model_len < 0:
-            raise ConfigError(_hint("vllm_max_model_len", f"must be an integer >= 0 (0: the model's limit), got {self.vllm_max_model_len!r}"))
-        if not (0.0 <= self.vllm_gpu_memory_utilization < 1.0):
-            raise ConfigError(_hint("vllm_gpu_memory_utilization", f"must be in [0, 1) (0: vLLM's default), got {self.vllm_gpu_memory_utilization!r}"))
+        self._check_vllm()
         if self.default_max_tokens > self.max_tokens_cap:
             raise ConfigError(_hint("default_max_tokens", f"({self.default_max_tokens}) must not exceed --max-tokens-cap ({self.max_tokens_cap}); lower it or raise the cap"))
         for name in ("request_timeout_s", "drain_timeout_s", "sse_keepalive_s"):
@@ -150,6 +143,17 @@ class ServerConfig:
                 raise ConfigError(_hint("cors_allow_origins", f"has {origin!r}; give origins as scheme://host[:port] (or * for any), comma-separated"))
 
     # -- derived values --------------------------------------------------------------------------------------
+    def _check_vllm(self) -> None:
+        """The vllm_* settings (GPU settings of the vLLM engine)."""
+        _positive_int(self, "vllm_tensor_parallel_size")
+        _choice(self, "vllm_hidden_states", VLLM_HIDDEN_STATE_MODES)
+        if not isinstance(self.vllm_max_num_seqs, int) or isinstance(self.vllm_max_num_seqs, bool) or self.vllm_max_num_seqs < 0:
+            raise ConfigError(_hint("vllm_max_num_seqs", f"must be an integer >= 0 (0: vLLM's default), got {self.vllm_max_num_seqs!r}"))
+        if not isinstance(self.vllm_max_model_len, int) or isinstance(self.vllm_max_model_len, bool) or self.vllm_max_model_len < 0:
+            raise ConfigError(_hint("vllm_max_model_len", f"must be an integer >= 0 (0: the model's limit), got {self.vllm_max_model_len!r}"))
+        if not (0.0 <= self.vllm_gpu_memory_utilization < 1.0):
+            raise ConfigError(_hint("vllm_gpu_memory_utilization", f"must be in [0, 1) (0: vLLM's default), got {self.vllm_gpu_memory_utilization!r}"))
+
     def vllm_settings(self) -> dict:
         """The vllm backend's engine settings from the vllm_* options (unset ones are left to vLLM)."""
         engine_args: dict = {}

@@ -127,6 +127,11 @@ SNAPSHOT: dict[str, dict[str, str | None]] = {
 ADDED_VARIABLES: dict[str, dict[str, str]] = {
     "training.seal": {"--bundle": "SDM_SEAL_BUNDLE", "--note": "SDM_SEAL_NOTE"},
     "training.update": {flag: "SDM_UPDATE_" + flag[2:].replace("-", "_").upper() for flag in SNAPSHOT["training.update"]},
+    # issue 18's GPU settings, added after the snapshot
+    "server.cli": {
+        "--vllm-enforce-eager": "SDM_VLLM_ENFORCE_EAGER", "--no-vllm-enforce-eager": "SDM_VLLM_ENFORCE_EAGER",
+        "--vllm-max-num-seqs": "SDM_VLLM_MAX_NUM_SEQS", "--vllm-hidden-states": "SDM_VLLM_HIDDEN_STATES",
+    },
 }
 
 

@@ -1,19 +1,23 @@
-"""The vLLM backend: generation on vLLM's async engine, the SDM head's input from a transformers prefill pass.
+"""The vLLM backend: generation on vLLM's async engine; the SDM head's input from the engine's own final-layer
+states or from a transformers prefill pass.
+
+Size: one adapter over one engine — its start, its generation loop and its two head-input paths share the engine's
+state and read best together; the worker-side recording lives in :mod:`server.backends.vllm_states`.
 
 Generation: each request goes to ``vllm.v1.engine.async_llm.AsyncLLM`` (``AsyncLLMEngine`` is an alias of it in
 vLLM 0.32) with its own ``SamplingParams`` (max_tokens, temperature, top_p, seed). vLLM's scheduler batches
 concurrent requests continuously by itself, so there is no batcher here. Every stop string (the verification tag
 included) is handed to vLLM with ``include_stop_str_in_output=True``; the text is then cut exactly as the
-transformers backend cuts it (at the earliest stop; ``stop`` strings removed, ``stop_inclusive`` ones kept), and
-streamed with the same hold-back rules (both use :class:`~server.backends.row.GenerationRow`). Setting
-``request.cancel`` or cancelling the caller aborts the vLLM request.
+transformers backend cuts it (:func:`sdm_core.lm.stops.cut_at_stop`), and streamed with the same hold-back rules
+(both use :class:`~server.backends.row.GenerationRow`). Setting ``request.cancel`` or cancelling the caller aborts
+the vLLM request.
 
-Head input: vLLM runs one runner type per engine (generation or pooling) and returns no final-layer hidden states
-from a generating call; the head's input is computed over a re-formatted sequence (the verification text) anyway.
-So the bundle is also loaded by a :class:`~server.backends.transformers_backend.TransformersBackend` over the same
-weights, and ``embed`` is its batched :func:`sdm_core.lm.embedding.embed_texts` call with the bundle's recipe: the
-very function training used, so the head input equals the training-time embedding bit for bit. That backend
-also supplies ``info``, ``head`` and the event-loop tokenizer; its generation path is never used.
+Head input (``--vllm-hidden-states``): ``engine`` runs each verification text through the same engine as a
+one-token request and pools the final-layer states that :mod:`server.backends.vllm_states` records in the worker
+(no second copy of the weights; within 1e-4 of training's embedding, docs/decisions.md); ``transformers`` loads the
+bundle a second time in a :class:`~server.backends.transformers_backend.TransformersBackend` and calls
+:func:`sdm_core.lm.embedding.embed_texts` with the bundle's recipe, bit for bit as training did; ``auto`` picks
+``engine`` for a float32 model whose recipe reads the final layer.
 
 Weights for vLLM (an HF safetensors folder; the tokenizer is always the bundle's ``tokenizer/``, handed to vLLM as a
 cached copy that also holds the model's ``config.json``, see :func:`vllm_tokenizer_folder`):
