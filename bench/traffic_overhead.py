@@ -82,20 +82,27 @@ def main(argv: list[str] | None = None) -> int:
     recorder.close()
     stored = TrafficStore(url).count()
     costs.sort()
-    print(json.dumps({
-        "benchmark": "traffic_overhead",
-        "store": redact_url(url).split("://")[0],
-        "dim": args.dim,
-        "records": args.records,
-        "stored": stored,
-        "request_path_us": {"mean": round(statistics.fmean(costs), 1), "p50": round(costs[len(costs) // 2], 1),
-                            "p99": round(costs[int(len(costs) * 0.99) - 1], 1)},
-        "writer_records_per_s": round(args.records / (drained - started), 1),
-        "submit_seconds": round(submitted - started, 3),
-        "drain_seconds": round(drained - started, 3),
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "traffic_overhead",
+                "store": redact_url(url).split("://")[0],
+                "dim": args.dim,
+                "records": args.records,
+                "stored": stored,
+                "request_path_us": {
+                    "mean": round(statistics.fmean(costs), 1),
+                    "p50": round(costs[len(costs) // 2], 1),
+                    "p99": round(costs[int(len(costs) * 0.99) - 1], 1),
+                },
+                "writer_records_per_s": round(args.records / (drained - started), 1),
+                "submit_seconds": round(submitted - started, 3),
+                "drain_seconds": round(drained - started, 3),
+                "python": platform.python_version(),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
     return 0
 
 

@@ -11,8 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -122,7 +122,9 @@ def read_artifact(
     if not root.is_dir():
         raise ArtifactError(f"no such artifact folder: {root} (check the path)")
     if not manifest_path.is_file():
-        raise ArtifactError(f"{root} is not an artifact: {MANIFEST} is missing (was writing interrupted? write it again)")
+        raise ArtifactError(
+            f"{root} is not an artifact: {MANIFEST} is missing (was writing interrupted? write it again)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -137,7 +139,9 @@ def read_artifact(
             "upgrade sdm-lm or re-create the artifact"
         )
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
-        raise ArtifactError(f"{manifest_path} has been modified since it was written (its checksum does not match); re-create the artifact")
+        raise ArtifactError(
+            f"{manifest_path} has been modified since it was written (its checksum does not match); re-create the artifact"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{manifest_path} lists no files")
@@ -151,7 +155,9 @@ def read_artifact(
             raise ArtifactError(f"{root} is incomplete: {name} is missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise ArtifactError(f"{path} has been modified or corrupted (sha256 {actual[:12]}… != {str(expected)[:12]}…); re-create the artifact")
+            raise ArtifactError(
+                f"{path} has been modified or corrupted (sha256 {actual[:12]}… != {str(expected)[:12]}…); re-create the artifact"
+            )
         if name.endswith(".safetensors"):
             tensors[name] = load_file(str(path))
         elif name.endswith(".json"):

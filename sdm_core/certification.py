@@ -29,8 +29,8 @@ Pure functions over counts and tensors; no LM code.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -162,8 +162,10 @@ class Certification:
         """One line for logs and the end of calibration."""
         certified = ", ".join(f"{a:g}" for a in self.certified) or "none"
         withdrawn = ", ".join(f"{a:g}" for a in self.withdrawn) or "none"
-        return (f"certification on {self.documents} held-out documents ({self.policy}): certified alphas {certified}; "
-                f"withdrawn {withdrawn}")
+        return (
+            f"certification on {self.documents} held-out documents ({self.policy}): certified alphas {certified}; "
+            f"withdrawn {withdrawn}"
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -179,11 +181,17 @@ class Certification:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Certification":
+    def from_dict(cls, data: dict) -> Certification:
         rows = tuple(CertificationRow(**{**r, "alpha": float(r["alpha"])}) for r in data["rows"])
-        return cls(rows=rows, documents=int(data["documents"]), policy=str(data.get("policy", "violation")),
-                   min_admitted=int(data.get("min_admitted", 10)), violation_p=float(data.get("violation_p", 0.01)),
-                   confidence=float(data.get("confidence", 0.95)), source=dict(data.get("source", {})))
+        return cls(
+            rows=rows,
+            documents=int(data["documents"]),
+            policy=str(data.get("policy", "violation")),
+            min_admitted=int(data.get("min_admitted", 10)),
+            violation_p=float(data.get("violation_p", 0.01)),
+            confidence=float(data.get("confidence", 0.95)),
+            source=dict(data.get("source", {})),
+        )
 
 
 def _status(region_exists: bool, groups: dict, min_admitted: int, violation_p: float) -> str:
@@ -246,7 +254,11 @@ def certify_ladder(
     if right.shape[0] != yhat.shape[0]:
         raise ValueError(f"correct has {right.shape[0]} rows but the scores have {yhat.shape[0]}")
     verified = yhat == positive_class
-    group_masks = {"yes": (verified, right), "no": (~verified, ~right), "all": (torch.ones_like(verified), verified == right)}
+    group_masks = {
+        "yes": (verified, right),
+        "no": (~verified, ~right),
+        "all": (torch.ones_like(verified), verified == right),
+    }
     rows: list[CertificationRow] = []
     current = ladder
     for alpha in ladder.alphas:
@@ -263,14 +275,28 @@ def certify_ladder(
         withdraw = _withdraws(policy, status, lower, alpha)
         if withdraw:
             current = withdraw_regions(current, [alpha])
-        rows.append(CertificationRow(alpha, admitted, n_correct, n_correct / admitted if admitted else None,
-                                     p_value, lower, status, withdraw, groups))
-    certification = Certification(tuple(rows), int(yhat.shape[0]), policy, min_admitted, violation_p, confidence,
-                                  dict(source or {}))
+        rows.append(
+            CertificationRow(
+                alpha,
+                admitted,
+                n_correct,
+                n_correct / admitted if admitted else None,
+                p_value,
+                lower,
+                status,
+                withdraw,
+                groups,
+            )
+        )
+    certification = Certification(
+        tuple(rows), int(yhat.shape[0]), policy, min_admitted, violation_p, confidence, dict(source or {})
+    )
     return certification, current
 
 
-def fit_score_threshold(scores: torch.Tensor, correct: torch.Tensor, alpha: float, confidence: float = 0.95) -> float | None:
+def fit_score_threshold(
+    scores: torch.Tensor, correct: torch.Tensor, alpha: float, confidence: float = 0.95
+) -> float | None:
     """The split-conformal baseline: the lowest threshold t on a score such that admitting ``score >= t`` keeps
     the marginal accuracy of admitted rows at least alpha with probability ``confidence``.
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -26,12 +26,16 @@ def _alphas(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.99,0.95,0.9, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.99,0.95,0.9, got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = SDMConfig()
-    parser = argparse.ArgumentParser(prog="python -m sdm_core", description="Fit and apply SDM estimators over embeddings.")
+    parser = argparse.ArgumentParser(
+        prog="python -m sdm_core", description="Fit and apply SDM estimators over embeddings."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     fit = sub.add_parser("fit", help="fit an SDM layer and its regions; write an artifact folder")
@@ -48,9 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     fit.add_argument("--max-q", type=int, default=defaults.max_q)
     fit.add_argument("--iterations", type=int, default=defaults.iterations, help="J random splits/initialisations")
-    fit.add_argument("--shuffle-splits", action="store_true", help="pool train + calibration and re-split each iteration")
+    fit.add_argument(
+        "--shuffle-splits", action="store_true", help="pool train + calibration and re-split each iteration"
+    )
     fit.add_argument("--alpha", type=float, default=defaults.alpha)
-    fit.add_argument("--alphas", type=_alphas, default=list(defaults.alpha_ladder), help="the alpha ladder, comma-separated")
+    fit.add_argument(
+        "--alphas", type=_alphas, default=list(defaults.alpha_ladder), help="the alpha ladder, comma-separated"
+    )
     fit.add_argument("--independent-regions", action="store_true", help="use each alpha's own region (not nested)")
     fit.add_argument("--ess-rule", choices=("paper", "reference"), default=defaults.effective_sample_size_rule)
     fit.add_argument("--no-normalize", action="store_true", help="skip the scalar mean/std input normalisation")
@@ -76,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     recal = sub.add_parser("recalibrate", help="re-run Algorithm 1 at a new alpha ladder without retraining")
     recal.add_argument("--artifact", required=True)
     recal.add_argument("--alphas", type=_alphas, required=True)
-    recal.add_argument("--alpha", type=float, default=None, help="the new default alpha (default: keep the current one, which joins the ladder)")
+    recal.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="the new default alpha (default: keep the current one, which joins the ladder)",
+    )
     recal.add_argument("--independent-regions", action="store_true")
     recal.add_argument("--out", default=None, help="write here instead of replacing the artifact")
 
@@ -116,10 +129,21 @@ def _fit(args: argparse.Namespace) -> dict:
         if len(rows.ids) != x.shape[0]:
             raise InputError(f"the {what} labels have {len(rows.ids)} rows but the embeddings have {x.shape[0]}")
     est = SDMEstimator(config).fit(
-        x_tr, tr.labels, x_ca, ca.labels, num_classes=args.num_classes or (len(names) or None), train_ids=tr.ids, calibration_ids=ca.ids
+        x_tr,
+        tr.labels,
+        x_ca,
+        ca.labels,
+        num_classes=args.num_classes or (len(names) or None),
+        train_ids=tr.ids,
+        calibration_ids=ca.ids,
     )
     est.save(args.out)
-    return {"artifact": str(args.out), **est.summary(), "best_epoch": est.metadata["best_epoch"], "fit_seconds": est.metadata["fit_seconds"]}
+    return {
+        "artifact": str(args.out),
+        **est.summary(),
+        "best_epoch": est.metadata["best_epoch"],
+        "fit_seconds": est.metadata["fit_seconds"],
+    }
 
 
 def _rows_ids(args_ids: str | None, n: int, class_names: Sequence[str]) -> list[str]:
@@ -151,7 +175,16 @@ def _evaluate(args: argparse.Namespace) -> dict:
     if bool((labels >= est.num_classes).any()):
         raise InputError(f"{args.labels}: labels must be < {est.num_classes}")
     s = est.predict_scores(x)
-    report = selective_report(s.probabilities, s.probabilities_lower, s.predictions, s.q_prime, s.q_prime_lower, labels, est.ladder, est.class_names)
+    report = selective_report(
+        s.probabilities,
+        s.probabilities_lower,
+        s.predictions,
+        s.q_prime,
+        s.q_prime_lower,
+        labels,
+        est.ladder,
+        est.class_names,
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -186,7 +219,9 @@ def _add_exemplars(args: argparse.Namespace) -> dict:
     if len(ids) != x.shape[0]:
         raise InputError(f"{path} has {len(ids)} rows but the embeddings have {x.shape[0]}")
     names = {n: i for i, n in enumerate(est.class_names)}
-    labels = [names.get(label, label) if isinstance(label, str) and label.lower() != "ood" else label for label in labels]
+    labels = [
+        names.get(label, label) if isinstance(label, str) and label.lower() != "ood" else label for label in labels
+    ]
     est.add_exemplars(x, labels, ids)
     target = args.out or args.artifact
     est.save(target)
@@ -196,7 +231,13 @@ def _add_exemplars(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"fit": _fit, "score": _score, "evaluate": _evaluate, "recalibrate": _recalibrate, "add-exemplars": _add_exemplars}
+    handlers = {
+        "fit": _fit,
+        "score": _score,
+        "evaluate": _evaluate,
+        "recalibrate": _recalibrate,
+        "add-exemplars": _add_exemplars,
+    }
     try:
         result = handlers[args.command](args)
     except (InputError, ArtifactError, ValueError) as exc:

@@ -8,17 +8,16 @@ and optionally the nearest exemplars.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
 import time
 import warnings
-import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import torch
 
 from sdm_core import __version__
@@ -217,7 +216,7 @@ class SDMEstimator:
         num_classes: int | None = None,
         train_ids: Sequence[str] | None = None,
         calibration_ids: Sequence[str] | None = None,
-    ) -> "SDMEstimator":
+    ) -> SDMEstimator:
         """Fit the layer on the training split (the support) and calibrate on the calibration split."""
         x_tr = _embeddings_tensor(train_embeddings, "train_embeddings")
         x_ca = _embeddings_tensor(calibration_embeddings, "calibration_embeddings", x_tr.shape[1])
@@ -261,7 +260,9 @@ class SDMEstimator:
         self.calibration = layer.calibration
         self.recalibrate(self.config.alpha_ladder, self.config.alpha, self.config.nested_regions)
 
-    def recalibrate(self, alphas: Sequence[float], default_alpha: float | None = None, nested: bool | None = None) -> RegionLadder:
+    def recalibrate(
+        self, alphas: Sequence[float], default_alpha: float | None = None, nested: bool | None = None
+    ) -> RegionLadder:
         """Run Algorithm 1 at a new alpha ladder over the stored calibration outputs, without retraining."""
         if self.calibration is None:
             raise NotFittedError("recalibrate needs a fitted estimator")
@@ -278,7 +279,14 @@ class SDMEstimator:
             nested,
         )
         self.ladder = ladder
-        self.config = SDMConfig.from_dict({**self.config.to_dict(), "alpha": ladder.default_alpha, "alpha_ladder": list(ladder.alphas), "nested_regions": nested})
+        self.config = SDMConfig.from_dict(
+            {
+                **self.config.to_dict(),
+                "alpha": ladder.default_alpha,
+                "alpha_ladder": list(ladder.alphas),
+                "nested_regions": nested,
+            }
+        )
         return ladder
 
     # -- scoring --------------------------------------------------------------------------------------------
@@ -286,7 +294,8 @@ class SDMEstimator:
         # Over all calibration points, OOD included (Eq. 11's |D_ca|_c eCDF_c); cached, as scoring needs it per call.
         if getattr(self, "_q_prime_cdf_cache", None) is None:
             self._q_prime_cdf_cache = [
-                torch.sort(self.calibration.q_prime[self.calibration_labels == c].to(torch.float64)).values for c in range(self.num_classes)
+                torch.sort(self.calibration.q_prime[self.calibration_labels == c].to(torch.float64)).values
+                for c in range(self.num_classes)
             ]
         return self._q_prime_cdf_cache
 
@@ -328,15 +337,23 @@ class SDMEstimator:
         n = x.shape[0]
         if int(return_exemplars) < 0:
             raise ValueError(f"return_exemplars must be >= 0, got {return_exemplars}")
-        exclude = self.support.positions(support_ids) if support_ids is not None else torch.full((n,), -1, dtype=torch.long)
+        exclude = (
+            self.support.positions(support_ids) if support_ids is not None else torch.full((n,), -1, dtype=torch.long)
+        )
         if exclude.shape[0] != n:
             raise ValueError(f"support_ids must have {n} entries (one per embedding), got {exclude.shape[0]}")
         # Inference mode skips autograd's per-op bookkeeping (~0.4 ms of a ~5 ms single-document call); the
         # results are cloned outside it so callers get ordinary tensors they may modify or use in autograd.
         with torch.inference_mode():
             scores = self._score_validated(x, a, exclude, support_ids is not None, int(return_exemplars))
-        return dataclasses.replace(scores, **{f.name: getattr(scores, f.name).clone() for f in dataclasses.fields(scores)
-                                              if isinstance(getattr(scores, f.name), torch.Tensor)})
+        return dataclasses.replace(
+            scores,
+            **{
+                f.name: getattr(scores, f.name).clone()
+                for f in dataclasses.fields(scores)
+                if isinstance(getattr(scores, f.name), torch.Tensor)
+            },
+        )
 
     def score(
         self,
@@ -349,8 +366,12 @@ class SDMEstimator:
         """Deprecated alias of :meth:`predict_scores`, kept for one release.
 
         scikit-learn's ``score(X, y)`` returns one float; this method returns per-row records, hence the new name."""
-        warnings.warn("SDMEstimator.score is deprecated and will be removed in the next release; use predict_scores "
-                      "(same arguments, same result)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "SDMEstimator.score is deprecated and will be removed in the next release; use predict_scores "
+            "(same arguments, same result)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.predict_scores(embeddings, alpha=alpha, support_ids=support_ids, return_exemplars=return_exemplars)
 
     def _score_validated(
@@ -389,7 +410,12 @@ class SDMEstimator:
             for row_d, row_p in zip(dist.tolist(), pos.tolist()):
                 neighbours.append(
                     [
-                        Exemplar(self.support.ids[p], int(self.support.labels[p]), int(self.support.predictions[p]), float(dv))
+                        Exemplar(
+                            self.support.ids[p],
+                            int(self.support.labels[p]),
+                            int(self.support.predictions[p]),
+                            float(dv),
+                        )
                         for dv, p in zip(row_d, row_p)
                         if p >= 0
                     ]
@@ -486,11 +512,20 @@ class SDMEstimator:
             "training": self.metadata,
         }
         ids = {"support": self.support.ids, "calibration": self.calibration_ids}
-        return write_artifact(folder, format_name=ARTIFACT_FORMAT, format_version=ARTIFACT_VERSION, tensors=tensors, json_files={"ids.json": ids}, manifest=manifest)
+        return write_artifact(
+            folder,
+            format_name=ARTIFACT_FORMAT,
+            format_version=ARTIFACT_VERSION,
+            tensors=tensors,
+            json_files={"ids.json": ids},
+            manifest=manifest,
+        )
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "SDMEstimator":
-        manifest, tensors, documents = read_artifact(folder, format_name=ARTIFACT_FORMAT, supported_versions=(ARTIFACT_VERSION,))
+    def load(cls, folder: str | os.PathLike) -> SDMEstimator:
+        manifest, tensors, documents = read_artifact(
+            folder, format_name=ARTIFACT_FORMAT, supported_versions=(ARTIFACT_VERSION,)
+        )
         try:
             config = SDMConfig.from_dict(manifest["config"])
             d_in, m, c = int(manifest["input_dim"]), int(manifest["exemplar_dim"]), int(manifest["num_classes"])
@@ -502,11 +537,17 @@ class SDMEstimator:
             expected = {k: tuple(v.shape) for k, v in adaptor.state_dict().items()}
             found = {k: tuple(v.shape) for k, v in weights.items()}
             if expected != found:
-                raise ArtifactError(f"{folder}: weights do not match input_dim={d_in}, exemplar_dim={m}, num_classes={c} ({found} != {expected})")
+                raise ArtifactError(
+                    f"{folder}: weights do not match input_dim={d_in}, exemplar_dim={m}, num_classes={c} ({found} != {expected})"
+                )
             adaptor.load_state_dict(weights)
             adaptor.eval()
             n_support = int(manifest["n_support"])
-            if tuple(support["exemplars"].shape) != (n_support, m) or support["labels"].shape != (n_support,) or len(ids["support"]) != n_support:
+            if (
+                tuple(support["exemplars"].shape) != (n_support, m)
+                or support["labels"].shape != (n_support,)
+                or len(ids["support"]) != n_support
+            ):
                 raise ArtifactError(f"{folder}: the support set does not have {n_support} exemplars of dimension {m}")
             n_cal = int(manifest["n_calibration"])
             if cal["probabilities"].shape != (n_cal, c) or len(ids["calibration"]) != n_cal:
@@ -515,15 +556,32 @@ class SDMEstimator:
             if len(cdfs["calibration"]) != c or len(cdfs["train"]) != c:
                 raise ArtifactError(f"{folder}: distance eCDFs must have one list per class ({c})")
         except KeyError as exc:
-            raise ArtifactError(f"{folder}: the artifact lacks {exc}; re-create it with this version of sdm-lm") from None
+            raise ArtifactError(
+                f"{folder}: the artifact lacks {exc}; re-create it with this version of sdm-lm"
+            ) from None
         est = cls(config)
         est.adaptor = adaptor
-        est.support = SupportIndex(support["exemplars"], support["labels"], support["predictions"], ids["support"], backend=config.backend, max_q=config.max_q)
+        est.support = SupportIndex(
+            support["exemplars"],
+            support["labels"],
+            support["predictions"],
+            ids["support"],
+            backend=config.backend,
+            max_q=config.max_q,
+        )
         est.calibration_cdfs = [torch.tensor(v, dtype=torch.float32) for v in cdfs["calibration"]]
         est.train_cdfs = [torch.tensor(v, dtype=torch.float32) for v in cdfs["train"]]
         est.calibration_ids = list(ids["calibration"])
         est.calibration_labels = cal["labels"]
-        est.calibration = LayerStatistics(cal["logits"], cal["predictions"], cal["q"], cal["d_nearest"], cal["d"], cal["probabilities"], cal["q_prime"])
+        est.calibration = LayerStatistics(
+            cal["logits"],
+            cal["predictions"],
+            cal["q"],
+            cal["d_nearest"],
+            cal["d"],
+            cal["probabilities"],
+            cal["q_prime"],
+        )
         est.ladder = RegionLadder.from_dict(manifest["regions"])
         est.metadata = manifest.get("training", {})
         return est

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -139,27 +139,35 @@ def fit_layer(
     # The fused kernel is the same Adam update in one pass over each tensor (about a third of a small layer's step
     # time on CPU); it may round differently from the per-op loop in the last digits, and a seed still gives
     # identical fits.
-    optimizer = torch.optim.Adam(adaptor.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    optimizer = torch.optim.Adam(
+        adaptor.parameters(), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8, fused=True
+    )
 
     q_train = torch.full((n_train,), math.e - 2.0)
     d_train = torch.ones(n_train)
     best: dict | None = None
     history: list[dict] = []
-    bar = tqdm(range(1, config.epochs + 1), desc=f"SDM layer (J={iteration + 1})", disable=not config.progress, leave=False)
+    bar = tqdm(
+        range(1, config.epochs + 1), desc=f"SDM layer (J={iteration + 1})", disable=not config.progress, leave=False
+    )
     for epoch in bar:
         adaptor.train()
         order = torch.randperm(n_train, generator=generator)
         total, count = 0.0, 0
         for start in range(0, n_train, config.batch_size):
             batch = order[start : start + config.batch_size]
-            loss = _adam_step(adaptor, optimizer, train_embeddings[batch], q_train[batch], d_train[batch], train_labels[batch])
+            loss = _adam_step(
+                adaptor, optimizer, train_embeddings[batch], q_train[batch], d_train[batch], train_labels[batch]
+            )
             total += loss * batch.numel()
             count += batch.numel()
 
         train_logits, train_exemplars = adaptor.infer(train_embeddings, config.eval_batch_size)
         cal_logits, cal_exemplars = adaptor.infer(calibration_embeddings, config.eval_batch_size)
         train_pred = train_logits.argmax(dim=1)
-        support = SupportIndex(train_exemplars, train_labels, train_pred, train_ids, backend=config.backend, max_q=config.max_q)
+        support = SupportIndex(
+            train_exemplars, train_labels, train_pred, train_ids, backend=config.backend, max_q=config.max_q
+        )
         train_sim = support.self_similarity()  # each training point excludes itself by identity
         train_cdf = class_cdfs(train_sim.d_nearest, train_labels, train_sim.q, num_classes)
         q_train = train_sim.q.to(torch.float32)
@@ -182,7 +190,9 @@ def fit_layer(
                 "calibration_cdfs": cal_cdf,
                 "calibration": _statistics(cal_logits, cal_sim.q, cal_sim.d_nearest, d_cal),
             }
-        bar.set_postfix(train=f"{record['train_loss']:.4f}", cal=f"{cal_loss:.4f}", best=f"{best['loss']:.4f}@{best['epoch']}")
+        bar.set_postfix(
+            train=f"{record['train_loss']:.4f}", cal=f"{cal_loss:.4f}", best=f"{best['loss']:.4f}@{best['epoch']}"
+        )
     bar.close()
     assert best is not None
     adaptor.load_state_dict(best["state"])
@@ -240,8 +250,24 @@ def fit_estimator_layers(
         for name, y in (("train", args[1]), ("calibration", args[3])):
             if y.numel() == 0:
                 raise ValueError(f"the {name} split of iteration {j} is empty; give more data")
-        layer = fit_layer(*args, num_classes=num_classes, config=config, seed=seed, train_ids=ids[0], calibration_ids=ids[1], iteration=j)
-        summaries.append({"iteration": j, "seed": seed, "best_epoch": layer.best_epoch, "calibration_loss": layer.best_calibration_loss, "seconds": layer.seconds})
+        layer = fit_layer(
+            *args,
+            num_classes=num_classes,
+            config=config,
+            seed=seed,
+            train_ids=ids[0],
+            calibration_ids=ids[1],
+            iteration=j,
+        )
+        summaries.append(
+            {
+                "iteration": j,
+                "seed": seed,
+                "best_epoch": layer.best_epoch,
+                "calibration_loss": layer.best_calibration_loss,
+                "seconds": layer.seconds,
+            }
+        )
         if best is None or layer.best_calibration_loss <= best.best_calibration_loss:
             best = layer
     assert best is not None

@@ -8,7 +8,7 @@ arrays, Python scalars or lists; outputs are torch tensors (float64 where inputs
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -77,7 +77,9 @@ def _logits_2d(logits: object) -> tuple[torch.Tensor, bool]:
     if squeeze:
         z = z.unsqueeze(0)
     if z.dim() != 2 or z.shape[1] < 2:
-        raise ValueError(f"logits must have shape (N, C) or (C,) with C >= 2, got {tuple(as_tensor(logits, 'logits').shape)}")
+        raise ValueError(
+            f"logits must have shape (N, C) or (C,) with C >= 2, got {tuple(as_tensor(logits, 'logits').shape)}"
+        )
     return z, squeeze
 
 
@@ -217,14 +219,15 @@ def distance_quantile_unchecked(d_nearest: torch.Tensor, class_cdfs: Sequence[to
     if any(values.numel() == 0 for values in class_cdfs):
         return torch.zeros_like(flat)
     # min_c (1 - eCDF_c) = 1 - max_c eCDF_c, with eCDF_c = #{calibration distances < d} / n_c.
-    shares = [torch.searchsorted(values.to(torch.float64), flat, side="left").to(torch.float64) / values.numel() for values in class_cdfs]
+    shares = [
+        torch.searchsorted(values.to(torch.float64), flat, side="left").to(torch.float64) / values.numel()
+        for values in class_cdfs
+    ]
     highest = shares[0] if len(shares) == 1 else torch.stack(shares).amax(dim=0)
     return 1.0 - highest
 
 
-def effective_sample_sizes(
-    q_prime: object, class_q_prime_cdfs: Sequence[object], rule: str = "paper"
-) -> torch.Tensor:
+def effective_sample_sizes(q_prime: object, class_q_prime_cdfs: Sequence[object], rule: str = "paper") -> torch.Tensor:
     """n_hat_c per query and class (ACT Eq. 11): calibration points of class c with q' <= the query's q'.
 
     rule="paper": |D_ca|_c * eCDF_c(q') (counts "<=", no cap), the issue's choice.
@@ -242,7 +245,9 @@ def effective_sample_sizes(
     return effective_sample_sizes_unchecked(x.reshape(-1), cdfs, rule)
 
 
-def effective_sample_sizes_unchecked(q_prime: torch.Tensor, class_q_prime_cdfs: Sequence[torch.Tensor], rule: str) -> torch.Tensor:
+def effective_sample_sizes_unchecked(
+    q_prime: torch.Tensor, class_q_prime_cdfs: Sequence[torch.Tensor], rule: str
+) -> torch.Tensor:
     """``effective_sample_sizes`` without validation (hot paths)."""
     flat = q_prime.to(torch.float64)
     columns = []

@@ -6,8 +6,8 @@ n/|D| conditioned on each true class, on each predicted class, and marginally.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 
@@ -41,7 +41,9 @@ def selective_row(admitted: torch.Tensor, labels: torch.Tensor, predictions: tor
     total = int(labels.shape[0])
     return {
         "class_conditional": [asdict(_cell(admitted & (labels == c), correct, total)) for c in range(num_classes)],
-        "prediction_conditional": [asdict(_cell(admitted & (predictions == c), correct, total)) for c in range(num_classes)],
+        "prediction_conditional": [
+            asdict(_cell(admitted & (predictions == c), correct, total)) for c in range(num_classes)
+        ],
         "marginal": asdict(_cell(admitted, correct, total)),
     }
 
@@ -59,7 +61,9 @@ def selective_report(
     """The report as JSON-ready data. ``labels`` are the true classes of the scored documents."""
     num_classes = probabilities.shape[1]
     own = ladder.admissions(probabilities, predictions, q_prime)
-    own_lower = admissions_unchecked(probabilities_lower, predictions, q_prime_lower, [ladder.regions[a] for a in ladder.alphas])
+    own_lower = admissions_unchecked(
+        probabilities_lower, predictions, q_prime_lower, [ladder.regions[a] for a in ladder.alphas]
+    )
     rows = []
     for alpha in ladder.alphas:
         hr, hr_lower = ladder.admitted_at(own, alpha), ladder.admitted_at(own_lower, alpha)
@@ -88,7 +92,11 @@ def _cells(row: dict) -> list[str]:
     def text(c: dict) -> str:
         return Cell(c["accuracy"], c["proportion"], c["admitted"]).text()
 
-    return [text(c) for c in row["class_conditional"]] + [text(c) for c in row["prediction_conditional"]] + [text(row["marginal"])]
+    return (
+        [text(c) for c in row["class_conditional"]]
+        + [text(c) for c in row["prediction_conditional"]]
+        + [text(row["marginal"])]
+    )
 
 
 def render_markdown(report: dict, title: str = "SDM estimator evaluation") -> str:
@@ -109,7 +117,9 @@ def render_markdown(report: dict, title: str = "SDM estimator evaluation") -> st
     for estimator in ("HR", "HR_lower"):
         for row in report["alphas"]:
             q_min = "∞" if row["q_prime_min"] is None else f"{row['q_prime_min']:.2f}"
-            lines.append(f"| SDM_{estimator} | {row['alpha']:.2f} | {q_min} | " + " | ".join(_cells(row[estimator])) + " |")
+            lines.append(
+                f"| SDM_{estimator} | {row['alpha']:.2f} | {q_min} | " + " | ".join(_cells(row[estimator])) + " |"
+            )
     lines.append("")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from server.errors import (
     APIError,
@@ -102,7 +102,9 @@ class RequestContextMiddleware:
         path = scope.get("path") or ""
         admin = path.startswith(ADMIN_PREFIX)
         if admin and not self.admin_keys and not self.api_keys:
-            return permission_error(f"{path} is disabled: the server has no admin keys; set SDM_ADMIN_API_KEYS (or --admin-api-keys)"), None
+            return permission_error(
+                f"{path} is disabled: the server has no admin keys; set SDM_ADMIN_API_KEYS (or --admin-api-keys)"
+            ), None
         if not admin and (path in self.open_paths or not self.api_keys):
             return None, None
         header = _header(scope, b"authorization")
@@ -120,7 +122,9 @@ class RequestContextMiddleware:
             return authentication_error("invalid API key"), None
         if admin:
             if not self.admin_keys:
-                return permission_error(f"{path} is refused: the server has client keys but no admin keys; set SDM_ADMIN_API_KEYS (or --admin-api-keys)"), client_id
+                return permission_error(
+                    f"{path} is refused: the server has client keys but no admin keys; set SDM_ADMIN_API_KEYS (or --admin-api-keys)"
+                ), client_id
             return permission_error(f"{path} needs an admin key; this is a client key"), client_id
         return None, client_id
 
@@ -131,7 +135,10 @@ class RequestContextMiddleware:
         incoming = _header(scope, b"x-client-request-id") or _header(scope, b"x-request-id")
         client_id = incoming if incoming and _SAFE_ID.match(incoming) else None
         request_id = new_request_id()
-        tokens = [(request_id_var, request_id_var.set(request_id)), (client_request_id_var, client_request_id_var.set(client_id))]
+        tokens = [
+            (request_id_var, request_id_var.set(request_id)),
+            (client_request_id_var, client_request_id_var.set(client_id)),
+        ]
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["client_request_id"] = client_id
@@ -144,7 +151,9 @@ class RequestContextMiddleware:
                 status["code"] = message["status"]
                 drop = {b"x-request-id", b"x-client-request-id"}
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
-                status["sse"] = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+                status["sse"] = any(
+                    k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers
+                )
                 headers.append((b"x-request-id", request_id.encode("latin-1")))
                 if client_id:
                     headers.append((b"x-client-request-id", client_id.encode("latin-1")))
@@ -181,7 +190,9 @@ class RequestContextMiddleware:
                 if self.on_error is not None:
                     self.on_error(self.route_label(scope.get("path", "")), 500)
                 if not status["code"]:
-                    await self._send_error(send_with_id, internal_error("internal server error; see the server log for this request id"))
+                    await self._send_error(
+                        send_with_id, internal_error("internal server error; see the server log for this request id")
+                    )
         finally:
             quiet = scope.get("path") in _QUIET_PATHS and 0 < status["code"] < 400
             self.logger.log(
@@ -190,10 +201,16 @@ class RequestContextMiddleware:
                 scope.get("method"),
                 scope.get("path"),
                 status["code"] or "-",
-                extra={"method": scope.get("method"), "path": scope.get("path"), "status": status["code"] or None,
-                       "duration_ms": round((time.perf_counter() - started) * 1000.0, 2),
-                       "client": (scope.get("client") or ("", 0))[0], "request_id": request_id, "client_request_id": client_id,
-                       "key_id": kid},
+                extra={
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status["code"] or None,
+                    "duration_ms": round((time.perf_counter() - started) * 1000.0, 2),
+                    "client": (scope.get("client") or ("", 0))[0],
+                    "request_id": request_id,
+                    "client_request_id": client_id,
+                    "key_id": kid,
+                },
             )
             for var, token in reversed(tokens):
                 var.reset(token)

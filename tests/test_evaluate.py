@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sdm_core import SDMConfig
+from sdm_core.estimator import SDMEstimator
 from sdm_core.lm.bundle import write_bundle
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
-from sdm_core.estimator import SDMEstimator
 from training import evaluate as ev
 from training.records import Record, write_records
 from training.word_order import make_record
@@ -71,7 +71,9 @@ def setup(tmp_path_factory, tiny_model, tiny_tokenizer):
     gen = torch.Generator().manual_seed(1)
     heads["ce"] = _head(torch.randn(40, dim, generator=gen), torch.arange(40) % 2, 1)
     for name, head in heads.items():
-        write_bundle(root / f"bundle_{name}", model=tiny_model, tokenizer=tiny_tokenizer, head=head, chat=CHAT, recipe=RECIPE)
+        write_bundle(
+            root / f"bundle_{name}", model=tiny_model, tokenizer=tiny_tokenizer, head=head, chat=CHAT, recipe=RECIPE
+        )
 
     # A random tiny model never writes a correct answer; replace every other generation by the record's positive
     # (after running the real decoder) so that both labels, the surface metrics and the own-tag counts are exercised.
@@ -148,11 +150,24 @@ def test_predictions_files(setup):
     metrics = setup["metrics"]
     for bundle in ("sdm", "ce"):
         for dataset, n in setup["n"].items():
-            rows = [json.loads(line) for line in (out / f"predictions_{bundle}_{dataset}.jsonl").read_text().splitlines()]
+            rows = [
+                json.loads(line) for line in (out / f"predictions_{bundle}_{dataset}.jsonl").read_text().splitlines()
+            ]
             assert len(rows) == n
             for row in rows:
-                assert {"id", "generation", "label", "prediction", "probability", "q", "q_prime", "d", "admitted",
-                        "abstention_reason", "region_alpha"} <= set(row)
+                assert {
+                    "id",
+                    "generation",
+                    "label",
+                    "prediction",
+                    "probability",
+                    "q",
+                    "q_prime",
+                    "d",
+                    "admitted",
+                    "abstention_reason",
+                    "region_alpha",
+                } <= set(row)
                 assert row["label"] in (0, 1) and row["prediction"] in (0, 1)
                 assert 0.0 <= row["probability"] <= 1.0 and row["q_prime"] >= 0.0 and 0.0 <= row["d"] <= 1.0
                 assert (row["abstention_reason"] is None) == row["admitted"]
@@ -165,7 +180,14 @@ def test_predictions_files(setup):
 def test_report_and_plots(setup):
     out = setup["out"]
     text = (out / "report.md").read_text()
-    for heading in ("## Table 2", "## Table 3", "## Table 4", "## Held-out validity of SDM_HR", "## AUROC", "## Methods side by side"):
+    for heading in (
+        "## Table 2",
+        "## Table 3",
+        "## Table 4",
+        "## Held-out validity of SDM_HR",
+        "## AUROC",
+        "## Methods side by side",
+    ):
         assert heading in text
     # These bundles predate certification, and the report says so.
     assert "- sdm: no certification recorded" in text
@@ -177,7 +199,9 @@ def test_report_and_plots(setup):
             assert text.count(f"### {bundle} on {dataset}") == 2  # Table 4 and the methods table
     assert text.count("| NO-REJECT |") == 4
     assert text.count("| SDM_HR | 0.95 |") == 4
-    pngs = [f"admitted_vs_alpha_{d}.png" for d in ("wiki", "harvard")] + [f"risk_coverage_{d}.png" for d in ("wiki", "harvard")]
+    pngs = [f"admitted_vs_alpha_{d}.png" for d in ("wiki", "harvard")] + [
+        f"risk_coverage_{d}.png" for d in ("wiki", "harvard")
+    ]
     pngs += [f"q_prime_by_correctness_{b}_{d}.png" for b in ("sdm", "ce") for d in ("wiki", "harvard")]
     for name in pngs:
         data = (out / name).read_bytes()
@@ -189,7 +213,13 @@ def test_surface_metrics():
     record = _records("unit", SENTENCES[:1])[0]
     reference = record.reference
     exact = ev.surface_metrics(record.positive + "\n", record)
-    assert exact == {"sentence_correct": True, "exact_match": True, "no_response": False, "word_acc": 1.0, "own_tag": "Yes"}
+    assert exact == {
+        "sentence_correct": True,
+        "exact_match": True,
+        "no_response": False,
+        "word_acc": 1.0,
+        "own_tag": "Yes",
+    }
     # The sentence without a paired verified tag still counts for sentence accuracy, but not for exact match.
     spaced = ev.surface_metrics(f"<sentence> {'  '.join(reference.split())} </sentence> trailing", record)
     assert spaced["sentence_correct"] and not spaced["exact_match"] and spaced["own_tag"] is None
@@ -225,22 +255,48 @@ def test_config_errors(setup, tmp_path):
     with pytest.raises(ValueError, match="not an sdm-lm bundle"):
         ev.evaluate(ev.EvaluateConfig(bundles=(f"x={tmp_path / 'missing'}",), data=data, out=str(tmp_path / "o")))
     with pytest.raises(ValueError, match="does not exist"):
-        ev.evaluate(ev.EvaluateConfig(bundles=(str(root / "bundle_sdm"),), data=(f"w={tmp_path / 'none.jsonl'}",), out=str(tmp_path / "o")))
+        ev.evaluate(
+            ev.EvaluateConfig(
+                bundles=(str(root / "bundle_sdm"),), data=(f"w={tmp_path / 'none.jsonl'}",), out=str(tmp_path / "o")
+            )
+        )
     with pytest.raises(ValueError, match="--bundles is required"):
         ev.EvaluateConfig(data=data, out="o").validate()
     with pytest.raises(ValueError, match="unknown correctness"):
         ev.EvaluateConfig(bundles=(str(root / "bundle_sdm"),), data=data, out="o", correctness="nope").validate()
     with pytest.raises(ValueError, match="not on the calibrated ladder"):
-        ev.evaluate(ev.EvaluateConfig(bundles=(str(root / "bundle_sdm"),), data=data, out=str(tmp_path / "o"), alpha=0.951,
-                                      progress=False, max_new_tokens=2))
+        ev.evaluate(
+            ev.EvaluateConfig(
+                bundles=(str(root / "bundle_sdm"),),
+                data=data,
+                out=str(tmp_path / "o"),
+                alpha=0.951,
+                progress=False,
+                max_new_tokens=2,
+            )
+        )
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
 def test_main_cli(setup, tmp_path, capsys, monkeypatch):
     root = setup["root"]
     monkeypatch.setenv("SDM_EVALUATE_MAX_NEW_TOKENS", "4")
-    code = ev.main(["--preset", "tiny", "--bundles", str(root / "bundle_ce"), "--data", f"h={root / 'harvard.jsonl'}",
-                    "--max-docs", "2", "--alpha", "0.9", "--out", str(tmp_path / "cli")])
+    code = ev.main(
+        [
+            "--preset",
+            "tiny",
+            "--bundles",
+            str(root / "bundle_ce"),
+            "--data",
+            f"h={root / 'harvard.jsonl'}",
+            "--max-docs",
+            "2",
+            "--alpha",
+            "0.9",
+            "--out",
+            str(tmp_path / "cli"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
@@ -250,7 +306,9 @@ def test_main_cli(setup, tmp_path, capsys, monkeypatch):
     assert metrics["config"]["max_new_tokens"] == 4 and metrics["config"]["alpha"] == 0.9
     assert (tmp_path / "cli" / "report.md").is_file()
 
-    code = ev.main(["--bundles", "bad name=/x", "--data", f"h={root / 'harvard.jsonl'}", "--out", str(tmp_path / "bad")])
+    code = ev.main(
+        ["--bundles", "bad name=/x", "--data", f"h={root / 'harvard.jsonl'}", "--out", str(tmp_path / "bad")]
+    )
     assert code == 2
     assert capsys.readouterr().err.startswith("error: bad bundle entry")
 

@@ -16,7 +16,9 @@ def _run_rows(tokenizer, text: str, stop=(), inclusive=("<verified>",), max_toke
 
     deltas: list[str] = []
     prompt = [1, 2, 3]
-    request = GenerationRequest(prompt, SamplingParams(max_tokens), stop=tuple(stop), stop_inclusive=tuple(inclusive), on_text=deltas.append)
+    request = GenerationRequest(
+        prompt, SamplingParams(max_tokens), stop=tuple(stop), stop_inclusive=tuple(inclusive), on_text=deltas.append
+    )
     row = GenerationRow(request)
     stopper = _RowStopper([row], tokenizer, {tokenizer.eos_token_id}, len(prompt))
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -101,8 +101,10 @@ class WordOrderConfig:
         if not 1 <= self.min_words <= self.max_words:
             raise ValueError(f"need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}")
         if self.length_shift_max_words < LENGTH_SHIFT_MIN_WORDS:
-            raise ValueError(f"length_shift_max_words must be >= {LENGTH_SHIFT_MIN_WORDS} (the length-shift "
-                             f"set has {LENGTH_SHIFT_MIN_WORDS}-{self.length_shift_max_words}-word sentences)")
+            raise ValueError(
+                f"length_shift_max_words must be >= {LENGTH_SHIFT_MIN_WORDS} (the length-shift "
+                f"set has {LENGTH_SHIFT_MIN_WORDS}-{self.length_shift_max_words}-word sentences)"
+            )
 
 
 @dataclass
@@ -124,8 +126,9 @@ def _sha256(path: Path) -> str:
 def read_sentences(path: Path) -> list[tuple[int, str]]:
     """(1-based line number, stripped sentence) for every non-blank line of a corpus file."""
     if not path.is_file():
-        raise DataError("corpus file not found; pass --corpora DIR pointing at a folder with "
-                        "the training/corpora layout", path)
+        raise DataError(
+            "corpus file not found; pass --corpora DIR pointing at a folder with the training/corpora layout", path
+        )
     out: list[tuple[int, str]] = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
@@ -178,9 +181,12 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
     for lineno, sentence in shift:
         n = len(sentence.split())
         if not LENGTH_SHIFT_MIN_WORDS <= n <= config.length_shift_max_words:
-            raise DataError(f"length-shift sentence has {n} words, outside "
-                            f"{LENGTH_SHIFT_MIN_WORDS}-{config.length_shift_max_words}; remove it from the file",
-                            shift_path, lineno)
+            raise DataError(
+                f"length-shift sentence has {n} words, outside "
+                f"{LENGTH_SHIFT_MIN_WORDS}-{config.length_shift_max_words}; remove it from the file",
+                shift_path,
+                lineno,
+            )
 
     # Pool for the in-distribution splits: disjoint by text from the other two sets.
     excluded = {s for _, s in shift} | {s for _, s in harvard}
@@ -199,8 +205,10 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
             pool.append(sentence)
     wanted = config.train + config.calibration + config.test + config.holdout
     if wanted > len(pool):
-        raise ValueError(f"requested {wanted} Wikipedia records (train+calibration+test) but "
-                         f"only {len(pool)} sentences are available; lower the split sizes")
+        raise ValueError(
+            f"requested {wanted} Wikipedia records (train+calibration+test) but "
+            f"only {len(pool)} sentences are available; lower the split sizes"
+        )
 
     random.Random(config.seed).shuffle(pool)
     remaining = pool[::-1]  # the paper slices from the end of the shuffled list
@@ -211,21 +219,32 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
 
         def build(sentence: str, index: int, split: str = split, rng: random.Random = rng) -> Record | None:
             return make_record(
-                sentence, rng, record_id=f"wiki-{split}-{index:06d}", source="wikipedia",
-                suffix_size=config.suffix, attempts=config.attempts,
-                tag_drop_prob=config.tag_drop_prob, extra_meta={"split": split},
+                sentence,
+                rng,
+                record_id=f"wiki-{split}-{index:06d}",
+                source="wikipedia",
+                suffix_size=config.suffix,
+                attempts=config.attempts,
+                tag_drop_prob=config.tag_drop_prob,
+                extra_meta={"split": split},
             )
 
         records, skipped, consumed = _take(remaining, size, build)
         remaining = remaining[consumed:]
         if len(records) < size:
-            raise ValueError(f"ran out of Wikipedia sentences while building '{split}' "
-                             f"({len(records)} of {size}); lower the split sizes")
+            raise ValueError(
+                f"ran out of Wikipedia sentences while building '{split}' "
+                f"({len(records)} of {size}); lower the split sizes"
+            )
         if split == "train":
             extra = records[config.train :]
             records = records[: config.train]
-            results["holdout"] = _SplitResult([replace(r, id=f"wiki-holdout-{i:06d}", meta={**(r.meta or {}), "split": "holdout"})
-                                               for i, r in enumerate(extra, start=1)])
+            results["holdout"] = _SplitResult(
+                [
+                    replace(r, id=f"wiki-holdout-{i:06d}", meta={**(r.meta or {}), "split": "holdout"})
+                    for i, r in enumerate(extra, start=1)
+                ]
+            )
             log(f"holdout: {len(extra)} records")
         results[split] = _SplitResult(records, skipped)
         log(f"{split}: {len(records)} records ({skipped} sentences skipped)")
@@ -233,14 +252,22 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
     shift_rng = random.Random(f"{config.seed}:length_shift")
     shift_wanted = len(shift) if config.length_shift is None else config.length_shift
     if shift_wanted > len(shift):
-        raise ValueError(f"requested {shift_wanted} length-shift records but the file has only "
-                         f"{len(shift)} sentences; lower --length-shift")
+        raise ValueError(
+            f"requested {shift_wanted} length-shift records but the file has only "
+            f"{len(shift)} sentences; lower --length-shift"
+        )
     shift_records, shift_skipped, _ = _take(
-        (s for _, s in shift), shift_wanted,
+        (s for _, s in shift),
+        shift_wanted,
         lambda sentence, index: make_record(
-            sentence, shift_rng, record_id=f"lenshift-{index:06d}", source="wikipedia",
-            suffix_size=config.suffix, attempts=config.attempts,
-            tag_drop_prob=config.tag_drop_prob, extra_meta={"split": "length_shift"},
+            sentence,
+            shift_rng,
+            record_id=f"lenshift-{index:06d}",
+            source="wikipedia",
+            suffix_size=config.suffix,
+            attempts=config.attempts,
+            tag_drop_prob=config.tag_drop_prob,
+            extra_meta={"split": "length_shift"},
         ),
     )
     results["length_shift"] = _SplitResult(shift_records, shift_skipped)
@@ -251,27 +278,42 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
     for index, (lineno, sentence) in enumerate(harvard, start=1):
         record_id = f"harvard-{index:06d}"
         record = make_record_widening(
-            sentence, harvard_rng, record_id=record_id, source="harvard",
-            suffix_size=config.suffix, attempts=config.harvard_attempts,
-            tag_drop_prob=config.tag_drop_prob, extra_meta={"split": "harvard", "line": lineno},
+            sentence,
+            harvard_rng,
+            record_id=record_id,
+            source="harvard",
+            suffix_size=config.suffix,
+            attempts=config.harvard_attempts,
+            tag_drop_prob=config.tag_drop_prob,
+            extra_meta={"split": "harvard", "line": lineno},
         )
         if record is None:
             harvard_result.left_out.append({"line": lineno, "sentence": sentence})
-            print(f"[word-order] warning: {harvard_path}:{lineno}: sentence has too few distinct "
-                  "word orders to build a record; left out (listed in manifest.json)", file=sys.stderr)
+            print(
+                f"[word-order] warning: {harvard_path}:{lineno}: sentence has too few distinct "
+                "word orders to build a record; left out (listed in manifest.json)",
+                file=sys.stderr,
+            )
             continue
         if record.meta["suffix_size"] != config.suffix:
             harvard_result.widened.append(record_id)
         harvard_result.records.append(record)
     harvard_result.skipped = len(harvard_result.left_out)
     results["harvard"] = harvard_result
-    log(f"harvard: {len(harvard_result.records)} records ({len(harvard_result.widened)} with a "
-        f"widened suffix, {harvard_result.skipped} left out)")
+    log(
+        f"harvard: {len(harvard_result.records)} records ({len(harvard_result.widened)} with a "
+        f"widened suffix, {harvard_result.skipped} left out)"
+    )
 
     _check_disjoint(results)
 
-    files = {"train": "train.jsonl", "calibration": "calibration.jsonl", "test": "test.jsonl",
-             "length_shift": "length_shift.jsonl", "harvard": "harvard.jsonl"}
+    files = {
+        "train": "train.jsonl",
+        "calibration": "calibration.jsonl",
+        "test": "test.jsonl",
+        "length_shift": "length_shift.jsonl",
+        "harvard": "harvard.jsonl",
+    }
     if config.holdout:
         files["holdout"] = "holdout.jsonl"
     splits_info: dict[str, dict] = {}
@@ -317,8 +359,7 @@ def build_word_order(out_dir: str | Path, config: WordOrderConfig | None = None)
         "licence": LICENCE_NOTE,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log(f"wrote {sum(len(r.records) for r in results.values())} records to {out}")
     return manifest
 
@@ -330,14 +371,15 @@ def _check_disjoint(results: dict[str, _SplitResult]) -> None:
         for record in result.records:
             other = owner.setdefault(record.reference, split)
             if other != split:
-                raise RuntimeError(f"sentence appears in both '{other}' and '{split}': "
-                                   f"{record.reference[:80]!r}; the corpora overlap in a way the "
-                                   "builder did not exclude")
+                raise RuntimeError(
+                    f"sentence appears in both '{other}' and '{split}': "
+                    f"{record.reference[:80]!r}; the corpora overlap in a way the "
+                    "builder did not exclude"
+                )
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m training.data",
-                                     description="Build fine-tuning data sets.")
+    parser = argparse.ArgumentParser(prog="python -m training.data", description="Build fine-tuning data sets.")
     sub = parser.add_subparsers(dest="task", required=True)
     wo = sub.add_parser("word-order", help="the paper's word-ordering task (spec section 5)")
     defaults = WordOrderConfig()
@@ -346,37 +388,61 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     wo.add_argument("--train", type=int, default=defaults.train)
     wo.add_argument("--calibration", type=int, default=defaults.calibration)
     wo.add_argument("--test", type=int, default=defaults.test)
-    wo.add_argument("--holdout", type=int, default=defaults.holdout,
-                    help="documents after the training split that fine-tuning never sees (calibration/certification data)")
-    wo.add_argument("--length-shift", type=int, default=None,
-                    help="number of length-shift records (default: all)")
+    wo.add_argument(
+        "--holdout",
+        type=int,
+        default=defaults.holdout,
+        help="documents after the training split that fine-tuning never sees (calibration/certification data)",
+    )
+    wo.add_argument("--length-shift", type=int, default=None, help="number of length-shift records (default: all)")
     wo.add_argument("--suffix", type=int, default=defaults.suffix, help="tokens to reorder (m)")
     wo.add_argument("--tag-drop-prob", type=float, default=defaults.tag_drop_prob)
     wo.add_argument("--attempts", type=int, default=defaults.attempts)
     wo.add_argument("--harvard-attempts", type=int, default=defaults.harvard_attempts)
-    wo.add_argument("--min-words", type=int, default=defaults.min_words,
-                    help="shortest Wikipedia sentence for train/calibration/test (words)")
-    wo.add_argument("--max-words", type=int, default=defaults.max_words,
-                    help="longest Wikipedia sentence for train/calibration/test (words; the paper: 60)")
-    wo.add_argument("--corpora", type=Path, default=defaults.corpora_dir,
-                    help="folder with the training/corpora layout")
+    wo.add_argument(
+        "--min-words",
+        type=int,
+        default=defaults.min_words,
+        help="shortest Wikipedia sentence for train/calibration/test (words)",
+    )
+    wo.add_argument(
+        "--max-words",
+        type=int,
+        default=defaults.max_words,
+        help="longest Wikipedia sentence for train/calibration/test (words; the paper: 60)",
+    )
+    wo.add_argument(
+        "--corpora", type=Path, default=defaults.corpora_dir, help="folder with the training/corpora layout"
+    )
     wo.add_argument("--quiet", action="store_true", help="no progress output")
 
-    ar = sub.add_parser("arithmetic", help="multi-digit arithmetic from a seed, checked by exact value (training/arithmetic.py)")
+    ar = sub.add_parser(
+        "arithmetic", help="multi-digit arithmetic from a seed, checked by exact value (training/arithmetic.py)"
+    )
     ad = ArithmeticConfig()
     ar.add_argument("--out", required=True, type=Path, help="output folder")
     ar.add_argument("--seed", type=int, default=ad.seed)
     ar.add_argument("--train", type=int, default=ad.train)
     ar.add_argument("--calibration", type=int, default=ad.calibration)
     ar.add_argument("--test", type=int, default=ad.test)
-    ar.add_argument("--holdout", type=int, default=ad.holdout,
-                    help="problems after the training split that fine-tuning never sees (calibration/certification data)")
-    ar.add_argument("--shift", type=int, default=ad.shift, help="digits-shift records (operands of max+1..max+2 digits)")
+    ar.add_argument(
+        "--holdout",
+        type=int,
+        default=ad.holdout,
+        help="problems after the training split that fine-tuning never sees (calibration/certification data)",
+    )
+    ar.add_argument(
+        "--shift", type=int, default=ad.shift, help="digits-shift records (operands of max+1..max+2 digits)"
+    )
     ar.add_argument("--min-digits", type=int, default=ad.min_digits, help="fewest digits of an operand")
     ar.add_argument("--max-digits", type=int, default=ad.max_digits, help="most digits of an operand")
     ar.add_argument("--operations", default=",".join(ad.operations), help="comma-separated subset of +,-,*")
-    ar.add_argument("--tag-drop-prob", type=float, default=ad.tag_drop_prob,
-                    help="probability that a static negative loses one or both <answer> tags")
+    ar.add_argument(
+        "--tag-drop-prob",
+        type=float,
+        default=ad.tag_drop_prob,
+        help="probability that a static negative loses one or both <answer> tags",
+    )
     ar.add_argument("--quiet", action="store_true", help="no progress output")
 
     va = sub.add_parser("validate", help="check JSONL record files and report every bad line")
@@ -413,11 +479,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "arithmetic":
         try:
             arithmetic = ArithmeticConfig(
-                seed=args.seed, train=args.train, calibration=args.calibration, test=args.test, holdout=args.holdout,
+                seed=args.seed,
+                train=args.train,
+                calibration=args.calibration,
+                test=args.test,
+                holdout=args.holdout,
                 shift=args.shift,
-                min_digits=args.min_digits, max_digits=args.max_digits,
+                min_digits=args.min_digits,
+                max_digits=args.max_digits,
                 operations=tuple(op.strip() for op in args.operations.split(",") if op.strip()),
-                tag_drop_prob=args.tag_drop_prob, quiet=args.quiet)
+                tag_drop_prob=args.tag_drop_prob,
+                quiet=args.quiet,
+            )
             manifest = build_arithmetic(args.out, arithmetic)
         except (DataError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -426,11 +499,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}: {counts}")
         return 0
     config = WordOrderConfig(
-        seed=args.seed, train=args.train, calibration=args.calibration, test=args.test, holdout=args.holdout,
-        length_shift=args.length_shift, suffix=args.suffix, tag_drop_prob=args.tag_drop_prob,
-        attempts=args.attempts, harvard_attempts=args.harvard_attempts,
-        min_words=args.min_words, max_words=args.max_words,
-        corpora_dir=args.corpora, quiet=args.quiet,
+        seed=args.seed,
+        train=args.train,
+        calibration=args.calibration,
+        test=args.test,
+        holdout=args.holdout,
+        length_shift=args.length_shift,
+        suffix=args.suffix,
+        tag_drop_prob=args.tag_drop_prob,
+        attempts=args.attempts,
+        harvard_attempts=args.harvard_attempts,
+        min_words=args.min_words,
+        max_words=args.max_words,
+        corpora_dir=args.corpora,
+        quiet=args.quiet,
     )
     try:
         manifest = build_word_order(args.out, config)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -44,15 +44,26 @@ def prepare_model(config: FinetuneConfig):
 
         n_layers = len(model.get_decoder().layers)
         if config.trainable_last_layers > n_layers:
-            raise ValueError(f"trainable_last_layers={config.trainable_last_layers} but the model has {n_layers} blocks")
+            raise ValueError(
+                f"trainable_last_layers={config.trainable_last_layers} but the model has {n_layers} blocks"
+            )
         last = list(range(n_layers - config.trainable_last_layers, n_layers)) if config.trainable_last_layers else None
-        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=list(config.lora_targets),
-                          task_type="CAUSAL_LM", layers_to_transform=last, layers_pattern="layers" if last else None)
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(config.lora_targets),
+            task_type="CAUSAL_LM",
+            layers_to_transform=last,
+            layers_pattern="layers" if last else None,
+        )
         model = get_peft_model(model, lora)
     elif config.trainable_last_layers:
         layers = model.get_decoder().layers
         if config.trainable_last_layers > len(layers):
-            raise ValueError(f"trainable_last_layers={config.trainable_last_layers} but the model has {len(layers)} blocks")
+            raise ValueError(
+                f"trainable_last_layers={config.trainable_last_layers} but the model has {len(layers)} blocks"
+            )
         for p in model.parameters():
             p.requires_grad_(False)
         for block in layers[-config.trainable_last_layers :]:
@@ -74,22 +85,47 @@ def load_task(config: FinetuneConfig) -> tuple[list[Record], list[Record]]:
         if manifest.is_file():
             built = json.loads(manifest.read_text()).get("task")
             if built != config.task:
-                raise ValueError(f"{data_dir} holds the {built} task but --task is {config.task}; use another --output-dir")
+                raise ValueError(
+                    f"{data_dir} holds the {built} task but --task is {config.task}; use another --output-dir"
+                )
         elif config.task == "arithmetic":
             from training.arithmetic import ArithmeticConfig, build_arithmetic
 
             n_train = config.max_train_docs or 5000
             n_cal = config.max_calibration_docs or 2000
-            build_arithmetic(data_dir, ArithmeticConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(1000, n_cal)),
-                                                        holdout=config.task_holdout_docs, shift=200, min_digits=config.task_min_digits, max_digits=config.task_max_digits,
-                                                        operations=tuple(config.task_operations), quiet=True))
+            build_arithmetic(
+                data_dir,
+                ArithmeticConfig(
+                    seed=config.seed,
+                    train=n_train,
+                    calibration=n_cal,
+                    test=max(200, min(1000, n_cal)),
+                    holdout=config.task_holdout_docs,
+                    shift=200,
+                    min_digits=config.task_min_digits,
+                    max_digits=config.task_max_digits,
+                    operations=tuple(config.task_operations),
+                    quiet=True,
+                ),
+            )
         else:
             from training.data import WordOrderConfig, build_word_order
 
             n_train = config.max_train_docs or 5000
             n_cal = config.max_calibration_docs or 5000
-            build_word_order(data_dir, WordOrderConfig(seed=config.seed, train=n_train, calibration=n_cal, test=max(200, min(2000, n_cal)),
-                                                       holdout=config.task_holdout_docs, min_words=config.task_min_words, max_words=config.task_max_words, quiet=True))
+            build_word_order(
+                data_dir,
+                WordOrderConfig(
+                    seed=config.seed,
+                    train=n_train,
+                    calibration=n_cal,
+                    test=max(200, min(2000, n_cal)),
+                    holdout=config.task_holdout_docs,
+                    min_words=config.task_min_words,
+                    max_words=config.task_max_words,
+                    quiet=True,
+                ),
+            )
         train_path, cal_path = str(data_dir / "train.jsonl"), str(data_dir / "calibration.jsonl")
     train = load_records(train_path)
     cal = load_records(cal_path)
@@ -144,8 +180,17 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
 
     if not PartialState().is_main_process:
         return 0
-    print(json.dumps({"output_dir": str(result.output_dir), "best": str(result.best_dir), "best_eval_loss": result.best_eval_loss,
-                      "best_step": result.best_step, "steps": result.steps}))
+    print(
+        json.dumps(
+            {
+                "output_dir": str(result.output_dir),
+                "best": str(result.best_dir),
+                "best_eval_loss": result.best_eval_loss,
+                "best_step": result.best_step,
+                "steps": result.steps,
+            }
+        )
+    )
     return 0
 
 

@@ -3,8 +3,8 @@ labelling of generations by the task's correctness function."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -72,8 +72,15 @@ def greedy_generate(
             out[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
     for _ in range(fillers):  # output discarded; only the collective forwards matter
         filler = torch.full((1, 1), pad_id, dtype=torch.long, device=device)
-        model.generate(input_ids=filler, attention_mask=torch.ones_like(filler), max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id, **extra)
+        model.generate(
+            input_ids=filler,
+            attention_mask=torch.ones_like(filler),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+            **extra,
+        )
     model.train(was_training)
     return out
 
@@ -90,7 +97,9 @@ class LabelledGenerations:
         return sum(self.labels) / len(self.labels) if self.labels else 0.0
 
 
-def label_generations(records: Sequence[Record], texts: Sequence[str], correct: Callable[[str, str], bool]) -> LabelledGenerations:
+def label_generations(
+    records: Sequence[Record], texts: Sequence[str], correct: Callable[[str, str], bool]
+) -> LabelledGenerations:
     """Label generations with the task's correctness function, against each record's reference (or positive)."""
     if len(records) != len(texts):
         raise ValueError(f"{len(records)} records but {len(texts)} generations")
@@ -98,8 +107,17 @@ def label_generations(records: Sequence[Record], texts: Sequence[str], correct: 
     return LabelledGenerations(list(texts), labels)
 
 
-def decode_and_label(model, tokenizer, records: Sequence[Record], chat: ChatFormat, correct: Callable[[str, str], bool],
-                     max_new_tokens: int, batch_size: int = 16, progress: bool = False, desc: str = "generating") -> LabelledGenerations:
+def decode_and_label(
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    chat: ChatFormat,
+    correct: Callable[[str, str], bool],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "generating",
+) -> LabelledGenerations:
     """What calibration, certification and evaluation all do to a record file: greedy-decode every prompt with
     the model as served, then label each generation with r. One function, so the head is calibrated and checked
     on exactly the kind of generation it is later scored on."""

@@ -85,13 +85,17 @@ def _explain(error) -> str:
         return f"{_where(error)} must be an object with exactly the keys 'role' and 'content'"
     if kind == "required":
         missing = [k for k in ("id", "positive", "negative") if k not in error.instance]
-        return (f"missing required field(s) {missing}; every record needs ['id', 'positive', 'negative'] and one of "
-                "'prompt' or 'messages'")
+        return (
+            f"missing required field(s) {missing}; every record needs ['id', 'positive', 'negative'] and one of "
+            "'prompt' or 'messages'"
+        )
     if kind == "oneOf":
         which = "both" if "prompt" in error.instance else "neither"
         return f"record has {which} of 'prompt' and 'messages'; give exactly one"
     if kind == "type":
-        expected = {"string": "a string", "array": "a list", "object": "a JSON object"}.get(error.validator_value, error.validator_value)
+        expected = {"string": "a string", "array": "a list", "object": "a JSON object"}.get(
+            error.validator_value, error.validator_value
+        )
         return f"{_where(error)} must be {expected}, got {type(error.instance).__name__}"
     if kind == "pattern" and path == ["positive"]:
         return f"field 'positive' does not end with {YES_TAG}; append the tag to the target completion (only whitespace may follow it)"
@@ -126,7 +130,7 @@ def validate_file(path: str | os.PathLike) -> FileReport:
     with handle:
         for lineno, raw in enumerate(handle, start=1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -137,7 +141,10 @@ def validate_file(path: str | os.PathLike) -> FileReport:
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                problem(lineno, f"malformed JSON ({exc.msg} at column {exc.colno}); each line must be one complete JSON object")
+                problem(
+                    lineno,
+                    f"malformed JSON ({exc.msg} at column {exc.colno}); each line must be one complete JSON object",
+                )
                 continue
             if not isinstance(obj, dict):
                 problem(lineno, f"expected a JSON object, got {type(obj).__name__}; write one object per line")
@@ -154,8 +161,11 @@ def validate_file(path: str | os.PathLike) -> FileReport:
             record_id = obj.get("id")
             if isinstance(record_id, str) and record_id.strip():
                 if record_id in first_line_of:
-                    problem(lineno, f"duplicate id {record_id!r} (first used on line {first_line_of[record_id]}); ids must "
-                                    "be unique, rename or remove one of them")
+                    problem(
+                        lineno,
+                        f"duplicate id {record_id!r} (first used on line {first_line_of[record_id]}); ids must "
+                        "be unique, rename or remove one of them",
+                    )
                 else:
                     first_line_of[record_id] = lineno
             fmt = record_format(obj)

@@ -169,8 +169,14 @@ def make_record_widening(
     n_tokens = len(sentence.split())
     for size in range(suffix_size, n_tokens + 1):
         record = make_record(
-            sentence, rng, record_id=record_id, source=source, suffix_size=size,
-            attempts=attempts, tag_drop_prob=tag_drop_prob, check_variety=False,
+            sentence,
+            rng,
+            record_id=record_id,
+            source=source,
+            suffix_size=size,
+            attempts=attempts,
+            tag_drop_prob=tag_drop_prob,
+            check_variety=False,
             extra_meta=extra_meta,
         )
         if record is not None:

