@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -115,7 +116,7 @@ def write_artifact(
 
 def read_artifact(
     folder: str | os.PathLike, *, format_name: str, supported_versions: tuple[int, ...]
-) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, object]]:
+) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Verify and read an artifact: (manifest, tensors per file, JSON per file)."""
     root = Path(folder)
     manifest_path = root / MANIFEST
@@ -146,7 +147,7 @@ def read_artifact(
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{manifest_path} lists no files")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    documents: dict[str, object] = {}
+    documents: dict[str, Any] = {}
     for name, expected in files.items():
         path = root / name
         if Path(name).name != name:

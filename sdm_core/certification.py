@@ -264,12 +264,13 @@ def certify_ladder(
     for alpha in ladder.alphas:
         own = current.admissions(probabilities, yhat, q_prime)
         in_region = current.admitted_at(own, alpha)
-        groups = {}
+        counts: dict[str, tuple[int, int, float]] = {}
         for name, (member, good) in group_masks.items():
             n = int((in_region & member).sum())
             k = int((in_region & member & good).sum())
-            groups[name] = [n, k, binomial_p_value_below(k, n, alpha)]
-        admitted, n_correct, p_value = groups["yes"]
+            counts[name] = (n, k, binomial_p_value_below(k, n, alpha))
+        admitted, n_correct, p_value = counts["yes"]
+        groups = {name: list(values) for name, values in counts.items()}  # stored as [admitted, correct, p_value]
         lower = clopper_pearson_lower(n_correct, admitted, confidence)
         status = _status(current.regions[alpha].exists, groups, min_admitted, violation_p)
         withdraw = _withdraws(policy, status, lower, alpha)
@@ -310,22 +311,23 @@ def fit_score_threshold(
     if s.shape[0] != y.shape[0]:
         raise ValueError(f"scores has {s.shape[0]} rows but correct has {y.shape[0]}")
     order = torch.argsort(s, descending=True)
-    s, y = s[order].tolist(), y[order].tolist()
+    ranked: list[float] = s[order].tolist()
+    ranked_correct: list[bool] = y[order].tolist()
     if not 0.5 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0.5, 1), got {alpha}")
     n_min = math.ceil(math.log(1.0 - confidence) / math.log(alpha))
     best: float | None = None
     k = n = 0
     i = 0
-    while i < len(s):
+    while i < len(ranked):
         j = i
-        while j < len(s) and s[j] == s[i]:  # every row tied at this score is admitted together
+        while j < len(ranked) and ranked[j] == ranked[i]:  # every row tied at this score is admitted together
             n += 1
-            k += int(y[j])
+            k += int(ranked_correct[j])
             j += 1
         if n >= n_min:
             if clopper_pearson_lower(k, n, confidence) < alpha:
                 break
-            best = s[i]
+            best = ranked[i]
         i = j
     return best

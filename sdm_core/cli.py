@@ -175,6 +175,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     if bool((labels >= est.num_classes).any()):
         raise InputError(f"{args.labels}: labels must be < {est.num_classes}")
     s = est.predict_scores(x)
+    ladder = est.fitted_parts().ladder
     report = selective_report(
         s.probabilities,
         s.probabilities_lower,
@@ -182,15 +183,15 @@ def _evaluate(args: argparse.Namespace) -> dict:
         s.q_prime,
         s.q_prime_lower,
         labels,
-        est.ladder,
+        ladder,
         est.class_names,
     )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(render_markdown(report, args.title))
-    default = next(r for r in report["alphas"] if r["alpha"] == est.ladder.default_alpha)
-    return {"out_dir": str(out), "alpha": est.ladder.default_alpha, "HR_marginal": default["HR"]["marginal"]}
+    default = next(r for r in report["alphas"] if r["alpha"] == ladder.default_alpha)
+    return {"out_dir": str(out), "alpha": ladder.default_alpha, "HR_marginal": default["HR"]["marginal"]}
 
 
 def _recalibrate(args: argparse.Namespace) -> dict:
@@ -225,7 +226,7 @@ def _add_exemplars(args: argparse.Namespace) -> dict:
     est.add_exemplars(x, labels, ids)
     target = args.out or args.artifact
     est.save(target)
-    return {"artifact": str(target), "n_support": len(est.support)}
+    return {"artifact": str(target), "n_support": len(est.fitted_parts().support)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

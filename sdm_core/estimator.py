@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,7 +37,15 @@ from sdm_core.math import (
 )
 from sdm_core.support import OOD_LABEL, SupportIndex
 
-__all__ = ["SDMEstimator", "SDMScores", "Exemplar", "NotFittedError", "ARTIFACT_FORMAT", "ARTIFACT_VERSION"]
+__all__ = [
+    "SDMEstimator",
+    "SDMScores",
+    "Exemplar",
+    "FittedParts",
+    "NotFittedError",
+    "ARTIFACT_FORMAT",
+    "ARTIFACT_VERSION",
+]
 
 ARTIFACT_FORMAT = "sdm-core-estimator"
 ARTIFACT_VERSION = 1
@@ -170,6 +179,15 @@ def _ids(ids: Sequence[str] | None, n: int, prefix: str, name: str) -> list[str]
     return out
 
 
+class FittedParts(NamedTuple):
+    """The parts of a fitted (or loaded) estimator, none of them None (on an unfitted one the attributes are)."""
+
+    adaptor: ExemplarAdaptor
+    support: SupportIndex
+    ladder: RegionLadder
+    calibration: LayerStatistics
+
+
 class SDMEstimator:
     """An SDM activation layer with its support set, calibration eCDFs and HIGH-RELIABILITY regions."""
 
@@ -185,26 +203,30 @@ class SDMEstimator:
         self.calibration: LayerStatistics | None = None
         self.metadata: dict = {}
         self._q_prime_cdf_cache: list[torch.Tensor] | None = None
+        # (source lists, calibration eCDFs, training eCDFs, q' eCDFs), all float64; see _scoring_cdfs.
+        self._scoring_cdf_cache: (
+            tuple[tuple[list[torch.Tensor], ...], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None
+        ) = None
 
     # -- fitting --------------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        self._check_fitted()
-        return self.adaptor.num_classes
+        return self.fitted_parts().adaptor.num_classes
 
     @property
     def input_dim(self) -> int:
-        self._check_fitted()
-        return self.adaptor.input_dim
+        return self.fitted_parts().adaptor.input_dim
 
     @property
     def class_names(self) -> list[str]:
         names = list(self.config.class_names)
         return names if len(names) == self.num_classes else [str(c) for c in range(self.num_classes)]
 
-    def _check_fitted(self) -> None:
+    def fitted_parts(self) -> FittedParts:
+        """The adaptor, support, ladder and calibration statistics; raises NotFittedError before fit or load."""
         if self.adaptor is None or self.support is None or self.ladder is None or self.calibration is None:
             raise NotFittedError("this SDMEstimator is not fitted yet: call fit(...) or SDMEstimator.load(path)")
+        return FittedParts(self.adaptor, self.support, self.ladder, self.calibration)
 
     def fit(
         self,
@@ -292,9 +314,10 @@ class SDMEstimator:
     # -- scoring --------------------------------------------------------------------------------------------
     def _q_prime_cdfs(self) -> list[torch.Tensor]:
         # Over all calibration points, OOD included (Eq. 11's |D_ca|_c eCDF_c); cached, as scoring needs it per call.
-        if getattr(self, "_q_prime_cdf_cache", None) is None:
+        if self._q_prime_cdf_cache is None:
+            q_prime = self.fitted_parts().calibration.q_prime
             self._q_prime_cdf_cache = [
-                torch.sort(self.calibration.q_prime[self.calibration_labels == c].to(torch.float64)).values
+                torch.sort(q_prime[self.calibration_labels == c].to(torch.float64)).values
                 for c in range(self.num_classes)
             ]
         return self._q_prime_cdf_cache
@@ -303,7 +326,7 @@ class SDMEstimator:
         """Calibration and training distance eCDFs and the q' eCDFs as float64, converted once per state."""
         # The key holds the source lists themselves (compared by identity): fit, load and recalibrate replace them.
         key = (self.calibration_cdfs, self.train_cdfs, self._q_prime_cdfs())
-        cached = getattr(self, "_scoring_cdf_cache", None)
+        cached = self._scoring_cdf_cache
         if cached is None or any(a is not b for a, b in zip(cached[0], key)):
             as64 = lambda cdfs: [c.to(torch.float64) for c in cdfs]  # noqa: E731
             cached = (key, as64(self.calibration_cdfs), as64(self.train_cdfs), self._q_prime_cdfs())
@@ -312,9 +335,9 @@ class SDMEstimator:
 
     def predict(self, embeddings: object) -> torch.Tensor:
         """yhat = argmax z' (never the argmax of the SDM output, SDM_SPEC §1.3)."""
-        self._check_fitted()
+        adaptor = self.fitted_parts().adaptor
         x = _embeddings_tensor(embeddings, "embeddings", self.input_dim)
-        logits, _ = self.adaptor.infer(x, self.config.eval_batch_size)
+        logits, _ = adaptor.infer(x, self.config.eval_batch_size)
         return logits.argmax(dim=1)
 
     def predict_scores(
@@ -331,14 +354,14 @@ class SDMEstimator:
         ``support_ids[i]``, when it names a support exemplar, marks row i as that training point: it is excluded
         from its own neighbours and its distance quantile uses the training eCDFs (training-time statistics).
         """
-        self._check_fitted()
-        a = self.ladder.resolve_alpha(alpha)
+        fitted = self.fitted_parts()
+        a = fitted.ladder.resolve_alpha(alpha)
         x = _embeddings_tensor(embeddings, "embeddings", self.input_dim)
         n = x.shape[0]
         if int(return_exemplars) < 0:
             raise ValueError(f"return_exemplars must be >= 0, got {return_exemplars}")
         exclude = (
-            self.support.positions(support_ids) if support_ids is not None else torch.full((n,), -1, dtype=torch.long)
+            fitted.support.positions(support_ids) if support_ids is not None else torch.full((n,), -1, dtype=torch.long)
         )
         if exclude.shape[0] != n:
             raise ValueError(f"support_ids must have {n} entries (one per embedding), got {exclude.shape[0]}")
@@ -378,10 +401,11 @@ class SDMEstimator:
         self, x: torch.Tensor, a: float, exclude: torch.Tensor, from_support: bool, return_exemplars: int
     ) -> SDMScores:
         """``predict_scores`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions (-1: none)."""
-        logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
+        adaptor, support, ladder, _ = self.fitted_parts()
+        logits, exemplars = adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
         # Inputs are validated above; the hot path below skips re-validating its own intermediate tensors.
-        sim = self.support.similarity_unchecked(exemplars, predictions, exclude)
+        sim = support.similarity_unchecked(exemplars, predictions, exclude)
         q = sim.q.to(logits.dtype)
         calibration_cdfs, train_cdfs, q_prime_cdfs = self._scoring_cdfs()
         d = distance_quantile_unchecked(sim.d_nearest, calibration_cdfs)
@@ -392,7 +416,7 @@ class SDMEstimator:
         d = d.to(logits.dtype)
         probabilities = sdm_probabilities_unchecked(logits, q, d)
         q_prime = rescaled_similarity_unchecked(q, probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        admitted, region_alpha, reasons = self.ladder.decide_unchecked(probabilities, predictions, q_prime, a)
+        admitted, region_alpha, reasons = ladder.decide_unchecked(probabilities, predictions, q_prime, a)
 
         ess = effective_sample_sizes_unchecked(q_prime, q_prime_cdfs, self.config.effective_sample_size_rule)
         epsilon = dkw_epsilon_unchecked(ess, a).max(dim=1).values.to(logits.dtype)
@@ -401,21 +425,16 @@ class SDMEstimator:
         p_lower = sdm_probabilities_unchecked(logits, q, d_lower)
         p_upper = sdm_probabilities_unchecked(logits, q, d_upper)
         q_prime_lower = rescaled_similarity_unchecked(q, p_lower.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        own_lower = self.ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
-        admitted_lower = self.ladder.admitted_at(own_lower, a)
+        own_lower = ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
+        admitted_lower = ladder.admitted_at(own_lower, a)
 
         neighbours: list[list[Exemplar]] = []
         if return_exemplars:
-            dist, pos = self.support.neighbors(exemplars, int(return_exemplars), exclude=exclude)
+            dist, pos = support.neighbors(exemplars, int(return_exemplars), exclude=exclude)
             for row_d, row_p in zip(dist.tolist(), pos.tolist()):
                 neighbours.append(
                     [
-                        Exemplar(
-                            self.support.ids[p],
-                            int(self.support.labels[p]),
-                            int(self.support.predictions[p]),
-                            float(dv),
-                        )
+                        Exemplar(support.ids[p], int(support.labels[p]), int(support.predictions[p]), float(dv))
                         for dv, p in zip(row_d, row_p)
                         if p >= 0
                     ]
@@ -442,7 +461,7 @@ class SDMEstimator:
             q_prime_lower=q_prime_lower,
             admitted_lower=admitted_lower,
             nearest_index=sim.nearest_index,
-            nearest_id=[self.support.ids[i] if i >= 0 else None for i in sim.nearest_index.tolist()],
+            nearest_id=[support.ids[i] if i >= 0 else None for i in sim.nearest_index.tolist()],
             exemplars=neighbours,
         )
 
@@ -454,7 +473,7 @@ class SDMEstimator:
         """Append labelled exemplars to the support without retraining. A label of "ood" (or ``OOD_LABEL``)
         marks an exemplar that no prediction can match, which lowers q near it. eCDFs and regions are unchanged.
         """
-        self._check_fitted()
+        adaptor, support, _, _ = self.fitted_parts()
         x = _embeddings_tensor(embeddings, "embeddings", self.input_dim)
         values = []
         for label in labels:
@@ -470,19 +489,18 @@ class SDMEstimator:
                 values.append(value)
         if len(values) != x.shape[0]:
             raise ValueError(f"labels must have {x.shape[0]} entries, got {len(values)}")
-        logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
-        self.support.add(exemplars, torch.tensor(values, dtype=torch.long), logits.argmax(dim=1), ids)
+        logits, exemplars = adaptor.infer(x, self.config.eval_batch_size)
+        support.add(exemplars, torch.tensor(values, dtype=torch.long), logits.argmax(dim=1), ids)
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
-        self._check_fitted()
-        cal = self.calibration
+        adaptor, support, ladder, cal = self.fitted_parts()
         tensors = {
-            "weights.safetensors": {k: v for k, v in self.adaptor.state_dict().items()},
+            "weights.safetensors": {k: v for k, v in adaptor.state_dict().items()},
             "support.safetensors": {
-                "exemplars": self.support.exemplars,
-                "labels": self.support.labels,
-                "predictions": self.support.predictions,
+                "exemplars": support.exemplars,
+                "labels": support.labels,
+                "predictions": support.predictions,
             },
             "calibration.safetensors": {
                 "labels": self.calibration_labels,
@@ -496,22 +514,22 @@ class SDMEstimator:
             },
         }
         manifest = {
-            "input_dim": self.adaptor.input_dim,
-            "exemplar_dim": self.adaptor.exemplar_dim,
-            "num_classes": self.adaptor.num_classes,
+            "input_dim": adaptor.input_dim,
+            "exemplar_dim": adaptor.exemplar_dim,
+            "num_classes": adaptor.num_classes,
             "class_names": self.class_names,
-            "n_support": len(self.support),
+            "n_support": len(support),
             "n_calibration": int(self.calibration_labels.shape[0]),
-            "normalization": {"mean": float(self.adaptor.input_mean), "std": float(self.adaptor.input_std)},
+            "normalization": {"mean": float(adaptor.input_mean), "std": float(adaptor.input_std)},
             "config": self.config.to_dict(),
-            "regions": self.ladder.to_dict(),
+            "regions": ladder.to_dict(),
             "distance_cdfs": {
                 "calibration": [c.tolist() for c in self.calibration_cdfs],
                 "train": [c.tolist() for c in self.train_cdfs],
             },
             "training": self.metadata,
         }
-        ids = {"support": self.support.ids, "calibration": self.calibration_ids}
+        ids = {"support": support.ids, "calibration": self.calibration_ids}
         return write_artifact(
             folder,
             format_name=ARTIFACT_FORMAT,
@@ -588,12 +606,12 @@ class SDMEstimator:
 
     def summary(self) -> dict:
         """Dimensions, regions and calibration admitted proportions, for logs and dashboards."""
-        self._check_fitted()
+        _, support, ladder, _ = self.fitted_parts()
         return {
             "input_dim": self.input_dim,
             "num_classes": self.num_classes,
-            "n_support": len(self.support),
+            "n_support": len(support),
             "n_calibration": int(self.calibration_labels.shape[0]),
-            "alpha": self.ladder.default_alpha,
-            "regions": self.ladder.to_dict()["regions"],
+            "alpha": ladder.default_alpha,
+            "regions": ladder.to_dict()["regions"],
         }

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from sdm_core.math import as_tensor, similarity_from_matches
+
+if TYPE_CHECKING:
+    import faiss
 
 __all__ = ["MAX_Q", "OOD_LABEL", "SupportIndex", "SimilarityResult", "faiss_available"]
 
@@ -64,10 +68,13 @@ def _lexicographic_min(values: torch.Tensor, positions: torch.Tensor) -> tuple[t
     return best, pos
 
 
-def _concat(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+def _concat(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if len(parts) == 1:
         return parts[0]
-    return tuple(torch.cat(column) for column in zip(*parts))
+    q, d, i = zip(*parts)
+    return torch.cat(q), torch.cat(d), torch.cat(i)
 
 
 class SupportIndex:
@@ -98,7 +105,7 @@ class SupportIndex:
         self.predictions = torch.empty(0, dtype=torch.long)
         self.ids: list[str] = []
         self._position: dict[str, int] = {}
-        self._faiss = None
+        self._faiss: faiss.IndexFlatL2 | None = None
         self.add(exemplars, labels, predictions, ids)
 
     # -- contents -------------------------------------------------------------------------------------------
@@ -374,7 +381,7 @@ class SupportIndex:
                 q_out[own], d_out[own], i_out[own] = q, d, i
         return SimilarityResult(q_out, d_out, i_out)
 
-    def _faiss_index(self):
+    def _faiss_index(self) -> faiss.IndexFlatL2:
         if self._faiss is None:
             import faiss
 

@@ -268,7 +268,8 @@ def load_bundle(
         model = PeftModel.from_pretrained(base, str(root / info.model["path"])).merge_and_unload()
     else:
         raise ArtifactError(f"{root}: unknown model kind {info.model['kind']!r}")
-    model.to(device).eval()
+    # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), whose typing leaves self unbound.
+    model.to(device).eval()  # type: ignore[arg-type]
     return Bundle(info=info, model=model, tokenizer=tokenizer, head=load_head(info))
 
 
@@ -277,5 +278,5 @@ def load_head(info: BundleInfo) -> SDMEstimator:
     head = SDMEstimator.load(info.path / info.head["path"])
     certification = info.certification
     if certification is not None and certification.withdrawn:
-        head.ladder = withdraw_regions(head.ladder, certification.withdrawn)
+        head.ladder = withdraw_regions(head.fitted_parts().ladder, certification.withdrawn)
     return head

@@ -210,7 +210,7 @@ def embed_texts(
     head_kwargs = {"logits_to_keep": 1} if sharded and _keeps_logits(model) else {}
     was_training = model.training
     model.eval()
-    out: list[torch.Tensor | None] = [None] * len(texts)
+    out: dict[int, torch.Tensor] = {}  # input position -> h; batches run in length order
     for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
         index = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in index)
@@ -233,4 +233,4 @@ def embed_texts(
         for row, i in enumerate(index):
             out[i] = h[row]
     model.train(was_training)
-    return torch.stack(out)
+    return torch.stack([out[i] for i in range(len(texts))])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,9 +96,11 @@ def _smollm2_model_folder() -> Path:
         gguf = smollm2_gguf()
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # GGUF-loaded models refuse save_pretrained; the weights are already dequantised to fp32.
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        model.is_quantized = False
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        # transformers sets is_quantized on the instance at load time; PreTrainedModel's class body does not declare it.
+        model.is_quantized = False  # type: ignore[assignment]
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
 
@@ -152,7 +155,8 @@ def load_model(source: dict, dtype: torch.dtype = torch.float32, attn_implementa
         return AutoModelForCausalLM.from_pretrained(_path(source), dtype=dtype, **extra)
     if kind == "tiny":
         tokenizer = load_tokenizer(source)
-        sizes = {k: int(source.get(k, v)) for k, v in TINY_DEFAULTS.items()}
+        # Any: LlamaConfig types each keyword differently, and these are all int-valued ones.
+        sizes: dict[str, Any] = {k: int(source.get(k, v)) for k, v in TINY_DEFAULTS.items()}
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=2048,
@@ -165,5 +169,6 @@ def load_model(source: dict, dtype: torch.dtype = torch.float32, attn_implementa
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(source.get("seed", 0)))
             model = LlamaForCausalLM(config)
-        return model.to(dtype)
+        # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), whose typing leaves self unbound.
+        return model.to(dtype)  # type: ignore[arg-type]
     raise ModelSourceError(f"unknown model source kind {kind!r}; use 'smollm2', 'hf' or 'tiny'")

@@ -14,11 +14,14 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, create_engine, delete, event, func, insert, select, text, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import ColumnElement, and_, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy.engine import Engine, Row, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from sdm_core.traffic.schema import LABELS, VERSION_TABLE, verifications
 
@@ -118,7 +121,7 @@ class FeedbackResult:
     missing: list[str] = field(default_factory=list)
 
 
-def _record(row) -> TrafficRecord:
+def _record(row: Row[Any]) -> TrafficRecord:
     data = dict(row._mapping)
     data["admitted"] = bool(data["admitted"])
     data["h"] = bytes(data["h"])
@@ -292,7 +295,7 @@ class TrafficStore:
         labels: Sequence[str] = LABELS,
     ) -> list[TrafficRecord]:
         """Labelled records, oldest label first (ties by id): a deterministic order for a deterministic update."""
-        conditions = [verifications.c.label.in_(list(labels))]
+        conditions: list[ColumnElement[bool]] = [verifications.c.label.in_(list(labels))]
         if since is not None:
             conditions.append(verifications.c.labelled_at >= since)
         if until is not None:
@@ -308,7 +311,7 @@ class TrafficStore:
             return [_record(r) for r in connection.execute(query)]
 
 
-def _sqlite_pragmas(connection, _record) -> None:
+def _sqlite_pragmas(connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     # WAL lets the update command read while the server writes; NORMAL sync is durable across process crashes.
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
