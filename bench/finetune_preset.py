@@ -31,7 +31,8 @@ def _overrides(pairs: list[str], defaults: object) -> dict:
         name, sep, text = pair.partition("=")
         if not sep or not hasattr(defaults, name):
             raise SystemExit(
-                f"error: --set/--calibrate-set takes NAME=VALUE with NAME a field of {type(defaults).__name__}, got {pair!r}"
+                f"error: --set/--calibrate-set takes NAME=VALUE with NAME a field of {type(defaults).__name__}, got "
+                f"{pair!r}"
             )
         values[name] = _parse_value(name, text, getattr(defaults, name))
     return values

@@ -198,7 +198,8 @@ class ServerProcess:
                 code = self.process.poll()
                 if code is not None:
                     raise RuntimeError(
-                        f"the server exited with status {code} before it was ready; its log ({self.log_path}) ends:\n{self._log_tail()}"
+                        f"the server exited with status {code} before it was ready; its log ({self.log_path}) "
+                        f"ends:\n{self._log_tail()}"
                     )
                 try:
                     response = client.get(self.url + "/ready")
@@ -214,7 +215,8 @@ class ServerProcess:
                     pass
                 if time.monotonic() - started > self.ready_timeout_s:
                     raise RuntimeError(
-                        f"the server was not ready after {self.ready_timeout_s:.0f} s (last /ready: {last[:300]}); log: {self.log_path}"
+                        f"the server was not ready after {self.ready_timeout_s:.0f} s (last /ready: {last[:300]}); "
+                        f"log: {self.log_path}"
                     )
                 time.sleep(0.25)
 
@@ -402,8 +404,10 @@ def summarize(clients: int, run: LevelRun, baseline: dict | None) -> dict:
 def describe_level(figures: dict) -> str:
     share = figures["verification_share"]
     return (
-        f"{figures['answered']}/{figures['requests']} answered in {figures['wall_s']:.1f} s: {figures['requests_per_s']:.3f} req/s, "
-        f"{figures['completion_tokens_per_s']:.1f} tok/s, p50 {figures['latency_p50_ms']} ms, p95 {figures['latency_p95_ms']} ms, "
+        f"{figures['answered']}/{figures['requests']} answered in {figures['wall_s']:.1f} s: "
+        f"{figures['requests_per_s']:.3f} req/s, "
+        f"{figures['completion_tokens_per_s']:.1f} tok/s, p50 {figures['latency_p50_ms']} ms, p95 "
+        f"{figures['latency_p95_ms']} ms, "
         f"verification {'n/a' if share is None else f'{share:.1%}'}"
         + (f", {figures['errors']} errors" if figures["errors"] else "")
     )
@@ -457,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-tokens",
         type=int,
         default=None,
-        help=f"max_tokens of every request (default: the bundle's calibration max_new_tokens, else {DEFAULT_MAX_TOKENS})",
+        help="max_tokens of every request (default: the bundle's calibration max_new_tokens, else "
+        f"{DEFAULT_MAX_TOKENS})",
     )
     parser.add_argument("--prompts", default=None, help="JSONL with a 'prompt' (or 'messages') field per line")
     parser.add_argument(
@@ -480,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--traffic-store",
         default="sqlite",
-        help="the servers' --traffic-store: sqlite (a file in the temporary folder: every answer recorded), off, or a SQLAlchemy URL [sqlite]",
+        help="the servers' --traffic-store: sqlite (a file in the temporary folder: every answer recorded), off, or a "
+        "SQLAlchemy URL [sqlite]",
     )
     parser.add_argument(
         "--keep-logs", default=None, help="copy the server logs into this folder and delete the temporary one"

@@ -1,6 +1,6 @@
 """What recording an answer costs the request, and how fast the background writer drains (prints one JSON line).
 
-    python bench/traffic_overhead.py                       # SQLite in a temporary folder, h of 576 values (SmolLM2-135M)
+    python bench/traffic_overhead.py                      # SQLite in a temporary folder, h of 576 values (SmolLM2-135M)
     python bench/traffic_overhead.py --dim 2048 --records 20000 --store postgresql+psycopg://sdm@db/sdm
 
 The request path only builds a record (copying h to bytes) and puts it on the writer's queue

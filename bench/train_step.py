@@ -10,8 +10,8 @@ The forward asks for the logits that the loss reads only (``logits_to_keep``), a
 ``--mixed-precision bf16`` runs both steps' LM passes under bfloat16 autocast, as ``--mixed-precision bf16`` of
 ``training.finetune`` does, and ``--lora R`` trains LoRA adapters of rank R on every block (the smollm2-cpu preset).
 
-    python bench/train_step.py --model smollm2 [--batch 8] [--repeats 3] [--trainable-last-layers 4] [--recipe-sequence-end verified]
-        [--lora 8] [--mixed-precision bf16]
+    python bench/train_step.py --model smollm2 [--batch 8] [--repeats 3] [--trainable-last-layers 4]
+        [--recipe-sequence-end verified] [--lora 8] [--mixed-precision bf16]
 """
 
 from __future__ import annotations

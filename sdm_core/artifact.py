@@ -136,12 +136,14 @@ def read_artifact(
         raise ArtifactError(f"{root} holds format {manifest.get('format')!r}, expected {format_name!r}")
     if manifest.get("format_version") not in supported_versions:
         raise ArtifactError(
-            f"{root} has format_version {manifest.get('format_version')!r}; this sdm-lm reads versions {list(supported_versions)}: "
+            f"{root} has format_version {manifest.get('format_version')!r}; this sdm-lm reads versions "
+            f"{list(supported_versions)}: "
             "upgrade sdm-lm or re-create the artifact"
         )
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
         raise ArtifactError(
-            f"{manifest_path} has been modified since it was written (its checksum does not match); re-create the artifact"
+            f"{manifest_path} has been modified since it was written (its checksum does not match); re-create the "
+            "artifact"
         )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
@@ -157,7 +159,8 @@ def read_artifact(
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactError(
-                f"{path} has been modified or corrupted (sha256 {actual[:12]}… != {str(expected)[:12]}…); re-create the artifact"
+                f"{path} has been modified or corrupted (sha256 {actual[:12]}… != {str(expected)[:12]}…); re-create "
+                "the artifact"
             )
         if name.endswith(".safetensors"):
             tensors[name] = load_file(str(path))

@@ -12,9 +12,9 @@ and each group's accuracy is tested against alpha with the one-sided exact binom
 and bounded below by the one-sided Clopper-Pearson bound. The row's headline figures are the ``yes`` group's.
 
 A region where some group's test rejects (p < ``violation_p`` with at least ``min_admitted`` rows in that group)
-is violated and is withdrawn from the ladder the server uses: requests at that alpha then get ``no_region``. Alphas are visited from the highest down,
-each with the regions above it already settled, so that the nested admissions that are certified are exactly the
-ones the withdrawn ladder makes.
+is violated and is withdrawn from the ladder the server uses: requests at that alpha then get ``no_region``. Alphas
+are visited from the highest down, each with the regions above it already settled, so that the nested admissions
+that are certified are exactly the ones the withdrawn ladder makes.
 
 Policies (what a region must show to stay on the ladder):
 

@@ -400,7 +400,8 @@ class SDMEstimator:
     def _score_validated(
         self, x: torch.Tensor, a: float, exclude: torch.Tensor, from_support: bool, return_exemplars: int
     ) -> SDMScores:
-        """``predict_scores`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions (-1: none)."""
+        """``predict_scores`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions
+        (-1: none)."""
         adaptor, support, ladder, _ = self.fitted_parts()
         logits, exemplars = adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
@@ -556,7 +557,8 @@ class SDMEstimator:
             found = {k: tuple(v.shape) for k, v in weights.items()}
             if expected != found:
                 raise ArtifactError(
-                    f"{folder}: weights do not match input_dim={d_in}, exemplar_dim={m}, num_classes={c} ({found} != {expected})"
+                    f"{folder}: weights do not match input_dim={d_in}, exemplar_dim={m}, num_classes={c} ({found} != "
+                    f"{expected})"
                 )
             adaptor.load_state_dict(weights)
             adaptor.eval()

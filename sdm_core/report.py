@@ -106,7 +106,8 @@ def render_markdown(report: dict, title: str = "SDM estimator evaluation") -> st
     lines = [
         f"# {title}",
         "",
-        f"{report['n']} documents (class counts: {', '.join(f'{n}: {c}' for n, c in zip(names, report['class_counts']))}); "
+        f"{report['n']} documents (class counts: "
+        f"{', '.join(f'{n}: {c}' for n, c in zip(names, report['class_counts']))}); "
         f"OOD (q = 0): {report['ood_proportion']:.2%}. Each cell: accuracy among admitted (admitted proportion n/|D|); "
         "'–' means nothing admitted.",
         "",

@@ -96,7 +96,8 @@ def unsupported_media_type(given: str | None) -> APIError:
 def shutting_down(drain_s: float) -> APIError:
     return APIError(
         503,
-        f"the server is shutting down and this request was still running after the drain timeout ({drain_s:g} s, --drain-timeout-s); retry it",
+        f"the server is shutting down and this request was still running after the drain timeout ({drain_s:g} s, "
+        "--drain-timeout-s); retry it",
         "service_unavailable",
         None,
         "shutting_down",

@@ -81,7 +81,8 @@ class FeedbackHandler:
         limit = self.config.feedback_max_items
         if len(items) > limit:
             raise invalid_request(
-                f"{len(items)} labels in one request; this server accepts at most {limit} (--feedback-max-items): send them in batches",
+                f"{len(items)} labels in one request; this server accepts at most {limit} (--feedback-max-items): send "
+                "them in batches",
                 None,
                 "too_many_labels",
             )
@@ -103,7 +104,8 @@ class FeedbackHandler:
                 raise
             if parsed.note is not None and len(parsed.note) > self.config.feedback_max_note_chars:
                 raise invalid_request(
-                    f"{prefix}note: {len(parsed.note)} characters; at most {self.config.feedback_max_note_chars} are kept (--feedback-max-note-chars)",
+                    f"{prefix}note: {len(parsed.note)} characters; at most {self.config.feedback_max_note_chars} are "
+                    "kept (--feedback-max-note-chars)",
                     f"{prefix}note",
                     "note_too_long",
                 )
@@ -124,7 +126,8 @@ class FeedbackHandler:
                 f" and {len(result.missing) - 5} more" if len(result.missing) > 5 else ""
             )
             raise not_found(
-                f"no recorded answer has the id {shown} (unknown, not sampled, or expired by retention); nothing was written",
+                f"no recorded answer has the id {shown} (unknown, not sampled, or expired by retention); nothing was "
+                "written",
                 "id",
                 "answer_not_found",
             )
@@ -148,7 +151,8 @@ class FeedbackHandler:
 
 
 async def _read_any_json(request: Request) -> Any:
-    """The body as JSON (an object or a list): 400 for an empty body, bytes that are not UTF-8, or text that is not JSON."""
+    """The body as JSON (an object or a list): 400 for an empty body, bytes that are not UTF-8, or text that is not
+    JSON."""
     body = await request.body()
     if not body.strip():
         raise invalid_request(

@@ -123,7 +123,8 @@ class RequestContextMiddleware:
         if admin:
             if not self.admin_keys:
                 return permission_error(
-                    f"{path} is refused: the server has client keys but no admin keys; set SDM_ADMIN_API_KEYS (or --admin-api-keys)"
+                    f"{path} is refused: the server has client keys but no admin keys; set SDM_ADMIN_API_KEYS (or "
+                    "--admin-api-keys)"
                 ), client_id
             return permission_error(f"{path} needs an admin key; this is a client key"), client_id
         return None, client_id

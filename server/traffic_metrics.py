@@ -45,7 +45,8 @@ class TrafficMetrics:
         )
         self.feedback = Counter(
             "sdm_feedback_labels",
-            "Labels received on POST /v1/feedback, by the labelled answer's decision (admitted, abstained), label (correct, wrong, ood) and alpha",
+            "Labels received on POST /v1/feedback, by the labelled answer's decision (admitted, abstained), label "
+            "(correct, wrong, ood) and alpha",
             ["decision", "label", "alpha"],
             registry=r,
         )

@@ -50,7 +50,8 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """``with PostgresServer() as pg:`` a running server; ``pg.url`` is its SQLAlchemy URL; ``stop``/``start`` for outages."""
+    """``with PostgresServer() as pg:`` a running server; ``pg.url`` is its SQLAlchemy URL; ``stop``/``start`` for
+    outages."""
 
     def __init__(self) -> None:
         self.bin = require_postgres()

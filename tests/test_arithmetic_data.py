@@ -43,7 +43,8 @@ def test_splits_are_disjoint_and_resizing_train_keeps_the_earlier_splits(tmp_pat
             assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (
                 tmp_path / "b" / f"{split}.jsonl"
             ).read_bytes(), split
-    # A larger train split starts with the smaller one's problems (its draw continues), and a holdout changes no train record.
+    # A larger train split starts with the smaller one's problems (its draw continues), and a holdout changes no train
+    # record.
     assert _problems(tmp_path / "b" / "train.jsonl")[:60] == _problems(tmp_path / "a" / "train.jsonl")
 
 

@@ -65,7 +65,8 @@ def test_expected_objects(objects) -> None:
 def test_builtin_kinds_match_the_kubernetes_schemas(objects, version: str) -> None:
     if importlib.util.find_spec("kubernetes_validate") is None:
         pytest.skip(
-            "kubernetes-validate is not installed (pip install -r deploy/ci/requirements.txt); the schema-lite checks below still run"
+            "kubernetes-validate is not installed (pip install -r deploy/ci/requirements.txt); the schema-lite checks "
+            "below still run"
         )
     import kubernetes_validate
 

@@ -1,9 +1,10 @@
 """Monitoring end to end: the server (started with the CPU image's start command, outside the container, on a
 tiny bundle, with API keys) and a real Prometheus (Debian's package, on 127.0.0.1, temporary storage, 1 s scrape
 and rule intervals, deploy/prometheus/prometheus.yml and its rule files) scraping it with a key. After admitted,
-abstained and failed requests (400, 401, 429) and labels for the answers (POST /v1/feedback), every dashboard panel query and every recording and alerting
-rule expression is evaluated through Prometheus' HTTP API: all must succeed, every rule must evaluate without
-error, and the panels must return data (the abstention, probability and latency panels among them)."""
+abstained and failed requests (400, 401, 429) and labels for the answers (POST /v1/feedback), every dashboard panel
+query and every recording and alerting rule expression is evaluated through Prometheus' HTTP API: all must succeed,
+every rule must evaluate without error, and the panels must return data (the abstention, probability and latency
+panels among them)."""
 
 from __future__ import annotations
 

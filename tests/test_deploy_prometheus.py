@@ -96,7 +96,7 @@ def test_abstention_margin_is_configurable(tmp_path: Path) -> None:
             exp_annotations:
               summary: "a:8000 abstains more than its calibration baseline"
               description: "The abstained proportion is 25% above the calibration set's for 10 minutes: traffic may have drifted from the calibration distribution."
-              runbook: docs/operations.md#sdmabstentionabovebaseline"""
+              runbook: docs/operations.md#sdmabstentionabovebaseline"""  # noqa: E501 - alerts.yml's text, verbatim
         )
         alerts_block = "exp_alerts:" + expected if fires else "exp_alerts: []"
         (folder / "test.yml").write_text(f"""rule_files: [recording.yml, alerts.yml]

@@ -137,7 +137,8 @@ def test_importing_the_estimator_loads_no_language_model_stack():
         "import importlib, sys\n"
         f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft') or m.startswith('sdm_core.lm')))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft') or "
+        "m.startswith('sdm_core.lm')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

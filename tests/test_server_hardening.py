@@ -421,7 +421,7 @@ def test_text_that_merely_looks_like_markup_is_accepted(client) -> None:
     assert client.post("/generate", json={"prompt": "what does <|im_end|x> or <b> mean?"}).status_code == 200
 
 
-# -- 10: JSON only; CORS off by default ---------------------------------------------------------------------------------
+# -- 10: JSON only; CORS off by default --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]
 )
@@ -465,7 +465,7 @@ def test_cors_is_off_by_default_and_on_for_the_configured_origins(server, tiny_b
     assert post.status_code == 200 and post.headers["access-control-allow-origin"] == "https://app.example"
 
 
-# -- 11: key ids and client request ids in the access log ----------------------------------------------------------------
+# -- 11: key ids and client request ids in the access log --------------------------------------------------------------
 def test_access_log_has_a_key_id_and_keeps_client_ids_apart(server, caplog) -> None:
     import hashlib
 
@@ -497,7 +497,7 @@ def test_access_log_has_a_key_id_and_keeps_client_ids_apart(server, caplog) -> N
     assert {rec.request_id for rec in lines} == set(ids)
 
 
-# -- 12: Retry-After from recent service times ------------------------------------------------------------------------------
+# -- 12: Retry-After from recent service times -------------------------------------------------------------------------
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -539,7 +539,7 @@ def test_retry_after_without_history_is_at_least_the_running_time() -> None:
     assert asyncio.run(go()) >= 6
 
 
-# -- 13: SSE keep-alives --------------------------------------------------------------------------------------------------
+# -- 13: SSE keep-alives -----------------------------------------------------------------------------------------------
 def test_a_withheld_stream_sends_keepalive_comments(tiny_bundle) -> None:
     async def go(app, c):
         slow_down(app.state.server.manager.current.backend, 0.05)
@@ -554,7 +554,7 @@ def test_a_withheld_stream_sends_keepalive_comments(tiny_bundle) -> None:
     assert r.text.rstrip().endswith("data: [DONE]")
 
 
-# -- 14: the abstention in message.refusal -----------------------------------------------------------------------------------
+# -- 14: the abstention in message.refusal -----------------------------------------------------------------------------
 def test_a_withheld_chat_answer_carries_the_reason_in_refusal(client, tiny_bundle) -> None:
     body = client.post(
         "/v1/chat/completions",

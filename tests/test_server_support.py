@@ -141,7 +141,8 @@ def _build(root: Path) -> TinyBundle:
     abstained = [(p, scores.abstention_reason[i]) for i, p in enumerate(candidates) if not scores.admitted[i]]
     if not (admitted and predicted_no and abstained):
         raise RuntimeError(
-            f"the tiny bundle has no example of every outcome: admitted={admitted} no={predicted_no} abstained={abstained}"
+            f"the tiny bundle has no example of every outcome: admitted={admitted} no={predicted_no} "
+            f"abstained={abstained}"
         )
     return TinyBundle(path, path2, admitted[0], predicted_no[0], abstained[0][0], abstained[0][1], admitted)
 

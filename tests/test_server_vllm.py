@@ -33,7 +33,8 @@ def _vllm_importable() -> bool:
 
 requires_vllm = pytest.mark.skipif(
     not _vllm_importable() and os.environ.get("SDM_REQUIRE_VLLM") != "1",
-    reason="vllm is not installed (deploy/ci/install_vllm.sh builds .venv-vllm; SDM_REQUIRE_VLLM=1 makes this a failure)",
+    reason="vllm is not installed (deploy/ci/install_vllm.sh builds .venv-vllm; SDM_REQUIRE_VLLM=1 makes this a "
+    "failure)",
 )
 
 

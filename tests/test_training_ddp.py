@@ -25,7 +25,8 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 def _run(command: list[str], out: Path, timeout: int = 600) -> dict:
-    # CPU processes (gloo) even on a GPU machine: two ranks cannot share one GPU under NCCL, and CPU runs compare exactly.
+    # CPU processes (gloo) even on a GPU machine: two ranks cannot share one GPU under NCCL, and CPU runs compare
+    # exactly.
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

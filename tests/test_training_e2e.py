@@ -138,7 +138,8 @@ def test_cross_entropy_baseline_runs_on_the_same_encoding(tmp_path):
 
 
 def _finetune(out: Path, *extra: str, crash_after_step: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m training.finetune`` on the tiny preset, or the same run killed after a checkpoint (tests/crashing_finetune.py)."""
+    """``python -m training.finetune`` on the tiny preset, or the same run killed after a checkpoint
+    (tests/crashing_finetune.py)."""
     entry = (
         ["-m", "training.finetune"]
         if crash_after_step is None

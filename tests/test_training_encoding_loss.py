@@ -12,7 +12,10 @@ from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, chat_messages, 
 from training.encoding import IGNORE_INDEX, collate, encode_instance
 from training.loss import ce_token_loss, logits_to_keep, sdm_token_loss
 
-PROMPT = "Complete the sentence 'Neat plans' by reordering all of the following without adding new punctuation nor words: 'fail luck. without'."
+PROMPT = (
+    "Complete the sentence 'Neat plans' by reordering all of the following without adding new punctuation nor "
+    "words: 'fail luck. without'."
+)
 POSITIVE = "<sentence>Neat plans fail without luck.</sentence>\n<verified>Yes</verified>"
 NEGATIVE = "<sentence>Neat plans without fail luck.\n<verified>No</verified>"
 CHAT = ChatFormat()

@@ -44,7 +44,8 @@ def _fsdp2_available() -> bool:
 
 
 def _fsdp_environment() -> dict[str, str]:
-    """The FSDP_* / ACCELERATE_* variables that ``accelerate launch`` derives from fsdp.yaml (the tiny model is a Llama)."""
+    """The FSDP_* / ACCELERATE_* variables that ``accelerate launch`` derives from fsdp.yaml (the tiny model is a
+    Llama)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 

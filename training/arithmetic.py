@@ -11,8 +11,8 @@ function ``arithmetic`` (training.correctness) compares the integer in the first
 
 Writes train.jsonl, calibration.jsonl, test.jsonl (operands of min..max digits), holdout.jsonl
 when --holdout is given (more problems of the same kind that fine-tuning never sees, for calibration and
-certification, as word ordering's holdout split), digits_shift.jsonl (operands of max+1..max+2 digits: out of distribution, as word
-ordering's length-shift set is) and manifest.json.
+certification, as word ordering's holdout split), digits_shift.jsonl (operands of max+1..max+2 digits: out of
+distribution, as word ordering's length-shift set is) and manifest.json.
 
 How the problems are drawn: each split has its own RNG (seeded with "<seed>:<split>") and
 the splits are drawn in the order test, calibration, train, holdout, digits_shift; a problem
@@ -114,7 +114,8 @@ def slip(value: int, op: str, rng: random.Random) -> tuple[int, str]:
 def make_record(
     a: int, op: str, b: int, rng: random.Random, *, record_id: str, tag_drop_prob: float, extra_meta: dict | None = None
 ) -> Record:
-    """One arithmetic Record. Draws happen in a fixed order (slip, then tag drop), so a seeded rng gives the same record."""
+    """One arithmetic Record. Draws happen in a fixed order (slip, then tag drop), so a seeded rng gives the same
+    record."""
     value = OPERATIONS[op](a, b)
     wrong, kind = slip(value, op, rng)
     assert wrong != value, "a slip always changes the value"

@@ -98,9 +98,15 @@ def _explain(error) -> str:
         )
         return f"{_where(error)} must be {expected}, got {type(error.instance).__name__}"
     if kind == "pattern" and path == ["positive"]:
-        return f"field 'positive' does not end with {YES_TAG}; append the tag to the target completion (only whitespace may follow it)"
+        return (
+            f"field 'positive' does not end with {YES_TAG}; append the tag to the target completion (only "
+            "whitespace may follow it)"
+        )
     if kind == "pattern" and path == ["negative"]:
-        return f"field 'negative' does not end with {NO_TAG}; append the tag to the static negative (only whitespace may follow it)"
+        return (
+            f"field 'negative' does not end with {NO_TAG}; append the tag to the static negative (only whitespace "
+            "may follow it)"
+        )
     if kind == "pattern" and path == ["id"]:
         return "field 'id' is empty; give every record a unique non-empty id"
     if kind == "pattern" and path == ["prompt"]:

@@ -177,7 +177,8 @@ class SDMTrainer:
             # FSDP1 wraps the model so that its unwrapped module holds flattened shards: the no-grad passes and the
             # checkpoints here are written for FSDP2 (fully_shard), where the model stays the root module.
             raise ValueError(
-                "FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config (training/accelerate/fsdp.yaml)"
+                "FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config "
+                "(training/accelerate/fsdp.yaml)"
             )
         if self.config.mixed_precision == "bf16" and self.accelerator.device.type == "cpu" and not _cpu_has_bf16():
             log.warning(

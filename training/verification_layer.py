@@ -121,7 +121,8 @@ def shared_prefix_lengths(
 
 
 def prefix_embeddings(final_states: torch.Tensor, lengths: Sequence[int], recipe: HiddenStateRecipe) -> torch.Tensor:
-    """h of the recipe ([mean; last] of the final layer) over the first ``lengths[i]`` tokens of row i: (B, 2H) on CPU."""
+    """h of the recipe ([mean; last] of the final layer) over the first ``lengths[i]`` tokens of row i: (B, 2H) on
+    CPU."""
     return pool_prefixes(final_states.detach().float(), list(lengths), recipe).cpu()
 
 
@@ -136,7 +137,8 @@ def fit_verification_layer(
     calibration = [k for k, i in enumerate(instances) if not flags[i.doc_id]]
     if len(support) < 2 or not calibration:
         raise ValueError(
-            f"the SDM layer needs at least 2 support and 1 calibration documents, got {len(support)} and {len(calibration)}; use more documents"
+            f"the SDM layer needs at least 2 support and 1 calibration documents, got {len(support)} and "
+            f"{len(calibration)}; use more documents"
         )
     labels = torch.tensor([i.label for i in instances], dtype=torch.long)
     s, c = torch.tensor(support), torch.tensor(calibration)

@@ -52,7 +52,10 @@ def wilson(successes: str, trials: str, sign: int, z: float = 1.96) -> str:
     p = f"({successes} / ({trials} > 0))"
     n = f"({trials})"
     op = "-" if sign < 0 else "+"
-    return f"({p} + {z * z:.4f} / (2 * {n}) {op} {z} * sqrt({p} * (1 - {p}) / {n} + {z * z:.4f} / (4 * {n} ^ 2))) / (1 + {z * z:.4f} / {n})"
+    return (
+        f"({p} + {z * z:.4f} / (2 * {n}) {op} {z} * sqrt({p} * (1 - {p}) / {n} + {z * z:.4f} / (4 * {n} ^ 2))) / (1 "
+        f"+ {z * z:.4f} / {n})"
+    )
 
 
 def q(
@@ -247,7 +250,8 @@ def build() -> dict:
             "low_similarity, below_threshold, predicted_no.",
             [
                 q(
-                    f"sum by (reason) (rate(sdm_abstentions_total{{{SEL}}}[{WINDOW}])) / ignoring (reason) group_left () {ANSWERED}",
+                    f"sum by (reason) (rate(sdm_abstentions_total{{{SEL}}}[{WINDOW}])) / ignoring (reason) group_left "
+                    f"() {ANSWERED}",
                     "{{reason}}",
                 )
             ],
@@ -294,7 +298,8 @@ def build() -> dict:
             "exemplar of the predicted class among the nearest neighbours). SDMOODSpike watches it.",
             [
                 q(
-                    f'(sum(rate(sdm_abstentions_total{{{SEL}, reason="ood"}}[{WINDOW}])) or on () vector(0)) / {ANSWERED}',
+                    f'(sum(rate(sdm_abstentions_total{{{SEL}, reason="ood"}}[{WINDOW}])) or on () vector(0)) / '
+                    f"{ANSWERED}",
                     "ood",
                 )
             ],
@@ -308,7 +313,8 @@ def build() -> dict:
             "Generation attempts per request (max_attempts resamples until admitted).",
             [
                 q(
-                    f"sum(rate(sdm_attempts_sum{{{SEL}}}[{WINDOW}])) / sum(rate(sdm_attempts_count{{{SEL}}}[{WINDOW}]))",
+                    f"sum(rate(sdm_attempts_sum{{{SEL}}}[{WINDOW}])) / "
+                    f"sum(rate(sdm_attempts_count{{{SEL}}}[{WINDOW}]))",
                     "mean",
                     "A",
                 ),
@@ -392,7 +398,8 @@ def build() -> dict:
         ts(
             "Latency by stage (p50 / p95 / p99)",
             "sdm_stage_latency_seconds by stage: queue (waiting for a "
-            "slot), generation, verification (hidden-state pass + SDM head), total. SDMHighLatencyP95 watches total p95.",
+            "slot), generation, verification (hidden-state pass + SDM head), total. SDMHighLatencyP95 watches total "
+            "p95.",
             quantiles("sdm_stage_latency_seconds", by="stage", qs=(0.5, 0.95, 0.99)),
             "s",
             w=24,
@@ -451,7 +458,8 @@ def build() -> dict:
             "Mean requests per backend batch, for generation and for the hidden-state pass.",
             [
                 q(
-                    f"sum by (kind) (rate(sdm_batch_size_sum{{{SEL}}}[{WINDOW}])) / sum by (kind) (rate(sdm_batch_size_count{{{SEL}}}[{WINDOW}]))",
+                    f"sum by (kind) (rate(sdm_batch_size_sum{{{SEL}}}[{WINDOW}])) / sum by (kind) "
+                    f"(rate(sdm_batch_size_count{{{SEL}}}[{WINDOW}]))",
                     "{{kind}}",
                 )
             ],
@@ -467,7 +475,8 @@ def build() -> dict:
             "hidden-state pass. A falling share means more outputs end without the model writing <verified>.",
             [
                 q(
-                    f'(sum(rate(sdm_hidden_state_sources_total{{{SEL}, source="reused"}}[{WINDOW}])) or on () vector(0)) '
+                    f'(sum(rate(sdm_hidden_state_sources_total{{{SEL}, source="reused"}}[{WINDOW}])) or on () '
+                    "vector(0)) "
                     f"/ sum(rate(sdm_hidden_state_sources_total{{{SEL}}}[{WINDOW}]))",
                     "reused share",
                 )
@@ -479,8 +488,14 @@ def build() -> dict:
 
     # -- live accuracy (client labels) ---------------------------------------------------------------------------
     d = d.with_row(dash.Row("Live accuracy of admitted answers"))
-    labelled = f'sum by (alpha) (increase(sdm_feedback_labels_total{{{SEL}, decision="admitted", label=~"correct|wrong"}}[{ACCURACY_WINDOW}]))'
-    correct = f'sum by (alpha) (increase(sdm_feedback_labels_total{{{SEL}, decision="admitted", label="correct"}}[{ACCURACY_WINDOW}]))'
+    labelled = (
+        f'sum by (alpha) (increase(sdm_feedback_labels_total{{{SEL}, decision="admitted", '
+        f'label=~"correct|wrong"}}[{ACCURACY_WINDOW}]))'
+    )
+    correct = (
+        f'sum by (alpha) (increase(sdm_feedback_labels_total{{{SEL}, decision="admitted", '
+        f'label="correct"}}[{ACCURACY_WINDOW}]))'
+    )
     d = d.with_panel(
         ts(
             "Observed accuracy of admitted answers vs alpha",
@@ -598,7 +613,8 @@ def build() -> dict:
         .targets(
             [
                 q(
-                    f"max by (instance, model, bundle, head_version, default_alpha, calibration_admitted_proportion) (sdm_bundle_info{{{SEL}}})",
+                    "max by (instance, model, bundle, head_version, default_alpha, calibration_admitted_proportion) "
+                    f"(sdm_bundle_info{{{SEL}}})",
                     instant=True,
                     fmt=PromQueryFormat.TABLE,
                 )

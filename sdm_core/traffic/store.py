@@ -114,7 +114,8 @@ class Feedback:
 
 @dataclass
 class FeedbackResult:
-    """What :meth:`TrafficStore.set_feedback` did: the records labelled (as they are now) and the label each had before."""
+    """What :meth:`TrafficStore.set_feedback` did: the records labelled (as they are now) and the label each had
+    before."""
 
     records: list[TrafficRecord] = field(default_factory=list)
     previous: dict[str, str | None] = field(default_factory=dict)
@@ -154,7 +155,8 @@ class TrafficStore:
             self.engine: Engine = create_engine(url, **kwargs)
         except (ArgumentError, ImportError) as exc:
             raise StoreError(
-                f"cannot open the traffic store {redact_url(url)}: {exc} (for PostgreSQL install psycopg: pip install 'sdm-lm[store]')"
+                f"cannot open the traffic store {redact_url(url)}: {exc} (for PostgreSQL install psycopg: pip install "
+                "'sdm-lm[store]')"
             ) from None
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
