@@ -536,10 +536,23 @@ def test_unfitted_estimator_raises_not_fitted_error(tmp_path):
         lambda: est.add_exemplars(x, [0, 1], ["a", "b"]),
         lambda: est.summary(),
         lambda: est.num_classes,
+        lambda: est.input_dim,
+        lambda: est.fitted_parts(),
     ):
         with pytest.raises(NotFittedError):
             call()
     assert not (tmp_path / "x").exists()
+
+
+def test_fitted_parts_are_the_estimators_own(fitted):
+    parts = fitted.fitted_parts()
+    assert parts.adaptor is fitted.adaptor and parts.support is fitted.support
+    assert parts.ladder is fitted.ladder and parts.calibration is fitted.calibration
+    # A partly restored estimator (here without its ladder) is still unfitted, not half-usable.
+    broken = SDMEstimator(fitted.config)
+    broken.adaptor, broken.support, broken.calibration = fitted.adaptor, fitted.support, fitted.calibration
+    with pytest.raises(NotFittedError):
+        broken.fitted_parts()
 
 
 def test_wrong_embedding_dimension_is_refused(fitted):
