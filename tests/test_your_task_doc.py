@@ -19,8 +19,8 @@ from test_server_support import free_port
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "your-task.md"
 BLOCK_RE = re.compile(r"<!-- doc-test(?:: (?P<kind>\w+))? -->\n```bash\n(?P<body>.*?)```", re.DOTALL)
-DOC_SIZES = "--train 864 --calibration 512 --test 256 --shift 256"
-TINY_SIZES = "--train 32 --calibration 24 --test 16 --shift 16"
+DOC_SIZES = "--train 864 --calibration 256 --holdout 1024 --test 256 --shift 256"
+TINY_SIZES = "--train 32 --calibration 8 --holdout 16 --test 16 --shift 16"
 pytestmark = pytest.mark.slow
 
 
@@ -38,6 +38,7 @@ def test_the_marked_blocks_cover_the_whole_path():
         "training.correctness",
         "python -m training.finetune",
         "python -m training.calibrate",
+        "python -m training.certify",
         "python -m training.evaluate",
         "curl -s localhost:8000/generate",
     ):
@@ -124,6 +125,9 @@ def test_the_documents_commands_run_on_the_tiny_model(tmp_path):
     assert "my_task.checks:city resolves and checks" in outputs[1]
     info = json.loads((work / "bundles" / "arith" / "bundle.json").read_text())
     assert info["certification"]["documents"] == 4, "the tiny preset certifies on 4 held-out documents"
+    recertified = json.loads((work / "bundles" / "arith-certified" / "bundle.json").read_text())
+    assert recertified["certification"]["documents"] == 16, "training.certify certifies on every test prompt"
+    assert recertified["head"] == info["head"], "re-certification keeps the head"
     metrics = json.loads((work / "reports" / "arith" / "metrics.json").read_text())
     assert metrics["config"]["correctness"] == "arithmetic" and set(metrics["results"]["arith"]) == {"test", "shift"}
     answer = json.loads(outputs[-1].strip().splitlines()[-1])

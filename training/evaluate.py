@@ -1,9 +1,9 @@
 """``python -m training.evaluate``: test-set evaluation of one or more bundles, laid out like the LM paper.
 
 For every bundle and every record file: greedy-decode each prompt with the bundle's model and chat format, label
-the generation with the task's correctness function (y = r(generation, reference), SDM_SPEC §4.3), build the
-verification input exactly as the server does (the response truncated after its right-most ``<verified>``, or
-with one appended, wrapped in the chat template), embed it with the bundle's hidden-state recipe and score it
+the generation, cut where the server's output ends (its first verified element), with the task's correctness
+function (y = r(generation, reference), SDM_SPEC §4.3), build the verification input exactly as the server does
+(the response truncated after its ``<verified>``, or with one appended, wrapped in the chat template), embed it with the bundle's hidden-state recipe and score it
 with the bundle's SDM head. Alongside, the generation's surface metrics (§4.3): sentence accuracy, exact-match
 accuracy, "no response" count, word-level accuracy and the model's own Yes/No tag against sentence correctness.
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from sdm_core.lm.embedding import ChatFormat
+from sdm_core.lm.embedding import ChatFormat, served_generation
 from training.encoding import generation_prompt
 from training.records import Record
 
@@ -100,9 +100,13 @@ class LabelledGenerations:
 def label_generations(
     records: Sequence[Record], texts: Sequence[str], correct: Callable[[str, str], bool]
 ) -> LabelledGenerations:
-    """Label generations with the task's correctness function, against each record's reference (or positive)."""
+    """Label generations with the task's correctness function, against each record's reference (or positive).
+
+    Each generation is first cut where the server's output would end (:func:`served_generation`), so the label
+    and the head's input describe the answer a user is served, not text the server never generates."""
     if len(records) != len(texts):
         raise ValueError(f"{len(records)} records but {len(texts)} generations")
+    texts = [served_generation(text) for text in texts]
     labels = [int(bool(correct(text, record.reference or record.positive))) for record, text in zip(records, texts)]
     return LabelledGenerations(list(texts), labels)
 

@@ -22,6 +22,7 @@ __all__ = [
     "ChatFormat",
     "HiddenStateRecipe",
     "verification_prefix",
+    "served_generation",
     "chat_messages",
     "verification_text",
     "embed_texts",
@@ -93,6 +94,26 @@ def verification_prefix(response: str, verified_open: str = VERIFIED_OPEN) -> st
     if cut >= 0:
         return response[: cut + len(verified_open)]
     return response.rstrip() + "\n" + verified_open
+
+
+def served_generation(generation: str, verified_open: str = VERIFIED_OPEN, verified_close: str = VERIFIED_CLOSE) -> str:
+    """A free-running generation cut where the server's output ends: through its first verified element.
+
+    The server stops generating at the first ``<verified>`` (an inclusive stop string) and embeds the text up to
+    it; :func:`verification_prefix` cuts at the right-most one. A generation that writes several answer/tag pairs
+    is therefore cut here first, so that calibration, certification and evaluation embed exactly what serving
+    embeds. The model's own closing tag is kept so that correctness functions that pair an answer with its tag
+    still see it. A generation without ``<verified>`` is returned whole; one whose first tag never closes is cut
+    right after ``<verified>``, as the server cuts it.
+    """
+    start = generation.find(verified_open)
+    if start < 0:
+        return generation
+    close = generation.find(verified_close, start + len(verified_open))
+    nested = generation.find(verified_open, start + len(verified_open))
+    if close < 0 or (0 <= nested < close):
+        return generation[: start + len(verified_open)]
+    return generation[: close + len(verified_close)]
 
 
 def chat_messages(prompt: str | Sequence[dict], chat: ChatFormat) -> list[dict]:
