@@ -36,12 +36,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdm_core import SDMConfig  # noqa: E402
-from sdm_core.lm.bundle import load_bundle  # noqa: E402
 from sdm_core.certification import certify_ladder  # noqa: E402
+from sdm_core.lm.bundle import load_bundle  # noqa: E402
 from sdm_core.lm.embedding import HiddenStateRecipe, chat_messages, embed_texts, verification_text  # noqa: E402
+from sdm_core.report import auroc  # noqa: E402
 from training.correctness import get_correctness, is_verbatim, normalize_hard_negative  # noqa: E402
 from training.generation import greedy_generate  # noqa: E402
-from sdm_core.report import auroc  # noqa: E402
 from training.records import load_records  # noqa: E402
 from training.splits import split_documents  # noqa: E402
 from training.verification_layer import (  # noqa: E402
@@ -71,7 +71,9 @@ def views_of(model, tokenizer, instances, chat, recipe: HiddenStateRecipe, layer
     for inst in instances:
         text = verification_text(tokenizer, inst.prompt, inst.response, chat, recipe)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][-recipe.max_length :]
-        prompt_text = tokenizer.apply_chat_template(chat_messages(inst.prompt, chat), tokenize=False, add_generation_prompt=True)
+        prompt_text = tokenizer.apply_chat_template(
+            chat_messages(inst.prompt, chat), tokenize=False, add_generation_prompt=True
+        )
         start = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
         rows.append((ids, min(start, len(ids) - 1)))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
@@ -122,21 +124,29 @@ def probe_auroc(x_train, y_train, tests: dict, steps: int = 300) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True)
-    parser.add_argument("--pool", required=True, help="comma-separated record files (PATH or PATH:START-END) the model never trained on")
+    parser.add_argument(
+        "--pool", required=True, help="comma-separated record files (PATH or PATH:START-END) the model never trained on"
+    )
     parser.add_argument("--heldout", required=True, help="comma-separated NAME=PATH[:START-END] held-out record files")
-    parser.add_argument("--generations", default="", help="JSONL {id, generation} decodings to reuse (others are decoded)")
+    parser.add_argument(
+        "--generations", default="", help="JSONL {id, generation} decodings to reuse (others are decoded)"
+    )
     parser.add_argument("--certification-docs", type=int, default=256)
     parser.add_argument("--split-seed", type=int, default=PAPER_SPLIT_SEED)
     parser.add_argument("--instance-seed", type=int, default=PAPER_INSTANCE_SEED)
     parser.add_argument("--layers", default="-1,9,12,15,18,21,24,27")
-    parser.add_argument("--sdm-top", type=int, default=3, help="fit SDM heads for the N best probe representations (and the recipe)")
+    parser.add_argument(
+        "--sdm-top", type=int, default=3, help="fit SDM heads for the N best probe representations (and the recipe)"
+    )
     parser.add_argument("--supports", default="mixture,generations,both")
     parser.add_argument("--sdm-epochs", type=int, default=300)
     parser.add_argument("--sdm-learning-rate", type=float, default=3e-4)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--correctness", default="word_order")
-    parser.add_argument("--save-features", default="", help="write the extracted features to this .pt-free folder (safetensors)")
+    parser.add_argument(
+        "--save-features", default="", help="write the extracted features to this .pt-free folder (safetensors)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     bundle = load_bundle(args.bundle)
@@ -158,16 +168,23 @@ def main() -> None:
     missing = [r for r in everything if r.id not in cached]
     if missing:
         print(f"decoding {len(missing)} prompts", file=sys.stderr, flush=True)
-        texts = greedy_generate(model, tokenizer, [prompt_of(r) for r in missing], info.chat, args.max_new_tokens, args.batch_size)
+        texts = greedy_generate(
+            model, tokenizer, [prompt_of(r) for r in missing], info.chat, args.max_new_tokens, args.batch_size
+        )
         cached.update({r.id: t for r, t in zip(missing, texts)})
 
     splits = split_documents([r.id for r in pool], args.certification_docs, args.split_seed)
     support_docs = [r for r in pool if splits[r.id] == "support"]
     label = {r.id: int(bool(correct(cached[r.id], r.reference or r.positive))) for r in everything}
     own = [Instance(r.id, prompt_of(r), cached[r.id], label[r.id]) for r in everything]
-    hard = {r.id: [normalize_hard_negative(cached[r.id])] for r in support_docs
-            if not label[r.id] and not is_verbatim(cached[r.id], r.positive)}
-    mixture = draw_layer_instances(support_docs, hard, random.Random(args.instance_seed), 0.5, prefer_hard_negatives=True)
+    hard = {
+        r.id: [normalize_hard_negative(cached[r.id])]
+        for r in support_docs
+        if not label[r.id] and not is_verbatim(cached[r.id], r.positive)
+    }
+    mixture = draw_layer_instances(
+        support_docs, hard, random.Random(args.instance_seed), 0.5, prefer_hard_negatives=True
+    )
     layers = [int(x) for x in args.layers.split(",")]
     yes_ids = tokenizer(info.tags.yes, add_special_tokens=False)["input_ids"]
     if len(yes_ids) != 1:
@@ -175,20 +192,39 @@ def main() -> None:
     t = time.perf_counter()
     feats, p_yes = views_of(model, tokenizer, own + mixture, info.chat, recipe, layers, yes_ids[0], args.batch_size)
     feature_seconds = time.perf_counter() - t
-    check = embed_texts(model, tokenizer, [verification_text(tokenizer, i.prompt, i.response, info.chat, recipe) for i in own[:4]], recipe, 4)
+    check = embed_texts(
+        model,
+        tokenizer,
+        [verification_text(tokenizer, i.prompt, i.response, info.chat, recipe) for i in own[:4]],
+        recipe,
+        4,
+    )
     if not torch.allclose(check, feats[(-1, "mean_last")][:4], rtol=1e-4, atol=1e-4):
-        raise SystemExit("error: the layer -1 mean_last view differs from embed_texts; the bench would not measure the recipe")
+        raise SystemExit(
+            "error: the layer -1 mean_last view differs from embed_texts; the bench would not measure the recipe"
+        )
     n_own = len(own)
     index = {r.id: k for k, r in enumerate(everything)}
-    pool_rows = {s: [index[r.id] for r in pool if splits[r.id] == s] for s in ("support", "calibration", "certification")}
+    pool_rows = {
+        s: [index[r.id] for r in pool if splits[r.id] == s] for s in ("support", "calibration", "certification")
+    }
     held_rows = {name: [index[r.id] for r in rs] for name, rs in heldout.items()}
     y_all = torch.tensor([label[r.id] for r in everything])
-    result = {"bundle": args.bundle, "pool": len(pool), "split_sizes": {s: len(v) for s, v in pool_rows.items()},
-              "accuracy": {"pool": float(y_all[[index[r.id] for r in pool]].float().mean()),
-                           **{n: float(y_all[v].float().mean()) for n, v in held_rows.items()}},
-              "feature_seconds": round(feature_seconds, 1),
-              "lm_p_yes_auroc": {n: auroc(p_yes[v], y_all[v]) for n, v in {**held_rows, "certification": pool_rows["certification"]}.items()},
-              "probe_auroc": {}, "sdm": {}}
+    result = {
+        "bundle": args.bundle,
+        "pool": len(pool),
+        "split_sizes": {s: len(v) for s, v in pool_rows.items()},
+        "accuracy": {
+            "pool": float(y_all[[index[r.id] for r in pool]].float().mean()),
+            **{n: float(y_all[v].float().mean()) for n, v in held_rows.items()},
+        },
+        "feature_seconds": round(feature_seconds, 1),
+        "lm_p_yes_auroc": {
+            n: auroc(p_yes[v], y_all[v]) for n, v in {**held_rows, "certification": pool_rows["certification"]}.items()
+        },
+        "probe_auroc": {},
+        "sdm": {},
+    }
     # Probe: fitted on the calibration half's generations.
     fit_rows = pool_rows["calibration"]
     tests = {n: v for n, v in {**held_rows, "certification": pool_rows["certification"]}.items()}
@@ -206,24 +242,44 @@ def main() -> None:
             elif support == "generations":
                 sup = [(k, own[k]) for k in pool_rows["support"]]
             else:
-                sup = [(n_own + k, inst) for k, inst in enumerate(mixture)] + [(k, Instance(own[k].doc_id + "#gen", own[k].prompt, own[k].response, own[k].label)) for k in pool_rows["support"]]
+                sup = [(n_own + k, inst) for k, inst in enumerate(mixture)] + [
+                    (k, Instance(own[k].doc_id + "#gen", own[k].prompt, own[k].response, own[k].label))
+                    for k in pool_rows["support"]
+                ]
             cal = [(k, own[k]) for k in pool_rows["calibration"]]
             rows = [r for r, _ in sup] + [r for r, _ in cal]
             instances = [i for _, i in sup] + [i for _, i in cal]
             flags = {i.doc_id: True for _, i in sup} | {i.doc_id: False for _, i in cal}
-            sdm = SDMConfig(exemplar_dim=1000, epochs=args.sdm_epochs, learning_rate=args.sdm_learning_rate, progress=False,
-                            class_names=("No", "Yes"), alpha=0.95)
+            sdm = SDMConfig(
+                exemplar_dim=1000,
+                epochs=args.sdm_epochs,
+                learning_rate=args.sdm_learning_rate,
+                progress=False,
+                class_names=("No", "Yes"),
+                alpha=0.95,
+            )
             t = time.perf_counter()
             head = fit_verification_layer(x[rows], instances, flags, sdm)
             fit_seconds = time.perf_counter() - t
             cert_rows = pool_rows["certification"]
             s = head.predict_scores(x[cert_rows])
-            certification, ladder = certify_ladder(head.ladder, s.probabilities, s.predictions, s.q_prime, y_all[cert_rows].bool())
+            certification, ladder = certify_ladder(
+                head.ladder, s.probabilities, s.predictions, s.q_prime, y_all[cert_rows].bool()
+            )
             head.ladder = ladder
-            entry = {"fit_seconds": round(fit_seconds, 1),
-                     "calibration_regions": {f"{a:g}": r.calibration_admitted for a, r in head.ladder.regions.items() if r.exists},
-                     "certification": {f"{r.alpha:g}": [r.admitted, r.correct, round(r.p_value, 4), r.status] for r in certification.rows if r.admitted},
-                     "withdrawn": list(certification.withdrawn), "heldout": {}}
+            entry = {
+                "fit_seconds": round(fit_seconds, 1),
+                "calibration_regions": {
+                    f"{a:g}": r.calibration_admitted for a, r in head.ladder.regions.items() if r.exists
+                },
+                "certification": {
+                    f"{r.alpha:g}": [r.admitted, r.correct, round(r.p_value, 4), r.status]
+                    for r in certification.rows
+                    if r.admitted
+                },
+                "withdrawn": list(certification.withdrawn),
+                "heldout": {},
+            }
             for name, v in {**held_rows, "certification": cert_rows}.items():
                 sc = head.predict_scores(x[v])
                 yes_prob = sc.probabilities[:, 1]

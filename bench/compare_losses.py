@@ -44,14 +44,24 @@ def finetune(preset: str, loss: str, out: Path, progress: bool) -> tuple[Path, f
 
 
 def arm_summary(metrics: dict, name: str) -> dict:
-    out = {"certified_alphas": metrics["bundles"][name]["certified_alphas"],
-           "withdrawn_alphas": metrics["bundles"][name]["withdrawn_alphas"], "datasets": {}}
+    out = {
+        "certified_alphas": metrics["bundles"][name]["certified_alphas"],
+        "withdrawn_alphas": metrics["bundles"][name]["withdrawn_alphas"],
+        "datasets": {},
+    }
     for dataset, result in metrics["results"][name].items():
-        admitted = {f"{r['alpha']:g}": [r["verified"]["admitted"], r["verified"]["correct"]]
-                    for r in result["methods"]["sdm_hr"] if r["verified"]["admitted"]}
-        out["datasets"][dataset] = {"n": result["n"], "generation_acc": round(result["generation_acc"], 4),
-                                    "auroc_sdm": result["auroc"]["sdm"], "auroc_lm_p_yes": result["auroc"]["lm_probability"],
-                                    "sdm_hr_admitted_correct": admitted}
+        admitted = {
+            f"{r['alpha']:g}": [r["verified"]["admitted"], r["verified"]["correct"]]
+            for r in result["methods"]["sdm_hr"]
+            if r["verified"]["admitted"]
+        }
+        out["datasets"][dataset] = {
+            "n": result["n"],
+            "generation_acc": round(result["generation_acc"], 4),
+            "auroc_sdm": result["auroc"]["sdm"],
+            "auroc_lm_p_yes": result["auroc"]["lm_probability"],
+            "sdm_hr_admitted_correct": admitted,
+        }
     return out
 
 
@@ -84,21 +94,50 @@ def main() -> None:
     training = json.loads((runs["sdm"] / "config.json").read_text())["config"]
     files = ",".join(str(data / f) for f in ("calibration.jsonl", "holdout.jsonl") if (data / f).is_file())
     started = time.perf_counter()
-    bundles["base"] = Path(calibrate(build(CalibrateConfig, {
-        **settings, "model": dict(training["model"]), "calibration": files, "out": str(out / "bundle_base"),
-        "correctness": training.get("correctness", "word_order"), "system_prompt": training.get("system_prompt"),
-        "recipe_sequence_end": training.get("recipe_sequence_end", "template")}))["bundle"])
+    bundles["base"] = Path(
+        calibrate(
+            build(
+                CalibrateConfig,
+                {
+                    **settings,
+                    "model": dict(training["model"]),
+                    "calibration": files,
+                    "out": str(out / "bundle_base"),
+                    "correctness": training.get("correctness", "word_order"),
+                    "system_prompt": training.get("system_prompt"),
+                    "recipe_sequence_end": training.get("recipe_sequence_end", "template"),
+                },
+            )
+        )["bundle"]
+    )
     seconds["calibrate_base"] = time.perf_counter() - started
     started = time.perf_counter()
-    metrics = evaluate(build(EvaluateConfig, {
-        **EVALUATE_PRESETS.get(args.preset, {}), "progress": args.progress, "max_docs": args.max_eval_docs,
-        "bundles": tuple(f"{n}={p}" for n, p in bundles.items()), "out": str(out / "eval"),
-        "correctness": training.get("correctness", "word_order"),
-        "data": tuple(f"{n}={data / f}" for n, f in HELDOUT if (data / f).is_file())}))
+    metrics = evaluate(
+        build(
+            EvaluateConfig,
+            {
+                **EVALUATE_PRESETS.get(args.preset, {}),
+                "progress": args.progress,
+                "max_docs": args.max_eval_docs,
+                "bundles": tuple(f"{n}={p}" for n, p in bundles.items()),
+                "out": str(out / "eval"),
+                "correctness": training.get("correctness", "word_order"),
+                "data": tuple(f"{n}={data / f}" for n, f in HELDOUT if (data / f).is_file()),
+            },
+        )
+    )
     seconds["evaluate"] = time.perf_counter() - started
-    print(json.dumps({"preset": args.preset, "out": str(out), "report": str(out / "eval" / "report.md"),
-                      "seconds": {k: round(v, 1) for k, v in seconds.items()},
-                      "arms": {name: arm_summary(metrics, name) for name in bundles}}))
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "out": str(out),
+                "report": str(out / "eval" / "report.md"),
+                "seconds": {k: round(v, 1) for k, v in seconds.items()},
+                "arms": {name: arm_summary(metrics, name) for name in bundles},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

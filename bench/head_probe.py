@@ -45,7 +45,9 @@ def hidden_views(model, tokenizer, instances, chat: ChatFormat, recipe: HiddenSt
     for inst in instances:
         text = verification_text(tokenizer, inst.prompt, inst.response, chat, recipe)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][-recipe.max_length :]
-        prompt_text = tokenizer.apply_chat_template(chat_messages(inst.prompt, chat), tokenize=False, add_generation_prompt=True)
+        prompt_text = tokenizer.apply_chat_template(
+            chat_messages(inst.prompt, chat), tokenize=False, add_generation_prompt=True
+        )
         start = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
         rows.append((ids, min(start, len(ids) - 1)))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
@@ -97,8 +99,10 @@ def summarise(head, instances, flags, kinds) -> dict:
         rows = [j for j, k in enumerate(cal) if kinds[k] == kind]
         if rows:
             accuracy[kind] = round(float((predictions[rows] == labels[rows]).float().mean()), 3)
-    regions = {str(a): (round(r.calibration_admitted / max(r.calibration_size, 1), 4) if r.exists else None)
-               for a, r in sorted(head.ladder.regions.items(), reverse=True)}
+    regions = {
+        str(a): (round(r.calibration_admitted / max(r.calibration_size, 1), 4) if r.exists else None)
+        for a, r in sorted(head.ladder.regions.items(), reverse=True)
+    }
     return {"accuracy": accuracy, "regions": regions}
 
 
@@ -108,19 +112,34 @@ def main() -> None:
     parser.add_argument("--generations", required=True, help="the .calibration_generations.jsonl that calibrate wrote")
     parser.add_argument("--checkpoint", default="best")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--heads", default="300:3e-4,1000:3e-4,1000:1e-3", help="comma-separated EPOCHS:LR head settings")
+    parser.add_argument(
+        "--heads", default="300:3e-4,1000:3e-4,1000:1e-3", help="comma-separated EPOCHS:LR head settings"
+    )
     args = parser.parse_args()
     config = CalibrateConfig(run=args.run, checkpoint=args.checkpoint, out="unused")
     source, cal_path, training = _resolve(config)
-    generations = {json.loads(line)["id"]: json.loads(line) for line in Path(args.generations).read_text().splitlines() if line.strip()}
+    generations = {
+        json.loads(line)["id"]: json.loads(line)
+        for line in Path(args.generations).read_text().splitlines()
+        if line.strip()
+    }
     records = [r for r in load_records(cal_path) if r.id in generations]
-    hard_negatives = {r.id: [normalize_hard_negative(generations[r.id]["generation"])] for r in records if generations[r.id]["hard_negative"]}
+    hard_negatives = {
+        r.id: [normalize_hard_negative(generations[r.id]["generation"])]
+        for r in records
+        if generations[r.id]["hard_negative"]
+    }
     split_rng = random.Random(config.split_seed)
     flags = {r.id: split_rng.random() < 0.5 for r in records}
-    instances = draw_layer_instances(records, hard_negatives, random.Random(config.instance_seed), 0.5, prefer_hard_negatives=True)
+    instances = draw_layer_instances(
+        records, hard_negatives, random.Random(config.instance_seed), 0.5, prefer_hard_negatives=True
+    )
     kinds = kinds_of(instances, hard_negatives)
     chat = ChatFormat(system_prompt=training.get("system_prompt", config.system_prompt))
-    recipe = HiddenStateRecipe(sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end), max_length=int(training.get("max_length", 2048)))
+    recipe = HiddenStateRecipe(
+        sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end),
+        max_length=int(training.get("max_length", 2048)),
+    )
     model, tokenizer = _load(source)
     started = time.perf_counter()
     views, verdict = hidden_views(model, tokenizer, instances, chat, recipe, args.batch_size)
@@ -128,19 +147,32 @@ def main() -> None:
     # The recipe's view must be what calibrate embedded (the same texts through embed_texts).
     check = embed_instances(model, tokenizer, instances[:4], chat, recipe, 4)
     if not torch.allclose(check, views["mean_last"][:4], rtol=1e-4, atol=1e-4):
-        raise SystemExit("error: the probe's [mean; last] differs from embed_texts; the probe would not measure the recipe")
+        raise SystemExit(
+            "error: the probe's [mean; last] differs from embed_texts; the probe would not measure the recipe"
+        )
     labels = torch.tensor([i.label for i in instances])
     lm = {}
     for kind in ("reference", "hard_negative", "static_negative"):
         rows = [k for k, x in enumerate(kinds) if x == kind]
         if rows:
             lm[kind] = round(float(((verdict[rows] > 0).long() == labels[rows]).float().mean()), 3)
-    result = {"instances": len(instances), "kinds": {k: kinds.count(k) for k in sorted(set(kinds))}, "embed_seconds": round(embed_seconds, 1),
-              "lm_verdict_accuracy": lm, "variants": {}}
+    result = {
+        "instances": len(instances),
+        "kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
+        "embed_seconds": round(embed_seconds, 1),
+        "lm_verdict_accuracy": lm,
+        "variants": {},
+    }
     for name, h in views.items():
         for setting in args.heads.split(","):
             epochs, lr = setting.split(":")
-            sdm = SDMConfig(exemplar_dim=1000, epochs=int(epochs), learning_rate=float(lr), progress=False, class_names=("No", "Yes"))
+            sdm = SDMConfig(
+                exemplar_dim=1000,
+                epochs=int(epochs),
+                learning_rate=float(lr),
+                progress=False,
+                class_names=("No", "Yes"),
+            )
             t = time.perf_counter()
             head = fit_verification_layer(h, instances, flags, sdm)
             summary = summarise(head, instances, flags, kinds)

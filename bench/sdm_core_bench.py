@@ -127,11 +127,18 @@ def main() -> None:
         return
     result = {"threads": torch.get_num_threads(), "dim": DIM, "backend": args.backend}
     passthrough = [
-        f"--support={args.support}", f"--calibration={args.calibration}", f"--queries={args.queries}", f"--single={args.single}",
-        f"--large-support={args.large_support}", f"--fit-epochs={args.fit_epochs}", f"--backend={args.backend}",
+        f"--support={args.support}",
+        f"--calibration={args.calibration}",
+        f"--queries={args.queries}",
+        f"--single={args.single}",
+        f"--large-support={args.large_support}",
+        f"--fit-epochs={args.fit_epochs}",
+        f"--backend={args.backend}",
     ]
     for case in args.cases.split(","):
-        out = subprocess.run([sys.executable, __file__, "--case", case, *passthrough], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--case", case, *passthrough], capture_output=True, text=True, check=True
+        )
         result.update(json.loads(out.stdout.strip().splitlines()[-1]))
     print(json.dumps(result))
 

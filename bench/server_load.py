@@ -171,9 +171,11 @@ class ServerProcess:
             argv += [f"--{name.replace('_', '-')}", str(value)]
         return argv
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(self.argv(), cwd=ROOT, env=server_environment(), stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self.argv(), cwd=ROOT, env=server_environment(), stdout=self._log, stderr=subprocess.STDOUT
+        )
         try:
             self._wait_ready()
         except BaseException:
@@ -198,7 +200,10 @@ class ServerProcess:
             while True:
                 code = self.process.poll()
                 if code is not None:
-                    raise RuntimeError(f"the server exited with status {code} before it was ready; its log ({self.log_path}) ends:\n{self._log_tail()}")
+                    raise RuntimeError(
+                        f"the server exited with status {code} before it was ready; its log ({self.log_path}) "
+                        f"ends:\n{self._log_tail()}"
+                    )
                 try:
                     response = client.get(self.url + self.ready_path)
                     if response.status_code == 200:
@@ -206,11 +211,16 @@ class ServerProcess:
                         return
                     last = response.text
                     if '"failed' in last or "not ready: failed" in last:
-                        raise RuntimeError(f"the server failed to load: {last}; its log ({self.log_path}) ends:\n{self._log_tail()}")
+                        raise RuntimeError(
+                            f"the server failed to load: {last}; its log ({self.log_path}) ends:\n{self._log_tail()}"
+                        )
                 except httpx.TransportError:
                     pass
                 if time.monotonic() - started > self.ready_timeout_s:
-                    raise RuntimeError(f"the server was not ready after {self.ready_timeout_s:.0f} s (last /ready: {last[:300]}); log: {self.log_path}")
+                    raise RuntimeError(
+                        f"the server was not ready after {self.ready_timeout_s:.0f} s (last /ready: {last[:300]}); "
+                        f"log: {self.log_path}"
+                    )
                 time.sleep(0.25)
 
     def stop(self) -> None:
@@ -256,7 +266,9 @@ async def post(client: httpx.AsyncClient, body: dict) -> Sample:
     return Sample(latency, 200, body=response.json())
 
 
-async def closed_loop(client: httpx.AsyncClient, bodies: list[dict], clients: int, send=post) -> tuple[list[Sample], float]:
+async def closed_loop(
+    client: httpx.AsyncClient, bodies: list[dict], clients: int, send=post
+) -> tuple[list[Sample], float]:
     """``clients`` workers each send the next body as soon as their previous answer arrives (``send(client, body)``,
     default: POST /generate); returns the samples (in body order) and the wall time from the first send to the last
     answer."""
@@ -309,7 +321,9 @@ def mean_batches(before: dict, after: dict) -> dict:
     return out
 
 
-async def run_level(url: str, prompts: list[dict], clients: int, requests: int, warmup: int, max_tokens: int, timeout_s: float) -> LevelRun:
+async def run_level(
+    url: str, prompts: list[dict], clients: int, requests: int, warmup: int, max_tokens: int, timeout_s: float
+) -> LevelRun:
     def bodies(start: int, n: int) -> list[dict]:
         return [{**prompts[(start + i) % len(prompts)], "max_tokens": max_tokens, "temperature": 0.0} for i in range(n)]
 
@@ -384,16 +398,25 @@ def summarize(clients: int, run: LevelRun, baseline: dict | None) -> dict:
     if errors:
         figures["first_error"] = (errors[0].error or "")[:300]
     if baseline is not None:
-        figures["requests_per_s_vs_sequential"] = _r(rps / baseline["requests_per_s"] if baseline["requests_per_s"] else None, 3)
-        figures["tokens_per_s_vs_sequential"] = _r(tps / baseline["completion_tokens_per_s"] if baseline["completion_tokens_per_s"] else None, 3)
+        figures["requests_per_s_vs_sequential"] = _r(
+            rps / baseline["requests_per_s"] if baseline["requests_per_s"] else None, 3
+        )
+        figures["tokens_per_s_vs_sequential"] = _r(
+            tps / baseline["completion_tokens_per_s"] if baseline["completion_tokens_per_s"] else None, 3
+        )
     return figures
 
 
 def describe_level(figures: dict) -> str:
     share = figures["verification_share"]
-    return (f"{figures['answered']}/{figures['requests']} answered in {figures['wall_s']:.1f} s: {figures['requests_per_s']:.3f} req/s, "
-            f"{figures['completion_tokens_per_s']:.1f} tok/s, p50 {figures['latency_p50_ms']} ms, p95 {figures['latency_p95_ms']} ms, "
-            f"verification {'n/a' if share is None else f'{share:.1%}'}" + (f", {figures['errors']} errors" if figures["errors"] else ""))
+    return (
+        f"{figures['answered']}/{figures['requests']} answered in {figures['wall_s']:.1f} s: "
+        f"{figures['requests_per_s']:.3f} req/s, "
+        f"{figures['completion_tokens_per_s']:.1f} tok/s, p50 {figures['latency_p50_ms']} ms, p95 "
+        f"{figures['latency_p95_ms']} ms, "
+        f"verification {'n/a' if share is None else f'{share:.1%}'}"
+        + (f", {figures['errors']} errors" if figures["errors"] else "")
+    )
 
 
 def device_info(device: str) -> dict:
@@ -428,21 +451,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", required=True, help="the bundle to serve")
     parser.add_argument("--backend", default="transformers", choices=("transformers", "vllm"))
     parser.add_argument("--device", default="cpu", help="the server's --device (the issue's figures are on CPU)")
-    parser.add_argument("--concurrency", type=parse_levels, default=[1, 4, 8, 16], help="comma-separated numbers of concurrent clients")
-    parser.add_argument("--requests-per-level", type=int, default=64, help="measured requests at each level (and for sequential serving)")
-    parser.add_argument("--warmup", type=int, default=None, help="unmeasured requests before each level (default: one per client)")
-    parser.add_argument("--max-tokens", type=int, default=None, help=f"max_tokens of every request (default: the bundle's calibration max_new_tokens, else {DEFAULT_MAX_TOKENS})")
+    parser.add_argument(
+        "--concurrency", type=parse_levels, default=[1, 4, 8, 16], help="comma-separated numbers of concurrent clients"
+    )
+    parser.add_argument(
+        "--requests-per-level",
+        type=int,
+        default=64,
+        help="measured requests at each level (and for sequential serving)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="unmeasured requests before each level (default: one per client)"
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens of every request (default: the bundle's calibration max_new_tokens, else "
+        f"{DEFAULT_MAX_TOKENS})",
+    )
     parser.add_argument("--prompts", default=None, help="JSONL with a 'prompt' (or 'messages') field per line")
-    parser.add_argument("--batch-size", type=int, default=None, help="the batched server's --batch-size (default: the server's)")
-    parser.add_argument("--batch-wait-ms", type=float, default=None, help="the batched server's --batch-wait-ms (default: the server's)")
-    parser.add_argument("--request-timeout-s", type=float, default=1800.0, help="the server's and the client's per-request limit")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="the batched server's --batch-size (default: the server's)"
+    )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=None, help="the batched server's --batch-wait-ms (default: the server's)"
+    )
+    parser.add_argument(
+        "--request-timeout-s", type=float, default=1800.0, help="the server's and the client's per-request limit"
+    )
     parser.add_argument("--ready-timeout-s", type=float, default=900.0, help="how long to wait for /ready")
-    parser.add_argument("--hidden-states", default=None, choices=("auto", "reuse", "forward"),
-                        help="both servers' --hidden-states (transformers backend; default: the server's)")
+    parser.add_argument(
+        "--hidden-states",
+        default=None,
+        choices=("auto", "reuse", "forward"),
+        help="both servers' --hidden-states (transformers backend; default: the server's)",
+    )
     parser.add_argument("--skip-sequential", action="store_true", help="leave out the sequential-serving baseline")
-    parser.add_argument("--traffic-store", default="sqlite",
-                        help="the servers' --traffic-store: sqlite (a file in the temporary folder: every answer recorded), off, or a SQLAlchemy URL [sqlite]")
-    parser.add_argument("--keep-logs", default=None, help="copy the server logs into this folder and delete the temporary one")
+    parser.add_argument(
+        "--traffic-store",
+        default="sqlite",
+        help="the servers' --traffic-store: sqlite (a file in the temporary folder: every answer recorded), off, or a "
+        "SQLAlchemy URL [sqlite]",
+    )
+    parser.add_argument(
+        "--keep-logs", default=None, help="copy the server logs into this folder and delete the temporary one"
+    )
     args = parser.parse_args(argv)
     bundle = Path(args.bundle).expanduser().resolve()
     if not (bundle / "bundle.json").is_file():
@@ -485,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def level(url: str, clients: int) -> LevelRun:
         warmup = clients if args.warmup is None else args.warmup
-        return asyncio.run(run_level(url, prompts, clients, args.requests_per_level, warmup, args.max_tokens, args.request_timeout_s))
+        return asyncio.run(
+            run_level(url, prompts, clients, args.requests_per_level, warmup, args.max_tokens, args.request_timeout_s)
+        )
 
     baseline = None
     levels = []
@@ -517,30 +573,36 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     at8 = next((f for f in levels if f["concurrency"] == 8), None)
-    print(json.dumps({
-        "benchmark": "server_load",
-        "backend": args.backend,
-        "bundle": str(bundle),
-        "device_info": device_info(args.device),
-        "settings": {
-            "concurrency": args.concurrency,
-            "requests_per_level": args.requests_per_level,
-            "warmup": "one per client" if args.warmup is None else args.warmup,
-            "max_tokens": args.max_tokens,
-            "temperature": 0.0,
-            "prompts": str(prompts_path),
-            "n_prompts": len(prompts),
-            "server_batched": {k: v for k, v in batched.items() if k not in ("bundle", "data_dir")},
-            "server_sequential": None if args.skip_sequential else {k: v for k, v in sequential.items() if k not in ("bundle", "data_dir")},
-        },
-        "sequential": baseline,
-        "levels": levels,
-        "verification_share_at_8": at8["verification_share"] if at8 else None,
-        "verification_share_target": VERIFICATION_TARGET,
-        "server_logs": logs,
-        "server_exit_codes": exit_codes,
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "server_load",
+                "backend": args.backend,
+                "bundle": str(bundle),
+                "device_info": device_info(args.device),
+                "settings": {
+                    "concurrency": args.concurrency,
+                    "requests_per_level": args.requests_per_level,
+                    "warmup": "one per client" if args.warmup is None else args.warmup,
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0.0,
+                    "prompts": str(prompts_path),
+                    "n_prompts": len(prompts),
+                    "server_batched": {k: v for k, v in batched.items() if k not in ("bundle", "data_dir")},
+                    "server_sequential": None
+                    if args.skip_sequential
+                    else {k: v for k, v in sequential.items() if k not in ("bundle", "data_dir")},
+                },
+                "sequential": baseline,
+                "levels": levels,
+                "verification_share_at_8": at8["verification_share"] if at8 else None,
+                "verification_share_target": VERIFICATION_TARGET,
+                "server_logs": logs,
+                "server_exit_codes": exit_codes,
+                "total_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
     return 0
 
 

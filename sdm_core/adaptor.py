@@ -14,6 +14,10 @@ __all__ = ["ExemplarAdaptor"]
 
 
 class ExemplarAdaptor(nn.Module):
+    # Buffers registered in __init__; declared here so type checkers see tensors, not nn.Module.__getattr__'s union.
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+
     def __init__(self, input_dim: int, exemplar_dim: int = 1000, num_classes: int = 2) -> None:
         super().__init__()
         if input_dim < 1 or exemplar_dim < 1:

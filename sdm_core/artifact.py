@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -115,14 +116,16 @@ def write_artifact(
 
 def read_artifact(
     folder: str | os.PathLike, *, format_name: str, supported_versions: tuple[int, ...]
-) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, object]]:
+) -> tuple[dict, dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Verify and read an artifact: (manifest, tensors per file, JSON per file)."""
     root = Path(folder)
     manifest_path = root / MANIFEST
     if not root.is_dir():
         raise ArtifactError(f"no such artifact folder: {root} (check the path)")
     if not manifest_path.is_file():
-        raise ArtifactError(f"{root} is not an artifact: {MANIFEST} is missing (was writing interrupted? write it again)")
+        raise ArtifactError(
+            f"{root} is not an artifact: {MANIFEST} is missing (was writing interrupted? write it again)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -133,16 +136,20 @@ def read_artifact(
         raise ArtifactError(f"{root} holds format {manifest.get('format')!r}, expected {format_name!r}")
     if manifest.get("format_version") not in supported_versions:
         raise ArtifactError(
-            f"{root} has format_version {manifest.get('format_version')!r}; this sdm-lm reads versions {list(supported_versions)}: "
+            f"{root} has format_version {manifest.get('format_version')!r}; this sdm-lm reads versions "
+            f"{list(supported_versions)}: "
             "upgrade sdm-lm or re-create the artifact"
         )
     if manifest.get("manifest_sha256") != _manifest_digest(manifest):
-        raise ArtifactError(f"{manifest_path} has been modified since it was written (its checksum does not match); re-create the artifact")
+        raise ArtifactError(
+            f"{manifest_path} has been modified since it was written (its checksum does not match); re-create the "
+            "artifact"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ArtifactError(f"{manifest_path} lists no files")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    documents: dict[str, object] = {}
+    documents: dict[str, Any] = {}
     for name, expected in files.items():
         path = root / name
         if Path(name).name != name:
@@ -151,7 +158,10 @@ def read_artifact(
             raise ArtifactError(f"{root} is incomplete: {name} is missing")
         actual = sha256_file(path)
         if actual != expected:
-            raise ArtifactError(f"{path} has been modified or corrupted (sha256 {actual[:12]}… != {str(expected)[:12]}…); re-create the artifact")
+            raise ArtifactError(
+                f"{path} has been modified or corrupted (sha256 {actual[:12]}… != {str(expected)[:12]}…); re-create "
+                "the artifact"
+            )
         if name.endswith(".safetensors"):
             tensors[name] = load_file(str(path))
         elif name.endswith(".json"):

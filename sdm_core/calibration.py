@@ -7,8 +7,8 @@ yhat is the only class whose SDM output reaches its threshold psi_c.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,22 @@ __all__ = [
 ]
 
 DEFAULT_ALPHA_LADDER: tuple[float, ...] = (
-    0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90, 0.85, 0.80, 0.75, 0.70, 0.65, 0.60,
+    0.99,
+    0.98,
+    0.97,
+    0.96,
+    0.95,
+    0.94,
+    0.93,
+    0.92,
+    0.91,
+    0.90,
+    0.85,
+    0.80,
+    0.75,
+    0.70,
+    0.65,
+    0.60,
 )
 
 # Two alphas closer than this are the same ladder rung: an alpha typed as 0.9 and one computed as 0.9000000001 (or
@@ -70,7 +85,7 @@ class Region:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Region":
+    def from_dict(cls, data: dict) -> Region:
         q_min = data["q_prime_min"]
         return cls(
             alpha=float(data["alpha"]),
@@ -81,7 +96,9 @@ class Region:
         )
 
 
-def _validate_calibration(probabilities: object, q_prime: object, labels: object) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _validate_calibration(
+    probabilities: object, q_prime: object, labels: object
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     p = as_tensor(probabilities, "probabilities")
     if p.dim() != 2 or p.shape[1] < 2:
         raise ValueError(f"probabilities must have shape (N, C) with C >= 2, got {tuple(p.shape)}")
@@ -166,7 +183,11 @@ def _region_admissions(
 
 
 def _admissions(
-    probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, psi: torch.Tensor, q_min: torch.Tensor,
+    probabilities: torch.Tensor,
+    predictions: torch.Tensor,
+    q_prime: torch.Tensor,
+    psi: torch.Tensor,
+    q_min: torch.Tensor,
     exclusive: bool = False,
 ) -> torch.Tensor:
     """(N, L) HR admissions. ``exclusive``: every region with a finite q'_min has all thresholds > 0.5, so at most one
@@ -254,7 +275,9 @@ class RegionLadder:
             raise ValueError("probabilities must be (N, C) with predictions and q_prime of shape (N,)")
         return self.decide_unchecked(p, yhat, qp, a)
 
-    def admissions_unchecked(self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor) -> torch.Tensor:
+    def admissions_unchecked(
+        self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor
+    ) -> torch.Tensor:
         """``admissions`` without validation, with the ladder's thresholds kept as tensors between calls."""
         key = tuple((a, self.regions[a].q_prime_min, self.regions[a].thresholds) for a in self.alphas)
         cached = self._tensor_cache
@@ -292,7 +315,7 @@ class RegionLadder:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RegionLadder":
+    def from_dict(cls, data: dict) -> RegionLadder:
         regions = {float(r["alpha"]): Region.from_dict(r) for r in data["regions"]}
         return cls(regions=regions, nested=bool(data["nested"]), default_alpha=float(data["default_alpha"]))
 
@@ -312,7 +335,9 @@ def fit_ladder(
     if not any(same_alpha(default, a) for a in values):
         raise ValueError(f"default_alpha {default} must be one of alphas {values}")
     regions = {a: fit_region(probabilities, q_prime, labels, a) for a in values}
-    ladder = RegionLadder(regions=regions, nested=nested, default_alpha=next(a for a in values if same_alpha(a, default)))
+    ladder = RegionLadder(
+        regions=regions, nested=nested, default_alpha=next(a for a in values if same_alpha(a, default))
+    )
     own = ladder.admissions(probabilities, predictions, q_prime)
     n = own.shape[0]
     for a in ladder.alphas:

@@ -12,9 +12,9 @@ and each group's accuracy is tested against alpha with the one-sided exact binom
 and bounded below by the one-sided Clopper-Pearson bound. The row's headline figures are the ``yes`` group's.
 
 A region where some group's test rejects (p < ``violation_p`` with at least ``min_admitted`` rows in that group)
-is violated and is withdrawn from the ladder the server uses: requests at that alpha then get ``no_region``. Alphas are visited from the highest down,
-each with the regions above it already settled, so that the nested admissions that are certified are exactly the
-ones the withdrawn ladder makes.
+is violated and is withdrawn from the ladder the server uses: requests at that alpha then get ``no_region``. Alphas
+are visited from the highest down, each with the regions above it already settled, so that the nested admissions
+that are certified are exactly the ones the withdrawn ladder makes.
 
 Policies (what a region must show to stay on the ladder):
 
@@ -29,8 +29,8 @@ Pure functions over counts and tensors; no LM code.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -162,8 +162,10 @@ class Certification:
         """One line for logs and the end of calibration."""
         certified = ", ".join(f"{a:g}" for a in self.certified) or "none"
         withdrawn = ", ".join(f"{a:g}" for a in self.withdrawn) or "none"
-        return (f"certification on {self.documents} held-out documents ({self.policy}): certified alphas {certified}; "
-                f"withdrawn {withdrawn}")
+        return (
+            f"certification on {self.documents} held-out documents ({self.policy}): certified alphas {certified}; "
+            f"withdrawn {withdrawn}"
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -179,11 +181,17 @@ class Certification:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Certification":
+    def from_dict(cls, data: dict) -> Certification:
         rows = tuple(CertificationRow(**{**r, "alpha": float(r["alpha"])}) for r in data["rows"])
-        return cls(rows=rows, documents=int(data["documents"]), policy=str(data.get("policy", "violation")),
-                   min_admitted=int(data.get("min_admitted", 10)), violation_p=float(data.get("violation_p", 0.01)),
-                   confidence=float(data.get("confidence", 0.95)), source=dict(data.get("source", {})))
+        return cls(
+            rows=rows,
+            documents=int(data["documents"]),
+            policy=str(data.get("policy", "violation")),
+            min_admitted=int(data.get("min_admitted", 10)),
+            violation_p=float(data.get("violation_p", 0.01)),
+            confidence=float(data.get("confidence", 0.95)),
+            source=dict(data.get("source", {})),
+        )
 
 
 def _status(region_exists: bool, groups: dict, min_admitted: int, violation_p: float) -> str:
@@ -246,31 +254,50 @@ def certify_ladder(
     if right.shape[0] != yhat.shape[0]:
         raise ValueError(f"correct has {right.shape[0]} rows but the scores have {yhat.shape[0]}")
     verified = yhat == positive_class
-    group_masks = {"yes": (verified, right), "no": (~verified, ~right), "all": (torch.ones_like(verified), verified == right)}
+    group_masks = {
+        "yes": (verified, right),
+        "no": (~verified, ~right),
+        "all": (torch.ones_like(verified), verified == right),
+    }
     rows: list[CertificationRow] = []
     current = ladder
     for alpha in ladder.alphas:
         own = current.admissions(probabilities, yhat, q_prime)
         in_region = current.admitted_at(own, alpha)
-        groups = {}
+        counts: dict[str, tuple[int, int, float]] = {}
         for name, (member, good) in group_masks.items():
             n = int((in_region & member).sum())
             k = int((in_region & member & good).sum())
-            groups[name] = [n, k, binomial_p_value_below(k, n, alpha)]
-        admitted, n_correct, p_value = groups["yes"]
+            counts[name] = (n, k, binomial_p_value_below(k, n, alpha))
+        admitted, n_correct, p_value = counts["yes"]
+        groups = {name: list(values) for name, values in counts.items()}  # stored as [admitted, correct, p_value]
         lower = clopper_pearson_lower(n_correct, admitted, confidence)
         status = _status(current.regions[alpha].exists, groups, min_admitted, violation_p)
         withdraw = _withdraws(policy, status, lower, alpha)
         if withdraw:
             current = withdraw_regions(current, [alpha])
-        rows.append(CertificationRow(alpha, admitted, n_correct, n_correct / admitted if admitted else None,
-                                     p_value, lower, status, withdraw, groups))
-    certification = Certification(tuple(rows), int(yhat.shape[0]), policy, min_admitted, violation_p, confidence,
-                                  dict(source or {}))
+        rows.append(
+            CertificationRow(
+                alpha,
+                admitted,
+                n_correct,
+                n_correct / admitted if admitted else None,
+                p_value,
+                lower,
+                status,
+                withdraw,
+                groups,
+            )
+        )
+    certification = Certification(
+        tuple(rows), int(yhat.shape[0]), policy, min_admitted, violation_p, confidence, dict(source or {})
+    )
     return certification, current
 
 
-def fit_score_threshold(scores: torch.Tensor, correct: torch.Tensor, alpha: float, confidence: float = 0.95) -> float | None:
+def fit_score_threshold(
+    scores: torch.Tensor, correct: torch.Tensor, alpha: float, confidence: float = 0.95
+) -> float | None:
     """The split-conformal baseline: the lowest threshold t on a score such that admitting ``score >= t`` keeps
     the marginal accuracy of admitted rows at least alpha with probability ``confidence``.
 
@@ -284,22 +311,23 @@ def fit_score_threshold(scores: torch.Tensor, correct: torch.Tensor, alpha: floa
     if s.shape[0] != y.shape[0]:
         raise ValueError(f"scores has {s.shape[0]} rows but correct has {y.shape[0]}")
     order = torch.argsort(s, descending=True)
-    s, y = s[order].tolist(), y[order].tolist()
+    ranked: list[float] = s[order].tolist()
+    ranked_correct: list[bool] = y[order].tolist()
     if not 0.5 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0.5, 1), got {alpha}")
     n_min = math.ceil(math.log(1.0 - confidence) / math.log(alpha))
     best: float | None = None
     k = n = 0
     i = 0
-    while i < len(s):
+    while i < len(ranked):
         j = i
-        while j < len(s) and s[j] == s[i]:  # every row tied at this score is admitted together
+        while j < len(ranked) and ranked[j] == ranked[i]:  # every row tied at this score is admitted together
             n += 1
-            k += int(y[j])
+            k += int(ranked_correct[j])
             j += 1
         if n >= n_min:
             if clopper_pearson_lower(k, n, confidence) < alpha:
                 break
-            best = s[i]
+            best = ranked[i]
         i = j
     return best

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -26,7 +26,9 @@ def _alphas(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.99,0.95,0.9, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.99,0.95,0.9, got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,10 +134,21 @@ def _fit(args: argparse.Namespace) -> dict:
         if len(rows.ids) != x.shape[0]:
             raise InputError(f"the {what} labels have {len(rows.ids)} rows but the embeddings have {x.shape[0]}")
     est = SDMEstimator(config).fit(
-        x_tr, tr.labels, x_ca, ca.labels, num_classes=args.num_classes or (len(names) or None), train_ids=tr.ids, calibration_ids=ca.ids
+        x_tr,
+        tr.labels,
+        x_ca,
+        ca.labels,
+        num_classes=args.num_classes or (len(names) or None),
+        train_ids=tr.ids,
+        calibration_ids=ca.ids,
     )
     est.save(args.out)
-    return {"artifact": str(args.out), **est.summary(), "best_epoch": est.metadata["best_epoch"], "fit_seconds": est.metadata["fit_seconds"]}
+    return {
+        "artifact": str(args.out),
+        **est.summary(),
+        "best_epoch": est.metadata["best_epoch"],
+        "fit_seconds": est.metadata["fit_seconds"],
+    }
 
 
 def _rows_ids(args_ids: str | None, n: int, class_names: Sequence[str]) -> list[str]:
@@ -167,13 +180,23 @@ def _evaluate(args: argparse.Namespace) -> dict:
     if bool((labels >= est.num_classes).any()):
         raise InputError(f"{args.labels}: labels must be < {est.num_classes}")
     s = est.predict_scores(x)
-    report = selective_report(s.probabilities, s.probabilities_lower, s.predictions, s.q_prime, s.q_prime_lower, labels, est.ladder, est.class_names)
+    ladder = est.fitted_parts().ladder
+    report = selective_report(
+        s.probabilities,
+        s.probabilities_lower,
+        s.predictions,
+        s.q_prime,
+        s.q_prime_lower,
+        labels,
+        ladder,
+        est.class_names,
+    )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(render_markdown(report, args.title))
-    default = next(r for r in report["alphas"] if r["alpha"] == est.ladder.default_alpha)
-    return {"out_dir": str(out), "alpha": est.ladder.default_alpha, "HR_marginal": default["HR"]["marginal"]}
+    default = next(r for r in report["alphas"] if r["alpha"] == ladder.default_alpha)
+    return {"out_dir": str(out), "alpha": ladder.default_alpha, "HR_marginal": default["HR"]["marginal"]}
 
 
 def _recalibrate(args: argparse.Namespace) -> dict:
@@ -202,17 +225,25 @@ def _add_exemplars(args: argparse.Namespace) -> dict:
     if len(ids) != x.shape[0]:
         raise InputError(f"{path} has {len(ids)} rows but the embeddings have {x.shape[0]}")
     names = {n: i for i, n in enumerate(est.class_names)}
-    labels = [names.get(label, label) if isinstance(label, str) and label.lower() != "ood" else label for label in labels]
+    labels = [
+        names.get(label, label) if isinstance(label, str) and label.lower() != "ood" else label for label in labels
+    ]
     est.add_exemplars(x, labels, ids)
     target = args.out or args.artifact
     est.save(target)
-    return {"artifact": str(target), "n_support": len(est.support)}
+    return {"artifact": str(target), "n_support": len(est.fitted_parts().support)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"fit": _fit, "score": _score, "evaluate": _evaluate, "recalibrate": _recalibrate, "add-exemplars": _add_exemplars}
+    handlers = {
+        "fit": _fit,
+        "score": _score,
+        "evaluate": _evaluate,
+        "recalibrate": _recalibrate,
+        "add-exemplars": _add_exemplars,
+    }
     try:
         result = handlers[args.command](args)
     except (InputError, ArtifactError, ValueError) as exc:

@@ -41,10 +41,17 @@ class SDMConfig:
         if not (self.learning_rate > 0):
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         check_alpha(self.alpha, "alpha")
-        ladder = tuple(sorted({round(check_alpha(a, "alpha_ladder"), 10) for a in self.alpha_ladder} | {round(self.alpha, 10)}, reverse=True))
+        ladder = tuple(
+            sorted(
+                {round(check_alpha(a, "alpha_ladder"), 10) for a in self.alpha_ladder} | {round(self.alpha, 10)},
+                reverse=True,
+            )
+        )
         object.__setattr__(self, "alpha_ladder", ladder)
         if self.effective_sample_size_rule not in ("paper", "reference"):
-            raise ValueError(f"effective_sample_size_rule must be 'paper' or 'reference', got {self.effective_sample_size_rule!r}")
+            raise ValueError(
+                f"effective_sample_size_rule must be 'paper' or 'reference', got {self.effective_sample_size_rule!r}"
+            )
         if self.backend not in ("torch", "faiss", "auto"):
             raise ValueError(f"backend must be 'torch', 'faiss' or 'auto', got {self.backend!r}")
         object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
@@ -56,7 +63,7 @@ class SDMConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SDMConfig":
+    def from_dict(cls, data: dict) -> SDMConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -11,17 +11,17 @@ with the scores it returns; the parts that stand alone (fitting, support, calibr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
 import time
 import warnings
-import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
 import sdm_core._kernels as kernels
@@ -34,7 +34,15 @@ from sdm_core.fitting import FittedLayer, LayerStatistics, example_ids, fit_esti
 from sdm_core.math import as_tensor
 from sdm_core.support import OOD_LABEL, SupportIndex
 
-__all__ = ["SDMEstimator", "SDMScores", "Exemplar", "NotFittedError", "ARTIFACT_FORMAT", "ARTIFACT_VERSION"]
+__all__ = [
+    "SDMEstimator",
+    "SDMScores",
+    "Exemplar",
+    "FittedParts",
+    "NotFittedError",
+    "ARTIFACT_FORMAT",
+    "ARTIFACT_VERSION",
+]
 
 ARTIFACT_FORMAT = "sdm-core-estimator"
 ARTIFACT_VERSION = 1
@@ -175,6 +183,15 @@ def _embeddings_tensor(x: object, name: str, dim: int | None = None) -> torch.Te
     return t.contiguous()
 
 
+class FittedParts(NamedTuple):
+    """The parts of a fitted (or loaded) estimator, none of them None (on an unfitted one the attributes are)."""
+
+    adaptor: ExemplarAdaptor
+    support: SupportIndex
+    ladder: RegionLadder
+    calibration: LayerStatistics
+
+
 class SDMEstimator:
     """An SDM activation layer with its support set, calibration eCDFs and HIGH-RELIABILITY regions."""
 
@@ -196,22 +213,22 @@ class SDMEstimator:
     # -- fitting --------------------------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
-        self._check_fitted()
-        return self.adaptor.num_classes
+        return self.fitted_parts().adaptor.num_classes
 
     @property
     def input_dim(self) -> int:
-        self._check_fitted()
-        return self.adaptor.input_dim
+        return self.fitted_parts().adaptor.input_dim
 
     @property
     def class_names(self) -> list[str]:
         names = list(self.config.class_names)
         return names if len(names) == self.num_classes else [str(c) for c in range(self.num_classes)]
 
-    def _check_fitted(self) -> None:
+    def fitted_parts(self) -> FittedParts:
+        """The adaptor, support, ladder and calibration statistics; raises NotFittedError before fit or load."""
         if self.adaptor is None or self.support is None or self.ladder is None or self.calibration is None:
             raise NotFittedError("this SDMEstimator is not fitted yet: call fit(...) or SDMEstimator.load(path)")
+        return FittedParts(self.adaptor, self.support, self.ladder, self.calibration)
 
     def fit(
         self,
@@ -223,7 +240,7 @@ class SDMEstimator:
         num_classes: int | None = None,
         train_ids: Sequence[str] | None = None,
         calibration_ids: Sequence[str] | None = None,
-    ) -> "SDMEstimator":
+    ) -> SDMEstimator:
         """Fit the layer on the training split (the support) and calibrate on the calibration split."""
         x_tr = _embeddings_tensor(train_embeddings, "train_embeddings")
         x_ca = _embeddings_tensor(calibration_embeddings, "calibration_embeddings", x_tr.shape[1])
@@ -267,7 +284,9 @@ class SDMEstimator:
         self.calibration = layer.calibration
         self.recalibrate(self.config.alpha_ladder, self.config.alpha, self.config.nested_regions)
 
-    def recalibrate(self, alphas: Sequence[float], default_alpha: float | None = None, nested: bool | None = None) -> RegionLadder:
+    def recalibrate(
+        self, alphas: Sequence[float], default_alpha: float | None = None, nested: bool | None = None
+    ) -> RegionLadder:
         """Run Algorithm 1 at a new alpha ladder over the stored calibration outputs, without retraining."""
         if self.calibration is None:
             raise NotFittedError("recalibrate needs a fitted estimator")
@@ -284,15 +303,24 @@ class SDMEstimator:
             nested,
         )
         self.ladder = ladder
-        self.config = SDMConfig.from_dict({**self.config.to_dict(), "alpha": ladder.default_alpha, "alpha_ladder": list(ladder.alphas), "nested_regions": nested})
+        self.config = SDMConfig.from_dict(
+            {
+                **self.config.to_dict(),
+                "alpha": ladder.default_alpha,
+                "alpha_ladder": list(ladder.alphas),
+                "nested_regions": nested,
+            }
+        )
         return ladder
 
     # -- scoring --------------------------------------------------------------------------------------------
     def _q_prime_cdfs(self) -> list[torch.Tensor]:
         # Over all calibration points, OOD included (Eq. 11's |D_ca|_c eCDF_c); cached, as scoring needs it per call.
         if self._q_prime_cdf_cache is None:
+            q_prime = self.fitted_parts().calibration.q_prime
             self._q_prime_cdf_cache = [
-                torch.sort(self.calibration.q_prime[self.calibration_labels == c].to(torch.float64)).values for c in range(self.num_classes)
+                torch.sort(q_prime[self.calibration_labels == c].to(torch.float64)).values
+                for c in range(self.num_classes)
             ]
         return self._q_prime_cdf_cache
 
@@ -309,9 +337,9 @@ class SDMEstimator:
 
     def predict(self, embeddings: object) -> torch.Tensor:
         """yhat = argmax z' (never the argmax of the SDM output, SDM_SPEC §1.3)."""
-        self._check_fitted()
+        adaptor = self.fitted_parts().adaptor
         x = _embeddings_tensor(embeddings, "embeddings", self.input_dim)
-        logits, _ = self.adaptor.infer(x, self.config.eval_batch_size)
+        logits, _ = adaptor.infer(x, self.config.eval_batch_size)
         return logits.argmax(dim=1)
 
     def predict_scores(
@@ -328,21 +356,29 @@ class SDMEstimator:
         ``support_ids[i]``, when it names a support exemplar, marks row i as that training point: it is excluded
         from its own neighbours and its distance quantile uses the training eCDFs (training-time statistics).
         """
-        self._check_fitted()
-        a = self.ladder.resolve_alpha(alpha)
+        fitted = self.fitted_parts()
+        a = fitted.ladder.resolve_alpha(alpha)
         x = _embeddings_tensor(embeddings, "embeddings", self.input_dim)
         n = x.shape[0]
         if int(return_exemplars) < 0:
             raise ValueError(f"return_exemplars must be >= 0, got {return_exemplars}")
-        exclude = self.support.positions(support_ids) if support_ids is not None else torch.full((n,), -1, dtype=torch.long)
+        exclude = (
+            fitted.support.positions(support_ids) if support_ids is not None else torch.full((n,), -1, dtype=torch.long)
+        )
         if exclude.shape[0] != n:
             raise ValueError(f"support_ids must have {n} entries (one per embedding), got {exclude.shape[0]}")
         # Inference mode skips autograd's per-op bookkeeping (~0.4 ms of a ~5 ms single-document call); the
         # results are cloned outside it so callers get ordinary tensors they may modify or use in autograd.
         with torch.inference_mode():
             scores = self._score_validated(x, a, exclude, support_ids is not None, int(return_exemplars))
-        return dataclasses.replace(scores, **{f.name: getattr(scores, f.name).clone() for f in dataclasses.fields(scores)
-                                              if isinstance(getattr(scores, f.name), torch.Tensor)})
+        return dataclasses.replace(
+            scores,
+            **{
+                f.name: getattr(scores, f.name).clone()
+                for f in dataclasses.fields(scores)
+                if isinstance(getattr(scores, f.name), torch.Tensor)
+            },
+        )
 
     def score(
         self,
@@ -355,18 +391,24 @@ class SDMEstimator:
         """Deprecated alias of :meth:`predict_scores`, kept for one release.
 
         scikit-learn's ``score(X, y)`` returns one float; this method returns per-row records, hence the new name."""
-        warnings.warn("SDMEstimator.score is deprecated and will be removed in the next release; use predict_scores "
-                      "(same arguments, same result)", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "SDMEstimator.score is deprecated and will be removed in the next release; use predict_scores "
+            "(same arguments, same result)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return self.predict_scores(embeddings, alpha=alpha, support_ids=support_ids, return_exemplars=return_exemplars)
 
     def _score_validated(
         self, x: torch.Tensor, a: float, exclude: torch.Tensor, from_support: bool, return_exemplars: int
     ) -> SDMScores:
-        """``predict_scores`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions (-1: none)."""
-        logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
+        """``predict_scores`` for validated inputs: x (N, D) float32, alpha on the ladder, exclusion positions
+        (-1: none)."""
+        adaptor, support, ladder, _ = self.fitted_parts()
+        logits, exemplars = adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
-        # Inputs are validated above: the formulas run as kernels on the intermediate tensors, without re-validating them.
-        sim = self.support.similarity_unchecked(exemplars, predictions, exclude)
+        # Inputs are validated above: the formulas run as kernels on the intermediate tensors, unvalidated.
+        sim = support.similarity_unchecked(exemplars, predictions, exclude)
         q = sim.q.to(logits.dtype)
         calibration_cdfs, train_cdfs, q_prime_cdfs = self._scoring_cdfs()
         d = kernels.distance_quantile(sim.d_nearest, calibration_cdfs)
@@ -377,7 +419,7 @@ class SDMEstimator:
         d = d.to(logits.dtype)
         probabilities = kernels.sdm_probabilities(logits, q, d)
         q_prime = kernels.rescaled_similarity(q, probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        admitted, region_alpha, reasons = self.ladder.decide_unchecked(probabilities, predictions, q_prime, a)
+        admitted, region_alpha, reasons = ladder.decide_unchecked(probabilities, predictions, q_prime, a)
 
         ess = kernels.effective_sample_sizes(q_prime, q_prime_cdfs, self.config.effective_sample_size_rule)
         epsilon = kernels.dkw_epsilon(ess, a).max(dim=1).values.to(logits.dtype)
@@ -386,11 +428,11 @@ class SDMEstimator:
         p_lower = kernels.sdm_probabilities(logits, q, d_lower)
         p_upper = kernels.sdm_probabilities(logits, q, d_upper)
         q_prime_lower = kernels.rescaled_similarity(q, p_lower.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        own_lower = self.ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
-        admitted_lower = self.ladder.admitted_at(own_lower, a)
+        own_lower = ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
+        admitted_lower = ladder.admitted_at(own_lower, a)
 
         neighbours = (
-            _neighbour_exemplars(self.support, exemplars, int(return_exemplars), exclude) if return_exemplars else []
+            _neighbour_exemplars(support, exemplars, int(return_exemplars), exclude) if return_exemplars else []
         )
         return SDMScores(
             alpha=a,
@@ -414,7 +456,7 @@ class SDMEstimator:
             q_prime_lower=q_prime_lower,
             admitted_lower=admitted_lower,
             nearest_index=sim.nearest_index,
-            nearest_id=[self.support.ids[i] if i >= 0 else None for i in sim.nearest_index.tolist()],
+            nearest_id=[support.ids[i] if i >= 0 else None for i in sim.nearest_index.tolist()],
             exemplars=neighbours,
         )
 
@@ -426,7 +468,7 @@ class SDMEstimator:
         """Append labelled exemplars to the support without retraining. A label of "ood" (or ``OOD_LABEL``)
         marks an exemplar that no prediction can match, which lowers q near it. eCDFs and regions are unchanged.
         """
-        self._check_fitted()
+        adaptor, support, _, _ = self.fitted_parts()
         x = _embeddings_tensor(embeddings, "embeddings", self.input_dim)
         values = []
         for label in labels:
@@ -442,19 +484,18 @@ class SDMEstimator:
                 values.append(value)
         if len(values) != x.shape[0]:
             raise ValueError(f"labels must have {x.shape[0]} entries, got {len(values)}")
-        logits, exemplars = self.adaptor.infer(x, self.config.eval_batch_size)
-        self.support.add(exemplars, torch.tensor(values, dtype=torch.long), logits.argmax(dim=1), ids)
+        logits, exemplars = adaptor.infer(x, self.config.eval_batch_size)
+        support.add(exemplars, torch.tensor(values, dtype=torch.long), logits.argmax(dim=1), ids)
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
-        self._check_fitted()
-        cal = self.calibration
+        adaptor, support, ladder, cal = self.fitted_parts()
         tensors = {
-            "weights.safetensors": {k: v for k, v in self.adaptor.state_dict().items()},
+            "weights.safetensors": {k: v for k, v in adaptor.state_dict().items()},
             "support.safetensors": {
-                "exemplars": self.support.exemplars,
-                "labels": self.support.labels,
-                "predictions": self.support.predictions,
+                "exemplars": support.exemplars,
+                "labels": support.labels,
+                "predictions": support.predictions,
             },
             "calibration.safetensors": {
                 "labels": self.calibration_labels,
@@ -468,27 +509,36 @@ class SDMEstimator:
             },
         }
         manifest = {
-            "input_dim": self.adaptor.input_dim,
-            "exemplar_dim": self.adaptor.exemplar_dim,
-            "num_classes": self.adaptor.num_classes,
+            "input_dim": adaptor.input_dim,
+            "exemplar_dim": adaptor.exemplar_dim,
+            "num_classes": adaptor.num_classes,
             "class_names": self.class_names,
-            "n_support": len(self.support),
+            "n_support": len(support),
             "n_calibration": int(self.calibration_labels.shape[0]),
-            "normalization": {"mean": float(self.adaptor.input_mean), "std": float(self.adaptor.input_std)},
+            "normalization": {"mean": float(adaptor.input_mean), "std": float(adaptor.input_std)},
             "config": self.config.to_dict(),
-            "regions": self.ladder.to_dict(),
+            "regions": ladder.to_dict(),
             "distance_cdfs": {
                 "calibration": [c.tolist() for c in self.calibration_cdfs],
                 "train": [c.tolist() for c in self.train_cdfs],
             },
             "training": self.metadata,
         }
-        ids = {"support": self.support.ids, "calibration": self.calibration_ids}
-        return write_artifact(folder, format_name=ARTIFACT_FORMAT, format_version=ARTIFACT_VERSION, tensors=tensors, json_files={"ids.json": ids}, manifest=manifest)
+        ids = {"support": support.ids, "calibration": self.calibration_ids}
+        return write_artifact(
+            folder,
+            format_name=ARTIFACT_FORMAT,
+            format_version=ARTIFACT_VERSION,
+            tensors=tensors,
+            json_files={"ids.json": ids},
+            manifest=manifest,
+        )
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "SDMEstimator":
-        manifest, tensors, documents = read_artifact(folder, format_name=ARTIFACT_FORMAT, supported_versions=(ARTIFACT_VERSION,))
+    def load(cls, folder: str | os.PathLike) -> SDMEstimator:
+        manifest, tensors, documents = read_artifact(
+            folder, format_name=ARTIFACT_FORMAT, supported_versions=(ARTIFACT_VERSION,)
+        )
         try:
             config = SDMConfig.from_dict(manifest["config"])
             d_in, m, c = int(manifest["input_dim"]), int(manifest["exemplar_dim"]), int(manifest["num_classes"])
@@ -500,11 +550,18 @@ class SDMEstimator:
             expected = {k: tuple(v.shape) for k, v in adaptor.state_dict().items()}
             found = {k: tuple(v.shape) for k, v in weights.items()}
             if expected != found:
-                raise ArtifactError(f"{folder}: weights do not match input_dim={d_in}, exemplar_dim={m}, num_classes={c} ({found} != {expected})")
+                raise ArtifactError(
+                    f"{folder}: weights do not match input_dim={d_in}, exemplar_dim={m}, num_classes={c} ({found} != "
+                    f"{expected})"
+                )
             adaptor.load_state_dict(weights)
             adaptor.eval()
             n_support = int(manifest["n_support"])
-            if tuple(support["exemplars"].shape) != (n_support, m) or support["labels"].shape != (n_support,) or len(ids["support"]) != n_support:
+            if (
+                tuple(support["exemplars"].shape) != (n_support, m)
+                or support["labels"].shape != (n_support,)
+                or len(ids["support"]) != n_support
+            ):
                 raise ArtifactError(f"{folder}: the support set does not have {n_support} exemplars of dimension {m}")
             n_cal = int(manifest["n_calibration"])
             if cal["probabilities"].shape != (n_cal, c) or len(ids["calibration"]) != n_cal:
@@ -513,27 +570,44 @@ class SDMEstimator:
             if len(cdfs["calibration"]) != c or len(cdfs["train"]) != c:
                 raise ArtifactError(f"{folder}: distance eCDFs must have one list per class ({c})")
         except KeyError as exc:
-            raise ArtifactError(f"{folder}: the artifact lacks {exc}; re-create it with this version of sdm-lm") from None
+            raise ArtifactError(
+                f"{folder}: the artifact lacks {exc}; re-create it with this version of sdm-lm"
+            ) from None
         est = cls(config)
         est.adaptor = adaptor
-        est.support = SupportIndex(support["exemplars"], support["labels"], support["predictions"], ids["support"], backend=config.backend, max_q=config.max_q)
+        est.support = SupportIndex(
+            support["exemplars"],
+            support["labels"],
+            support["predictions"],
+            ids["support"],
+            backend=config.backend,
+            max_q=config.max_q,
+        )
         est.calibration_cdfs = [torch.tensor(v, dtype=torch.float32) for v in cdfs["calibration"]]
         est.train_cdfs = [torch.tensor(v, dtype=torch.float32) for v in cdfs["train"]]
         est.calibration_ids = list(ids["calibration"])
         est.calibration_labels = cal["labels"]
-        est.calibration = LayerStatistics(cal["logits"], cal["predictions"], cal["q"], cal["d_nearest"], cal["d"], cal["probabilities"], cal["q_prime"])
+        est.calibration = LayerStatistics(
+            cal["logits"],
+            cal["predictions"],
+            cal["q"],
+            cal["d_nearest"],
+            cal["d"],
+            cal["probabilities"],
+            cal["q_prime"],
+        )
         est.ladder = RegionLadder.from_dict(manifest["regions"])
         est.metadata = manifest.get("training", {})
         return est
 
     def summary(self) -> dict:
         """Dimensions, regions and calibration admitted proportions, for logs and dashboards."""
-        self._check_fitted()
+        _, support, ladder, _ = self.fitted_parts()
         return {
             "input_dim": self.input_dim,
             "num_classes": self.num_classes,
-            "n_support": len(self.support),
+            "n_support": len(support),
             "n_calibration": int(self.calibration_labels.shape[0]),
-            "alpha": self.ladder.default_alpha,
-            "regions": self.ladder.to_dict()["regions"],
+            "alpha": ladder.default_alpha,
+            "regions": ladder.to_dict()["regions"],
         }

@@ -24,7 +24,15 @@ from sdm_core.config import SDMConfig
 from sdm_core.math import distance_quantile, rescaled_similarity, sdm_loss, sdm_probabilities
 from sdm_core.support import SupportIndex
 
-__all__ = ["LayerStatistics", "FittedLayer", "class_cdfs", "fit_layer", "fit_estimator_layers", "balanced_loss", "example_ids"]
+__all__ = [
+    "LayerStatistics",
+    "FittedLayer",
+    "class_cdfs",
+    "fit_layer",
+    "fit_estimator_layers",
+    "balanced_loss",
+    "example_ids",
+]
 
 
 def class_cdfs(d_nearest: torch.Tensor, labels: torch.Tensor, q: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
@@ -363,7 +371,7 @@ def fit_estimator_layers(
             ids = ([pooled_ids[i] for i in tr.tolist()], [pooled_ids[i] for i in ca.tolist()])
         else:
             args = (train_embeddings, train_labels, calibration_embeddings, calibration_labels)
-            ids = (train_ids, calibration_ids)
+            ids = (list(train_ids), list(calibration_ids))
         for name, y in (("train", args[1]), ("calibration", args[3])):
             if y.numel() == 0:
                 raise ValueError(f"the {name} split of iteration {j} is empty; give more data")

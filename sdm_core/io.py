@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,9 @@ def load_embeddings(path: str | os.PathLike, key: str | None = None) -> torch.Te
         try:
             array = np.load(p, allow_pickle=False)
         except ValueError as exc:
-            raise InputError(f"{p}: not a plain numeric .npy array ({exc}); save it with numpy.save of a float array") from None
+            raise InputError(
+                f"{p}: not a plain numeric .npy array ({exc}); save it with numpy.save of a float array"
+            ) from None
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     elif p.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -71,7 +73,9 @@ def load_labels(path: str | os.PathLike, class_names: Sequence[str] = (), requir
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise InputError(f"{p}:{number}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+                raise InputError(
+                    f"{p}:{number}: malformed JSON ({exc.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(row, dict) or "id" not in row:
                 raise InputError(f'{p}:{number}: each line must be an object with an "id" (and a "label")')
             identifier = str(row["id"])
@@ -91,7 +95,9 @@ def load_labels(path: str | os.PathLike, class_names: Sequence[str] = (), requir
                 elif label.isdigit():
                     labels.append(int(label))
                 else:
-                    raise InputError(f"{p}:{number}: unknown class name {label!r}; known: {sorted(names) or 'none (use indices)'}")
+                    raise InputError(
+                        f"{p}:{number}: unknown class name {label!r}; known: {sorted(names) or 'none (use indices)'}"
+                    )
             else:
                 if label < 0:
                     raise InputError(f"{p}:{number}: label must be >= 0, got {label}")

@@ -8,7 +8,7 @@ arrays, Python scalars or lists; outputs are torch tensors (float64 where inputs
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -72,7 +72,9 @@ def _logits_2d(logits: object) -> tuple[torch.Tensor, bool]:
     if squeeze:
         z = z.unsqueeze(0)
     if z.dim() != 2 or z.shape[1] < 2:
-        raise ValueError(f"logits must have shape (N, C) or (C,) with C >= 2, got {tuple(as_tensor(logits, 'logits').shape)}")
+        raise ValueError(
+            f"logits must have shape (N, C) or (C,) with C >= 2, got {tuple(as_tensor(logits, 'logits').shape)}"
+        )
     return z, squeeze
 
 
@@ -188,9 +190,7 @@ def distance_quantile(d_nearest: object, class_cdfs: Sequence[object]) -> torch.
     return d.to(x.dtype if torch.is_floating_point(x) else torch.float32).reshape(x.shape)
 
 
-def effective_sample_sizes(
-    q_prime: object, class_q_prime_cdfs: Sequence[object], rule: str = "paper"
-) -> torch.Tensor:
+def effective_sample_sizes(q_prime: object, class_q_prime_cdfs: Sequence[object], rule: str = "paper") -> torch.Tensor:
     """n_hat_c per query and class (ACT Eq. 11): calibration points of class c with q' <= the query's q'.
 
     rule="paper": |D_ca|_c * eCDF_c(q') (counts "<=", no cap), the issue's choice.

@@ -6,8 +6,8 @@ n/|D| conditioned on each true class, on each predicted class, and marginally.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 
@@ -41,7 +41,9 @@ def selective_row(admitted: torch.Tensor, labels: torch.Tensor, predictions: tor
     total = int(labels.shape[0])
     return {
         "class_conditional": [asdict(_cell(admitted & (labels == c), correct, total)) for c in range(num_classes)],
-        "prediction_conditional": [asdict(_cell(admitted & (predictions == c), correct, total)) for c in range(num_classes)],
+        "prediction_conditional": [
+            asdict(_cell(admitted & (predictions == c), correct, total)) for c in range(num_classes)
+        ],
         "marginal": asdict(_cell(admitted, correct, total)),
     }
 
@@ -88,7 +90,11 @@ def _cells(row: dict) -> list[str]:
     def text(c: dict) -> str:
         return Cell(c["accuracy"], c["proportion"], c["admitted"]).text()
 
-    return [text(c) for c in row["class_conditional"]] + [text(c) for c in row["prediction_conditional"]] + [text(row["marginal"])]
+    return (
+        [text(c) for c in row["class_conditional"]]
+        + [text(c) for c in row["prediction_conditional"]]
+        + [text(row["marginal"])]
+    )
 
 
 def render_markdown(report: dict, title: str = "SDM estimator evaluation") -> str:
@@ -98,7 +104,8 @@ def render_markdown(report: dict, title: str = "SDM estimator evaluation") -> st
     lines = [
         f"# {title}",
         "",
-        f"{report['n']} documents (class counts: {', '.join(f'{n}: {c}' for n, c in zip(names, report['class_counts']))}); "
+        f"{report['n']} documents (class counts: "
+        f"{', '.join(f'{n}: {c}' for n, c in zip(names, report['class_counts']))}); "
         f"OOD (q = 0): {report['ood_proportion']:.2%}. Each cell: accuracy among admitted (admitted proportion n/|D|); "
         "'–' means nothing admitted.",
         "",
@@ -109,7 +116,9 @@ def render_markdown(report: dict, title: str = "SDM estimator evaluation") -> st
     for estimator in ("HR", "HR_lower"):
         for row in report["alphas"]:
             q_min = "∞" if row["q_prime_min"] is None else f"{row['q_prime_min']:.2f}"
-            lines.append(f"| SDM_{estimator} | {row['alpha']:.2f} | {q_min} | " + " | ".join(_cells(row[estimator])) + " |")
+            lines.append(
+                f"| SDM_{estimator} | {row['alpha']:.2f} | {q_min} | " + " | ".join(_cells(row[estimator])) + " |"
+            )
     lines.append("")
     return "\n".join(lines)
 

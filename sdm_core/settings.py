@@ -1,4 +1,5 @@
-"""Settings dataclasses as command lines: one flag per field, mirrored by an environment variable, typed by its annotation.
+"""Settings dataclasses as command lines: one flag per field, mirrored by an environment variable, typed by its
+annotation.
 
 A settings class is a frozen dataclass whose fields carry their help line (``setting(default, help=...)``) and
 validate themselves in ``__post_init__``. :class:`CommandLine` turns it into an argparse parser and resolves values
@@ -26,8 +27,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-__all__ = ["CommandLine", "Option", "SettingsError", "build", "flatten", "group", "options", "parse_device", "parse_text",
-           "setting"]
+__all__ = [
+    "CommandLine",
+    "Option",
+    "SettingsError",
+    "build",
+    "flatten",
+    "group",
+    "options",
+    "parse_device",
+    "parse_text",
+    "setting",
+]
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -39,15 +50,31 @@ class SettingsError(ValueError):
     """A flag, environment variable or preset value cannot be parsed; the message names where it came from."""
 
 
-def setting(default: Any = MISSING, *, help: str, default_factory: Callable[[], Any] | Any = MISSING,
-            choices: Sequence[str] | None = None, metavar: str | None = None, required: bool = False,
-            parse: Callable[[str], Any] | None = None, flag: str | None = None, repeat: bool = False) -> Any:
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str,
+    default_factory: Callable[[], Any] | Any = MISSING,
+    choices: Sequence[str] | None = None,
+    metavar: str | None = None,
+    required: bool = False,
+    parse: Callable[[str], Any] | None = None,
+    flag: str | None = None,
+    repeat: bool = False,
+) -> Any:
     """A dataclass field that is also a flag: ``help`` is its --help line; ``choices`` and ``metavar`` go to argparse;
     ``required`` only changes the help (validation stays in the class); ``parse`` reads the text of a flag/variable;
     ``flag`` names the flag (and variable) when it differs from the field; ``repeat``: a tuple field whose flag may
     be given several times (its variable is comma-separated)."""
-    metadata = {"help": help, "choices": tuple(choices) if choices else None, "metavar": metavar, "required": required,
-                "parse": parse, "flag": flag, "repeat": repeat}
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices else None,
+        "metavar": metavar,
+        "required": required,
+        "parse": parse,
+        "flag": flag,
+        "repeat": repeat,
+    }
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -108,14 +135,36 @@ def options(cls: type) -> list[Option]:
             default = _default_of(f)
             for name, (attr, text) in meta["group"]["flags"].items():
                 inner_meta = inner_fields[attr].metadata
-                found.append(Option(name, (f.name, attr), inner_hints[attr], text, getattr(default, attr),
-                                    inner_meta.get("choices"), inner_meta.get("metavar"), False, inner_meta.get("parse")))
+                found.append(
+                    Option(
+                        name,
+                        (f.name, attr),
+                        inner_hints[attr],
+                        text,
+                        getattr(default, attr),
+                        inner_meta.get("choices"),
+                        inner_meta.get("metavar"),
+                        False,
+                        inner_meta.get("parse"),
+                    )
+                )
             continue
         if "help" not in meta:
             raise TypeError(f"{cls.__name__}.{f.name} has no help line: declare it with setting(default, help=...)")
-        found.append(Option(meta.get("flag") or f.name, (f.name,), hints[f.name], meta["help"], _default_of(f),
-                            meta.get("choices"), meta.get("metavar"), bool(meta.get("required")), meta.get("parse"),
-                            bool(meta.get("repeat"))))
+        found.append(
+            Option(
+                meta.get("flag") or f.name,
+                (f.name,),
+                hints[f.name],
+                meta["help"],
+                _default_of(f),
+                meta.get("choices"),
+                meta.get("metavar"),
+                bool(meta.get("required")),
+                meta.get("parse"),
+                bool(meta.get("repeat")),
+            )
+        )
     return found
 
 
@@ -208,7 +257,9 @@ def flatten(settings: Any) -> dict[str, Any]:
         value = settings
         for attr in option.path:
             value = getattr(value, attr)
-        data[option.name] = list(value) if isinstance(value, tuple) else (dict(value) if isinstance(value, dict) else value)
+        data[option.name] = (
+            list(value) if isinstance(value, tuple) else (dict(value) if isinstance(value, dict) else value)
+        )
     return data
 
 
@@ -237,11 +288,19 @@ class CommandLine:
     error: type[Exception] = SettingsError
 
     def parser(self) -> argparse.ArgumentParser:
-        parser = argparse.ArgumentParser(prog=self.prog, description=self.description, epilog=self.epilog or None,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = argparse.ArgumentParser(
+            prog=self.prog,
+            description=self.description,
+            epilog=self.epilog or None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if self.presets:
-            parser.add_argument("--preset", choices=sorted(self.presets), default=None,
-                                help=f"start from a preset [env {self.env_prefix}PRESET]")
+            parser.add_argument(
+                "--preset",
+                choices=sorted(self.presets),
+                default=None,
+                help=f"start from a preset [env {self.env_prefix}PRESET]",
+            )
         for option in options(self.cls):
             variable = option.variable(self.env_prefix)
             if option.required:
@@ -252,14 +311,22 @@ class CommandLine:
                 where = f"env {variable}; default {option.default!r}"
             text = f"{option.help} [{where}]"
             if self.switches and option.kind is bool:
-                parser.add_argument(option.flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None,
-                                    help=text)
+                parser.add_argument(
+                    option.flag, dest=option.name, action=argparse.BooleanOptionalAction, default=None, help=text
+                )
             elif option.repeat:
-                parser.add_argument(option.flag, dest=option.name, action="append", default=None, metavar=option.metavar,
-                                    help=text)
+                parser.add_argument(
+                    option.flag, dest=option.name, action="append", default=None, metavar=option.metavar, help=text
+                )
             else:
-                parser.add_argument(option.flag, dest=option.name, default=None, choices=option.choices,
-                                    metavar=option.metavar, help=text)
+                parser.add_argument(
+                    option.flag,
+                    dest=option.name,
+                    default=None,
+                    choices=option.choices,
+                    metavar=option.metavar,
+                    help=text,
+                )
         return parser
 
     def values(self, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -269,7 +336,9 @@ class CommandLine:
         preset = getattr(args, "preset", None) or env.get(f"{self.env_prefix}PRESET") or None
         if preset is not None and self.presets:
             if preset not in self.presets:
-                raise self.error(f"{self.env_prefix}PRESET must be one of {', '.join(sorted(self.presets))}, got {preset!r}")
+                raise self.error(
+                    f"{self.env_prefix}PRESET must be one of {', '.join(sorted(self.presets))}, got {preset!r}"
+                )
             values.update(self.presets[preset])
         for option in options(self.cls):
             variable = option.variable(self.env_prefix)

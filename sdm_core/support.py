@@ -15,13 +15,17 @@ against each other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from sdm_core.math import as_tensor, similarity_from_matches
+
+if TYPE_CHECKING:
+    import faiss
 
 __all__ = ["MAX_Q", "OOD_LABEL", "SupportIndex", "SimilarityResult", "faiss_available"]
 
@@ -67,10 +71,13 @@ def _lexicographic_min(values: torch.Tensor, positions: torch.Tensor) -> tuple[t
     return best, pos
 
 
-def _concat(parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+def _concat(
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if len(parts) == 1:
         return parts[0]
-    return tuple(torch.cat(column) for column in zip(*parts))
+    q, d, i = zip(*parts)
+    return torch.cat(q), torch.cat(d), torch.cat(i)
 
 
 class SupportIndex:
@@ -88,7 +95,9 @@ class SupportIndex:
         if backend not in ("torch", "faiss", "auto"):
             raise ValueError(f"backend must be 'torch', 'faiss' or 'auto', got {backend!r}")
         if backend == "faiss" and not faiss_available():
-            raise ValueError("backend='faiss' needs the faiss-cpu package: pip install 'sdm-lm[faiss]', or use backend='torch'")
+            raise ValueError(
+                "backend='faiss' needs the faiss-cpu package: pip install 'sdm-lm[faiss]', or use backend='torch'"
+            )
         if backend == "auto":
             backend = "torch"  # faster on CPU for q (it needs no top-k sort); faiss stays selectable
         if int(max_q) < 1:
@@ -99,7 +108,7 @@ class SupportIndex:
         self.predictions = torch.empty(0, dtype=torch.long)
         self.ids: list[str] = []
         self._position: dict[str, int] = {}
-        self._faiss = None
+        self._faiss: faiss.IndexFlatL2 | None = None
         self.add(exemplars, labels, predictions, ids)
 
     # -- contents -------------------------------------------------------------------------------------------
@@ -120,7 +129,9 @@ class SupportIndex:
         y = as_tensor(labels, "labels", dtype=torch.long).reshape(-1)
         p = as_tensor(predictions, "predictions", dtype=torch.long).reshape(-1)
         if y.shape[0] != x.shape[0] or p.shape[0] != x.shape[0]:
-            raise ValueError(f"labels and predictions must have {x.shape[0]} entries, got {y.shape[0]} and {p.shape[0]}")
+            raise ValueError(
+                f"labels and predictions must have {x.shape[0]} entries, got {y.shape[0]} and {p.shape[0]}"
+            )
         if y.numel() and bool(((y < 0) & (y != OOD_LABEL)).any()):
             raise ValueError(f"labels must be class indices >= 0 or OOD_LABEL ({OOD_LABEL})")
         if p.numel() and bool((p < 0).any()):
@@ -137,7 +148,10 @@ class SupportIndex:
             raise ValueError(f"ids must be unique; {clash!r} is already in the support")
         for offset, identifier in enumerate(new_ids):
             self._position[identifier] = start + offset
-        new_norms = torch.cat([(x[i : i + 4096].double() ** 2).sum(dim=1) for i in range(0, x.shape[0], 4096)] or [torch.empty(0, dtype=torch.float64)])
+        new_norms = torch.cat(
+            [(x[i : i + 4096].double() ** 2).sum(dim=1) for i in range(0, x.shape[0], 4096)]
+            or [torch.empty(0, dtype=torch.float64)]
+        )
         exemplars = x.contiguous().clone() if start == 0 else torch.cat([self.exemplars, x], dim=0)
         norms = new_norms.to(torch.float32) if start == 0 else torch.cat([self.norms, new_norms.to(torch.float32)])
         self.labels = torch.cat([self.labels, y])
@@ -231,7 +245,9 @@ class SupportIndex:
             raise ValueError(f"query_predictions must have {x.shape[0]} entries, got {yhat.shape[0]}")
         return self.similarity_unchecked(x, yhat, ex)
 
-    def similarity_unchecked(self, queries: torch.Tensor, query_predictions: torch.Tensor, exclude: torch.Tensor) -> SimilarityResult:
+    def similarity_unchecked(
+        self, queries: torch.Tensor, query_predictions: torch.Tensor, exclude: torch.Tensor
+    ) -> SimilarityResult:
         """``similarity`` for validated inputs (hot path): contiguous float32 (B, M) queries, int64 (B,)
         predictions and exclusion positions (-1 for none)."""
         if self.backend == "faiss":
@@ -257,7 +273,9 @@ class SupportIndex:
         others = [(lo, hi) for key, lo, hi in self._groups if key != c or c < 0]
         return match, others
 
-    def _similarity_class(self, x: torch.Tensor, c: int, ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _similarity_class(
+        self, x: torch.Tensor, c: int, ex: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, nearest distance and position for queries that are all predicted ``c``, in memory-bounded blocks."""
         b = x.shape[0]
         step = self._chunk_rows()
@@ -269,7 +287,9 @@ class SupportIndex:
             parts.append(self._reduce_block(dist, c, ex[start:stop]))
         return _concat(parts)
 
-    def _reduce_block(self, dist: torch.Tensor, c: int, ex: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _reduce_block(
+        self, dist: torch.Tensor, c: int, ex: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, nearest distance and position from one (B, N) block of squared distances in sorted-slot order, for
         queries all predicted ``c`` with exclusion positions ``ex`` (-1 for none). ``dist`` is modified.
 
@@ -352,13 +372,19 @@ class SupportIndex:
             slots = (predictions == c).nonzero().squeeze(1)
             for start in range(0, slots.shape[0], step):
                 rows = slots[start : start + step]
-                dist = gram.index_select(0, rows).mul_(-2.0).add_(norms.unsqueeze(0)).add_(norms[rows].unsqueeze(1)).clamp_(min=0.0)
+                dist = (
+                    gram.index_select(0, rows)
+                    .mul_(-2.0)
+                    .add_(norms.unsqueeze(0))
+                    .add_(norms[rows].unsqueeze(1))
+                    .clamp_(min=0.0)
+                )
                 own = self._order[rows]
                 q, d, i = self._reduce_block(dist, int(c), own)
                 q_out[own], d_out[own], i_out[own] = q, d, i
         return SimilarityResult(q_out, d_out, i_out)
 
-    def _faiss_index(self):
+    def _faiss_index(self) -> faiss.IndexFlatL2:
         if self._faiss is None:
             import faiss
 

@@ -12,7 +12,7 @@ import math
 import statistics
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["AdmissionController", "Overloaded"]
 
@@ -29,8 +29,13 @@ class AdmissionController:
     HISTORY = 32  # service times the Retry-After estimate looks at
     MAX_RETRY_AFTER_S = 60
 
-    def __init__(self, max_concurrent: int, max_queue: int, on_change: Callable[[int, int], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_concurrent: int,
+        max_queue: int,
+        on_change: Callable[[int, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_concurrent < 1 or max_queue < 0:
             raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
         self.max_concurrent = max_concurrent

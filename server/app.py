@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -42,7 +42,18 @@ from server.traffic import TrafficRecorder, TrafficSettings, make_record
 
 __all__ = ["create_app", "ServerState", "ROUTES"]
 
-ROUTES = ("/health", "/ready", "/metrics", "/v1/models", "/generate", "/v1/completions", "/v1/chat/completions", "/admin/reload", "/v1/feedback")
+ROUTES = (
+    "/health",
+    "/ready",
+    "/metrics",
+    "/v1/models",
+    "/generate",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/admin/reload",
+    "/v1/feedback",
+)
+
 
 @dataclass
 class ServerState:
@@ -70,7 +81,15 @@ class ServerState:
         loop.call_soon_threadsafe(lambda: loop.call_later(timeout, self.executor.abort_in_flight))
 
 
-_ROUTERS = (operations.router, models.router, generate.router, completions.router, chat.router, feedback.router, admin.router)
+_ROUTERS = (
+    operations.router,
+    models.router,
+    generate.router,
+    completions.router,
+    chat.router,
+    feedback.router,
+    admin.router,
+)
 
 
 def _route_label(path: str) -> str:
@@ -84,21 +103,31 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     app = FastAPI(
         title="sdm-lm selective generation",
         version=__version__,
-        description="Generations with a calibrated probability that they followed the instructions, or an abstention with its reason.",
+        description="Generations with a calibrated probability that they followed the instructions, or an abstention "
+        "with its reason.",
         lifespan=_lifespan(state),
     )
     app.state.server = state
     open_paths = {"/health"} | (set() if config.metrics_require_key else {"/metrics"})
     app.add_middleware(
-        RequestContextMiddleware, api_keys=config.api_keys, admin_keys=config.admin_api_keys, open_paths=open_paths,
-        max_body_bytes=config.max_body_bytes, drain_timeout_s=config.drain_timeout_s, on_error=state.metrics.observe_error,
-        route_label=_route_label, logger=logging.getLogger("sdm.server.access"),
+        RequestContextMiddleware,
+        api_keys=config.api_keys,
+        admin_keys=config.admin_api_keys,
+        open_paths=open_paths,
+        max_body_bytes=config.max_body_bytes,
+        drain_timeout_s=config.drain_timeout_s,
+        on_error=state.metrics.observe_error,
+        route_label=_route_label,
+        logger=logging.getLogger("sdm.server.access"),
     )
     if config.cors_allow_origins:  # outside the key check: browsers send preflights without credentials
         app.add_middleware(
-            CORSMiddleware, allow_origins=list(config.cors_allow_origins), allow_methods=["GET", "POST"],
+            CORSMiddleware,
+            allow_origins=list(config.cors_allow_origins),
+            allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-Id", "X-Client-Request-Id"],
-            expose_headers=["X-Request-Id", "X-Client-Request-Id", "Retry-After"], max_age=600,
+            expose_headers=["X-Request-Id", "X-Client-Request-Id", "Retry-After"],
+            max_age=600,
         )
     _install_error_handlers(app, state)
     for router in _ROUTERS:
@@ -113,19 +142,39 @@ def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
     metrics = ServerMetrics()
     if backend is None:
         backend = make_backend(
-            config.backend, config.bundle, device=config.resolved_device(), dtype=config.dtype, batch_size=config.batch_size,
-            batch_wait_ms=config.batch_wait_ms, verify=config.verify_bundle, observer=metrics.observe_batch,
-            vllm=config.vllm_settings(), hidden_states=config.hidden_states,
+            config.backend,
+            config.bundle,
+            device=config.resolved_device(),
+            dtype=config.dtype,
+            batch_size=config.batch_size,
+            batch_wait_ms=config.batch_wait_ms,
+            verify=config.verify_bundle,
+            observer=metrics.observe_batch,
+            vllm=config.vllm_settings(),
+            hidden_states=config.hidden_states,
         )
     elif getattr(backend, "observer", "missing") is None:
         backend.observer = metrics.observe_batch
     traffic = TrafficRecorder(
-        TrafficSettings(url=traffic_url(config), store_text=config.store_text, sample_rate=config.traffic_sample_rate,
-                        queue_size=config.traffic_queue_size, retention_s=config.traffic_retention_days * 86400.0, max_rows=config.traffic_max_rows),
-        metrics.traffic, logging.getLogger("sdm.server.traffic"),
+        TrafficSettings(
+            url=traffic_url(config),
+            store_text=config.store_text,
+            sample_rate=config.traffic_sample_rate,
+            queue_size=config.traffic_queue_size,
+            retention_s=config.traffic_retention_days * 86400.0,
+            max_rows=config.traffic_max_rows,
+        ),
+        metrics.traffic,
+        logging.getLogger("sdm.server.traffic"),
     )
-    manager = ModelManager(backend, model_name=config.served_model_name, warmup=config.warmup,
-                           warmup_max_tokens=min(4, config.max_tokens_cap), on_loaded=_on_loaded(metrics, logger), logger=logger)
+    manager = ModelManager(
+        backend,
+        model_name=config.served_model_name,
+        warmup=config.warmup,
+        warmup_max_tokens=min(4, config.max_tokens_cap),
+        on_loaded=_on_loaded(metrics, logger),
+        logger=logger,
+    )
 
     def queue_changed(active: int, waiting: int) -> None:
         metrics.in_flight.set(active)
@@ -134,9 +183,22 @@ def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
     admission = AdmissionController(config.max_concurrent_requests, config.max_queue_size, queue_changed)
     executor = RequestExecutor(config, manager, admission, metrics, logger)
     if traffic.enabled:
-        executor.on_answer = lambda rid, route, facts, prompt, result: traffic.submit(make_record(rid, route, facts, result, prompt))
-    return ServerState(config, metrics, manager, admission, executor, traffic, FeedbackHandler(config, traffic, metrics.traffic),
-                       GenerateServing(executor), CompletionServing(executor), ChatServing(executor), logger)
+        executor.on_answer = lambda rid, route, facts, prompt, result: traffic.submit(
+            make_record(rid, route, facts, result, prompt)
+        )
+    return ServerState(
+        config,
+        metrics,
+        manager,
+        admission,
+        executor,
+        traffic,
+        FeedbackHandler(config, traffic, metrics.traffic),
+        GenerateServing(executor),
+        CompletionServing(executor),
+        ChatServing(executor),
+        logger,
+    )
 
 
 def _on_loaded(metrics: ServerMetrics, logger: logging.Logger) -> Callable[[dict], None]:
@@ -147,8 +209,15 @@ def _on_loaded(metrics: ServerMetrics, logger: logging.Logger) -> Callable[[dict
         metrics.set_certification(facts.get("certification"))
         metrics.traffic.set_ladder(facts.get("alphas", ()))
         certification = facts.get("certification")
-        logger.info("certification", extra={"bundle": facts["bundle"], "certification": certification["summary"] if certification
-                                             else "none recorded: the ladder was not checked on held-out documents"})
+        logger.info(
+            "certification",
+            extra={
+                "bundle": facts["bundle"],
+                "certification": certification["summary"]
+                if certification
+                else "none recorded: the ladder was not checked on held-out documents",
+            },
+        )
         metrics.ready.set(1)
 
     return loaded
@@ -209,8 +278,12 @@ def _openapi(app: FastAPI, config: ServerConfig) -> Callable[[], dict]:
         for operations_ in schema["paths"].values():
             for operation in operations_.values():
                 _json_body(operation).pop("$defs", None)
-        limits = {"max_tokens": config.max_tokens_cap, "max_completion_tokens": config.max_tokens_cap,
-                  "return_exemplars": config.max_exemplars, "max_attempts": config.max_attempts_cap}
+        limits = {
+            "max_tokens": config.max_tokens_cap,
+            "max_completion_tokens": config.max_tokens_cap,
+            "return_exemplars": config.max_exemplars,
+            "max_attempts": config.max_attempts_cap,
+        }
         for path in _LIMITED_PATHS:
             properties = _json_body(schema["paths"][path]["post"]).get("properties", {})
             for name, value in limits.items():
@@ -239,7 +312,9 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
-            error = not_found(f"no route {request.method} {request.url.path}; see GET /docs for the API", code="route_not_found")
+            error = not_found(
+                f"no route {request.method} {request.url.path}; see GET /docs for the API", code="route_not_found"
+            )
         elif exc.status_code == 405:
             error = method_not_allowed(f"{request.method} is not allowed on {request.url.path}")
         elif exc.status_code < 500:
@@ -255,7 +330,16 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
         first = (exc.errors() or [{}])[0]
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
-        return respond(request, invalid_request(f"{param}: {first.get('msg', 'invalid request')}" if param else str(first.get("msg", "invalid request")), param, first.get("type")))
+        return respond(
+            request,
+            invalid_request(
+                f"{param}: {first.get('msg', 'invalid request')}"
+                if param
+                else str(first.get("msg", "invalid request")),
+                param,
+                first.get("type"),
+            ),
+        )
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, exc: ClientDisconnected) -> Response:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 __all__ = ["DynamicBatcher", "BatcherClosed"]
 
@@ -87,7 +88,7 @@ class DynamicBatcher(Generic[T, R]):
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             if self._lock is not None:
                 await self._lock.acquire()

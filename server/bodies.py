@@ -24,16 +24,27 @@ async def read_json(request: Request) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise invalid_request(f"the request body is not valid UTF-8 (invalid byte at position {exc.start}); encode JSON as UTF-8", code="invalid_encoding") from None
+        raise invalid_request(
+            f"the request body is not valid UTF-8 (invalid byte at position {exc.start}); encode JSON as UTF-8",
+            code="invalid_encoding",
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise invalid_request(f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", code="invalid_json") from None
+        raise invalid_request(
+            f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+            code="invalid_json",
+        ) from None
     except RecursionError:
-        raise invalid_request("the request body nests arrays or objects too deeply; send a flat JSON object", code="invalid_json") from None
+        raise invalid_request(
+            "the request body nests arrays or objects too deeply; send a flat JSON object", code="invalid_json"
+        ) from None
     except ValueError as exc:  # an integer beyond Python's digit limit for int conversion
         del exc  # its text advises raising an interpreter limit, which is not the client's business
-        raise invalid_request("the request body holds an integer too long to read (over 4300 digits); send numbers of ordinary size", code="invalid_json") from None
+        raise invalid_request(
+            "the request body holds an integer too long to read (over 4300 digits); send numbers of ordinary size",
+            code="invalid_json",
+        ) from None
     if not isinstance(data, dict):
         raise invalid_request(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     return data
@@ -46,15 +57,28 @@ def _is_type_tag(part: Any) -> bool:
     """Whether a pydantic error location part names a union member (``str``, ``list[str]``, ...), not a field."""
     if not isinstance(part, str):
         return False
-    return part in _TYPE_TAGS or any(c in part for c in "[]()") or part.startswith(("constrained-", "function-", "lax-", "strict-"))
+    return (
+        part in _TYPE_TAGS
+        or any(c in part for c in "[]()")
+        or part.startswith(("constrained-", "function-", "lax-", "strict-"))
+    )
 
 
 def _pick_error(errors: list[dict]) -> dict:
-    """The error to report: of the first field's errors, the deepest one that is not a union's 'should be None' branch."""
+    """The error to report: of the first field's errors, the deepest one that is not a union's 'should be None'
+    branch."""
     first = errors[0].get("loc", ("",))[:1]
-    same = [e for e in errors if e.get("loc", ())[:1] == first and not (e.get("loc") and e["loc"][-1] == "none")] or errors[:1]
+    same = [
+        e for e in errors if e.get("loc", ())[:1] == first and not (e.get("loc") and e["loc"][-1] == "none")
+    ] or errors[:1]
     # deepest first; of equally deep ones, a broken constraint before a wrong type (the other union branch)
-    return max(same, key=lambda e: (len([p for p in e.get("loc", ()) if not _is_type_tag(p)]), not str(e.get("type", "")).endswith("_type")))
+    return max(
+        same,
+        key=lambda e: (
+            len([p for p in e.get("loc", ()) if not _is_type_tag(p)]),
+            not str(e.get("type", "")).endswith("_type"),
+        ),
+    )
 
 
 def parse_request(model: type[M], data: Any) -> M:

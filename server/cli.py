@@ -10,7 +10,8 @@ import logging
 import math
 import signal
 import sys
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import uvicorn
@@ -25,7 +26,7 @@ __all__ = ["main", "build_server"]
 _BACKSTOP_S = 2
 
 
-def build_server(app: "FastAPI", config: "ServerConfig", *, port: int | None = None) -> "uvicorn.Server":
+def build_server(app: FastAPI, config: ServerConfig, *, port: int | None = None) -> uvicorn.Server:
     """The uvicorn server for ``app``: on the first SIGTERM / SIGINT it starts the app's drain clock."""
     import uvicorn
 
@@ -58,8 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    import uvicorn
 
     from server.app import create_app
     from server.logs import configure_logging

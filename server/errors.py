@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 __all__ = [
     "APIError",
@@ -73,18 +73,31 @@ def method_not_allowed(message: str) -> APIError:
 
 
 def payload_too_large(limit: int) -> APIError:
-    return APIError(413, f"request body exceeds {limit} bytes (the server's --max-body-bytes)", "invalid_request_error", None, "request_too_large")
+    return APIError(
+        413,
+        f"request body exceeds {limit} bytes (the server's --max-body-bytes)",
+        "invalid_request_error",
+        None,
+        "request_too_large",
+    )
 
 
 def unsupported_media_type(given: str | None) -> APIError:
     what = f"Content-Type {given!r}" if given else "no Content-Type"
-    return APIError(415, f"the request body has {what}; send JSON with 'Content-Type: application/json'", "invalid_request_error", None, "unsupported_media_type")
+    return APIError(
+        415,
+        f"the request body has {what}; send JSON with 'Content-Type: application/json'",
+        "invalid_request_error",
+        None,
+        "unsupported_media_type",
+    )
 
 
 def shutting_down(drain_s: float) -> APIError:
     return APIError(
         503,
-        f"the server is shutting down and this request was still running after the drain timeout ({drain_s:g} s, --drain-timeout-s); retry it",
+        f"the server is shutting down and this request was still running after the drain timeout ({drain_s:g} s, "
+        "--drain-timeout-s); retry it",
         "service_unavailable",
         None,
         "shutting_down",
@@ -108,7 +121,13 @@ def not_ready(message: str = "the model is loading; retry when GET /ready answer
 
 
 def timeout_error(seconds: float) -> APIError:
-    return APIError(504, f"the request took longer than {seconds:g} s (the server's --request-timeout-s)", "timeout_error", None, "request_timeout")
+    return APIError(
+        504,
+        f"the request took longer than {seconds:g} s (the server's --request-timeout-s)",
+        "timeout_error",
+        None,
+        "request_timeout",
+    )
 
 
 def internal_error(message: str = "internal server error") -> APIError:

@@ -12,9 +12,10 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from starlette.requests import Request
 
@@ -70,19 +71,38 @@ class Completed:
 
     def timings(self) -> Timings:
         r = self.result
-        return Timings(queue_ms=round(self.queue_ms, 3), generation_ms=round(r.generation_ms, 3), verification_ms=round(r.verification_ms, 3), total_ms=round(self.total_ms, 3))
+        return Timings(
+            queue_ms=round(self.queue_ms, 3),
+            generation_ms=round(r.generation_ms, 3),
+            verification_ms=round(r.verification_ms, 3),
+            total_ms=round(self.total_ms, 3),
+        )
 
     def usage(self) -> Usage:
         r = self.result
-        return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, total_tokens=r.prompt_tokens + r.completion_tokens)
+        return Usage(
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            total_tokens=r.prompt_tokens + r.completion_tokens,
+        )
 
     def verdict(self) -> dict:
         """The verification fields every route returns (``/generate`` flat, the OpenAI routes under ``sdm``)."""
         r, best = self.result, self.result.best
         return dict(
-            verified=best.verified, probability=best.probability, probability_lower=best.probability_lower, admitted=best.admitted,
-            abstained=r.abstained, abstention_reason=best.abstention_reason, withheld=r.withheld, alpha=r.alpha,
-            region_alpha=best.region_alpha, q=best.q, q_prime=best.q_prime, d=best.d, exemplars=[Exemplar(**e) for e in best.exemplars],
+            verified=best.verified,
+            probability=best.probability,
+            probability_lower=best.probability_lower,
+            admitted=best.admitted,
+            abstained=r.abstained,
+            abstention_reason=best.abstention_reason,
+            withheld=r.withheld,
+            alpha=r.alpha,
+            region_alpha=best.region_alpha,
+            q=best.q,
+            q_prime=best.q_prime,
+            d=best.d,
+            exemplars=[Exemplar(**e) for e in best.exemplars],
             attempts=r.attempts,
         )
 
@@ -93,8 +113,14 @@ class Completed:
 class RequestExecutor:
     """What every generation route shares between parsing its body and building its response."""
 
-    def __init__(self, config: ServerConfig, manager: ModelManager, admission: AdmissionController, metrics: ServerMetrics,
-                 logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        manager: ModelManager,
+        admission: AdmissionController,
+        metrics: ServerMetrics,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self.config = config
         self.manager = manager
         self.admission = admission
@@ -106,7 +132,8 @@ class RequestExecutor:
         self.aborted = asyncio.Event()  # set when the drain timeout ends: what still runs is answered with 503
 
     def abort_in_flight(self) -> None:
-        """End every running request with a 503 (streams: an error event, then ``[DONE]``): the drain timeout is over."""
+        """End every running request with a 503 (streams: an error event, then ``[DONE]``): the drain timeout is
+        over."""
         if not self.aborted.is_set():
             self.logger.warning("drain timeout reached; answering the requests still running with 503")
         self.aborted.set()
@@ -132,56 +159,96 @@ class RequestExecutor:
         if tokens < 1:
             raise invalid_request(f"{tokens_param} must be >= 1, got {tokens}", tokens_param, "invalid_max_tokens")
         if tokens > config.max_tokens_cap:
-            raise invalid_request(f"{tokens_param} {tokens} exceeds this server's cap of {config.max_tokens_cap}", tokens_param, "max_tokens_too_large")
+            raise invalid_request(
+                f"{tokens_param} {tokens} exceeds this server's cap of {config.max_tokens_cap}",
+                tokens_param,
+                "max_tokens_too_large",
+            )
         try:
             alpha = pipeline.resolve_alpha(draft.alpha)
         except ValueError:
             raise invalid_request(
-                f"alpha {draft.alpha} is not on the bundle's calibrated ladder {list(pipeline.alphas)}; use one of them (or recalibrate the head)",
-                "alpha", "alpha_not_on_ladder",
+                f"alpha {draft.alpha} is not on the bundle's calibrated ladder {list(pipeline.alphas)}; use one of "
+                "them (or recalibrate the head)",
+                "alpha",
+                "alpha_not_on_ladder",
             ) from None
         if draft.return_exemplars > config.max_exemplars:
-            raise invalid_request(f"return_exemplars {draft.return_exemplars} exceeds this server's limit of {config.max_exemplars}", "return_exemplars", "too_many_exemplars")
+            raise invalid_request(
+                f"return_exemplars {draft.return_exemplars} exceeds this server's limit of {config.max_exemplars}",
+                "return_exemplars",
+                "too_many_exemplars",
+            )
         if draft.max_attempts > config.max_attempts_cap:
-            raise invalid_request(f"max_attempts {draft.max_attempts} exceeds this server's limit of {config.max_attempts_cap}", "max_attempts", "too_many_attempts")
+            raise invalid_request(
+                f"max_attempts {draft.max_attempts} exceeds this server's limit of {config.max_attempts_cap}",
+                "max_attempts",
+                "too_many_attempts",
+            )
         if draft.max_attempts > 1 and draft.temperature <= 0:
-            raise invalid_request("max_attempts > 1 needs temperature > 0: greedy decoding gives the same output at every attempt", "max_attempts", "attempts_need_sampling")
+            raise invalid_request(
+                "max_attempts > 1 needs temperature > 0: greedy decoding gives the same output at every attempt",
+                "max_attempts",
+                "attempts_need_sampling",
+            )
         self._check_prompt(draft, pipeline)
         return dataclasses.replace(draft, alpha=alpha)
 
     def _check_prompt(self, draft: VerificationDraft, pipeline: SelectivePipeline) -> None:
         """A prompt too long to fit even at the tokenizer's longest token, or holding a special token: 400."""
         prompt, param = draft.prompt, draft.prompt_param
-        texts = [(param, prompt)] if isinstance(prompt, str) else [(f"{param}.{i}.content", m["content"]) for i, m in enumerate(prompt)]
+        texts = (
+            [(param, prompt)]
+            if isinstance(prompt, str)
+            else [(f"{param}.{i}.content", m["content"]) for i, m in enumerate(prompt)]
+        )
         chars = sum(len(text) for _, text in texts)
         if chars > self.config.max_prompt_tokens * pipeline.max_chars_per_token:
             raise invalid_request(
-                f"the prompt has {chars} characters, more than {self.config.max_prompt_tokens} tokens (this server's --max-prompt-tokens) can hold; shorten it",
-                param, "prompt_too_long",
+                f"the prompt has {chars} characters, more than {self.config.max_prompt_tokens} tokens (this server's "
+                "--max-prompt-tokens) can hold; shorten it",
+                param,
+                "prompt_too_long",
             )
         for where, text in texts:
             token = pipeline.special_token_in(text)
             if token is not None:
                 raise invalid_request(
-                    f"{where}: contains {token!r}, a special token of the model's chat format; a user's text cannot hold control tokens "
-                    "(they would forge turns), so remove or rewrite it", where, "special_token_in_content",
+                    f"{where}: contains {token!r}, a special token of the model's chat format; a user's text cannot "
+                    "hold control tokens "
+                    "(they would forge turns), so remove or rewrite it",
+                    where,
+                    "special_token_in_content",
                 )
 
     async def prepare(self, plan: Plan) -> VerificationRequest:
-        """Render and tokenize the prompt off the event loop (the caller holds an admission slot), then the token limits."""
+        """Render and tokenize the prompt off the event loop (the caller holds an admission slot), then check the
+        token limits."""
         draft, served = plan.draft, plan.served
         try:
             prepared = await served.pipeline.prepare_async(draft.prompt)
         except Exception as exc:  # noqa: BLE001 - a chat template rejecting the messages
-            raise invalid_request(f"{draft.prompt_param}: the chat template could not render it: {exc}", draft.prompt_param, "invalid_prompt") from None
+            raise invalid_request(
+                f"{draft.prompt_param}: the chat template could not render it: {exc}",
+                draft.prompt_param,
+                "invalid_prompt",
+            ) from None
         n = len(prepared.ids)
         if n > self.config.max_prompt_tokens:
-            raise invalid_request(f"the prompt has {n} tokens (chat template included); this server accepts at most {self.config.max_prompt_tokens}",
-                                  draft.prompt_param, "prompt_too_long")
+            raise invalid_request(
+                f"the prompt has {n} tokens (chat template included); this server accepts at most "
+                f"{self.config.max_prompt_tokens}",
+                draft.prompt_param,
+                "prompt_too_long",
+            )
         limit = served.backend.max_model_len
         if n + draft.max_tokens > limit:
-            raise invalid_request(f"the prompt ({n} tokens) plus {draft.tokens_param} ({draft.max_tokens}) exceeds the model's context of {limit} tokens",
-                                  draft.tokens_param, "context_length_exceeded")
+            raise invalid_request(
+                f"the prompt ({n} tokens) plus {draft.tokens_param} ({draft.max_tokens}) exceeds the model's context "
+                f"of {limit} tokens",
+                draft.tokens_param,
+                "context_length_exceeded",
+            )
         return draft.prepared(prepared)
 
     # -- running -----------------------------------------------------------------------------------------------
@@ -206,6 +273,7 @@ class RequestExecutor:
 
     async def until_disconnect(self, request: Request, work: asyncio.Future) -> Any:
         """``work``'s result; ClientDisconnected when the client goes first, 503 when the drain timeout ends first."""
+
         async def disconnected() -> None:
             while True:
                 message = await request.receive()
@@ -281,8 +349,16 @@ class RequestExecutor:
         self.metrics.latency.labels(stage="total").observe(done.total_ms / 1000.0)
         self.logger.info(
             "answered",
-            extra={"id": plan.response_id, "route": plan.route, "admitted": result.best.admitted, "abstention_reason": result.best.abstention_reason,
-                   "probability": round(result.best.probability, 6), "attempts": result.attempts, "prompt_tokens": result.prompt_tokens,
-                   "completion_tokens": result.completion_tokens, "total_ms": round(done.total_ms, 2)},
+            extra={
+                "id": plan.response_id,
+                "route": plan.route,
+                "admitted": result.best.admitted,
+                "abstention_reason": result.best.abstention_reason,
+                "probability": round(result.best.probability, 6),
+                "attempts": result.attempts,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_ms": round(done.total_ms, 2),
+            },
         )
         return done

@@ -10,14 +10,27 @@ import sys
 import time
 from contextvars import ContextVar
 
-__all__ = ["request_id_var", "client_request_id_var", "key_id_var", "JsonFormatter", "RequestIdFilter", "configure_logging", "LOGGER_NAME"]
+__all__ = [
+    "request_id_var",
+    "client_request_id_var",
+    "key_id_var",
+    "JsonFormatter",
+    "RequestIdFilter",
+    "configure_logging",
+    "LOGGER_NAME",
+]
 
 LOGGER_NAME = "sdm.server"
 request_id_var: ContextVar[str | None] = ContextVar("sdm_request_id", default=None)
 client_request_id_var: ContextVar[str | None] = ContextVar("sdm_client_request_id", default=None)
 key_id_var: ContextVar[str | None] = ContextVar("sdm_key_id", default=None)
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "request_id", "color_message"}
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",
+}
 
 
 class RequestIdFilter(logging.Filter):
@@ -44,7 +57,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                payload[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+                payload[key] = (
+                    value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+                )
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)

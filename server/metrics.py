@@ -25,33 +25,92 @@ class ServerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("sdm_requests", "Requests by route and outcome (admitted, abstained, error)", ["route", "outcome"], registry=r)
-        self.errors = Counter("sdm_request_errors", "Failed requests by route and HTTP status", ["route", "status"], registry=r)
+        self.requests = Counter(
+            "sdm_requests",
+            "Requests by route and outcome (admitted, abstained, error)",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "sdm_request_errors", "Failed requests by route and HTTP status", ["route", "status"], registry=r
+        )
         self.abstentions = Counter("sdm_abstentions", "Abstentions by reason", ["reason"], registry=r)
-        self.probability = Histogram("sdm_probability", "Calibrated SDM probability of the verified class", buckets=_PROBABILITY_BUCKETS, registry=r)
-        self.q_prime = Histogram("sdm_q_prime", "Rescaled similarity q' of returned outputs", buckets=_Q_PRIME_BUCKETS, registry=r)
-        self.region_alpha = Histogram("sdm_region_alpha", "Highest ladder alpha whose region admits the output (outputs in no region are not observed)", buckets=_ALPHA_BUCKETS, registry=r)
+        self.probability = Histogram(
+            "sdm_probability",
+            "Calibrated SDM probability of the verified class",
+            buckets=_PROBABILITY_BUCKETS,
+            registry=r,
+        )
+        self.q_prime = Histogram(
+            "sdm_q_prime", "Rescaled similarity q' of returned outputs", buckets=_Q_PRIME_BUCKETS, registry=r
+        )
+        self.region_alpha = Histogram(
+            "sdm_region_alpha",
+            "Highest ladder alpha whose region admits the output (outputs in no region are not observed)",
+            buckets=_ALPHA_BUCKETS,
+            registry=r,
+        )
         self.no_region = Counter("sdm_outputs_without_region", "Outputs that no ladder region admits", registry=r)
-        self.latency = Histogram("sdm_stage_latency_seconds", "Latency by stage (queue, generation, verification, total)", ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram(
+            "sdm_stage_latency_seconds",
+            "Latency by stage (queue, generation, verification, total)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("sdm_prompt_tokens", "Prompt tokens processed (once per attempt)", registry=r)
-        self.completion_tokens = Counter("sdm_completion_tokens", "Completion tokens generated (all attempts)", registry=r)
+        self.completion_tokens = Counter(
+            "sdm_completion_tokens", "Completion tokens generated (all attempts)", registry=r
+        )
         self.in_flight = Gauge("sdm_in_flight_requests", "Requests holding a processing slot", registry=r)
         self.queue_depth = Gauge("sdm_queue_depth", "Requests waiting for a processing slot", registry=r)
-        self.attempts = Histogram("sdm_attempts", "Generation attempts per request", buckets=_ATTEMPT_BUCKETS, registry=r)
-        self.batch_size = Histogram("sdm_batch_size", "Requests per backend batch (generate, embed)", ["kind"], buckets=_BATCH_BUCKETS, registry=r)
-        self.cancelled = Counter("sdm_cancelled_requests", "Requests whose client disconnected before the answer", ["route"], registry=r)
-        self.hidden_state_sources = Counter("sdm_hidden_state_sources", "Head inputs by source: states captured while generating (reused) or a separate forward pass (forward)", ["source"], registry=r)
+        self.attempts = Histogram(
+            "sdm_attempts", "Generation attempts per request", buckets=_ATTEMPT_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "sdm_batch_size",
+            "Requests per backend batch (generate, embed)",
+            ["kind"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "sdm_cancelled_requests", "Requests whose client disconnected before the answer", ["route"], registry=r
+        )
+        self.hidden_state_sources = Counter(
+            "sdm_hidden_state_sources",
+            "Head inputs by source: states captured while generating (reused) or a separate forward pass (forward)",
+            ["source"],
+            registry=r,
+        )
         for source in ("reused", "forward"):  # exported at 0 from the start, so ratios exist before the first request
             self.hidden_state_sources.labels(source=source)
         self.reloads = Counter("sdm_bundle_reloads", "Bundle reloads by result", ["result"], registry=r)
         self.ready = Gauge("sdm_ready", "1 when the model and head are loaded and warmed up", registry=r)
-        self.bundle = Info("sdm_bundle", "The bundle served: model, head version, default alpha, calibration admitted proportion", registry=r)
-        self.certified = Gauge("sdm_region_certified", "1 when the region at alpha is certified on the bundle's held-out split, "
-                               "0 when it is not (too little evidence, none admitted, no region), -1 when certification withdrew it",
-                               ["alpha"], registry=r)
-        self.certified_lower = Gauge("sdm_certified_accuracy_lower_bound", "95 % Clopper-Pearson lower bound of the accuracy of "
-                                     "answers admitted at alpha on the bundle's certification split", ["alpha"], registry=r)
-        self.baseline = Gauge("sdm_calibration_admitted_proportion", "Calibration-set admitted proportion at the default alpha (the drift baseline)", registry=r)
+        self.bundle = Info(
+            "sdm_bundle",
+            "The bundle served: model, head version, default alpha, calibration admitted proportion",
+            registry=r,
+        )
+        self.certified = Gauge(
+            "sdm_region_certified",
+            "1 when the region at alpha is certified on the bundle's held-out split, "
+            "0 when it is not (too little evidence, none admitted, no region), -1 when certification withdrew it",
+            ["alpha"],
+            registry=r,
+        )
+        self.certified_lower = Gauge(
+            "sdm_certified_accuracy_lower_bound",
+            "95 % Clopper-Pearson lower bound of the accuracy of "
+            "answers admitted at alpha on the bundle's certification split",
+            ["alpha"],
+            registry=r,
+        )
+        self.baseline = Gauge(
+            "sdm_calibration_admitted_proportion",
+            "Calibration-set admitted proportion at the default alpha (the drift baseline)",
+            registry=r,
+        )
         for outcome in OUTCOMES:
             for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
                 self.requests.labels(route=route, outcome=outcome)

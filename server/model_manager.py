@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from server.backends.base import Backend
 from server.errors import APIError, internal_error, invalid_request, not_ready
@@ -37,7 +37,9 @@ def bundle_facts(backend: Backend, model_name: str) -> dict:
         "alphas": list(ladder.alphas),
         "calibration_admitted": region.calibration_admitted,
         "calibration_size": region.calibration_size,
-        "calibration_admitted_proportion": region.calibration_admitted / region.calibration_size if region.calibration_size else 0.0,
+        "calibration_admitted_proportion": region.calibration_admitted / region.calibration_size
+        if region.calibration_size
+        else 0.0,
         "certification": certification_facts(info.certification),
     }
 
@@ -53,9 +55,17 @@ def certification_facts(certification) -> dict | None:
         "certified_alphas": list(certification.certified),
         "withdrawn_alphas": list(certification.withdrawn),
         "summary": certification.summary(),
-        "alphas": {f"{r.alpha:g}": {"admitted": r.admitted, "correct": r.correct, "accuracy": r.accuracy,
-                                    "p_value": r.p_value, "lower_bound": r.lower_bound, "status": r.status}
-                   for r in certification.rows},
+        "alphas": {
+            f"{r.alpha:g}": {
+                "admitted": r.admitted,
+                "correct": r.correct,
+                "accuracy": r.accuracy,
+                "p_value": r.p_value,
+                "lower_bound": r.lower_bound,
+                "status": r.status,
+            }
+            for r in certification.rows
+        },
     }
 
 
@@ -133,7 +143,9 @@ class ModelManager:
             return
         self.current = served
         self.state = "ready"
-        self.logger.info("ready", extra={"bundle": served.backend.bundle_path, "seconds": round(time.perf_counter() - started, 2)})
+        self.logger.info(
+            "ready", extra={"bundle": served.backend.bundle_path, "seconds": round(time.perf_counter() - started, 2)}
+        )
 
     async def _prepare(self, backend: Backend, set_state: bool) -> ServedModel:
         if set_state:
@@ -148,7 +160,9 @@ class ModelManager:
                     self.state = "warming_up"
                 prompt = pipeline.prepare(WARMUP_PROMPT)
                 result = await pipeline.run(VerificationRequest(prompt, max_tokens=self.warmup_max_tokens))
-                self.logger.info("warm-up passed", extra={"verified": result.best.verified, "probability": result.best.probability})
+                self.logger.info(
+                    "warm-up passed", extra={"verified": result.best.verified, "probability": result.best.probability}
+                )
         except BaseException:
             pipeline.close()
             raise
@@ -180,7 +194,9 @@ class ModelManager:
         """The current model, counted as in use until :meth:`release`. 503 when not ready."""
         if not self.ready:
             if self.state == "failed":
-                raise not_ready(f"the model failed to load ({self.error}); fix the bundle and restart or POST /admin/reload")
+                raise not_ready(
+                    f"the model failed to load ({self.error}); fix the bundle and restart or POST /admin/reload"
+                )
             raise not_ready()
         served = self.current
         assert served is not None
@@ -204,7 +220,9 @@ class ModelManager:
             path = bundle_path or base.bundle_path
             name = Path(path).name  # what errors call it: they go to clients, host paths must not
             if not (Path(path) / "bundle.json").is_file():
-                raise invalid_request(f"bundle {name!r} is not an sdm-lm bundle (no bundle.json)", "bundle", "invalid_bundle")
+                raise invalid_request(
+                    f"bundle {name!r} is not an sdm-lm bundle (no bundle.json)", "bundle", "invalid_bundle"
+                )
             backend = base.with_bundle(path)
             try:
                 served = await self._prepare(backend, set_state=self.current is None)
@@ -215,13 +233,17 @@ class ModelManager:
                     raise
                 detail = _without_paths(str(exc), path, name)
                 if isinstance(exc, (ValueError, OSError)):
-                    raise invalid_request(f"could not load bundle {name!r}: {detail}", "bundle", "invalid_bundle") from exc
+                    raise invalid_request(
+                        f"could not load bundle {name!r}: {detail}", "bundle", "invalid_bundle"
+                    ) from exc
                 raise internal_error(f"could not load bundle {name!r}: {type(exc).__name__}: {detail}") from exc
             old = self.current
             self.current = served
             self.state = "ready"
             self.error = None
-            self.logger.info("reloaded", extra={"bundle": served.backend.bundle_path, "head_version": served.facts["head_version"]})
+            self.logger.info(
+                "reloaded", extra={"bundle": served.backend.bundle_path, "head_version": served.facts["head_version"]}
+            )
             if old is not None:
                 task = asyncio.get_running_loop().create_task(self._retire(old), name="sdm-retire")
                 self._retiring[task] = old

@@ -14,18 +14,26 @@ import asyncio
 import functools
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
-from sdm_core.lm.embedding import verification_prefix, verification_text
 from sdm_core.estimator import SDMScores
+from sdm_core.lm.embedding import verification_prefix, verification_text
 from sdm_core.support import OOD_LABEL
 from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
 
-__all__ = ["PreparedPrompt", "VerificationDraft", "VerificationRequest", "Attempt", "VerificationResult", "SelectivePipeline", "derive_seed"]
+__all__ = [
+    "PreparedPrompt",
+    "VerificationDraft",
+    "VerificationRequest",
+    "Attempt",
+    "VerificationResult",
+    "SelectivePipeline",
+    "derive_seed",
+]
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,19 @@ class VerificationDraft:
     return_exemplars: int = 0
     max_attempts: int = 1
 
-    def prepared(self, prompt: PreparedPrompt) -> "VerificationRequest":
+    def prepared(self, prompt: PreparedPrompt) -> VerificationRequest:
         """The request to run, with the rendered and tokenized prompt."""
         return VerificationRequest(
-            prompt=prompt, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed, stop=self.stop,
-            alpha=self.alpha, on_abstain=self.on_abstain, return_exemplars=self.return_exemplars, max_attempts=self.max_attempts,
+            prompt=prompt,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=self.stop,
+            alpha=self.alpha,
+            on_abstain=self.on_abstain,
+            return_exemplars=self.return_exemplars,
+            max_attempts=self.max_attempts,
         )
 
 
@@ -173,11 +189,18 @@ class SelectivePipeline:
         self._prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdm-prompt")
         tokenizer = backend.tokenizer
         # Every string the tokenizer turns into a control token wherever it appears (chat markers, EOS, ...).
-        self.special_tokens: tuple[str, ...] = tuple(sorted(
-            {str(t) for t in getattr(tokenizer, "all_special_tokens", ())}
-            | {str(t.content) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)},
-            key=len, reverse=True,
-        ))
+        self.special_tokens: tuple[str, ...] = tuple(
+            sorted(
+                {str(t) for t in getattr(tokenizer, "all_special_tokens", ())}
+                | {
+                    str(t.content)
+                    for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                    if getattr(t, "special", False)
+                },
+                key=len,
+                reverse=True,
+            )
+        )
         # No token covers more characters than its longest vocabulary entry (byte-level entries hold one character
         # per byte), so text longer than max_tokens * this has more than max_tokens tokens: a check without tokenizing.
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
@@ -216,7 +239,9 @@ class SelectivePipeline:
         return verification_text(self.backend.tokenizer, prompt, response, self.info.chat, self.info.recipe)
 
     # -- the flow -----------------------------------------------------------------------------------------------
-    async def run(self, request: VerificationRequest, on_text: Callable[[str], None] | None = None) -> VerificationResult:
+    async def run(
+        self, request: VerificationRequest, on_text: Callable[[str], None] | None = None
+    ) -> VerificationResult:
         """Run the request. ``on_text`` receives generated text as it is produced (from a worker thread), only
         when the text cannot be withheld or replaced (one attempt, ``on_abstain="flag"``)."""
         alpha = self.resolve_alpha(request.alpha)
@@ -224,29 +249,45 @@ class SelectivePipeline:
         stream = on_text if (budget == 1 and request.on_abstain == "flag") else None
         attempts: list[Attempt] = []
         for k in range(budget):
-            params = SamplingParams(request.max_tokens, request.temperature, request.top_p, derive_seed(request.seed, k))
+            params = SamplingParams(
+                request.max_tokens, request.temperature, request.top_p, derive_seed(request.seed, k)
+            )
             attempt = await self._attempt(request, params, alpha, stream)
             attempts.append(attempt)
             if attempt.admitted:
                 break
         best = max(attempts, key=lambda a: (a.admitted, a.probability))
         withheld = request.on_abstain == "withhold" and not best.admitted
-        return VerificationResult(best=best, all_attempts=attempts, alpha=alpha, withheld=withheld, prompt_tokens=len(request.prompt.ids))
+        return VerificationResult(
+            best=best, all_attempts=attempts, alpha=alpha, withheld=withheld, prompt_tokens=len(request.prompt.ids)
+        )
 
     async def _attempt(self, request: VerificationRequest, params: SamplingParams, alpha: float, on_text) -> Attempt:
         started = time.perf_counter()
         generation = await self.backend.generate(
-            GenerationRequest(list(request.prompt.ids), params, stop=tuple(request.stop), stop_inclusive=(self.tags.open,), on_text=on_text)
+            GenerationRequest(
+                list(request.prompt.ids),
+                params,
+                stop=tuple(request.stop),
+                stop_inclusive=(self.tags.open,),
+                on_text=on_text,
+            )
         )
         generated = time.perf_counter()
         text = self.verification_text(request.prompt.chat_prompt, generation.text)
         h = await self.backend.embed_generation(text, request.prompt.ids, generation)
-        score = functools.partial(self.head.predict_scores, h, alpha=alpha, return_exemplars=int(request.return_exemplars))
+        score = functools.partial(
+            self.head.predict_scores, h, alpha=alpha, return_exemplars=int(request.return_exemplars)
+        )
         scores = await asyncio.get_running_loop().run_in_executor(self._head_thread, score)
         verified = time.perf_counter()
-        return self._decide(generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0)
+        return self._decide(
+            generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0
+        )
 
-    def _decide(self, generation: GenerationResult, text: str, h: torch.Tensor, scores: SDMScores, gen_ms: float, ver_ms: float) -> Attempt:
+    def _decide(
+        self, generation: GenerationResult, text: str, h: torch.Tensor, scores: SDMScores, gen_ms: float, ver_ms: float
+    ) -> Attempt:
         prediction = int(scores.predictions[0])
         head_admitted = bool(scores.admitted[0])
         positive = prediction == self.tags.positive_class
@@ -256,8 +297,14 @@ class SelectivePipeline:
         exemplars = []
         if scores.exemplars:
             for e in scores.exemplars[0]:
-                name = "ood" if e.label == OOD_LABEL else (self.class_names[e.label] if 0 <= e.label < len(self.class_names) else str(e.label))
-                exemplars.append({"id": e.id, "label": e.label, "label_name": name, "predicted": e.predicted, "distance": e.distance})
+                name = (
+                    "ood"
+                    if e.label == OOD_LABEL
+                    else (self.class_names[e.label] if 0 <= e.label < len(self.class_names) else str(e.label))
+                )
+                exemplars.append(
+                    {"id": e.id, "label": e.label, "label_name": name, "predicted": e.predicted, "distance": e.distance}
+                )
         return Attempt(
             generation=generation,
             verification_text=text,

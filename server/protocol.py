@@ -14,7 +14,8 @@ response and stream chunk here, and the OpenAPI schema is generated from it.
 from __future__ import annotations
 
 import time
-from typing import Annotated, ClassVar, Literal, Sequence
+from collections.abc import Sequence
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -70,7 +71,10 @@ def _valid_unicode(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValueError(f"contains a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x}) at character {exc.start}; send valid Unicode text") from None
+        raise ValueError(
+            f"contains a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x}) at character {exc.start}; send valid "
+            "Unicode text"
+        ) from None
     return value
 
 
@@ -82,7 +86,9 @@ def _prompt_text(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
-PromptText = Annotated[str, AfterValidator(_prompt_text), WithJsonSchema({"type": "string", "minLength": 1, "pattern": r"\S"})]
+PromptText = Annotated[
+    str, AfterValidator(_prompt_text), WithJsonSchema({"type": "string", "minLength": 1, "pattern": r"\S"})
+]
 StopText = Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_STRINGS)]
 
@@ -100,8 +106,15 @@ class ErrorResponse(BaseModel):
 
 # -- shared request pieces ----------------------------------------------------------------------------------
 _NON_BLANK = {"type": "string", "minLength": 1, "pattern": r"\S"}
-_PARTS = {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["type"],
-          "properties": {"type": {"type": "string"}, "text": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}}
+_PARTS = {
+    "type": "array",
+    "minItems": 1,
+    "items": {
+        "type": "object",
+        "required": ["type"],
+        "properties": {"type": {"type": "string"}, "text": {"anyOf": [{"type": "string"}, {"type": "null"}]}},
+    },
+}
 
 
 class ContentPart(BaseModel):
@@ -116,8 +129,11 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"required": ["role", "content"]})
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[Text, WithJsonSchema(_NON_BLANK)] | Annotated[list[ContentPart], WithJsonSchema(_PARTS)] | SkipJsonSchema[None] = Field(
-        default=None, validate_default=True)
+    content: (
+        Annotated[Text, WithJsonSchema(_NON_BLANK)]
+        | Annotated[list[ContentPart], WithJsonSchema(_PARTS)]
+        | SkipJsonSchema[None]
+    ) = Field(default=None, validate_default=True)
     name: str | None = None
 
     @field_validator("content")
@@ -150,7 +166,9 @@ def chat_prompt(messages: Sequence[ChatMessage]) -> list[dict]:
         try:
             content = m.text()
         except ValueError as exc:
-            raise invalid_request(f"messages.{i}.content: {exc}", f"messages.{i}.content", "unsupported_content") from None
+            raise invalid_request(
+                f"messages.{i}.content: {exc}", f"messages.{i}.content", "unsupported_content"
+            ) from None
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
     return out
 
@@ -159,11 +177,22 @@ class SelectiveParams(BaseModel):
     """The SDM fields every generation route accepts."""
 
     model_config = _STRICT
-    alpha: float | None = Field(default=None, json_schema_extra={"exclusiveMinimum": 0.5, "maximum": 1.0},
-                                description="the alpha whose HIGH-RELIABILITY region decides admission; must be on the bundle's ladder (default: the bundle's alpha)")
-    on_abstain: Literal["flag", "withhold"] = Field(default="flag", description="flag: return the text marked as abstained; withhold: return no text")
+    alpha: float | None = Field(
+        default=None,
+        json_schema_extra={"exclusiveMinimum": 0.5, "maximum": 1.0},
+        description="the alpha whose HIGH-RELIABILITY region decides admission; must be on the bundle's ladder "
+        "(default: the bundle's alpha)",
+    )
+    on_abstain: Literal["flag", "withhold"] = Field(
+        default="flag", description="flag: return the text marked as abstained; withhold: return no text"
+    )
     return_exemplars: int = Field(default=0, ge=0, description="number of nearest training exemplars to return")
-    max_attempts: int = Field(default=1, ge=1, description="resample (temperature > 0) until admitted or this many attempts; the best by (admitted, probability) is returned")
+    max_attempts: int = Field(
+        default=1,
+        ge=1,
+        description="resample (temperature > 0) until admitted or this many attempts; the best by (admitted, "
+        "probability) is returned",
+    )
 
     @field_validator("alpha")
     @classmethod
@@ -172,8 +201,13 @@ class SelectiveParams(BaseModel):
 
     def _draft(self, **generation) -> VerificationDraft:
         """The draft of ``generation``'s fields (prompt, tokens, sampling, stop) with this request's SDM fields."""
-        return VerificationDraft(**generation, alpha=self.alpha, on_abstain=self.on_abstain, return_exemplars=int(self.return_exemplars),
-                                 max_attempts=int(self.max_attempts))
+        return VerificationDraft(
+            **generation,
+            alpha=self.alpha,
+            on_abstain=self.on_abstain,
+            return_exemplars=int(self.return_exemplars),
+            max_attempts=int(self.max_attempts),
+        )
 
 
 def _normalize_stop(value: str | list[str] | None) -> list[str]:
@@ -190,11 +224,15 @@ Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 class GenerateRequest(SelectiveParams):
     """``prompt`` (a user turn, wrapped in the bundle's chat format) or ``messages`` (a chat), exactly one."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
+    )
     root_param: ClassVar[str] = "prompt"  # the param named by errors of the whole-request check
     prompt: PromptText | SkipJsonSchema[None] = None
     messages: list[ChatMessage] | SkipJsonSchema[None] = Field(default=None, json_schema_extra={"minItems": 1})
-    max_tokens: MaxTokens | None = Field(default=None, description="tokens to generate at most (default: the server's --default-max-tokens)")
+    max_tokens: MaxTokens | None = Field(
+        default=None, description="tokens to generate at most (default: the server's --default-max-tokens)"
+    )
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: Seed | None = None
@@ -204,7 +242,10 @@ class GenerateRequest(SelectiveParams):
     @classmethod
     def _not_null(cls, value, info):
         if value is None:  # the schema has no null here: leave the field out instead
-            raise ValueError(f"must not be null; leave '{info.field_name}' out to send {'messages' if info.field_name == 'prompt' else 'a prompt'}")
+            raise ValueError(
+                f"must not be null; leave '{info.field_name}' out to send "
+                f"{'messages' if info.field_name == 'prompt' else 'a prompt'}"
+            )
         return value
 
     @field_validator("messages", mode="after")
@@ -220,15 +261,24 @@ class GenerateRequest(SelectiveParams):
         return _normalize_stop(value)
 
     @model_validator(mode="after")
-    def _one_prompt(self) -> "GenerateRequest":
+    def _one_prompt(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
 
     def to_verification(self, default_max_tokens: int) -> VerificationDraft:
-        prompt, param = (self.prompt, "prompt") if self.prompt is not None else (chat_prompt(self.messages or []), "messages")
-        return self._draft(prompt=prompt, prompt_param=param, max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
-                           temperature=float(self.temperature), top_p=float(self.top_p), seed=self.seed, stop=tuple(self.stop or ()))
+        prompt, param = (
+            (self.prompt, "prompt") if self.prompt is not None else (chat_prompt(self.messages or []), "messages")
+        )
+        return self._draft(
+            prompt=prompt,
+            prompt_param=param,
+            max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+            temperature=float(self.temperature),
+            top_p=float(self.top_p),
+            seed=self.seed,
+            stop=tuple(self.stop or ()),
+        )
 
 
 class Exemplar(BaseModel):
@@ -304,7 +354,9 @@ class _OpenAIRequest(SelectiveParams):
 
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     model: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default 0 (greedy, as the head was calibrated), unlike OpenAI's 1")
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, description="default 0 (greedy, as the head was calibrated), unlike OpenAI's 1"
+    )
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, json_schema_extra={"minimum": 1, "maximum": 1}, description="only 1")
     stream: bool = False
@@ -321,17 +373,28 @@ class _OpenAIRequest(SelectiveParams):
     def _stop(cls, value: str | list[str] | None) -> list[str]:
         return _normalize_stop(value)
 
-    def _openai_draft(self, prompt: str | list[dict], prompt_param: str, max_tokens: int, tokens_param: str) -> VerificationDraft:
+    def _openai_draft(
+        self, prompt: str | list[dict], prompt_param: str, max_tokens: int, tokens_param: str
+    ) -> VerificationDraft:
         # temperature defaults to 0 (greedy, as the head was calibrated), not OpenAI's 1
-        return self._draft(prompt=prompt, prompt_param=prompt_param, max_tokens=max_tokens, tokens_param=tokens_param,
-                           temperature=0.0 if self.temperature is None else float(self.temperature),
-                           top_p=1.0 if self.top_p is None else float(self.top_p), seed=self.seed, stop=tuple(self.stop or ()))
+        return self._draft(
+            prompt=prompt,
+            prompt_param=prompt_param,
+            max_tokens=max_tokens,
+            tokens_param=tokens_param,
+            temperature=0.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            seed=self.seed,
+            stop=tuple(self.stop or ()),
+        )
 
 
 class CompletionRequest(_OpenAIRequest):
     """``prompt`` is treated as a user turn in the bundle's chat format (the head was calibrated on chat outputs)."""
 
-    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(description="one prompt (a string, or a list holding one string)")
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
+        description="one prompt (a string, or a list holding one string)"
+    )
     max_tokens: MaxTokens | None = None
     echo: bool = False
     logprobs: int | None = None
@@ -342,9 +405,15 @@ class CompletionRequest(_OpenAIRequest):
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
-                raise invalid_request("prompt: send one prompt per request (a string, or a list holding one string)", "prompt", "unsupported_parameter")
+                raise invalid_request(
+                    "prompt: send one prompt per request (a string, or a list holding one string)",
+                    "prompt",
+                    "unsupported_parameter",
+                )
             prompt = prompt[0]
-        return self._openai_draft(prompt, "prompt", default_max_tokens if self.max_tokens is None else self.max_tokens, "max_tokens")
+        return self._openai_draft(
+            prompt, "prompt", default_max_tokens if self.max_tokens is None else self.max_tokens, "max_tokens"
+        )
 
 
 class ChatCompletionRequest(_OpenAIRequest):
@@ -394,7 +463,10 @@ class CompletionResponse(BaseModel):
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
-    refusal: str | None = Field(default=None, description="why there is no content: the abstention, when the text was withheld (on_abstain = withhold)")
+    refusal: str | None = Field(
+        default=None,
+        description="why there is no content: the abstention, when the text was withheld (on_abstain = withhold)",
+    )
 
 
 class ChatCompletionChoice(BaseModel):
@@ -461,7 +533,10 @@ class ModelCard(BaseModel):
     owned_by: str = "sdm-lm"
     root: str | None = None
     max_model_len: int | None = None
-    sdm: dict = Field(default_factory=dict, description="bundle facts: head version, default alpha, alpha ladder, calibration admitted proportion")
+    sdm: dict = Field(
+        default_factory=dict,
+        description="bundle facts: head version, default alpha, alpha ladder, calibration admitted proportion",
+    )
 
 
 class ModelList(BaseModel):
@@ -471,5 +546,9 @@ class ModelList(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    bundle: str | None = Field(default=None, json_schema_extra={"pattern": BUNDLE_NAME_PATTERN}, description="the name of a bundle folder under the server's --bundles-root to serve next "
-                               "(default: the served bundle, re-read); a name, not a path")
+    bundle: str | None = Field(
+        default=None,
+        json_schema_extra={"pattern": BUNDLE_NAME_PATTERN},
+        description="the name of a bundle folder under the server's --bundles-root to serve next "
+        "(default: the served bundle, re-read); a name, not a path",
+    )

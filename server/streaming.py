@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator, Callable, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -20,6 +21,7 @@ from server.execution import Admitted, Completed, Plan, RequestExecutor
 from server.pipeline import VerificationResult
 
 __all__ = ["ChunkWriter", "stream_answer"]
+
 
 class ChunkWriter(Protocol):
     """How a route writes its stream chunks (the completion and chat chunks differ)."""
@@ -51,8 +53,9 @@ def _chunk_event(payload: BaseModel) -> str:
     return _event(data)
 
 
-async def stream_answer(executor: RequestExecutor, plan: Plan, request: Request, started: float, writer: ChunkWriter,
-                        include_usage: bool) -> StreamingResponse:
+async def stream_answer(
+    executor: RequestExecutor, plan: Plan, request: Request, started: float, writer: ChunkWriter, include_usage: bool
+) -> StreamingResponse:
     """Take the admission slot (429 before any byte is sent), then answer as a stream. The stream gives back the slot
     and the held model when it ends; if it never starts, this does."""
     try:
@@ -67,8 +70,15 @@ class _EventStream:
     """One streamed answer: the pipeline runs in a task of its own and posts its text and its end on a queue that
     the response body reads."""
 
-    def __init__(self, executor: RequestExecutor, plan: Plan, admitted: Admitted, started: float, writer: ChunkWriter,
-                 include_usage: bool) -> None:
+    def __init__(
+        self,
+        executor: RequestExecutor,
+        plan: Plan,
+        admitted: Admitted,
+        started: float,
+        writer: ChunkWriter,
+        include_usage: bool,
+    ) -> None:
         self.executor = executor
         self.plan = plan
         self.admitted = admitted
@@ -80,8 +90,12 @@ class _EventStream:
         self.events: asyncio.Queue = asyncio.Queue()
 
     def response(self) -> StreamingResponse:
-        return _ClosingStreamingResponse(self.body(), on_close=self.close, media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _ClosingStreamingResponse(
+            self.body(),
+            on_close=self.close,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     async def close(self) -> None:
         self.admitted.release()
@@ -119,7 +133,9 @@ class _EventStream:
         nothing, or an error once the drain timeout ends."""
         config = self.executor.config
         got = asyncio.ensure_future(self.events.get())
-        finished, _ = await asyncio.wait({got, aborted}, timeout=config.sse_keepalive_s, return_when=asyncio.FIRST_COMPLETED)
+        finished, _ = await asyncio.wait(
+            {got, aborted}, timeout=config.sse_keepalive_s, return_when=asyncio.FIRST_COMPLETED
+        )
         if got in finished:
             return got.result()
         got.cancel()
@@ -134,7 +150,9 @@ class _EventStream:
         final = done.result.text
         if final:
             if not final.startswith(streamed):
-                self.executor.logger.warning("streamed text is not a prefix of the final text", extra={"streamed": streamed})
+                self.executor.logger.warning(
+                    "streamed text is not a prefix of the final text", extra={"streamed": streamed}
+                )
             rest = final[len(streamed) :] if final.startswith(streamed) else ""
             if rest:
                 out.append(_chunk_event(self.writer.text_chunk(rid, created, rest)))

@@ -8,8 +8,9 @@ one attribute check, and the OpenTelemetry SDK is not imported.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -22,7 +23,7 @@ __all__ = ["Tracing", "SpanHandle"]
 class SpanHandle:
     """What a stage may do to its span: add attributes, record an error. A no-op when tracing is off."""
 
-    def __init__(self, span: "Span | None") -> None:
+    def __init__(self, span: Span | None) -> None:
         self._span = span
 
     def set(self, **attributes: Any) -> None:
@@ -49,7 +50,7 @@ class Tracing:
     empty turns tracing off. ``exporter`` replaces the OTLP exporter (tests pass an in-memory one); spans are
     then exported synchronously as they end."""
 
-    def __init__(self, endpoint: str = "", service_name: str = "sdm-lm", exporter: "SpanExporter | None" = None) -> None:
+    def __init__(self, endpoint: str = "", service_name: str = "sdm-lm", exporter: SpanExporter | None = None) -> None:
         self.enabled = bool(endpoint) or exporter is not None
         self._provider: TracerProvider | None = None
         self._tracer = None

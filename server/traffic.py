@@ -16,8 +16,8 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from sdm_core.traffic import Feedback, FeedbackResult, StoreError, TrafficRecord, TrafficStore, redact_url
 from server.traffic_metrics import TrafficMetrics
@@ -46,8 +46,13 @@ class TrafficSettings:
 class TrafficRecorder:
     """The background writer. ``start`` / ``close`` from the app's lifespan; ``submit`` from any request."""
 
-    def __init__(self, settings: TrafficSettings, metrics: TrafficMetrics, logger: logging.Logger | None = None,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        settings: TrafficSettings,
+        metrics: TrafficMetrics,
+        logger: logging.Logger | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.logger = logger or logging.getLogger("sdm.server.traffic")
@@ -133,7 +138,9 @@ class TrafficRecorder:
 
     def _ready_store(self) -> TrafficStore:
         if not self.enabled:
-            raise StoreUnavailable("this server does not record its traffic (--traffic-store off), so it takes no feedback")
+            raise StoreUnavailable(
+                "this server does not record its traffic (--traffic-store off), so it takes no feedback"
+            )
         if not self.available or self.store is None:
             raise StoreUnavailable(f"the traffic store is unavailable ({self.error}); retry later")
         return self.store
@@ -252,15 +259,30 @@ class TrafficRecorder:
             self.logger.info("traffic store retention", extra={"deleted": deleted})
 
 
-def make_record(response_id: str, route: str, facts: dict, result, prompt, created_at: float | None = None) -> TrafficRecord:
+def make_record(
+    response_id: str, route: str, facts: dict, result, prompt, created_at: float | None = None
+) -> TrafficRecord:
     """The record of one answer (a :class:`server.pipeline.VerificationResult`) served by the model of ``facts``."""
     best = result.best
     h, dim = TrafficRecord.encode_h(best.embedding.detach().to("cpu").float().numpy())
     prompt_text = prompt if isinstance(prompt, str) else json.dumps([dict(m) for m in prompt], ensure_ascii=False)
     return TrafficRecord(
-        id=response_id, created_at=time.time() if created_at is None else created_at, bundle=str(facts.get("bundle", "")),
-        bundle_sha256=str(facts.get("bundle_sha256", "")), head_version=str(facts.get("head_version", "")), route=route,
-        alpha=float(result.alpha), admitted=bool(best.admitted), prediction=int(best.prediction), probability=float(best.probability),
-        q=int(best.q), q_prime=float(best.q_prime), d=float(best.d), abstention_reason=best.abstention_reason, h=h, h_dim=dim,
-        prompt=prompt_text, answer=best.generation.text,
+        id=response_id,
+        created_at=time.time() if created_at is None else created_at,
+        bundle=str(facts.get("bundle", "")),
+        bundle_sha256=str(facts.get("bundle_sha256", "")),
+        head_version=str(facts.get("head_version", "")),
+        route=route,
+        alpha=float(result.alpha),
+        admitted=bool(best.admitted),
+        prediction=int(best.prediction),
+        probability=float(best.probability),
+        q=int(best.q),
+        q_prime=float(best.q_prime),
+        d=float(best.d),
+        abstention_reason=best.abstention_reason,
+        h=h,
+        h_dim=dim,
+        prompt=prompt_text,
+        answer=best.generation.text,
     )

@@ -25,7 +25,11 @@ __all__ = ["PostgresServer", "postgres_bin", "require_postgres"]
 
 def postgres_bin() -> Path | None:
     """The folder holding initdb and pg_ctl (newest Debian version first, then PATH), or None."""
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0, reverse=True):
+    for folder in sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    ):
         if (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
             return Path(folder)
     found = shutil.which("initdb")
@@ -46,7 +50,8 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    """``with PostgresServer() as pg:`` a running server; ``pg.url`` is its SQLAlchemy URL; ``stop``/``start`` for outages."""
+    """``with PostgresServer() as pg:`` a running server; ``pg.url`` is its SQLAlchemy URL; ``stop``/``start`` for
+    outages."""
 
     def __init__(self) -> None:
         self.bin = require_postgres()
@@ -73,14 +78,28 @@ class PostgresServer:
             command = ["runuser", "-u", self.user, "--", *command]
         return subprocess.run(command, check=check, capture_output=True, text=True, timeout=120)
 
-    def __enter__(self) -> "PostgresServer":
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+    def __enter__(self) -> PostgresServer:
+        self._run(
+            str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"
+        )
         self.start()
         return self
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "-t", "60", "start")
+        self._run(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -88,7 +107,9 @@ class PostgresServer:
                     return
             except OSError:
                 time.sleep(0.1)
-        raise TimeoutError(f"PostgreSQL did not listen on {self.port}: {(self.root / 'log').read_text(errors='replace')}")
+        raise TimeoutError(
+            f"PostgreSQL did not listen on {self.port}: {(self.root / 'log').read_text(errors='replace')}"
+        )
 
     def stop(self) -> None:
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)

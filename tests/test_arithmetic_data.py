@@ -40,13 +40,18 @@ def test_splits_are_disjoint_and_resizing_train_keeps_the_earlier_splits(tmp_pat
         seen |= set(problems)
     for split in ("test", "calibration", "train", "digits_shift"):
         if split != "train":
-            assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (tmp_path / "b" / f"{split}.jsonl").read_bytes(), split
-    # A larger train split starts with the smaller one's problems (its draw continues), and a holdout changes no train record.
+            assert (tmp_path / "a" / f"{split}.jsonl").read_bytes() == (
+                tmp_path / "b" / f"{split}.jsonl"
+            ).read_bytes(), split
+    # A larger train split starts with the smaller one's problems (its draw continues), and a holdout changes no train
+    # record.
     assert _problems(tmp_path / "b" / "train.jsonl")[:60] == _problems(tmp_path / "a" / "train.jsonl")
 
 
 def test_operands_positives_and_negatives(tmp_path):
-    manifest = build_arithmetic(tmp_path, ArithmeticConfig(**{**SMALL, "min_digits": 2, "max_digits": 3, "operations": ("+", "*")}))
+    manifest = build_arithmetic(
+        tmp_path, ArithmeticConfig(**{**SMALL, "min_digits": 2, "max_digits": 3, "operations": ("+", "*")})
+    )
     for split, (low, high) in (("train", (2, 3)), ("digits_shift", (4, 5))):
         for record in load_records(tmp_path / f"{split}.jsonl"):
             a, op, b = record.meta["a"], record.meta["op"], record.meta["b"]
@@ -70,21 +75,43 @@ def test_slips_never_give_the_right_value():
     assert record.reference == "-18" and record.meta["negative_tag_drop"] in ("open", "close", "both")
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"min_digits": 3, "max_digits": 2}, "min_digits <= max_digits"),
-    ({"operations": ("/",)}, "operations"),
-    ({"tag_drop_prob": 2.0}, "tag_drop_prob"),
-    ({"train": -1}, "train"),
-    ({"min_digits": 1, "max_digits": 1, "operations": ("+",), "train": 200}, "widen the digit range"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"min_digits": 3, "max_digits": 2}, "min_digits <= max_digits"),
+        ({"operations": ("/",)}, "operations"),
+        ({"tag_drop_prob": 2.0}, "tag_drop_prob"),
+        ({"train": -1}, "train"),
+        ({"min_digits": 1, "max_digits": 1, "operations": ("+",), "train": 200}, "widen the digit range"),
+    ],
+)
 def test_settings_that_cannot_work_are_refused(tmp_path, changes, fragment):
     with pytest.raises(ValueError, match=fragment):
         build_arithmetic(tmp_path, ArithmeticConfig(**{**SMALL, **changes}))
 
 
 def test_the_cli_writes_the_splits_and_refuses_bad_settings(tmp_path, capsys):
-    assert data_main(["arithmetic", "--out", str(tmp_path / "d"), "--train", "8", "--calibration", "4", "--test", "4",
-                      "--shift", "2", "--operations", "+,-", "--quiet"]) == 0
+    assert (
+        data_main(
+            [
+                "arithmetic",
+                "--out",
+                str(tmp_path / "d"),
+                "--train",
+                "8",
+                "--calibration",
+                "4",
+                "--test",
+                "4",
+                "--shift",
+                "2",
+                "--operations",
+                "+,-",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "train=8" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert manifest["config"]["operations"] == ["+", "-"] and manifest["splits"]["digits_shift"]["records"] == 2

@@ -7,8 +7,8 @@ import json
 
 import httpx
 import pytest
-
 from test_server_support import UvicornThread, make_config
+
 from sdm_core.settings import build
 from training.calibrate import PRESETS as CALIBRATE_PRESETS
 from training.calibrate import CalibrateConfig, calibrate
@@ -26,15 +26,28 @@ pytestmark = pytest.mark.slow
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("arith")
     # One epoch with generation from the first, so that hard negatives occur in a one-epoch run.
-    config = build(FinetuneConfig, {**PRESETS["arithmetic-tiny"], "output_dir": str(root / "run"), "epochs": 1,
-                                          "generate_from_epoch": 0})
+    config = build(
+        FinetuneConfig,
+        {**PRESETS["arithmetic-tiny"], "output_dir": str(root / "run"), "epochs": 1, "generate_from_epoch": 0},
+    )
     result = run(config)
     bundle = root / "bundle"
-    summary = calibrate(build(CalibrateConfig, {**CALIBRATE_PRESETS["arithmetic-tiny"], "run": str(root / "run"),
-                                                      "out": str(bundle)}))
+    summary = calibrate(
+        build(CalibrateConfig, {**CALIBRATE_PRESETS["arithmetic-tiny"], "run": str(root / "run"), "out": str(bundle)})
+    )
     test_file = root / "run" / "data" / "test.jsonl"
-    metrics = evaluate(build(EvaluateConfig, {**EVALUATE_PRESETS["arithmetic-tiny"], "bundles": (f"arith={bundle}",),
-                                                    "data": (f"test={test_file}",), "out": str(root / "eval"), "max_docs": 8}))
+    metrics = evaluate(
+        build(
+            EvaluateConfig,
+            {
+                **EVALUATE_PRESETS["arithmetic-tiny"],
+                "bundles": (f"arith={bundle}",),
+                "data": (f"test={test_file}",),
+                "out": str(root / "eval"),
+                "max_docs": 8,
+            },
+        )
+    )
     return root, result, summary, metrics
 
 

@@ -20,7 +20,9 @@ def case() -> ScoredGenerations:
     sdm = torch.tensor([0.95, 0.95, 0.8, 0.8, 0.6, 0.6, 0.6, 0.4])
     predictions = torch.tensor([1, 1, 1, 1, 1, 1, 1, 0])
     hr = torch.tensor([[1, 1], [1, 1], [1, 1], [0, 1], [0, 1], [0, 1], [0, 0], [0, 0]], dtype=torch.bool)
-    return ScoredGenerations(labels, ["Yes"] * 7 + ["No"], p_yes, softmax, sdm, predictions, ALPHAS, hr, torch.zeros(8, 2, dtype=torch.bool))
+    return ScoredGenerations(
+        labels, ["Yes"] * 7 + ["No"], p_yes, softmax, sdm, predictions, ALPHAS, hr, torch.zeros(8, 2, dtype=torch.bool)
+    )
 
 
 def verified(result: dict, method: str, alpha: float) -> tuple[int, int]:

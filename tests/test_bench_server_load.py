@@ -8,23 +8,51 @@ import subprocess
 import sys
 
 import pytest
-
 from test_server_support import ROOT, TinyBundle, tiny_bundle  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 LEVEL_KEYS = {
-    "concurrency", "requests", "answered", "admitted", "abstained", "errors", "wall_s", "requests_per_s",
-    "completion_tokens", "completion_tokens_per_s", "latency_p50_ms", "latency_p95_ms", "verification_share",
-    "generation_share", "queue_p50_ms", "backend_batches",
+    "concurrency",
+    "requests",
+    "answered",
+    "admitted",
+    "abstained",
+    "errors",
+    "wall_s",
+    "requests_per_s",
+    "completion_tokens",
+    "completion_tokens_per_s",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "verification_share",
+    "generation_share",
+    "queue_p50_ms",
+    "backend_batches",
 }
 
 
 def test_server_load_benchmark_runs_end_to_end(tiny_bundle: TinyBundle, tmp_path) -> None:
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in tiny_bundle.positive_prompts[:4]), encoding="utf-8")
-    argv = [sys.executable, str(ROOT / "bench" / "server_load.py"), "--bundle", str(tiny_bundle.path), "--concurrency", "1,2",
-            "--requests-per-level", "4", "--max-tokens", "4", "--prompts", str(prompts), "--keep-logs", str(tmp_path / "logs")]
+    prompts.write_text(
+        "".join(json.dumps({"prompt": p}) + "\n" for p in tiny_bundle.positive_prompts[:4]), encoding="utf-8"
+    )
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "server_load.py"),
+        "--bundle",
+        str(tiny_bundle.path),
+        "--concurrency",
+        "1,2",
+        "--requests-per-level",
+        "4",
+        "--max-tokens",
+        "4",
+        "--prompts",
+        str(prompts),
+        "--keep-logs",
+        str(tmp_path / "logs"),
+    ]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.strip()]
@@ -33,7 +61,10 @@ def test_server_load_benchmark_runs_end_to_end(tiny_bundle: TinyBundle, tmp_path
 
     assert out["backend"] == "transformers" and out["bundle"] == str(tiny_bundle.path.resolve())
     assert out["device_info"]["cpu_count"] >= 1 and out["device_info"]["torch_threads"] >= 1
-    assert out["settings"]["server_sequential"]["batch_size"] == 1 and out["settings"]["server_sequential"]["max_concurrent_requests"] == 1
+    assert (
+        out["settings"]["server_sequential"]["batch_size"] == 1
+        and out["settings"]["server_sequential"]["max_concurrent_requests"] == 1
+    )
     assert out["settings"]["max_tokens"] == 4 and out["settings"]["n_prompts"] == 4
     assert out["server_exit_codes"] == {"sequential": 0, "batched": 0}
     assert [level["concurrency"] for level in out["levels"]] == [1, 2]

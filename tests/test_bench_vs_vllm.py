@@ -22,8 +22,12 @@ def test_texts_are_compared_up_to_the_tag() -> None:
     assert answer_text("vllm", project, tag) == answer_text("plain", plain, tag) == "b a c"
     # A length-stopped answer: the project writes it right-stripped, a newline, then the tag.
     cut = Sample(1.0, 200, body={"text": "x x x\n<verified>No</verified>"})
-    assert answer_text("vllm", cut, tag) == answer_text("plain", Sample(1.0, 200, body={"choices": [{"text": "x x x"}]}), tag)
-    assert answer_text("plain", Sample(1.0, 200, body={"choices": [{"text": "x x y"}]}), tag) != answer_text("vllm", cut, tag)
+    assert answer_text("vllm", cut, tag) == answer_text(
+        "plain", Sample(1.0, 200, body={"choices": [{"text": "x x x"}]}), tag
+    )
+    assert answer_text("plain", Sample(1.0, 200, body={"choices": [{"text": "x x y"}]}), tag) != answer_text(
+        "vllm", cut, tag
+    )
     assert answer_text("transformers", Sample(1.0, 200, body={"text": "no tag at all"}), tag) == "no tag at all"
     assert answer_text("plain", Sample(1.0, 500, error="boom"), tag) is None
 
@@ -32,7 +36,9 @@ def test_plain_vllm_gets_the_ids_the_project_generates_from(tiny_bundle: TinyBun
     from bench.vs_vllm import rendered_ids
     from server.backends.transformers_backend import TransformersBackend
 
-    prompts = [{"prompt": p} for p in tiny_bundle.positive_prompts[:2]] + [{"messages": [{"role": "user", "content": "b a c"}]}]
+    prompts = [{"prompt": p} for p in tiny_bundle.positive_prompts[:2]] + [
+        {"messages": [{"role": "user", "content": "b a c"}]}
+    ]
     got = rendered_ids(tiny_bundle.path, prompts)
 
     async def expected():

@@ -117,7 +117,9 @@ def test_lower_bound_policy_keeps_only_regions_whose_bound_reaches_alpha():
 def test_certification_round_trips_through_its_dict():
     ladder = two_region_ladder()
     p, yhat, qp = scored([6.0] * 20, [1] * 20)
-    certification, _ = certify_ladder(ladder, p, yhat, qp, torch.tensor([True] * 10 + [False] * 10), source={"kind": "test"})
+    certification, _ = certify_ladder(
+        ladder, p, yhat, qp, torch.tensor([True] * 10 + [False] * 10), source={"kind": "test"}
+    )
     again = Certification.from_dict(certification.to_dict())
     assert again == certification and again.withdrawn == (0.9, 0.8)
     assert "certified alphas none; withdrawn 0.9, 0.8" in again.summary()
@@ -150,16 +152,30 @@ def test_a_certified_bundle_serves_without_its_withdrawn_regions(tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(ROOT / "deploy" / "bundles" / "smollm2-word-order", bundle)
     head = SDMEstimator.load(bundle / "head")
-    regions = {a: (Region(a, 3.0, (0.6, 0.6), 10, 100) if a <= 0.8 else Region(a, math.inf, (0.0, 0.0), 0, 100))
-               for a in head.ladder.alphas}
+    regions = {
+        a: (Region(a, 3.0, (0.6, 0.6), 10, 100) if a <= 0.8 else Region(a, math.inf, (0.0, 0.0), 0, 100))
+        for a in head.ladder.alphas
+    }
     head.ladder = RegionLadder(regions=regions, nested=head.ladder.nested, default_alpha=head.ladder.default_alpha)
     existing = [a for a in head.ladder.alphas if head.ladder.regions[a].exists]
     assert existing
     shutil.rmtree(bundle / "head")
     head.save(bundle / "head")
     seal_bundle(bundle, {"certification": None})
-    rows = [{"alpha": a, "admitted": 20, "correct": 10, "accuracy": 0.5, "p_value": 1e-5, "lower_bound": 0.3,
-             "status": "violated", "withdrawn": a in existing, "groups": {}} for a in head.ladder.alphas]
+    rows = [
+        {
+            "alpha": a,
+            "admitted": 20,
+            "correct": 10,
+            "accuracy": 0.5,
+            "p_value": 1e-5,
+            "lower_bound": 0.3,
+            "status": "violated",
+            "withdrawn": a in existing,
+            "groups": {},
+        }
+        for a in head.ladder.alphas
+    ]
     seal_bundle(bundle, {"certification": Certification.from_dict({"documents": 100, "rows": rows}).to_dict()})
     served = load_head(read_bundle_info(bundle))  # checksums verified after the re-seal
     assert not any(served.ladder.regions[a].exists for a in served.ladder.alphas)

@@ -112,38 +112,41 @@ def test_is_verbatim_requires_positive_with_yes_tag():
 
 
 def test_hard_negative_ending_in_no_is_kept():
-    assert normalize_hard_negative(f"  <sentence>x</sentence>\n{NO_TAG} \n") == \
-        f"<sentence>x</sentence>\n{NO_TAG}\n\n"
+    assert normalize_hard_negative(f"  <sentence>x</sentence>\n{NO_TAG} \n") == f"<sentence>x</sentence>\n{NO_TAG}\n\n"
 
 
 def test_hard_negative_ending_in_yes_is_flipped_to_no():
-    assert normalize_hard_negative(f"<sentence>x</sentence>\n{YES_TAG}\n") == \
-        f"<sentence>x</sentence>\n{NO_TAG}\n\n"
+    assert normalize_hard_negative(f"<sentence>x</sentence>\n{YES_TAG}\n") == f"<sentence>x</sentence>\n{NO_TAG}\n\n"
 
 
 def test_hard_negative_without_final_tag_gets_no_tag_appended():
     assert normalize_hard_negative("<sentence>x</sentence>\n") == f"<sentence>x</sentence>\n{NO_TAG}\n\n"
-    assert normalize_hard_negative(f"{YES_TAG} trailing words") == \
-        f"{YES_TAG} trailing words\n{NO_TAG}\n\n"
+    assert normalize_hard_negative(f"{YES_TAG} trailing words") == f"{YES_TAG} trailing words\n{NO_TAG}\n\n"
 
 
 # -- arithmetic: correctness by exact value -------------------------------------------------------------------
 
+
 def test_arithmetic_accepts_the_exact_value_in_the_first_paired_answer():
     assert arithmetic(f"<answer>5758</answer>\n{YES_TAG}", "5758")
-    assert arithmetic(f"<answer> 5,758 </answer>\n{NO_TAG}", "5758"), "the label is about the value, not the model's tag"
+    assert arithmetic(f"<answer> 5,758 </answer>\n{NO_TAG}", "5758"), (
+        "the label is about the value, not the model's tag"
+    )
     assert arithmetic(f"<answer>-0042</answer>\n{YES_TAG}", "-42")
 
 
-@pytest.mark.parametrize("generation", [
-    f"<answer>5757</answer>\n{YES_TAG}",            # wrong value
-    f"<answer>5758.0</answer>\n{YES_TAG}",          # not an integer
-    f"<answer>5758 apples</answer>\n{YES_TAG}",     # extra words
-    f"<answer>57,58</answer>\n{YES_TAG}",           # misplaced separator
-    "<answer>5758</answer>",                          # no paired verified tag
-    f"5758\n{YES_TAG}",                               # no answer tags
-    f"<answer>1</answer><answer>5758</answer>\n{YES_TAG}",  # only the first paired answer counts
-])
+@pytest.mark.parametrize(
+    "generation",
+    [
+        f"<answer>5757</answer>\n{YES_TAG}",  # wrong value
+        f"<answer>5758.0</answer>\n{YES_TAG}",  # not an integer
+        f"<answer>5758 apples</answer>\n{YES_TAG}",  # extra words
+        f"<answer>57,58</answer>\n{YES_TAG}",  # misplaced separator
+        "<answer>5758</answer>",  # no paired verified tag
+        f"5758\n{YES_TAG}",  # no answer tags
+        f"<answer>1</answer><answer>5758</answer>\n{YES_TAG}",  # only the first paired answer counts
+    ],
+)
 def test_arithmetic_rejects_anything_but_the_exact_value(generation):
     assert not arithmetic(generation, "5758")
 
@@ -166,14 +169,17 @@ def test_parse_integer():
 
 def test_first_tagged_generalises_first_sentence():
     assert first_tagged(f"<answer>7</answer>{YES_TAG}", "answer") == "7"
-    assert first_tagged("<answer>7</answer>", "answer") == "" and first_tagged("<answer>7</answer>", "answer", False) == "7"
+    assert (
+        first_tagged("<answer>7</answer>", "answer") == ""
+        and first_tagged("<answer>7</answer>", "answer", False) == "7"
+    )
     with pytest.raises(ValueError, match="tag"):
         first_tagged("x", "a b")
 
 
 # -- correctness functions from outside the package -----------------------------------------------------------
 
-CHECKS_MODULE = '''
+CHECKS_MODULE = """
 def my_task(generation, reference):
     return reference.strip().lower() in generation.lower()
 
@@ -189,7 +195,7 @@ class Task:
         return generation == reference
 
 NOT_A_FUNCTION = 3
-'''
+"""
 
 
 @pytest.fixture()
@@ -202,8 +208,10 @@ def checks_on_path(tmp_path, monkeypatch):
     dist = site / "my_checks-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-checks\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nmy_task = my_checks:my_task\n"
-                                           "broken_task = my_checks:does_not_exist\nbad_signature = my_checks:one_argument\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{ENTRY_POINT_GROUP}]\nmy_task = my_checks:my_task\n"
+        "broken_task = my_checks:does_not_exist\nbad_signature = my_checks:one_argument\n"
+    )
     monkeypatch.syspath_prepend(str(site))
     yield site
     sys.modules.pop("my_checks", None)
@@ -220,17 +228,26 @@ def test_entry_point_registered_by_an_installed_package_is_found_by_name(checks_
     assert get_correctness("my_task")("PARIS", "paris")
 
 
-@pytest.mark.parametrize("spec, fragments", [
-    ("no_such_module_xyz:r", ["cannot import module 'no_such_module_xyz'", "PYTHONPATH"]),
-    ("my_checks:nope", ["has no attribute 'nope'"]),
-    ("my_checks:one_argument", ["cannot be called as r(generation, reference)", "def r(generation: str, reference: str) -> bool"]),
-    ("my_checks:keyword_only", ["cannot be called as r(generation, reference)"]),
-    ("my_checks:NOT_A_FUNCTION", ["is a int, not a function"]),
-    ("my_checks:", ["package.module:function"]),
-    ("broken_task", ["does not load", "my_checks:does_not_exist"]),
-    ("bad_signature", ["cannot be called as r(generation, reference)"]),
-    ("no_such_name", ["unknown correctness function", "word_order", "my_task", "package.module:function", ENTRY_POINT_GROUP]),
-])
+@pytest.mark.parametrize(
+    "spec, fragments",
+    [
+        ("no_such_module_xyz:r", ["cannot import module 'no_such_module_xyz'", "PYTHONPATH"]),
+        ("my_checks:nope", ["has no attribute 'nope'"]),
+        (
+            "my_checks:one_argument",
+            ["cannot be called as r(generation, reference)", "def r(generation: str, reference: str) -> bool"],
+        ),
+        ("my_checks:keyword_only", ["cannot be called as r(generation, reference)"]),
+        ("my_checks:NOT_A_FUNCTION", ["is a int, not a function"]),
+        ("my_checks:", ["package.module:function"]),
+        ("broken_task", ["does not load", "my_checks:does_not_exist"]),
+        ("bad_signature", ["cannot be called as r(generation, reference)"]),
+        (
+            "no_such_name",
+            ["unknown correctness function", "word_order", "my_task", "package.module:function", ENTRY_POINT_GROUP],
+        ),
+    ],
+)
 def test_bad_correctness_specs_get_an_error_that_names_the_fix(checks_on_path, spec, fragments):
     with pytest.raises(ValueError) as info:
         get_correctness(spec)
@@ -243,14 +260,36 @@ def test_every_cli_refuses_a_bad_correctness_before_loading_anything(module, tmp
     import importlib
 
     # A path that cannot be a model or bundle: the command must fail on --correctness before it looks at them.
-    argv = {"training.finetune": ["--preset", "tiny", "--output-dir", str(tmp_path / "run")],
-            "training.calibrate": ["--model", "tiny", "--calibration", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "b")],
-            "training.evaluate": ["--bundles", str(tmp_path), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "e")]}[module]
+    argv = {
+        "training.finetune": ["--preset", "tiny", "--output-dir", str(tmp_path / "run")],
+        "training.calibrate": [
+            "--model",
+            "tiny",
+            "--calibration",
+            str(tmp_path / "none.jsonl"),
+            "--out",
+            str(tmp_path / "b"),
+        ],
+        "training.evaluate": [
+            "--bundles",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "none.jsonl"),
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    }[module]
     main = importlib.import_module(module).main
     assert main([*argv, "--correctness", "no_such_module_xyz:r"]) == 2
     assert "cannot import module 'no_such_module_xyz'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
-    monkeypatch.setenv({"training.finetune": "SDM_CORRECTNESS", "training.calibrate": "SDM_CALIBRATE_CORRECTNESS",
-                        "training.evaluate": "SDM_EVALUATE_CORRECTNESS"}[module], "os:getcwd")
+    monkeypatch.setenv(
+        {
+            "training.finetune": "SDM_CORRECTNESS",
+            "training.calibrate": "SDM_CALIBRATE_CORRECTNESS",
+            "training.evaluate": "SDM_EVALUATE_CORRECTNESS",
+        }[module],
+        "os:getcwd",
+    )
     assert main(argv) == 2
     assert "cannot be called as r(generation, reference)" in capsys.readouterr().err

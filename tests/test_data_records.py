@@ -48,9 +48,12 @@ def _expect_error(path: Path, line: int, *fragments: str) -> DataError:
 
 
 def test_record_round_trips_through_jsonl(tmp_path):
-    chat = Record(id="c1", messages=({"role": "system", "content": "Be brief."},
-                                     {"role": "user", "content": "Say hi"}),
-                  positive=f"hi\n{YES_TAG}", negative=f"bye\n{NO_TAG}")
+    chat = Record(
+        id="c1",
+        messages=({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}),
+        positive=f"hi\n{YES_TAG}",
+        negative=f"bye\n{NO_TAG}",
+    )
     for name, records in (("prompt.jsonl", [Record.from_dict(GOOD)]), ("chat.jsonl", [chat])):
         path = tmp_path / name
         assert write_records(path, records) == 1
@@ -81,8 +84,7 @@ def test_positive_without_yes_tag_is_rejected_with_line(tmp_path):
 
 
 def test_negative_without_no_tag_is_rejected_with_line(tmp_path):
-    path = _write_lines(tmp_path / "bad.jsonl",
-                        [GOOD, _with(id="r2", negative=f"<sentence>x</sentence>\n{YES_TAG}")])
+    path = _write_lines(tmp_path / "bad.jsonl", [GOOD, _with(id="r2", negative=f"<sentence>x</sentence>\n{YES_TAG}")])
     _expect_error(path, 2, "negative", NO_TAG)
 
 
@@ -92,8 +94,7 @@ def test_empty_prompt_is_rejected_with_line(tmp_path):
 
 
 def test_chat_without_user_content_is_rejected_as_empty_prompt(tmp_path):
-    obj = _with(prompt=..., messages=[{"role": "system", "content": "hi"},
-                                      {"role": "user", "content": ""}])
+    obj = _with(prompt=..., messages=[{"role": "system", "content": "hi"}, {"role": "user", "content": ""}])
     path = _write_lines(tmp_path / "bad.jsonl", [obj])
     _expect_error(path, 1, "user", "empty prompt")
 
@@ -119,8 +120,7 @@ def test_unknown_field_is_rejected_rather_than_dropped(tmp_path):
 
 
 def test_prompt_and_messages_together_are_rejected(tmp_path):
-    path = _write_lines(tmp_path / "bad.jsonl",
-                        [_with(messages=[{"role": "user", "content": "hi"}])])
+    path = _write_lines(tmp_path / "bad.jsonl", [_with(messages=[{"role": "user", "content": "hi"}])])
     _expect_error(path, 1, "both", "exactly one")
 
 
@@ -133,8 +133,7 @@ def test_blank_lines_are_skipped_and_line_numbers_stay_true(tmp_path):
     path = tmp_path / "gaps.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n   \n" + json.dumps(_with(id="r2")) + "\n\n", encoding="utf-8")
     assert [r.id for r in load_records(path)] == ["r1", "r2"]
-    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(_with(id="r2", positive="x")) + "\n",
-                    encoding="utf-8")
+    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(_with(id="r2", positive="x")) + "\n", encoding="utf-8")
     _expect_error(path, 3, "positive")
 
 
@@ -156,7 +155,12 @@ def test_finetune_reports_a_bad_records_file_as_a_usage_error(tmp_path, capsys):
 
     bad = _write_lines(tmp_path / "train.jsonl", [GOOD, "{not json"])
     good = _write_lines(tmp_path / "calibration.jsonl", [_with(id="c1")])
-    assert main(["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--train", str(bad), "--calibration", str(good)]) == 2
+    assert (
+        main(
+            ["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--train", str(bad), "--calibration", str(good)]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error:") and f"{bad}:2:" in err, err
 

@@ -46,7 +46,9 @@ def test_default_bundle_serves_only_regions_its_certification_did_not_reject():
     certification = info.certification
     served = load_head(info).ladder
     for row in certification.rows:
-        violated = row.groups and any(n >= certification.min_admitted and p < certification.violation_p for n, _, p in row.groups.values())
+        violated = row.groups and any(
+            n >= certification.min_admitted and p < certification.violation_p for n, _, p in row.groups.values()
+        )
         assert row.withdrawn == bool(violated), row
         if row.withdrawn:
             assert not served.regions[row.alpha].exists
@@ -67,4 +69,7 @@ def test_default_bundle_was_trained_and_calibrated_by_the_smollm2_cpu_presets():
     assert {k: trained[k] for k in preset} == {k: (list(v) if isinstance(v, tuple) else v) for k, v in preset.items()}
     calibrated = provenance["calibrate_config"]
     assert {k: calibrated[k] for k in CALIBRATE_PRESETS["smollm2-cpu"]} == CALIBRATE_PRESETS["smollm2-cpu"]
-    assert provenance["calibration_docs"] == PRESETS["smollm2-cpu"]["max_calibration_docs"] + PRESETS["smollm2-cpu"]["task_holdout_docs"]
+    assert (
+        provenance["calibration_docs"]
+        == PRESETS["smollm2-cpu"]["max_calibration_docs"] + PRESETS["smollm2-cpu"]["task_holdout_docs"]
+    )

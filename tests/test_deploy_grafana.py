@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import yaml
-
 from test_deploy_support import DEPLOY, exported_metric_names, require_server
 
 GRAFANA = DEPLOY / "grafana"
@@ -51,10 +50,19 @@ def test_dashboard_json_is_regenerated_identically(tmp_path) -> None:
     if importlib.util.find_spec("grafana_foundation_sdk") is None:
         pytest.skip("grafana-foundation-sdk is not installed (pip install -r deploy/ci/requirements.txt)")
     out = tmp_path / "sdm.json"
-    result = subprocess.run([sys.executable, str(GRAFANA / "build_dashboards.py"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(GRAFANA / "build_dashboards.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
-    assert out.read_text() == DASHBOARD.read_text(), "deploy/grafana/dashboards/sdm.json is stale: run python deploy/grafana/build_dashboards.py"
-    check = subprocess.run([sys.executable, str(GRAFANA / "build_dashboards.py"), "--check"], capture_output=True, text=True, timeout=120)
+    assert out.read_text() == DASHBOARD.read_text(), (
+        "deploy/grafana/dashboards/sdm.json is stale: run python deploy/grafana/build_dashboards.py"
+    )
+    check = subprocess.run(
+        [sys.executable, str(GRAFANA / "build_dashboards.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -84,7 +92,9 @@ def test_every_query_is_filtered_by_instance_and_uses_the_datasource_variable(da
             expr = target["expr"]
             assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), (panel["title"], expr)
             for selector in re.findall(r"(sdm_[a-z_]+)\{([^}]*)\}", expr):
-                assert 'instance=~"$instance"' in selector[1], f"{panel['title']}: {selector[0]} is not filtered by $instance"
+                assert 'instance=~"$instance"' in selector[1], (
+                    f"{panel['title']}: {selector[0]} is not filtered by $instance"
+                )
             assert target["refId"] and target["datasource"]["uid"] == "${datasource}"
 
 
@@ -98,8 +108,12 @@ def test_every_metric_queried_is_exported_by_the_server(dashboard) -> None:
 
 def test_histogram_panels_use_the_bucket_series(dashboard) -> None:
     by_title = {p["title"]: p for p in panels(dashboard)}
-    for title, metric in (("Calibrated probability distribution", "sdm_probability_bucket"), ("q' distribution", "sdm_q_prime_bucket"),
-                          ("Region alpha distribution", "sdm_region_alpha_bucket"), ("Latency by stage (p50 / p95 / p99)", "sdm_stage_latency_seconds_bucket")):
+    for title, metric in (
+        ("Calibrated probability distribution", "sdm_probability_bucket"),
+        ("q' distribution", "sdm_q_prime_bucket"),
+        ("Region alpha distribution", "sdm_region_alpha_bucket"),
+        ("Latency by stage (p50 / p95 / p99)", "sdm_stage_latency_seconds_bucket"),
+    ):
         exprs = [t["expr"] for t in by_title[title]["targets"]]
         assert exprs and all(e.startswith("histogram_quantile(") and metric in e for e in exprs), (title, exprs)
     latency = {t["expr"].split(",")[0] for t in by_title["Latency by stage (p50 / p95 / p99)"]["targets"]}

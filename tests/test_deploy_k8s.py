@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_deploy_support import DEPLOY, NON_FLAG_SDM_VARIABLES, ROOT, parse_dockerfile, require_server, server_settings
 
 K8S = DEPLOY / "k8s"
@@ -46,8 +45,16 @@ def strip(doc: dict) -> dict:
 
 
 def test_expected_objects(objects) -> None:
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "ServiceMonitor", "ConfigMap", "Secret",
-            "PersistentVolumeClaim", "Kustomization"} <= set(objects)
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "ServiceMonitor",
+        "ConfigMap",
+        "Secret",
+        "PersistentVolumeClaim",
+        "Kustomization",
+    } <= set(objects)
     for kind, doc in objects.items():
         assert doc.get("apiVersion") and doc.get("kind"), doc["__file__"]
         if kind != "Kustomization":
@@ -57,14 +64,19 @@ def test_expected_objects(objects) -> None:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_builtin_kinds_match_the_kubernetes_schemas(objects, version: str) -> None:
     if importlib.util.find_spec("kubernetes_validate") is None:
-        pytest.skip("kubernetes-validate is not installed (pip install -r deploy/ci/requirements.txt); the schema-lite checks below still run")
+        pytest.skip(
+            "kubernetes-validate is not installed (pip install -r deploy/ci/requirements.txt); the schema-lite checks "
+            "below still run"
+        )
     import kubernetes_validate
 
     for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "Secret", "PersistentVolumeClaim"):
         try:
             kubernetes_validate.validate(strip(objects[kind]), version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            raise AssertionError(f"{objects[kind]['__file__']} ({kind}) against Kubernetes {version}: {exc.message} at {list(exc.path)}") from None
+            raise AssertionError(
+                f"{objects[kind]['__file__']} ({kind}) against Kubernetes {version}: {exc.message} at {list(exc.path)}"
+            ) from None
 
 
 def test_schema_validation_catches_mistakes(objects) -> None:
@@ -97,7 +109,10 @@ def test_deployment_gpu_probes_and_graceful_termination(objects) -> None:
     labels = spec["template"]["metadata"]["labels"]
     assert spec["selector"]["matchLabels"].items() <= labels.items(), "the selector must match the pod template labels"
     container = _container(objects)
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert (
+        container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        and container["resources"]["requests"]["nvidia.com/gpu"] == 1
+    )
     port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
     config = objects["ConfigMap"]["data"]
     assert port_names["http"] == int(config["SDM_PORT"]), "containerPort is the server's SDM_PORT"
@@ -117,7 +132,9 @@ def test_deployment_gpu_probes_and_graceful_termination(objects) -> None:
     sleep = int(pre_stop["exec"]["command"][-1]) if "exec" in pre_stop else int(pre_stop["sleep"]["seconds"])
     drain = float(config["SDM_DRAIN_TIMEOUT_S"])
     grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= sleep + drain + 5, f"terminationGracePeriodSeconds ({grace}) must cover preStop ({sleep}) + drain ({drain})"
+    assert grace >= sleep + drain + 5, (
+        f"terminationGracePeriodSeconds ({grace}) must cover preStop ({sleep}) + drain ({drain})"
+    )
     security = spec["template"]["spec"]["securityContext"]
     assert security["runAsNonRoot"] and security["runAsUser"] != 0
     user = healthcheck.last("USER").split(":")[0]
@@ -127,7 +144,9 @@ def test_deployment_gpu_probes_and_graceful_termination(objects) -> None:
     assert mounts <= set(volumes), f"mounts without volumes: {mounts - set(volumes)}"
     bundle_mount = next(m for m in container["volumeMounts"] if m["name"] == "bundles")
     assert config["SDM_BUNDLE"].startswith(bundle_mount["mountPath"] + "/") and bundle_mount["readOnly"]
-    assert volumes["bundles"]["persistentVolumeClaim"]["claimName"] == objects["PersistentVolumeClaim"]["metadata"]["name"]
+    assert (
+        volumes["bundles"]["persistentVolumeClaim"]["claimName"] == objects["PersistentVolumeClaim"]["metadata"]["name"]
+    )
 
 
 def test_config_and_secret_references(objects) -> None:
@@ -166,17 +185,30 @@ def test_hpa_targets_the_deployment_on_server_metrics(objects) -> None:
     assert hpa["apiVersion"] == "autoscaling/v2"
     ref = hpa["spec"]["scaleTargetRef"]
     deployment = objects["Deployment"]
-    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (deployment["apiVersion"], deployment["kind"], deployment["metadata"]["name"])
+    assert (ref["apiVersion"], ref["kind"], ref["name"]) == (
+        deployment["apiVersion"],
+        deployment["kind"],
+        deployment["metadata"]["name"],
+    )
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     pods = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
     assert pods and set(pods) <= {"sdm_queue_depth", "sdm_in_flight_requests"}, pods
     adapter = yaml.safe_load((K8S / "helm" / "prometheus-adapter-values.yaml").read_text())
     exposed = {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
     assert set(pods) <= exposed, "prometheus-adapter must expose every metric the HPA reads"
-    in_flight = next((m for m in hpa["spec"]["metrics"] if m["type"] == "Pods" and m["pods"]["metric"]["name"] == "sdm_in_flight_requests"), None)
+    in_flight = next(
+        (
+            m
+            for m in hpa["spec"]["metrics"]
+            if m["type"] == "Pods" and m["pods"]["metric"]["name"] == "sdm_in_flight_requests"
+        ),
+        None,
+    )
     if in_flight:
         target = float(in_flight["pods"]["target"]["averageValue"])
-        assert target <= int(objects["ConfigMap"]["data"]["SDM_MAX_CONCURRENT_REQUESTS"]), "scale before every slot is busy"
+        assert target <= int(objects["ConfigMap"]["data"]["SDM_MAX_CONCURRENT_REQUESTS"]), (
+            "scale before every slot is busy"
+        )
 
 
 def test_servicemonitor_schema_lite(objects) -> None:
@@ -184,11 +216,32 @@ def test_servicemonitor_schema_lite(objects) -> None:
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(monitor) - {"__file__"} <= {"apiVersion", "kind", "metadata", "spec"}
     spec = monitor["spec"]
-    assert set(spec) <= {"selector", "endpoints", "jobLabel", "namespaceSelector", "targetLabels", "podTargetLabels", "sampleLimit"}
+    assert set(spec) <= {
+        "selector",
+        "endpoints",
+        "jobLabel",
+        "namespaceSelector",
+        "targetLabels",
+        "podTargetLabels",
+        "sampleLimit",
+    }
     service = objects["Service"]
-    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items(), "the ServiceMonitor must select the Service"
+    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items(), (
+        "the ServiceMonitor must select the Service"
+    )
     service_ports = {p["name"] for p in service["spec"]["ports"]}
-    allowed = {"port", "path", "interval", "scrapeTimeout", "authorization", "scheme", "tlsConfig", "relabelings", "metricRelabelings", "honorLabels"}
+    allowed = {
+        "port",
+        "path",
+        "interval",
+        "scrapeTimeout",
+        "authorization",
+        "scheme",
+        "tlsConfig",
+        "relabelings",
+        "metricRelabelings",
+        "honorLabels",
+    }
     for endpoint in spec["endpoints"]:
         assert set(endpoint) <= allowed, set(endpoint) - allowed
         assert endpoint["port"] in service_ports and endpoint["path"] == "/metrics"
@@ -197,7 +250,10 @@ def test_servicemonitor_schema_lite(objects) -> None:
         auth = endpoint["authorization"]
         assert auth["type"] == "Bearer"
         secret = objects["Secret"]
-        assert auth["credentials"]["name"] == secret["metadata"]["name"] and auth["credentials"]["key"] in secret["stringData"]
+        assert (
+            auth["credentials"]["name"] == secret["metadata"]["name"]
+            and auth["credentials"]["key"] in secret["stringData"]
+        )
     # The job label is the Service name: the alert rules and recording rules expect job="sdm-lm".
     alerts = (DEPLOY / "prometheus" / "rules" / "alerts.yml").read_text()
     assert f'job="{service["metadata"]["name"]}"' in alerts

@@ -1,9 +1,10 @@
 """Monitoring end to end: the server (started with the CPU image's start command, outside the container, on a
 tiny bundle, with API keys) and a real Prometheus (Debian's package, on 127.0.0.1, temporary storage, 1 s scrape
 and rule intervals, deploy/prometheus/prometheus.yml and its rule files) scraping it with a key. After admitted,
-abstained and failed requests (400, 401, 429) and labels for the answers (POST /v1/feedback), every dashboard panel query and every recording and alerting
-rule expression is evaluated through Prometheus' HTTP API: all must succeed, every rule must evaluate without
-error, and the panels must return data (the abstention, probability and latency panels among them)."""
+abstained and failed requests (400, 401, 429) and labels for the answers (POST /v1/feedback), every dashboard panel
+query and every recording and alerting rule expression is evaluated through Prometheus' HTTP API: all must succeed,
+every rule must evaluate without error, and the panels must return data (the abstention, probability and latency
+panels among them)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_deploy_support import (
     DEPLOY,
     DOCKERFILES,
@@ -38,11 +38,20 @@ RATE_INTERVAL = "1m"  # what $__rate_interval becomes (Grafana: max(4 x scrape i
 # Panels that may legitimately be empty after this traffic (no client disconnects and no reloads happen).
 MAY_BE_EMPTY = {"Cancelled requests and reloads"}
 # Panels the issue names as having to return data.
-MUST_HAVE_DATA = {"Admitted vs abstained", "Abstention rate by reason", "Calibrated probability distribution",
-                  "Calibrated probability heatmap", "Latency by stage (p50 / p95 / p99)"}
+MUST_HAVE_DATA = {
+    "Admitted vs abstained",
+    "Abstention rate by reason",
+    "Calibrated probability distribution",
+    "Calibrated probability heatmap",
+    "Latency by stage (p50 / p95 / p99)",
+}
 # Recording rules that need traffic this test cannot make: 5xx errors; out-of-distribution answers (the tiny
 # bundle may or may not give one).
-RECORDS_MAY_BE_EMPTY = {"instance:sdm_error_ratio:rate5m", "instance:sdm_ood_ratio:rate5m", "instance:sdm_ood_ratio:rate1h"}
+RECORDS_MAY_BE_EMPTY = {
+    "instance:sdm_error_ratio:rate5m",
+    "instance:sdm_ood_ratio:rate5m",
+    "instance:sdm_ood_ratio:rate1h",
+}
 
 
 class Prometheus:
@@ -50,9 +59,18 @@ class Prometheus:
         self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
         handle = open(log, "w")
-        self.proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={data}",
-                                      f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",
-                                      "--log.level=warn"], stdout=handle, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={data}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
         handle.close()
         self.log = log
 
@@ -104,14 +122,23 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
     if binary is None or promtool is None:
         pytest.skip("Prometheus is not installed: bash deploy/ci/install_prometheus.sh (Debian's prometheus package)")
     import httpx
-
     from test_server_support import API_KEY, tiny_bundle_cached
 
     bundle = tiny_bundle_cached()
     dockerfile = parse_dockerfile(DOCKERFILES["cpu"])
     # One processing slot and one queue place: a burst of requests is answered with 429s.
-    env = container_env(dockerfile, bundle.path, tmp_path, SDM_DEVICE="cpu", SDM_API_KEYS=API_KEY, SDM_DEFAULT_MAX_TOKENS="4",
-                        SDM_MAX_TOKENS_CAP="64", SDM_MODEL_NAME="tiny-sdm", SDM_MAX_CONCURRENT_REQUESTS="1", SDM_MAX_QUEUE_SIZE="1")
+    env = container_env(
+        dockerfile,
+        bundle.path,
+        tmp_path,
+        SDM_DEVICE="cpu",
+        SDM_API_KEYS=API_KEY,
+        SDM_DEFAULT_MAX_TOKENS="4",
+        SDM_MAX_TOKENS_CAP="64",
+        SDM_MODEL_NAME="tiny-sdm",
+        SDM_MAX_CONCURRENT_REQUESTS="1",
+        SDM_MAX_QUEUE_SIZE="1",
+    )
     headers = {"Authorization": f"Bearer {API_KEY}"}
     server = start_server(outside_container(dockerfile.start_command), env, tmp_path / "server.log")
     prometheus: Prometheus | None = None
@@ -135,7 +162,9 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
             jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{prometheus_port}"]}]
         config_path = tmp_path / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        check = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True, timeout=60)
+        check = subprocess.run(
+            [promtool, "check", "config", str(config_path)], capture_output=True, text=True, timeout=60
+        )
         assert check.returncode == 0, check.stdout + check.stderr
         prometheus = Prometheus(binary, prometheus_port, config_path, tmp_path / "tsdb", tmp_path / "prometheus.log")
         prometheus.wait_ready()
@@ -151,12 +180,21 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
                     body = client.post("/generate", json={"prompt": prompt}).json()
                     outcomes["admitted" if body["admitted"] else "abstained"] += 1
                     answers.append(body)
-                r = client.post("/v1/chat/completions", json={"model": "tiny-sdm", "messages": [{"role": "user", "content": bundle.admitted_prompt}]})
+                r = client.post(
+                    "/v1/chat/completions",
+                    json={"model": "tiny-sdm", "messages": [{"role": "user", "content": bundle.admitted_prompt}]},
+                )
                 assert r.status_code == 200, r.text
-                for bad, expected in ((dict(prompt="x", alpha=0.123), 400), (dict(max_tokens=4), 400), (dict(prompt="x", max_tokens=0), 400)):
+                for bad, expected in (
+                    (dict(prompt="x", alpha=0.123), 400),
+                    (dict(max_tokens=4), 400),
+                    (dict(prompt="x", max_tokens=0), 400),
+                ):
                     r = client.post("/generate", json=bad)
                     assert r.status_code == expected, (bad, r.status_code, r.text)
-                r = httpx.post(f"{url}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"}, timeout=30)
+                r = httpx.post(
+                    f"{url}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer wrong"}, timeout=30
+                )
                 assert r.status_code == 401
                 time.sleep(1.0)
             # Labels for the answers (the live-accuracy rules and panel): alternately correct and wrong.
@@ -167,8 +205,14 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
             results: list[int] = []
 
             def one() -> None:
-                results.append(httpx.post(f"{url}/generate", json={"prompt": bundle.admitted_prompt, "max_tokens": 32},
-                                          headers=headers, timeout=60).status_code)
+                results.append(
+                    httpx.post(
+                        f"{url}/generate",
+                        json={"prompt": bundle.admitted_prompt, "max_tokens": 32},
+                        headers=headers,
+                        timeout=60,
+                    ).status_code
+                )
 
             for _ in range(3):  # a burst that happens to serialise is tried again
                 threads = [threading.Thread(target=one) for _ in range(8)]
@@ -185,7 +229,12 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
         from prometheus_client.parser import text_string_to_metric_families
 
         exposed = httpx.get(f"{url}/metrics", headers=headers, timeout=10).text
-        total = sum(s.value for f in text_string_to_metric_families(exposed) for s in f.samples if s.name == "sdm_requests_total")
+        total = sum(
+            s.value
+            for f in text_string_to_metric_families(exposed)
+            for s in f.samples
+            if s.name == "sdm_requests_total"
+        )
         deadline = time.monotonic() + 60
         while True:
             result = prometheus.api("query", query="sum(sdm_requests_total)")["result"]
@@ -207,9 +256,15 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
         assert instances == [target], instances
 
         def substitute(expr: str) -> str:
-            return (expr.replace("${instance}", instances[0]).replace("$instance", instances[0]).replace("${model}", models[0])
-                    .replace("$model", models[0]).replace("$__rate_interval", RATE_INTERVAL).replace("$__interval", "2s")
-                    .replace("$__range", "2m"))
+            return (
+                expr.replace("${instance}", instances[0])
+                .replace("$instance", instances[0])
+                .replace("${model}", models[0])
+                .replace("$model", models[0])
+                .replace("$__rate_interval", RATE_INTERVAL)
+                .replace("$__interval", "2s")
+                .replace("$__range", "2m")
+            )
 
         # -- every panel query ----------------------------------------------------------------------------------
         import json
@@ -240,11 +295,19 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
             rules = [rule for group in groups for rule in group["rules"]]
             if rules and all(rule.get("health") == "ok" for rule in rules):
                 break
-            bad = [(rule["name"], rule.get("health"), rule.get("lastError")) for rule in rules if rule.get("health") != "ok"]
+            bad = [
+                (rule["name"], rule.get("health"), rule.get("lastError"))
+                for rule in rules
+                if rule.get("health") != "ok"
+            ]
             assert time.monotonic() < deadline and not any(h == "err" for _, h, _ in bad), f"rules failing: {bad}"
             time.sleep(0.5)
-        shipped = [rule for path in sorted((PROM / "rules").glob("*.yml")) for group in yaml.safe_load(path.read_text())["groups"]
-                   for rule in group["rules"]]
+        shipped = [
+            rule
+            for path in sorted((PROM / "rules").glob("*.yml"))
+            for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"]
+        ]
         assert len(rules) == len(shipped), "Prometheus loaded every shipped rule"
         for rule in shipped:
             prometheus.api("query", query=rule["expr"], time=f"{end:.3f}")
@@ -253,11 +316,15 @@ def test_dashboard_queries_and_rules_against_a_live_server_and_prometheus(tmp_pa
                 # evaluation after it; on a loaded machine that can land after `end`, so wait for it (bounded).
                 rule_deadline = time.monotonic() + 30
                 while True:
-                    recorded = prometheus.api("query_range", query=rule["record"], start=f"{start:.3f}", end=f"{time.time():.3f}", step="2")
+                    recorded = prometheus.api(
+                        "query_range", query=rule["record"], start=f"{start:.3f}", end=f"{time.time():.3f}", step="2"
+                    )
                     if has_finite_value(recorded) or time.monotonic() > rule_deadline:
                         break
                     time.sleep(1.0)
-                assert has_finite_value(recorded), f"recording rule {rule['record']} produced no data from the live metrics"
+                assert has_finite_value(recorded), (
+                    f"recording rule {rule['record']} produced no data from the live metrics"
+                )
     finally:
         if prometheus is not None:
             prometheus.stop()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_deploy_support import DEPLOY, exported_metric_names, require_server
 
 PROM = DEPLOY / "prometheus"
@@ -44,11 +43,22 @@ def test_rule_unit_tests_pass() -> None:
 
 
 def test_every_alert_is_unit_tested_and_documented() -> None:
-    alerts = [rule["alert"] for group in yaml.safe_load((PROM / "rules" / "alerts.yml").read_text())["groups"]
-              for rule in group["rules"] if "alert" in rule]
-    assert {"SDMAbstentionAboveBaseline", "SDMOODSpike", "SDMHighErrorRate", "SDMHighLatencyP95", "SDMNotReady"} <= set(alerts)
-    tested = {case["alertname"] for f in TEST_FILES for test in yaml.safe_load(f.read_text())["tests"]
-              for case in test.get("alert_rule_test", []) if case.get("exp_alerts")}
+    alerts = [
+        rule["alert"]
+        for group in yaml.safe_load((PROM / "rules" / "alerts.yml").read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    assert {"SDMAbstentionAboveBaseline", "SDMOODSpike", "SDMHighErrorRate", "SDMHighLatencyP95", "SDMNotReady"} <= set(
+        alerts
+    )
+    tested = {
+        case["alertname"]
+        for f in TEST_FILES
+        for test in yaml.safe_load(f.read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
     assert set(alerts) <= tested, f"alerts never shown firing in a promtool test: {sorted(set(alerts) - tested)}"
     operations = (DEPLOY.parent / "docs" / "operations.md").read_text()
     for group in yaml.safe_load((PROM / "rules" / "alerts.yml").read_text())["groups"]:
@@ -56,7 +66,9 @@ def test_every_alert_is_unit_tested_and_documented() -> None:
             assert rule["alert"] in operations, f"docs/operations.md does not say what to do when {rule['alert']} fires"
             anchor = rule["annotations"]["runbook"].split("#", 1)[1]
             assert anchor == rule["alert"].lower()
-            assert re.search(rf"^#+ .*{rule['alert']}", operations, re.M), f"docs/operations.md needs a heading for {rule['alert']}"
+            assert re.search(rf"^#+ .*{rule['alert']}", operations, re.M), (
+                f"docs/operations.md needs a heading for {rule['alert']}"
+            )
 
 
 def test_abstention_margin_is_configurable(tmp_path: Path) -> None:
@@ -76,12 +88,16 @@ def test_abstention_margin_is_configurable(tmp_path: Path) -> None:
         folder.mkdir()
         (folder / "recording.yml").write_text(recording.replace("expr: vector(0.10)", f"expr: vector({margin})"))
         shutil.copy(PROM / "rules" / "alerts.yml", folder / "alerts.yml")
-        expected = "" if not fires else """
+        expected = (
+            ""
+            if not fires
+            else """
           - exp_labels: {severity: warning, job: sdm-lm, instance: "a:8000"}
             exp_annotations:
               summary: "a:8000 abstains more than its calibration baseline"
               description: "The abstained proportion is 25% above the calibration set's for 10 minutes: traffic may have drifted from the calibration distribution."
-              runbook: docs/operations.md#sdmabstentionabovebaseline"""
+              runbook: docs/operations.md#sdmabstentionabovebaseline"""  # noqa: E501 - alerts.yml's text, verbatim
+        )
         alerts_block = "exp_alerts:" + expected if fires else "exp_alerts: []"
         (folder / "test.yml").write_text(f"""rule_files: [recording.yml, alerts.yml]
 evaluation_interval: 1m
@@ -105,4 +121,6 @@ def test_rules_read_only_metrics_the_server_exports() -> None:
         for group in yaml.safe_load(path.read_text())["groups"]:
             for rule in group["rules"]:
                 used |= set(re.findall(r"(?<![:\w])sdm_[a-z_]+", rule["expr"]))
-    assert used and not (used - exported), f"rules read metrics server/metrics.py does not export: {sorted(used - exported)}"
+    assert used and not (used - exported), (
+        f"rules read metrics server/metrics.py does not export: {sorted(used - exported)}"
+    )

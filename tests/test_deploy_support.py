@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"gpu": ROOT / "Dockerfile", "cpu": DEPLOY / "docker" / "Dockerfile.cpu"}
@@ -58,7 +56,9 @@ class Dockerfile:
         if args is None:
             return None
         value = json.loads(args)
-        assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"{self.path.name}: {name} must be exec form"
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), (
+            f"{self.path.name}: {name} must be exec form"
+        )
         return value
 
     @property
@@ -183,7 +183,9 @@ def outside_container(command: list[str]) -> list[str]:
     """The container's start command for this machine: its Python interpreter becomes this test's."""
     assert command, "no start command"
     head = Path(command[0]).name
-    assert head in ("python", "python3") or head.startswith("python3."), f"the start command should run Python, got {command}"
+    assert head in ("python", "python3") or head.startswith("python3."), (
+        f"the start command should run Python, got {command}"
+    )
     return [sys.executable, *command[1:]]
 
 
@@ -213,8 +215,14 @@ def exported_metric_names() -> set[str]:
     infos as *_info), whether or not a sample has been recorded yet."""
     from server.metrics import ServerMetrics
 
-    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "info": ("_info",), "gauge": ("",),
-                "summary": ("_sum", "_count", ""), "gaugehistogram": ("_bucket", "_gsum", "_gcount")}
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_sum", "_count"),
+        "info": ("_info",),
+        "gauge": ("",),
+        "summary": ("_sum", "_count", ""),
+        "gaugehistogram": ("_bucket", "_gsum", "_gcount"),
+    }
     names: set[str] = set()
     for family in ServerMetrics().registry.collect():
         for suffix in suffixes.get(family.type, ("",)):

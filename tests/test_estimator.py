@@ -73,7 +73,11 @@ def copy(artifact, tmp_path):
     return target
 
 
-TENSOR_FIELDS = [f.name for f in dataclasses.fields(SDMScores) if f.name not in ("alpha", "region_alpha", "abstention_reason", "nearest_id", "exemplars")]
+TENSOR_FIELDS = [
+    f.name
+    for f in dataclasses.fields(SDMScores)
+    if f.name not in ("alpha", "region_alpha", "abstention_reason", "nearest_id", "exemplars")
+]
 
 
 def _assert_scores_identical(a, b):
@@ -242,7 +246,11 @@ def test_score_fields_are_consistent(fitted, data):
     # HR_lower implies HR: SDM_lower_yhat <= SDM_yhat, q'_lower <= q', same regions (C = 2, psi > 0.5)
     assert not bool((s.admitted_lower & ~s.admitted).any())
     assert bool((s.d_lower <= s.d).all()) and bool((s.d <= s.d_upper).all())
-    p, pl, pu = s.probability_predicted, s.probability_predicted_lower, s.probabilities_upper.gather(1, s.predictions.unsqueeze(1)).squeeze(1)
+    p, pl, pu = (
+        s.probability_predicted,
+        s.probability_predicted_lower,
+        s.probabilities_upper.gather(1, s.predictions.unsqueeze(1)).squeeze(1),
+    )
     assert bool((pl <= p + 1e-6).all()) and bool((p <= pu + 1e-6).all())
     assert bool((s.q_prime_lower <= s.q_prime + 1e-5).all())
     for i in range(n):
@@ -264,7 +272,9 @@ def test_far_away_inputs_are_not_admitted(fitted, data):
 def test_effective_sample_sizes_and_dkw_band_follow_paper_rule(fitted, data):
     s = fitted.predict_scores(data["xte"])
     cal_q, cal_y = fitted.calibration.q_prime.double(), fitted.calibration_labels
-    expected = torch.stack([(cal_q[cal_y == c].unsqueeze(0) <= s.q_prime.double().unsqueeze(1)).sum(dim=1) for c in (0, 1)], dim=1)
+    expected = torch.stack(
+        [(cal_q[cal_y == c].unsqueeze(0) <= s.q_prime.double().unsqueeze(1)).sum(dim=1) for c in (0, 1)], dim=1
+    )
     assert torch.equal(s.effective_sample_sizes, expected.double())
     eps = dkw_epsilon(s.effective_sample_sizes, 0.95).max(dim=1).values.float()
     assert torch.equal(s.epsilon, eps)
@@ -340,7 +350,9 @@ def test_records_are_json_ready_and_match_tensors(fitted, data):
     records = s.records()
     json.dumps(records, allow_nan=False)
     for i, r in enumerate(records):
-        assert r["q"] == int(s.q[i]) and r["admitted"] == bool(s.admitted[i]) and r["prediction"] == int(s.predictions[i])
+        assert (
+            r["q"] == int(s.q[i]) and r["admitted"] == bool(s.admitted[i]) and r["prediction"] == int(s.predictions[i])
+        )
         assert r["floor_q_prime"] == math.floor(float(s.q_prime[i]))
         assert len(r["exemplars"]) == 2
 
@@ -413,7 +425,9 @@ def test_support_with_added_ood_exemplars_round_trips(fresh, data, tmp_path):
     fresh.save(tmp_path / "u")
     again = SDMEstimator.load(tmp_path / "u")
     assert again.support.ids[-2:] == ["o0", "o1"] and again.support.labels[-2:].tolist() == [OOD_LABEL, 1]
-    _assert_scores_identical(fresh.predict_scores(data["xte"], return_exemplars=2), again.predict_scores(data["xte"], return_exemplars=2))
+    _assert_scores_identical(
+        fresh.predict_scores(data["xte"], return_exemplars=2), again.predict_scores(data["xte"], return_exemplars=2)
+    )
 
 
 def test_add_labelled_exemplars_extends_support_with_model_predictions(fresh, data):
@@ -496,7 +510,10 @@ def test_return_exemplars_gives_k_nearest_in_distance_order_with_ids(fitted, dat
         _, pos = support.neighbors(fitted.adaptor.infer(torch.as_tensor(data["xte"][i : i + 1]))[1], 4)
         assert [e.id for e in row] == [support.ids[p] for p in pos[0].tolist()]
     assert fitted.predict_scores(data["xte"][:3]).exemplars == []
-    assert fitted.nearest_exemplars(data["xte"][:3], k=2) == fitted.predict_scores(data["xte"][:3], return_exemplars=2).exemplars
+    assert (
+        fitted.nearest_exemplars(data["xte"][:3], k=2)
+        == fitted.predict_scores(data["xte"][:3], return_exemplars=2).exemplars
+    )
 
 
 def test_return_exemplars_skips_the_excluded_training_point(fitted, data):
@@ -519,10 +536,23 @@ def test_unfitted_estimator_raises_not_fitted_error(tmp_path):
         lambda: est.add_exemplars(x, [0, 1], ["a", "b"]),
         lambda: est.summary(),
         lambda: est.num_classes,
+        lambda: est.input_dim,
+        lambda: est.fitted_parts(),
     ):
         with pytest.raises(NotFittedError):
             call()
     assert not (tmp_path / "x").exists()
+
+
+def test_fitted_parts_are_the_estimators_own(fitted):
+    parts = fitted.fitted_parts()
+    assert parts.adaptor is fitted.adaptor and parts.support is fitted.support
+    assert parts.ladder is fitted.ladder and parts.calibration is fitted.calibration
+    # A partly restored estimator (here without its ladder) is still unfitted, not half-usable.
+    broken = SDMEstimator(fitted.config)
+    broken.adaptor, broken.support, broken.calibration = fitted.adaptor, fitted.support, fitted.calibration
+    with pytest.raises(NotFittedError):
+        broken.fitted_parts()
 
 
 def test_wrong_embedding_dimension_is_refused(fitted):

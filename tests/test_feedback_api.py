@@ -10,11 +10,19 @@ import time
 
 import httpx
 import pytest
-
 from pg_support import PostgresServer
-from sdm_core.traffic import TrafficStore, sqlite_url
 from test_server_api import assert_error
-from test_server_support import API_KEY, DEFAULT_ALPHA, TinyBundle, UvicornThread, make_config, metric_value, tiny_bundle  # noqa: F401
+from test_server_support import (  # noqa: F401
+    API_KEY,
+    DEFAULT_ALPHA,
+    TinyBundle,
+    UvicornThread,
+    make_config,
+    metric_value,
+    tiny_bundle,
+)
+
+from sdm_core.traffic import TrafficStore, sqlite_url
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -65,7 +73,9 @@ def test_every_route_records_its_verification_with_the_head_input(client, server
     ready = client.get("/ready").json()
     assert ready["traffic_store"]["status"] == "ok" and ready["traffic_store"]["url"].startswith("sqlite:///")
     ids = {"/generate": generate(client, tiny_bundle.admitted_prompt)["id"]}
-    ids["/v1/completions"] = client.post("/v1/completions", json={"model": "tiny-sdm", "prompt": tiny_bundle.predicted_no_prompt}).json()["id"]
+    ids["/v1/completions"] = client.post(
+        "/v1/completions", json={"model": "tiny-sdm", "prompt": tiny_bundle.predicted_no_prompt}
+    ).json()["id"]
     chat = {"model": "tiny-sdm", "messages": [{"role": "user", "content": tiny_bundle.abstained_prompt}]}
     ids["/v1/chat/completions"] = client.post("/v1/chat/completions", json=chat).json()["id"]
     with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
@@ -99,14 +109,25 @@ def test_feedback_labels_answers_and_the_metrics_count_them(client, server, stor
     r = client.post("/v1/feedback", json=[{"id": a["id"], "label": "wrong"}, {"id": b["id"], "label": "ood"}])
     assert r.status_code == 200, r.text
     data = {d["id"]: d for d in r.json()["data"]}
-    assert data[a["id"]]["previous_label"] == "correct" and data[a["id"]]["label"] == "wrong" and data[a["id"]]["admitted"] is True
+    assert (
+        data[a["id"]]["previous_label"] == "correct"
+        and data[a["id"]]["label"] == "wrong"
+        and data[a["id"]]["admitted"] is True
+    )
     row = store.get(a["id"])
     assert (row.label, row.note) == ("wrong", None) and row.labelled_at == pytest.approx(time.time(), abs=60)
     assert store.get(b["id"]).label == "ood"
     after = client.get("/metrics").text
-    assert metric_value(after, "sdm_feedback_labels_total", series) - metric_value(before, "sdm_feedback_labels_total", series) == 1
+    assert (
+        metric_value(after, "sdm_feedback_labels_total", series)
+        - metric_value(before, "sdm_feedback_labels_total", series)
+        == 1
+    )
     ood = {"decision": "abstained", "label": "ood", "alpha": f"{DEFAULT_ALPHA:g}"}
-    assert metric_value(after, "sdm_feedback_labels_total", ood) - metric_value(before, "sdm_feedback_labels_total", ood) == 1
+    assert (
+        metric_value(after, "sdm_feedback_labels_total", ood) - metric_value(before, "sdm_feedback_labels_total", ood)
+        == 1
+    )
     assert metric_value(after, "sdm_ladder_alpha", {"alpha": "0.8"}) == 0.8
     assert metric_value(after, "sdm_traffic_store_up") == 1
 
@@ -121,9 +142,20 @@ def test_feedback_right_after_the_answer_finds_it(client, tiny_bundle) -> None:
 # -- bad input ----------------------------------------------------------------------------------------------------
 def test_an_unknown_id_is_404_and_nothing_is_written(client, store, tiny_bundle) -> None:
     answer = generate(client, tiny_bundle.admitted_prompt)
-    error = assert_error(client.post("/v1/feedback", json={"id": "gen-doesnotexist", "label": "correct"}), 404, "id", "answer_not_found", "not_found_error")
+    error = assert_error(
+        client.post("/v1/feedback", json={"id": "gen-doesnotexist", "label": "correct"}),
+        404,
+        "id",
+        "answer_not_found",
+        "not_found_error",
+    )
     assert "gen-doesnotexist" in error["message"]
-    assert_error(client.post("/v1/feedback", json=[{"id": answer["id"], "label": "wrong"}, {"id": "nope", "label": "wrong"}]), 404, "id", "answer_not_found")
+    assert_error(
+        client.post("/v1/feedback", json=[{"id": answer["id"], "label": "wrong"}, {"id": "nope", "label": "wrong"}]),
+        404,
+        "id",
+        "answer_not_found",
+    )
     assert store.get(answer["id"]).label is None
 
 
@@ -145,8 +177,22 @@ def test_an_unknown_id_is_404_and_nothing_is_written(client, store, tiny_bundle)
         ("gen-1", None, "invalid_json"),
         ([{"id": f"gen-{i}", "label": "correct"} for i in range(10_000)], None, "too_many_labels"),
     ],
-    ids=["bad-label", "bad-label-in-list", "int-id", "list-note", "bool-label", "no-id", "empty-id", "long-id", "extra-field",
-         "huge-note", "empty-list", "string-item", "string-body", "10000-items"],
+    ids=[
+        "bad-label",
+        "bad-label-in-list",
+        "int-id",
+        "list-note",
+        "bool-label",
+        "no-id",
+        "empty-id",
+        "long-id",
+        "extra-field",
+        "huge-note",
+        "empty-list",
+        "string-item",
+        "string-body",
+        "10000-items",
+    ],
 )
 def test_malformed_feedback_is_a_400_naming_the_field(client, body, param, code) -> None:
     error = assert_error(client.post("/v1/feedback", json=body), 400, param, code, "invalid_request_error")
@@ -155,10 +201,20 @@ def test_malformed_feedback_is_a_400_naming_the_field(client, body, param, code)
 
 
 def test_feedback_bodies_that_are_not_json_or_too_large(client) -> None:
-    assert_error(client.post("/v1/feedback", content=b"{not json", headers={"Content-Type": "application/json"}), 400, None, "invalid_json")
+    assert_error(
+        client.post("/v1/feedback", content=b"{not json", headers={"Content-Type": "application/json"}),
+        400,
+        None,
+        "invalid_json",
+    )
     assert_error(client.post("/v1/feedback", content=b""), 400, None, "empty_body")
     huge = json.dumps({"id": "x", "label": "correct", "note": "n" * 2_000_000})
-    assert_error(client.post("/v1/feedback", content=huge, headers={"Content-Type": "application/json"}), 413, None, "request_too_large")
+    assert_error(
+        client.post("/v1/feedback", content=huge, headers={"Content-Type": "application/json"}),
+        413,
+        None,
+        "request_too_large",
+    )
 
 
 def test_feedback_needs_an_api_key(server) -> None:
@@ -172,7 +228,13 @@ def test_without_a_store_feedback_is_503_and_ready_says_off(tiny_bundle) -> None
     app = create_app(make_config(tiny_bundle, api_keys=(API_KEY,), traffic_store="off", warmup=False))
     with UvicornThread(app) as running, httpx.Client(base_url=running.url, headers=AUTH, timeout=60) as c:
         assert c.get("/ready").json()["traffic_store"] == {"status": "off"}
-        assert_error(c.post("/v1/feedback", json={"id": "x", "label": "correct"}), 503, None, "store_unavailable", "service_unavailable")
+        assert_error(
+            c.post("/v1/feedback", json={"id": "x", "label": "correct"}),
+            503,
+            None,
+            "store_unavailable",
+            "service_unavailable",
+        )
 
 
 # -- a PostgreSQL store and its outage ------------------------------------------------------------------------------
@@ -199,7 +261,9 @@ def test_a_postgres_outage_leaves_the_server_answering_and_is_reported(tiny_bund
             assert ready.status_code == 200 and ready.json()["traffic_store"]["status"] == "unavailable"
             assert ready.json()["traffic_store"]["error"]
             assert metric_value(c.get("/metrics").text, "sdm_traffic_store_up") == 0
-            assert_error(c.post("/v1/feedback", json={"id": first["id"], "label": "wrong"}), 503, None, "store_unavailable")
+            assert_error(
+                c.post("/v1/feedback", json={"id": first["id"], "label": "wrong"}), 503, None, "store_unavailable"
+            )
             queued = generate(c, tiny_bundle.admitted_prompt)  # waits in the writer's queue until the store is back
             pg.start()
             deadline = time.monotonic() + 60
@@ -207,7 +271,10 @@ def test_a_postgres_outage_leaves_the_server_answering_and_is_reported(tiny_bund
                 assert time.monotonic() < deadline, recorder.error
                 time.sleep(0.1)
             assert c.get("/ready").json()["traffic_store"]["status"] == "ok"
-            assert c.post("/v1/feedback", json={"id": first["id"], "label": "wrong"}).json()["data"][0]["previous_label"] == "correct"
+            assert (
+                c.post("/v1/feedback", json={"id": first["id"], "label": "wrong"}).json()["data"][0]["previous_label"]
+                == "correct"
+            )
             text = c.get("/metrics").text
             lost = metric_value(text, "sdm_traffic_records_dropped_total", {"reason": "store_error"})
             store = TrafficStore(pg.url)

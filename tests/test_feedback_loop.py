@@ -9,11 +9,11 @@ import asyncio
 import time
 
 import pytest
-
 from pg_support import PostgresServer
+from test_server_support import API_KEY, DEFAULT_ALPHA, TinyBundle, make_config, metric_value, serve, tiny_bundle  # noqa: F401
+
 from sdm_core.lm.bundle import read_bundle_info
 from sdm_core.traffic import TrafficStore
-from test_server_support import API_KEY, DEFAULT_ALPHA, TinyBundle, make_config, metric_value, serve, tiny_bundle  # noqa: F401
 from training.update import main as update_main
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -43,7 +43,9 @@ def store_setting(request, tmp_path):
             yield {"traffic_store": pg.url}
 
 
-def test_labels_update_reload_changes_decisions_for_the_new_supports_reason(tiny_bundle: TinyBundle, store_setting, tmp_path) -> None:
+def test_labels_update_reload_changes_decisions_for_the_new_supports_reason(
+    tiny_bundle: TinyBundle, store_setting, tmp_path
+) -> None:
     asyncio.run(_loop(tiny_bundle, store_setting, tmp_path))
 
 
@@ -57,7 +59,9 @@ async def _loop(tiny_bundle: TinyBundle, store_setting: dict, tmp_path) -> None:
     wrong_prompt, ood_prompt = fresh[0], fresh[1]
     bundles = tmp_path / "bundles"  # the server's --bundles-root: reload names a folder in it
     bundles.mkdir()
-    config = make_config(tiny_bundle, api_keys=(API_KEY,), admin_api_keys=(ADMIN_KEY,), bundles_root=str(bundles), **store_setting)
+    config = make_config(
+        tiny_bundle, api_keys=(API_KEY,), admin_api_keys=(ADMIN_KEY,), bundles_root=str(bundles), **store_setting
+    )
     url = traffic_url(config)
 
     # 1. Serve and label: both answers were admitted; the operator says one was wrong and the other out of scope.
@@ -67,12 +71,21 @@ async def _loop(tiny_bundle: TinyBundle, store_setting: dict, tmp_path) -> None:
         old_version = (await client.get("/ready")).json()["head_version"]
         wrong, ood = await ask(client, wrong_prompt), await ask(client, ood_prompt)
         assert wrong["admitted"] and ood["admitted"] and wrong["exemplars"][0]["label_name"] == "Yes"
-        r = await client.post("/v1/feedback", json=[{"id": wrong["id"], "label": "wrong", "note": "did not sort"}, {"id": ood["id"], "label": "ood"}])
+        r = await client.post(
+            "/v1/feedback",
+            json=[{"id": wrong["id"], "label": "wrong", "note": "did not sort"}, {"id": ood["id"], "label": "ood"}],
+        )
         assert r.status_code == 200, r.text
         text = (await client.get("/metrics")).text
         alpha = f"{DEFAULT_ALPHA:g}"
-        assert metric_value(text, "sdm_feedback_labels_total", {"decision": "admitted", "label": "wrong", "alpha": alpha}) == 1
-        assert metric_value(text, "sdm_feedback_labels_total", {"decision": "admitted", "label": "ood", "alpha": alpha}) == 1
+        assert (
+            metric_value(text, "sdm_feedback_labels_total", {"decision": "admitted", "label": "wrong", "alpha": alpha})
+            == 1
+        )
+        assert (
+            metric_value(text, "sdm_feedback_labels_total", {"decision": "admitted", "label": "ood", "alpha": alpha})
+            == 1
+        )
 
     # 2. A restart loses nothing: the records and their labels are in the store.
     store = TrafficStore(url)
@@ -82,7 +95,12 @@ async def _loop(tiny_bundle: TinyBundle, store_setting: dict, tmp_path) -> None:
 
     # 3. Update without retraining: every labelled row joins the support (calibration fraction 0).
     out = bundles / "bundle-u1"
-    assert update_main(["--bundle", str(tiny_bundle.path), "--store", url, "--out", str(out), "--calibration-fraction", "0"]) == 0
+    assert (
+        update_main(
+            ["--bundle", str(tiny_bundle.path), "--store", url, "--out", str(out), "--calibration-fraction", "0"]
+        )
+        == 0
+    )
     new_version = read_bundle_info(out).raw["files"]["head/manifest.json"][:16]
     assert new_version != old_version
 
@@ -93,7 +111,9 @@ async def _loop(tiny_bundle: TinyBundle, store_setting: dict, tmp_path) -> None:
         relabel = await client.post("/v1/feedback", json={"id": wrong["id"], "label": "wrong"})
         assert relabel.status_code == 200 and relabel.json()["data"][0]["previous_label"] == "wrong"
         assert (await ask(client, wrong_prompt))["admitted"]  # the old head still admits it
-        r = await client.post("/admin/reload", json={"bundle": out.name}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        r = await client.post(
+            "/admin/reload", json={"bundle": out.name}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
         assert r.status_code == 200, r.text
         assert r.json()["head_version"] == new_version
         assert (await client.get("/ready")).json()["head_version"] == new_version
@@ -104,7 +124,9 @@ async def _loop(tiny_bundle: TinyBundle, store_setting: dict, tmp_path) -> None:
         after_wrong = await ask(client, wrong_prompt)
         assert not after_wrong["admitted"]
         nearest = after_wrong["exemplars"][0]
-        assert (nearest["id"], nearest["label_name"]) == (wrong["id"], "No") and nearest["distance"] < 1e-2  # itself, up to float noise
+        assert (nearest["id"], nearest["label_name"]) == (wrong["id"], "No") and nearest[
+            "distance"
+        ] < 1e-2  # itself, up to float noise
         assert after_wrong["q"] == 0 and wrong["q"] > 0  # the nearest exemplar now disagrees with the prediction
         after_ood = await ask(client, ood_prompt)
         assert not after_ood["admitted"] and after_ood["abstention_reason"] == "ood"

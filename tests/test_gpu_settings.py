@@ -13,8 +13,15 @@ import yaml
 from test_deploy_support import DEPLOY, ROOT, parse_dockerfile
 
 SMOKE = DEPLOY / "gpu" / "smoke.sh"
-GPU_SETTINGS = ("SDM_DTYPE", "SDM_VLLM_TENSOR_PARALLEL_SIZE", "SDM_VLLM_GPU_MEMORY_UTILIZATION", "SDM_VLLM_MAX_MODEL_LEN",
-                "SDM_VLLM_MAX_NUM_SEQS", "SDM_VLLM_ENFORCE_EAGER", "SDM_VLLM_HIDDEN_STATES")
+GPU_SETTINGS = (
+    "SDM_DTYPE",
+    "SDM_VLLM_TENSOR_PARALLEL_SIZE",
+    "SDM_VLLM_GPU_MEMORY_UTILIZATION",
+    "SDM_VLLM_MAX_MODEL_LEN",
+    "SDM_VLLM_MAX_NUM_SEQS",
+    "SDM_VLLM_ENFORCE_EAGER",
+    "SDM_VLLM_HIDDEN_STATES",
+)
 
 
 def _config_from(environ: dict[str, str], bundle: Path):
@@ -28,10 +35,17 @@ def test_gpu_settings_are_flags_and_variables(fake_bundle: Path) -> None:
 
     help_text = build_parser().format_help()
     for variable in GPU_SETTINGS:
-        flag = "--" + variable[len("SDM_"):].lower().replace("_", "-")
+        flag = "--" + variable[len("SDM_") :].lower().replace("_", "-")
         assert flag in help_text and variable in help_text, variable
-    config = _config_from({"SDM_VLLM_ENFORCE_EAGER": "1", "SDM_VLLM_TENSOR_PARALLEL_SIZE": "4", "SDM_VLLM_MAX_NUM_SEQS": "64"}, fake_bundle)
-    assert config.vllm_settings()["engine_args"] == {"enforce_eager": True, "tensor_parallel_size": 4, "max_num_seqs": 64}
+    config = _config_from(
+        {"SDM_VLLM_ENFORCE_EAGER": "1", "SDM_VLLM_TENSOR_PARALLEL_SIZE": "4", "SDM_VLLM_MAX_NUM_SEQS": "64"},
+        fake_bundle,
+    )
+    assert config.vllm_settings()["engine_args"] == {
+        "enforce_eager": True,
+        "tensor_parallel_size": 4,
+        "max_num_seqs": 64,
+    }
 
 
 def test_gpu_image_sets_every_gpu_setting_to_a_value_the_server_accepts(fake_bundle: Path) -> None:
@@ -39,7 +53,9 @@ def test_gpu_image_sets_every_gpu_setting_to_a_value_the_server_accepts(fake_bun
     missing = [v for v in GPU_SETTINGS if v not in env]
     assert not missing, f"the GPU Dockerfile does not set {missing}"
     config = _config_from({v: env[v] for v in GPU_SETTINGS}, fake_bundle)
-    assert config.vllm_settings() == {"max_model_len": None, "engine_args": {}, "head_input": "auto"}, "the image defaults are vLLM's own"
+    assert config.vllm_settings() == {"max_model_len": None, "engine_args": {}, "head_input": "auto"}, (
+        "the image defaults are vLLM's own"
+    )
 
 
 def test_k8s_sets_the_gpu_settings_and_requests_one_gpu_per_tensor_parallel_rank(fake_bundle: Path) -> None:

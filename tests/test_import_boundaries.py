@@ -76,7 +76,9 @@ def violations() -> list[str]:
             if within(module, "sdm_core") and not within(module, "sdm_core.lm"):
                 for forbidden in (*LM_LIBRARIES, "sdm_core.lm"):
                     if within(imported, forbidden):
-                        problems.append(f"{rel}: the estimator imports {imported} (language-model glue belongs in sdm_core/lm)")
+                        problems.append(
+                            f"{rel}: the estimator imports {imported} (language-model glue belongs in sdm_core/lm)"
+                        )
             if within(module, "sdm_core"):
                 for forbidden in ("server", "training"):
                     if within(imported, forbidden):
@@ -91,8 +93,10 @@ def violations() -> list[str]:
                     known_seen.add((rel, imported, name))
                 else:
                     problems.append(f"{rel}: imports the private name {name} from {imported}")
-    problems.extend(f"{rel}: no longer imports {name} from {imported}; drop it from KNOWN_PRIVATE_IMPORTS"
-                    for rel, imported, name in KNOWN_PRIVATE_IMPORTS - known_seen)
+    problems.extend(
+        f"{rel}: no longer imports {name} from {imported}; drop it from KNOWN_PRIVATE_IMPORTS"
+        for rel, imported, name in KNOWN_PRIVATE_IMPORTS - known_seen
+    )
     return sorted(set(problems))
 
 
@@ -101,7 +105,9 @@ def test_the_packages_keep_their_import_direction_and_private_names():
 
 
 def test_the_checker_sees_function_local_and_relative_imports():
-    source = "import os\n\ndef f():\n    from transformers import AutoModel\n    from .lm import bundle\n    import peft\n"
+    source = (
+        "import os\n\ndef f():\n    from transformers import AutoModel\n    from .lm import bundle\n    import peft\n"
+    )
     found = imports_of(source, "sdm_core.estimator")
     assert ("transformers", "AutoModel") in found
     assert ("sdm_core.lm", "bundle") in found and ("sdm_core.lm.bundle", None) in found
@@ -130,9 +136,9 @@ def test_importing_the_estimator_loads_no_language_model_stack():
         "import importlib, sys\n"
         f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft') or m.startswith('sdm_core.lm')))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'peft') or "
+        "m.startswith('sdm_core.lm')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
-

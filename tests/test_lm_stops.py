@@ -16,7 +16,9 @@ def test_a_stop_string_is_removed_with_everything_after_it() -> None:
 
 
 def test_an_inclusive_stop_string_is_kept() -> None:
-    assert cut_at_stop("answer\n<verified>Yes", stop_inclusive=("<verified>",)) == StopCut("answer\n<verified>", "<verified>", 7, True)
+    assert cut_at_stop("answer\n<verified>Yes", stop_inclusive=("<verified>",)) == StopCut(
+        "answer\n<verified>", "<verified>", 7, True
+    )
 
 
 def test_the_earliest_stop_string_wins_whichever_list_holds_it() -> None:

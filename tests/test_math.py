@@ -162,7 +162,9 @@ def test_sdm_loss_gradient_is_finite_for_extreme_logits(q, d):
     assert bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all())
 
 
-@pytest.mark.parametrize("s, expected", [(0.0, 0.9844), (0.5, 0.5900), (0.9, 0.4346), (1.0, 0.4064), (E_MINUS_2, 0.4952)])
+@pytest.mark.parametrize(
+    "s, expected", [(0.0, 0.9844), (0.5, 0.5900), (0.9, 0.4346), (1.0, 0.4064), (E_MINUS_2, 0.4952)]
+)
 def test_next_token_loss_example_from_spec_3_4(s, expected):
     z = torch.tensor([[2.0, 1.0, 0.5, -1.0]], dtype=torch.float64)
     # beta = 2 + s in [2, 3] (ln beta in [0.693, 1.099]); beta = e gives the cross-entropy 0.4952
@@ -172,7 +174,9 @@ def test_next_token_loss_example_from_spec_3_4(s, expected):
 # --------------------------------------------------------------------------------------------------------------
 # §6.1 item 7 and §2.1: rescaled similarity q'
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("q, p, expected", [(100, 0.99, 97.39), (10, 0.97, 10.0), (2048, 1.0, 2048.0), (1, 0.5, 1.0), (0, 0.9, 0.0)])
+@pytest.mark.parametrize(
+    "q, p, expected", [(100, 0.99, 97.39), (10, 0.97, 10.0), (2048, 1.0, 2048.0), (1, 0.5, 1.0), (0, 0.9, 0.0)]
+)
 def test_rescaled_similarity_examples_from_spec_2_1(q, p, expected):
     assert float(rescaled_similarity(float(q), p)) == pytest.approx(expected, abs=5e-3)
 
@@ -364,7 +368,9 @@ def test_effective_sample_sizes_reference_rule_counts_strictly_less_capped_at_n_
 
 
 def test_effective_sample_sizes_default_rule_is_paper():
-    assert torch.equal(effective_sample_sizes(QUERIES, [QCDF0, QCDF1]), effective_sample_sizes(QUERIES, [QCDF0, QCDF1], rule="paper"))
+    assert torch.equal(
+        effective_sample_sizes(QUERIES, [QCDF0, QCDF1]), effective_sample_sizes(QUERIES, [QCDF0, QCDF1], rule="paper")
+    )
 
 
 def test_effective_sample_sizes_of_empty_class_are_zero_under_both_rules():

@@ -16,10 +16,20 @@ from training.record_schema import load_schema, validate_file
 from training.records import NO_TAG, YES_TAG, DataError, load_records
 
 ROOT = Path(__file__).resolve().parents[1]
-GOOD = {"id": "a1", "prompt": "Compute 2 + 3.", "positive": f"<answer>5</answer>\n{YES_TAG}",
-        "negative": f"<answer>6</answer>\n{NO_TAG}", "reference": "5", "meta": {"op": "+"}}
-CHAT = {"id": "c1", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 2 + 3."}],
-        "positive": f"<answer>5</answer>\n{YES_TAG}", "negative": f"<answer>6</answer>\n{NO_TAG}"}
+GOOD = {
+    "id": "a1",
+    "prompt": "Compute 2 + 3.",
+    "positive": f"<answer>5</answer>\n{YES_TAG}",
+    "negative": f"<answer>6</answer>\n{NO_TAG}",
+    "reference": "5",
+    "meta": {"op": "+"},
+}
+CHAT = {
+    "id": "c1",
+    "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 2 + 3."}],
+    "positive": f"<answer>5</answer>\n{YES_TAG}",
+    "negative": f"<answer>6</answer>\n{NO_TAG}",
+}
 
 
 def _with(base: dict, **changes) -> dict:
@@ -43,7 +53,10 @@ BAD_LINES = [
     (_with(GOOD, prompt=...), "neither of 'prompt' and 'messages'"),
     (_with(GOOD, messages=CHAT["messages"]), "both of 'prompt' and 'messages'"),
     (_with(GOOD, positive="<answer>5</answer>"), "append the tag to the target completion"),
-    (_with(GOOD, positive="<answer>5</answer>\n<verified>yes</verified>"), "does not end with <verified>Yes</verified>"),
+    (
+        _with(GOOD, positive="<answer>5</answer>\n<verified>yes</verified>"),
+        "does not end with <verified>Yes</verified>",
+    ),
     (_with(GOOD, positive=f"{YES_TAG} trailing words"), "does not end with <verified>Yes</verified>"),
     (_with(GOOD, negative=f"<answer>6</answer>\n{YES_TAG}"), "does not end with <verified>No</verified>"),
     (_with(GOOD, reference=5), "field 'reference' must be a string"),
@@ -51,7 +64,10 @@ BAD_LINES = [
     (_with(CHAT, messages=[]), "no non-empty 'user' turn"),
     (_with(CHAT, messages=[{"role": "system", "content": "hi"}]), "no non-empty 'user' turn"),
     (_with(CHAT, messages=[{"role": "user", "content": "hi", "name": "x"}]), "exactly the keys 'role' and 'content'"),
-    (_with(CHAT, messages=[{"role": "user"}, {"role": "user", "content": "hi"}]), "exactly the keys 'role' and 'content'"),
+    (
+        _with(CHAT, messages=[{"role": "user"}, {"role": "user", "content": "hi"}]),
+        "exactly the keys 'role' and 'content'",
+    ),
     (_with(CHAT, messages="hi"), "field 'messages' must be a list"),
     ("[1, 2]", "expected a JSON object"),
     ('{"id": "x", ', "malformed JSON"),
@@ -59,7 +75,9 @@ BAD_LINES = [
 
 
 def _write(path: Path, lines: list) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8")
+    path.write_text(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines), encoding="utf-8"
+    )
     return path
 
 
@@ -71,7 +89,9 @@ def test_the_shipped_schema_is_a_valid_draft_2020_12_schema_and_accepts_good_rec
 
 
 def test_the_schema_ships_as_package_data():
-    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["training"]
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "training"
+    ]
     assert any(path.match(pattern) for pattern in package_data for path in [Path("schemas/record.schema.json")])
     assert (ROOT / "training" / "schemas" / "record.schema.json").is_file()
 
@@ -87,7 +107,9 @@ def test_each_bad_line_is_reported_with_its_fix_and_refused_by_load_records(tmp_
     report = validate_file(path)
     assert report.records == 2 and not report.ok
     assert {p.line for p in report.problems} == {2}, [str(p) for p in report.problems]
-    assert any(fix in str(p) and str(p).startswith(f"{path}:2: ") for p in report.problems), [str(p) for p in report.problems]
+    assert any(fix in str(p) and str(p).startswith(f"{path}:2: ") for p in report.problems), [
+        str(p) for p in report.problems
+    ]
     with pytest.raises(DataError) as info:
         load_records(path)
     assert info.value.line == 2
@@ -95,12 +117,20 @@ def test_each_bad_line_is_reported_with_its_fix_and_refused_by_load_records(tmp_
 
 def test_validate_reports_every_bad_line_and_exits_1(tmp_path, capsys):
     lines = [GOOD] + [line for line, _ in BAD_LINES if not (isinstance(line, dict) and "messages" in line)]
-    lines = [_with(line, id=f"id{i}") if isinstance(line, dict) and isinstance(line.get("id"), str) and line["id"].strip() else line
-             for i, line in enumerate(lines)]
+    lines = [
+        _with(line, id=f"id{i}")
+        if isinstance(line, dict) and isinstance(line.get("id"), str) and line["id"].strip()
+        else line
+        for i, line in enumerate(lines)
+    ]
     path = _write(tmp_path / "bad.jsonl", lines)
     assert data_main(["validate", str(path)]) == 1
     out = capsys.readouterr().out
-    bad_lines = {int(line.split(":")[1]) for line in out.splitlines() if line.startswith(f"{path}:") and line.split(":")[1].isdigit()}
+    bad_lines = {
+        int(line.split(":")[1])
+        for line in out.splitlines()
+        if line.startswith(f"{path}:") and line.split(":")[1].isdigit()
+    }
     assert bad_lines == set(range(2, len(lines) + 1))
     assert out.splitlines()[-1].startswith(f"{path}: ") and "1 good records" in out.splitlines()[-1]
 
@@ -116,7 +146,10 @@ def test_a_file_with_mixed_formats_gets_an_error_naming_the_fix(tmp_path, order)
     path = _write(tmp_path / "mixed.jsonl", list(order))
     problems = validate_file(path).problems
     assert len(problems) == 1 and problems[0].line == 2
-    assert "use one format per file" in problems[0].message and '"messages": [{"role": "user", "content": PROMPT}]' in problems[0].message
+    assert (
+        "use one format per file" in problems[0].message
+        and '"messages": [{"role": "user", "content": PROMPT}]' in problems[0].message
+    )
     with pytest.raises(DataError, match="use one format per file") as info:
         load_records(path)
     assert info.value.line == 2
@@ -131,14 +164,20 @@ def test_duplicate_ids_are_reported_on_the_second_use(tmp_path):
 def test_tolerance_a_bom_crlf_blank_lines_and_whitespace_after_the_final_tag_are_accepted(tmp_path):
     good = _with(GOOD, positive=GOOD["positive"] + " \n\n")
     path = tmp_path / "windows.jsonl"
-    path.write_bytes(codecs.BOM_UTF8 + (json.dumps(good) + "\r\n\r\n" + json.dumps(_with(GOOD, id="a2")) + "\r\n").encode())
+    path.write_bytes(
+        codecs.BOM_UTF8 + (json.dumps(good) + "\r\n\r\n" + json.dumps(_with(GOOD, id="a2")) + "\r\n").encode()
+    )
     assert validate_file(path).ok
     assert [r.id for r in load_records(path)] == ["a1", "a2"]
 
 
 def test_text_that_is_not_utf8_is_reported_with_its_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes((json.dumps(GOOD) + "\n").encode() + json.dumps(_with(GOOD, id="a2", prompt="Caf\u00e9"), ensure_ascii=False).encode("latin-1") + b"\n")
+    path.write_bytes(
+        (json.dumps(GOOD) + "\n").encode()
+        + json.dumps(_with(GOOD, id="a2", prompt="Caf\u00e9"), ensure_ascii=False).encode("latin-1")
+        + b"\n"
+    )
     (problem,) = validate_file(path).problems
     assert problem.line == 2 and "re-encode the file as UTF-8" in problem.message
 

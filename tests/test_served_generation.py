@@ -26,15 +26,18 @@ def _server_text(generation: str) -> str:
     return row.final_text if row.finish_at_stop() else generation
 
 
-@pytest.mark.parametrize("generation", [
-    TWO_PAIRS,
-    "<answer>12</answer> <verified>Yes</verified>",
-    "<answer>12</answer>",
-    "<answer>12</answer>\n<verified>Ye",
-    "<verified>Yes</verified><answer>1</answer><verified>No</verified>",
-    "<answer>1</answer><verified><verified>No</verified>",
-    "",
-])
+@pytest.mark.parametrize(
+    "generation",
+    [
+        TWO_PAIRS,
+        "<answer>12</answer> <verified>Yes</verified>",
+        "<answer>12</answer>",
+        "<answer>12</answer>\n<verified>Ye",
+        "<verified>Yes</verified><answer>1</answer><verified>No</verified>",
+        "<answer>1</answer><verified><verified>No</verified>",
+        "",
+    ],
+)
 def test_training_embeds_the_prefix_the_server_embeds(generation: str) -> None:
     assert verification_prefix(served_generation(generation)) == verification_prefix(_server_text(generation))
 
@@ -53,8 +56,15 @@ def test_the_cut_keeps_text_without_a_tag_and_is_idempotent() -> None:
 
 
 def test_labels_and_texts_describe_the_served_answer() -> None:
-    records = [Record(id="a", prompt="Compute 5 + 7.", positive="<answer>12</answer>\n<verified>Yes</verified>",
-                      negative="<answer>13</answer>\n<verified>No</verified>", reference="12")]
+    records = [
+        Record(
+            id="a",
+            prompt="Compute 5 + 7.",
+            positive="<answer>12</answer>\n<verified>Yes</verified>",
+            negative="<answer>13</answer>\n<verified>No</verified>",
+            reference="12",
+        )
+    ]
     generated = label_generations(records, [TWO_PAIRS], get_correctness("arithmetic"))
     assert generated.texts == ["<answer>12</answer>\n<verified>Yes</verified>"]
     assert generated.labels == [1]

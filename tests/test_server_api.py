@@ -9,7 +9,6 @@ import json
 import httpx
 import pytest
 import torch
-
 from test_server_support import (
     API_KEY,
     DEFAULT_ALPHA,
@@ -40,7 +39,13 @@ def client(server):
         yield c
 
 
-def assert_error(response: httpx.Response, status: int, param: str | None = "<any>", code: str | None = "<any>", type_: str | None = None) -> dict:
+def assert_error(
+    response: httpx.Response,
+    status: int,
+    param: str | None = "<any>",
+    code: str | None = "<any>",
+    type_: str | None = None,
+) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
@@ -58,23 +63,55 @@ def assert_error(response: httpx.Response, status: int, param: str | None = "<an
 
 # -- /generate: fields and decisions ------------------------------------------------------------------------------
 def test_admitted_generation_returns_every_field(client, tiny_bundle) -> None:
-    r = client.post("/generate", json={"prompt": tiny_bundle.admitted_prompt, "return_exemplars": 3}, headers={"X-Request-Id": "my-request-1"})
+    r = client.post(
+        "/generate",
+        json={"prompt": tiny_bundle.admitted_prompt, "return_exemplars": 3},
+        headers={"X-Request-Id": "my-request-1"},
+    )
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"].startswith("req-") and r.headers["x-client-request-id"] == "my-request-1"
     body = r.json()
-    expected = {"id", "object", "created", "model", "text", "verified", "probability", "probability_lower", "admitted", "abstained",
-                "abstention_reason", "withheld", "alpha", "region_alpha", "q", "q_prime", "d", "exemplars", "attempts", "finish_reason",
-                "usage", "timings"}
+    expected = {
+        "id",
+        "object",
+        "created",
+        "model",
+        "text",
+        "verified",
+        "probability",
+        "probability_lower",
+        "admitted",
+        "abstained",
+        "abstention_reason",
+        "withheld",
+        "alpha",
+        "region_alpha",
+        "q",
+        "q_prime",
+        "d",
+        "exemplars",
+        "attempts",
+        "finish_reason",
+        "usage",
+        "timings",
+    }
     assert set(body) == expected
     assert body["id"].startswith("gen-") and body["model"] == "tiny-sdm" and body["object"] == "generation"
     assert body["text"].endswith("<verified>Yes</verified>") and body["verified"] == "Yes"
-    assert body["admitted"] is True and body["abstained"] is False and body["abstention_reason"] is None and body["withheld"] is False
+    assert (
+        body["admitted"] is True
+        and body["abstained"] is False
+        and body["abstention_reason"] is None
+        and body["withheld"] is False
+    )
     assert 0.0 <= body["probability_lower"] <= body["probability"] <= 1.0
     assert body["alpha"] == DEFAULT_ALPHA and body["region_alpha"] is not None and body["region_alpha"] >= DEFAULT_ALPHA
     assert isinstance(body["q"], int) and body["q"] > 0 and body["q_prime"] > 0 and 0.0 <= body["d"] <= 1.0
     assert body["attempts"] == 1 and body["finish_reason"] in ("stop", "length")
     exemplars = body["exemplars"]
-    assert len(exemplars) == 3 and all(set(e) == {"id", "label", "label_name", "predicted", "distance"} for e in exemplars)
+    assert len(exemplars) == 3 and all(
+        set(e) == {"id", "label", "label_name", "predicted", "distance"} for e in exemplars
+    )
     assert [e["distance"] for e in exemplars] == sorted(e["distance"] for e in exemplars)
     assert exemplars[0]["label_name"] == "Yes"
     usage = body["usage"]
@@ -82,7 +119,10 @@ def test_admitted_generation_returns_every_field(client, tiny_bundle) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     timings = body["timings"]
     assert set(timings) == {"queue_ms", "generation_ms", "verification_ms", "total_ms"}
-    assert all(v >= 0 for v in timings.values()) and timings["total_ms"] >= timings["generation_ms"] + timings["verification_ms"]
+    assert (
+        all(v >= 0 for v in timings.values())
+        and timings["total_ms"] >= timings["generation_ms"] + timings["verification_ms"]
+    )
 
 
 def test_admitted_no_abstains_as_predicted_no(client, tiny_bundle) -> None:
@@ -108,16 +148,23 @@ def test_alpha_selects_the_region(client, tiny_bundle) -> None:
     for alpha in lower:
         body = client.post("/generate", json={"prompt": tiny_bundle.abstained_prompt, "alpha": alpha}).json()
         assert body["alpha"] == alpha
-        admitted_here = default["region_alpha"] is not None and default["region_alpha"] >= alpha and default["verified"] == "Yes"
+        admitted_here = (
+            default["region_alpha"] is not None and default["region_alpha"] >= alpha and default["verified"] == "Yes"
+        )
         assert body["admitted"] is admitted_here
         assert body["probability"] == default["probability"] and body["region_alpha"] == default["region_alpha"]
 
 
 def test_messages_equal_the_prompt_in_the_bundle_chat_format(client, tiny_bundle) -> None:
     by_prompt = client.post("/generate", json={"prompt": tiny_bundle.admitted_prompt}).json()
-    messages = [{"role": "system", "content": "You are a helpful AI assistant."}, {"role": "user", "content": tiny_bundle.admitted_prompt}]
+    messages = [
+        {"role": "system", "content": "You are a helpful AI assistant."},
+        {"role": "user", "content": tiny_bundle.admitted_prompt},
+    ]
     by_messages = client.post("/generate", json={"messages": messages}).json()
-    assert by_messages["text"] == by_prompt["text"] and by_messages["probability"] == pytest.approx(by_prompt["probability"], abs=1e-6)
+    assert by_messages["text"] == by_prompt["text"] and by_messages["probability"] == pytest.approx(
+        by_prompt["probability"], abs=1e-6
+    )
     assert by_messages["usage"] == by_prompt["usage"]
 
 
@@ -160,25 +207,56 @@ def test_user_stop_strings_end_the_generation(client, tiny_bundle) -> None:
 
 # -- the OpenAI routes over plain HTTP ------------------------------------------------------------------------------
 def test_completions_and_chat_carry_sdm(client, tiny_bundle) -> None:
-    r = client.post("/v1/completions", json={"model": "tiny-sdm", "prompt": tiny_bundle.admitted_prompt, "max_tokens": MAX_TOKENS})
+    r = client.post(
+        "/v1/completions", json={"model": "tiny-sdm", "prompt": tiny_bundle.admitted_prompt, "max_tokens": MAX_TOKENS}
+    )
     body = r.json()
     assert r.status_code == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     choice = body["choices"][0]
-    assert choice["text"].endswith("Yes</verified>") and choice["sdm"]["admitted"] is True and choice["finish_reason"] in ("stop", "length")
-    assert set(choice["sdm"]) >= {"verified", "probability", "probability_lower", "admitted", "abstained", "abstention_reason", "alpha",
-                                  "region_alpha", "q", "q_prime", "d", "exemplars", "attempts", "timings", "withheld"}
-    chat = client.post("/v1/chat/completions", json={"model": "tiny-sdm", "messages": [{"role": "user", "content": "hi"}], "on_abstain": "withhold"}).json()
+    assert (
+        choice["text"].endswith("Yes</verified>")
+        and choice["sdm"]["admitted"] is True
+        and choice["finish_reason"] in ("stop", "length")
+    )
+    assert set(choice["sdm"]) >= {
+        "verified",
+        "probability",
+        "probability_lower",
+        "admitted",
+        "abstained",
+        "abstention_reason",
+        "alpha",
+        "region_alpha",
+        "q",
+        "q_prime",
+        "d",
+        "exemplars",
+        "attempts",
+        "timings",
+        "withheld",
+    }
+    chat = client.post(
+        "/v1/chat/completions",
+        json={"model": "tiny-sdm", "messages": [{"role": "user", "content": "hi"}], "on_abstain": "withhold"},
+    ).json()
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
     sdm = chat["choices"][0]["sdm"]
     assert (chat["choices"][0]["message"]["content"] is None) == sdm["withheld"] == sdm["abstained"]
 
 
 def test_chat_stream_ends_with_the_verification(client, tiny_bundle) -> None:
-    messages = [{"role": "system", "content": "You are a helpful AI assistant."}, {"role": "user", "content": tiny_bundle.admitted_prompt}]
+    messages = [
+        {"role": "system", "content": "You are a helpful AI assistant."},
+        {"role": "user", "content": tiny_bundle.admitted_prompt},
+    ]
     plain = client.post("/v1/chat/completions", json={"messages": messages}).json()
-    with client.stream("POST", "/v1/chat/completions", json={"messages": messages, "stream": True, "stream_options": {"include_usage": True}}) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={"messages": messages, "stream": True, "stream_options": {"include_usage": True}},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -224,19 +302,43 @@ LONG_PROMPT = "word " * 400
         ("/generate", {"prompt": "hi", "return_exemplars": -1}, 400, "return_exemplars", None),
         ("/generate", {"prompt": "hi", "return_exemplars": 1000}, 400, "return_exemplars", "too_many_exemplars"),
         ("/generate", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
-        ("/generate", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages.0.content", None),
+        (
+            "/generate",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            400,
+            "messages.0.content",
+            None,
+        ),
         ("/v1/completions", {"prompt": "hi", "n": 2}, 400, "n", "unsupported_parameter"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", None),
         ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt", None),
         ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "model_not_found"),
         ("/v1/completions", {"max_tokens": 2}, 400, "prompt", None),
         ("/v1/chat/completions", {"messages": []}, 400, "messages", None),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "alpha": 0.55}, 400, "alpha", "alpha_not_on_ladder"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "alpha": 0.55},
+            400,
+            "alpha",
+            "alpha_not_on_ladder",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "alpha": 0.5}, 400, "alpha", None),
         ("/generate", {"prompt": "   "}, 400, "prompt", None),
         ("/v1/completions", {"prompt": ""}, 400, "prompt", None),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100}, 400, "max_completion_tokens", "max_tokens_too_large"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, 400, "tools", None),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100},
+            400,
+            "max_completion_tokens",
+            "max_tokens_too_large",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+            400,
+            "tools",
+            None,
+        ),
     ],
 )
 def test_bad_requests_get_the_error_envelope(client, route, payload, status, param, code) -> None:
@@ -244,7 +346,9 @@ def test_bad_requests_get_the_error_envelope(client, route, payload, status, par
         r = client.post(route, content=payload, headers={"Content-Type": "application/json"})
     else:
         r = client.post(route, json=payload)
-    assert_error(r, status, param, "<any>" if code is None else code, "invalid_request_error" if status == 400 else None)
+    assert_error(
+        r, status, param, "<any>" if code is None else code, "invalid_request_error" if status == 400 else None
+    )
 
 
 def test_alpha_error_names_the_ladder(client) -> None:
@@ -259,7 +363,12 @@ def test_oversized_body_is_refused_with_413(client) -> None:
         for _ in range(10):
             yield b" " * 1000
 
-    assert_error(client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"}), 413, None, "request_too_large")
+    assert_error(
+        client.post("/generate", content=chunks(), headers={"Content-Type": "application/json"}),
+        413,
+        None,
+        "request_too_large",
+    )
 
 
 def test_unknown_routes_and_methods(client) -> None:
@@ -267,11 +376,21 @@ def test_unknown_routes_and_methods(client) -> None:
     assert_error(client.get("/generate"), 405, None, "method_not_allowed")
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}]
+)
 def test_missing_or_wrong_key_gives_401(server, headers) -> None:
     with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c:
-        for method, path in (("POST", "/generate"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                             ("GET", "/ready"), ("GET", "/metrics"), ("POST", "/admin/reload"), ("GET", "/nope")):
+        for method, path in (
+            ("POST", "/generate"),
+            ("POST", "/v1/completions"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/v1/models"),
+            ("GET", "/ready"),
+            ("GET", "/metrics"),
+            ("POST", "/admin/reload"),
+            ("GET", "/nope"),
+        ):
             r = c.request(method, path, json={"prompt": "hi"} if method == "POST" else None)
             error = assert_error(r, 401, None, "invalid_api_key", "authentication_error")
             assert r.headers.get("www-authenticate") == "Bearer", (path, error)
@@ -305,7 +424,10 @@ def test_metrics_move_with_admitted_abstained_and_failed_requests(client, tiny_b
         assert delta("sdm_stage_latency_seconds_count", {"stage": stage}) == 2
     assert delta("sdm_prompt_tokens_total") >= admitted["usage"]["prompt_tokens"]
     assert delta("sdm_completion_tokens_total") >= admitted["usage"]["completion_tokens"]
-    assert delta("sdm_batch_size_count", {"kind": "generate"}) >= 1 and delta("sdm_batch_size_count", {"kind": "embed"}) >= 1
+    assert (
+        delta("sdm_batch_size_count", {"kind": "generate"}) >= 1
+        and delta("sdm_batch_size_count", {"kind": "embed"}) >= 1
+    )
     assert metric_value(after, "sdm_in_flight_requests") == 0 and metric_value(after, "sdm_queue_depth") == 0
     assert metric_value(after, "sdm_ready") == 1
     baseline = metric_value(after, "sdm_calibration_admitted_proportion")
@@ -330,17 +452,30 @@ def test_head_input_equals_the_training_embedding(tiny_bundle) -> None:
             results = []
             for prompt in (tiny_bundle.admitted_prompt, "Order these words: b a c"):
                 prepared = pipeline.prepare(prompt)
-                results.append((prompt, await pipeline.run(VerificationRequest(prepared, max_tokens=6, temperature=1.0, seed=3))))
+                results.append(
+                    (prompt, await pipeline.run(VerificationRequest(prepared, max_tokens=6, temperature=1.0, seed=3)))
+                )
             return results
 
     results = asyncio.run(run())
     bundle = load_bundle(tiny_bundle.path)
     for prompt, result in results:
-        text = verification_text(bundle.tokenizer, prompt, result.best.generation.text, bundle.info.chat, bundle.info.recipe)
+        text = verification_text(
+            bundle.tokenizer, prompt, result.best.generation.text, bundle.info.chat, bundle.info.recipe
+        )
         assert text == result.best.verification_text
         direct = embed_texts(bundle.model, bundle.tokenizer, [text], bundle.info.recipe)[0]
         assert torch.equal(result.best.embedding, direct)
-        trained = embed_instances(bundle.model, bundle.tokenizer, [Instance("d", prompt, result.best.generation.text, 1)], bundle.info.chat, bundle.info.recipe, 8)[0]
+        trained = embed_instances(
+            bundle.model,
+            bundle.tokenizer,
+            [Instance("d", prompt, result.best.generation.text, 1)],
+            bundle.info.chat,
+            bundle.info.recipe,
+            8,
+        )[0]
         assert torch.equal(result.best.embedding, trained)
         scores = bundle.head.predict_scores(direct.unsqueeze(0), alpha=DEFAULT_ALPHA)
-        assert float(scores.probabilities[0, int(scores.predictions[0])]) == pytest.approx(result.best.probability, abs=0.0)
+        assert float(scores.probabilities[0, int(scores.predictions[0])]) == pytest.approx(
+            result.best.probability, abs=0.0
+        )

@@ -16,11 +16,13 @@ def _run_rows(tokenizer, text: str, stop=(), inclusive=("<verified>",), max_toke
 
     deltas: list[str] = []
     prompt = [1, 2, 3]
-    request = GenerationRequest(prompt, SamplingParams(max_tokens), stop=tuple(stop), stop_inclusive=tuple(inclusive), on_text=deltas.append)
+    request = GenerationRequest(
+        prompt, SamplingParams(max_tokens), stop=tuple(stop), stop_inclusive=tuple(inclusive), on_text=deltas.append
+    )
     row = GenerationRow(request)
     stopper = _RowStopper([row], tokenizer, {tokenizer.eos_token_id}, len(prompt))
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    for step, token in enumerate(tokens, start=1):
+    for step in range(1, len(tokens) + 1):
         if cancel_at == step:
             request.cancel.set()
         ids = torch.tensor([prompt + tokens[:step]])

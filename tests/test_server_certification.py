@@ -7,7 +7,6 @@ import asyncio
 import shutil
 
 import pytest
-
 from test_server_support import (
     ALPHAS,
     TinyBundle,
@@ -22,14 +21,25 @@ WITHDRAWN = 0.9
 
 @pytest.fixture(scope="module")
 def certified_bundle(tiny_bundle: TinyBundle, tmp_path_factory):
-    from sdm_core.lm.bundle import seal_bundle
     from sdm_core.certification import Certification
+    from sdm_core.lm.bundle import seal_bundle
 
     folder = tmp_path_factory.mktemp("certified") / "bundle"
     shutil.copytree(tiny_bundle.path, folder)
-    rows = [{"alpha": a, "admitted": 20, "correct": 10 if a == WITHDRAWN else 20, "accuracy": 0.5 if a == WITHDRAWN else 1.0,
-             "p_value": 1e-5 if a == WITHDRAWN else 1.0, "lower_bound": 0.3 if a == WITHDRAWN else 0.86,
-             "status": "violated" if a == WITHDRAWN else "certified", "withdrawn": a == WITHDRAWN, "groups": {}} for a in ALPHAS]
+    rows = [
+        {
+            "alpha": a,
+            "admitted": 20,
+            "correct": 10 if a == WITHDRAWN else 20,
+            "accuracy": 0.5 if a == WITHDRAWN else 1.0,
+            "p_value": 1e-5 if a == WITHDRAWN else 1.0,
+            "lower_bound": 0.3 if a == WITHDRAWN else 0.86,
+            "status": "violated" if a == WITHDRAWN else "certified",
+            "withdrawn": a == WITHDRAWN,
+            "groups": {},
+        }
+        for a in ALPHAS
+    ]
     seal_bundle(folder, {"certification": Certification.from_dict({"documents": 40, "rows": rows}).to_dict()})
     return folder
 
@@ -41,8 +51,12 @@ def test_withdrawn_region_abstains_and_the_certification_is_shown(certified_bund
         app = create_app(make_config(certified_bundle))
         async with serve(app) as client:
             # The same prompt the uncertified bundle admits at 0.9 abstains there now, and is still admitted at 0.8.
-            at_withdrawn = (await client.post("/generate", json={"prompt": tiny_bundle.admitted_prompt, "alpha": WITHDRAWN})).json()
-            at_kept = (await client.post("/generate", json={"prompt": tiny_bundle.admitted_prompt, "alpha": 0.8})).json()
+            at_withdrawn = (
+                await client.post("/generate", json={"prompt": tiny_bundle.admitted_prompt, "alpha": WITHDRAWN})
+            ).json()
+            at_kept = (
+                await client.post("/generate", json={"prompt": tiny_bundle.admitted_prompt, "alpha": 0.8})
+            ).json()
             models = (await client.get("/v1/models")).json()
             metrics = (await client.get("/metrics")).text
         return at_withdrawn, at_kept, models, metrics

@@ -23,7 +23,6 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
 from test_server_support import TinyBundle, UvicornThread, make_config, tiny_bundle  # noqa: F401 - fixture
 
 ADMIN_KEY = "fuzz-admin-key"
@@ -39,7 +38,13 @@ OPERATIONS = {
     ("POST", "/admin/reload"): 12,
     ("POST", "/v1/feedback"): 30,
 }
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance, negative_data_rejection]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    negative_data_rejection,
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +53,17 @@ def server(tiny_bundle: TinyBundle, tmp_path_factory):
 
     # Client routes keyless, the admin route behind its key; tiny generations keep each case cheap. The traffic store
     # is on (SQLite in a temporary folder), so POST /v1/feedback answers for real.
-    config = make_config(tiny_bundle, admin_api_keys=(ADMIN_KEY,), bundles_root=str(tiny_bundle.path.parent), warmup=False,
-                         default_max_tokens=2, max_tokens_cap=4, verify_bundle=False, traffic_store="sqlite",
-                         data_dir=str(tmp_path_factory.mktemp("fuzz-data")))
+    config = make_config(
+        tiny_bundle,
+        admin_api_keys=(ADMIN_KEY,),
+        bundles_root=str(tiny_bundle.path.parent),
+        warmup=False,
+        default_max_tokens=2,
+        max_tokens_cap=4,
+        verify_bundle=False,
+        traffic_store="sqlite",
+        data_dir=str(tmp_path_factory.mktemp("fuzz-data")),
+    )
     app = create_app(config)
     with UvicornThread(app) as running:
         deadline = time.monotonic() + 30
@@ -75,8 +88,12 @@ def test_the_fuzzed_operations_are_every_route(server) -> None:
 
 
 # GET routes take no input, so they have no negative cases.
-CASES = [(method, path, mode) for method, path in OPERATIONS for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
-         if method == "POST" or mode == GenerationMode.POSITIVE]
+CASES = [
+    (method, path, mode)
+    for method, path in OPERATIONS
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+    if method == "POST" or mode == GenerationMode.POSITIVE
+]
 
 
 @pytest.mark.parametrize("method, path, mode", CASES, ids=[f"{m} {p} {mode.value}" for m, p, mode in CASES])
@@ -85,8 +102,14 @@ def test_no_5xx_and_no_schema_violation(schema, server, method, path, mode) -> N
     strategy = operation.as_strategy(generation_mode=mode)
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
-    @settings(max_examples=OPERATIONS[(method, path)], derandomize=True, database=None, deadline=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=OPERATIONS[(method, path)],
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=strategy)
     def fuzz(case) -> None:
         response = case.call(base_url=server.url, headers=headers, timeout=60)

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-
 from test_server_support import TinyBundle, UvicornThread, make_config, tiny_bundle  # noqa: F401 - fixture
 
 CLIENTS = 40
@@ -69,7 +68,9 @@ def flood(url: str, prompt: str) -> tuple[list[httpx.Response], list[float]]:
 def test_40_one_megabyte_prompts_leave_health_fast(server) -> None:
     responses, latencies = flood(server.url, "word " * 200_000)  # 1,000,000 characters
     assert len(responses) == CLIENTS
-    assert all(r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long" for r in responses), responses[0].text
+    assert all(r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long" for r in responses), responses[
+        0
+    ].text
     assert latencies and max(latencies) < HEALTH_LIMIT_S, sorted(latencies)[-5:]
 
 

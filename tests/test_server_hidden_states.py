@@ -73,7 +73,13 @@ def test_capturing_does_not_change_generation_and_forward_mode_is_bit_identical(
     assert [r.best.generation.text for r in reused] == [r.best.generation.text for r in forward]
     assert [r.completion_tokens for r in reused] == [r.completion_tokens for r in forward]
     # The three verification texts were embedded as one batch, as training embeds a batch.
-    direct = embed_texts(backend.model, backend.worker_tokenizer, [r.best.verification_text for r in forward], backend.info.recipe, batch_size=len(forward))
+    direct = embed_texts(
+        backend.model,
+        backend.worker_tokenizer,
+        [r.best.verification_text for r in forward],
+        backend.info.recipe,
+        batch_size=len(forward),
+    )
     for result, expected in zip(forward, direct):
         assert torch.equal(result.best.embedding, expected)
 
@@ -83,7 +89,13 @@ def test_a_generation_cut_by_max_tokens_falls_back_to_the_forward_pass() -> None
     results, backend = _serve("reuse", max_tokens=3)
     try:
         assert backend.reused_states == 0
-        direct = embed_texts(backend.model, backend.worker_tokenizer, [r.best.verification_text for r in results], backend.info.recipe, batch_size=len(results))
+        direct = embed_texts(
+            backend.model,
+            backend.worker_tokenizer,
+            [r.best.verification_text for r in results],
+            backend.info.recipe,
+            batch_size=len(results),
+        )
         for result, expected in zip(results, direct):
             assert not result.best.generation.text.rstrip().endswith("<verified>")
             assert torch.equal(result.best.embedding, expected)
@@ -97,9 +109,13 @@ def test_pool_states_pools_like_embed_texts(tiny_model, tiny_tokenizer) -> None:
     ids = tiny_tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         states = tiny_model.get_decoder()(input_ids=ids).last_hidden_state[0]
-    assert torch.allclose(pool_states(states, recipe), embed_texts(tiny_model, tiny_tokenizer, [text], recipe)[0], atol=1e-6)
+    assert torch.allclose(
+        pool_states(states, recipe), embed_texts(tiny_model, tiny_tokenizer, [text], recipe)[0], atol=1e-6
+    )
     swapped = pool_states(states, HiddenStateRecipe(sequence_end="verified", order="last_mean"))
     hidden = states.shape[1]
-    assert torch.equal(swapped[:hidden], states[-1].float()) and torch.allclose(swapped[hidden:], states.float().mean(dim=0), atol=1e-6)
+    assert torch.equal(swapped[:hidden], states[-1].float()) and torch.allclose(
+        swapped[hidden:], states.float().mean(dim=0), atol=1e-6
+    )
     with pytest.raises(ValueError, match="states"):
         pool_states(states[:0], recipe)

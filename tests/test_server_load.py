@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from test_server_support import (
     API_KEY,
     MAX_TOKENS,
@@ -45,7 +44,9 @@ def test_ready_is_503_until_the_model_is_loaded_and_warmed_up(tiny_bundle) -> No
         async with serve(app, ready=False) as client:
             assert (await client.get("/health")).status_code == 200
             r = await client.get("/ready")
-            assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable" and r.headers["retry-after"]
+            assert (
+                r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable" and r.headers["retry-after"]
+            )
             r = await client.post("/generate", json={"prompt": "hi"})
             assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
             assert metric_value((await client.get("/metrics")).text, "sdm_ready") == 0
@@ -118,7 +119,9 @@ def test_saturation_answers_429_with_retry_after(tiny_bundle) -> None:
         app = create_app(make_config(tiny_bundle, max_concurrent_requests=1, max_queue_size=1, warmup=False))
         async with serve(app) as client:
             slow_down(app.state.server.manager.current.backend, 0.03)
-            responses = await asyncio.gather(*(client.post("/generate", json={"prompt": f"hi {i}", "max_tokens": 10}) for i in range(5)))
+            responses = await asyncio.gather(
+                *(client.post("/generate", json={"prompt": f"hi {i}", "max_tokens": 10}) for i in range(5))
+            )
             metrics = (await client.get("/metrics")).text
         return responses, metrics
 
@@ -127,8 +130,12 @@ def test_saturation_answers_429_with_retry_after(tiny_bundle) -> None:
     assert statuses.count(200) >= 2 and 429 in statuses
     refused = [r for r in responses if r.status_code == 429][0]
     assert int(refused.headers["retry-after"]) >= 1
-    assert refused.json()["error"]["type"] == "rate_limit_error" and refused.json()["error"]["code"] == "server_overloaded"
-    assert metric_value(metrics, "sdm_request_errors_total", {"route": "/generate", "status": "429"}) == statuses.count(429)
+    assert (
+        refused.json()["error"]["type"] == "rate_limit_error" and refused.json()["error"]["code"] == "server_overloaded"
+    )
+    assert metric_value(metrics, "sdm_request_errors_total", {"route": "/generate", "status": "429"}) == statuses.count(
+        429
+    )
     assert metric_value(metrics, "sdm_in_flight_requests") == 0 and metric_value(metrics, "sdm_queue_depth") == 0
 
 
@@ -160,17 +167,34 @@ def test_client_disconnect_cancels_the_generation(tiny_bundle) -> None:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{running.url}/generate", json={"prompt": "hi", "max_tokens": 60}, timeout=0.5)
         deadline = time.monotonic() + 10
-        while metric_value(httpx.get(f"{running.url}/metrics").text, "sdm_cancelled_requests_total", {"route": "/generate"}) < 1:
+        while (
+            metric_value(
+                httpx.get(f"{running.url}/metrics").text, "sdm_cancelled_requests_total", {"route": "/generate"}
+            )
+            < 1
+        ):
             assert time.monotonic() < deadline, "the disconnect was not noticed"
             time.sleep(0.05)
         stopped = calls["n"]
         time.sleep(0.3)
         assert stopped < 60 and calls["n"] <= stopped + 2
         # streams too: closing the stream cancels
-        with httpx.stream("POST", f"{running.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 60}, timeout=5) as r:
+        with httpx.stream(
+            "POST",
+            f"{running.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 60},
+            timeout=5,
+        ) as r:
             next(r.iter_lines())
         deadline = time.monotonic() + 10
-        while metric_value(httpx.get(f"{running.url}/metrics").text, "sdm_cancelled_requests_total", {"route": "/v1/chat/completions"}) < 1:
+        while (
+            metric_value(
+                httpx.get(f"{running.url}/metrics").text,
+                "sdm_cancelled_requests_total",
+                {"route": "/v1/chat/completions"},
+            )
+            < 1
+        ):
             assert time.monotonic() < deadline, "the closed stream was not noticed"
             time.sleep(0.05)
 
@@ -181,13 +205,24 @@ def test_reload_under_load_drops_nothing(tiny_bundle) -> None:
     auth = {"Authorization": f"Bearer {API_KEY}-admin"}
 
     async def run():
-        app = create_app(make_config(tiny_bundle, api_keys=(API_KEY,), admin_api_keys=(f"{API_KEY}-admin",), bundles_root=str(tiny_bundle.path.parent),
-                                     max_concurrent_requests=4, warmup=True))
+        app = create_app(
+            make_config(
+                tiny_bundle,
+                api_keys=(API_KEY,),
+                admin_api_keys=(f"{API_KEY}-admin",),
+                bundles_root=str(tiny_bundle.path.parent),
+                max_concurrent_requests=4,
+                warmup=True,
+            )
+        )
         async with serve(app, headers=auth) as client:
             manager = app.state.server.manager
             old = manager.current
             slow_down(old.backend, 0.02)
-            requests = [asyncio.ensure_future(client.post("/generate", json={"prompt": f"{family_a(i)}", "max_tokens": 8})) for i in range(12)]
+            requests = [
+                asyncio.ensure_future(client.post("/generate", json={"prompt": f"{family_a(i)}", "max_tokens": 8}))
+                for i in range(12)
+            ]
             await asyncio.sleep(0.2)
             in_flight = old.in_flight
             reload = await client.post("/admin/reload", json={"bundle": tiny_bundle.path2.name})
@@ -224,7 +259,9 @@ def test_reload_needs_keys_and_metrics_can_be_open(tiny_bundle) -> None:
         no_keys = create_app(make_config(tiny_bundle, warmup=False))
         async with serve(no_keys, ready=False) as client:
             forbidden = await client.post("/admin/reload", json={})
-        open_metrics = create_app(make_config(tiny_bundle, warmup=False, api_keys=(API_KEY,), metrics_require_key=False))
+        open_metrics = create_app(
+            make_config(tiny_bundle, warmup=False, api_keys=(API_KEY,), metrics_require_key=False)
+        )
         async with serve(open_metrics, ready=False) as client:
             metrics = await client.get("/metrics")
             models = await client.get("/v1/models")

@@ -6,7 +6,6 @@ the stream carries several text chunks, and the forced tag comes from the SDM he
 from __future__ import annotations
 
 import pytest
-
 from test_server_support import API_KEY, TinyBundle, UvicornThread, make_config, script_model, tiny_bundle  # noqa: F401
 
 openai = pytest.importorskip("openai")
@@ -38,7 +37,9 @@ def sdm_of(choice) -> dict:
 
 def test_models_and_completions(client, tiny_bundle) -> None:
     assert [m.id for m in client.models.list().data] == ["tiny-sdm"]
-    completion = client.completions.create(model="tiny-sdm", prompt=tiny_bundle.admitted_prompt, max_tokens=32, extra_body={"return_exemplars": 2})
+    completion = client.completions.create(
+        model="tiny-sdm", prompt=tiny_bundle.admitted_prompt, max_tokens=32, extra_body={"return_exemplars": 2}
+    )
     choice = completion.choices[0]
     assert choice.text.startswith("banana cherry apple, in order.\n<verified>") and choice.text.endswith("</verified>")
     assert "ignored" not in choice.text and choice.finish_reason == "stop"
@@ -49,24 +50,47 @@ def test_models_and_completions(client, tiny_bundle) -> None:
 
 
 def test_chat_completion(client, tiny_bundle) -> None:
-    chat = client.chat.completions.create(model="tiny-sdm", messages=[{"role": "user", "content": "Order: cherry banana apple"}], max_tokens=32)
+    chat = client.chat.completions.create(
+        model="tiny-sdm", messages=[{"role": "user", "content": "Order: cherry banana apple"}], max_tokens=32
+    )
     choice = chat.choices[0]
     assert choice.message.role == "assistant" and choice.message.content.startswith("banana cherry apple")
     sdm = sdm_of(choice)
-    assert set(sdm) >= {"verified", "probability", "probability_lower", "admitted", "abstained", "abstention_reason", "alpha", "region_alpha", "q", "q_prime", "d"}
+    assert set(sdm) >= {
+        "verified",
+        "probability",
+        "probability_lower",
+        "admitted",
+        "abstained",
+        "abstention_reason",
+        "alpha",
+        "region_alpha",
+        "q",
+        "q_prime",
+        "d",
+    }
 
 
 @pytest.mark.parametrize("route", ["chat", "completions"])
 def test_streaming_ends_with_the_verification(client, tiny_bundle, route) -> None:
     if route == "chat":
-        stream = client.chat.completions.create(model="tiny-sdm", messages=[{"role": "user", "content": "Order: cherry banana apple"}],
-                                                max_tokens=32, stream=True, stream_options={"include_usage": True})
+        stream = client.chat.completions.create(
+            model="tiny-sdm",
+            messages=[{"role": "user", "content": "Order: cherry banana apple"}],
+            max_tokens=32,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         chunks = list(stream)
         pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
-        plain = client.chat.completions.create(model="tiny-sdm", messages=[{"role": "user", "content": "Order: cherry banana apple"}], max_tokens=32)
+        plain = client.chat.completions.create(
+            model="tiny-sdm", messages=[{"role": "user", "content": "Order: cherry banana apple"}], max_tokens=32
+        )
         expected, expected_sdm = plain.choices[0].message.content, sdm_of(plain.choices[0])
     else:
-        stream = client.completions.create(model="tiny-sdm", prompt=tiny_bundle.admitted_prompt, max_tokens=32, stream=True)
+        stream = client.completions.create(
+            model="tiny-sdm", prompt=tiny_bundle.admitted_prompt, max_tokens=32, stream=True
+        )
         chunks = list(stream)
         pieces = [c.choices[0].text for c in chunks if c.choices]
         plain = client.completions.create(model="tiny-sdm", prompt=tiny_bundle.admitted_prompt, max_tokens=32)
@@ -77,7 +101,9 @@ def test_streaming_ends_with_the_verification(client, tiny_bundle, route) -> Non
     sdm = sdm_of(last)
     assert sdm is not None and last.finish_reason == "stop"
     assert all(sdm_of(c.choices[0]) is None for c in chunks[:-1] if c.choices)
-    assert {k: sdm[k] for k in ("verified", "probability", "admitted", "abstention_reason")} == {k: expected_sdm[k] for k in ("verified", "probability", "admitted", "abstention_reason")}
+    assert {k: sdm[k] for k in ("verified", "probability", "admitted", "abstention_reason")} == {
+        k: expected_sdm[k] for k in ("verified", "probability", "admitted", "abstention_reason")
+    }
     if route == "chat":
         assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == plain.usage.total_tokens
 

@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-
 from test_server_support import ROOT, TinyBundle, free_port, metric_value, tiny_bundle  # noqa: F401
 
 
@@ -21,11 +20,24 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle: TinyBundle,
     port = free_port()
     log_path = tmp_path / "server.log"
     log_file = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "SDM_BUNDLE": str(tiny_bundle.path), "SDM_PORT": str(port),
-           "SDM_MAX_TOKENS_CAP": "256", "SDM_MODEL_NAME": "tiny-sdm", "SDM_DEVICE": "cpu",
-           "SDM_DATA_DIR": str(tmp_path / "data")}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--host", "127.0.0.1", "--log-level", "info"], cwd=str(ROOT), env=env,
-                            stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "SDM_BUNDLE": str(tiny_bundle.path),
+        "SDM_PORT": str(port),
+        "SDM_MAX_TOKENS_CAP": "256",
+        "SDM_MODEL_NAME": "tiny-sdm",
+        "SDM_DEVICE": "cpu",
+        "SDM_DATA_DIR": str(tmp_path / "data"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--log-level", "info"],
+        cwd=str(ROOT),
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -42,7 +54,12 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_bundle: TinyBundle,
         result: dict = {}
 
         def slow_request() -> None:
-            r = httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 200}, headers={"X-Request-Id": "slow-1"}, timeout=120)
+            r = httpx.post(
+                f"{url}/generate",
+                json={"prompt": "hi", "max_tokens": 200},
+                headers={"X-Request-Id": "slow-1"},
+                timeout=120,
+            )
             result["status"], result["body"] = r.status_code, r.json()
 
         thread = threading.Thread(target=slow_request)

@@ -60,10 +60,15 @@ def _greedy(model, tokenizer, prompts, chat, max_new_tokens):
         text = tokenizer.apply_chat_template(chat_messages(p, chat), tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            gen = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True))
+            gen = model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        out.append(tokenizer.decode(gen[0, len(ids) :], skip_special_tokens=True))
     return out
 
 
@@ -79,10 +84,26 @@ def fit_toy_head(model, tokenizer):
     labels = torch.tensor([1] * 48 + [0] * 48)
     h = embed_texts(model, tokenizer, [verification_text(tokenizer, p, "", chat, recipe) for p in prompts], recipe)
     train, cal = torch.arange(0, 96, 2), torch.arange(1, 96, 2)
-    head = SDMEstimator(SDMConfig(epochs=3, exemplar_dim=16, learning_rate=1e-2, progress=False, alpha=DEFAULT_ALPHA,
-                                  alpha_ladder=ALPHAS, class_names=("No", "Yes")))
-    head.fit(h[train], labels[train], h[cal], labels[cal], num_classes=2,
-             train_ids=[f"doc-{int(i)}" for i in train], calibration_ids=[f"doc-{int(i)}" for i in cal])
+    head = SDMEstimator(
+        SDMConfig(
+            epochs=3,
+            exemplar_dim=16,
+            learning_rate=1e-2,
+            progress=False,
+            alpha=DEFAULT_ALPHA,
+            alpha_ladder=ALPHAS,
+            class_names=("No", "Yes"),
+        )
+    )
+    head.fit(
+        h[train],
+        labels[train],
+        h[cal],
+        labels[cal],
+        num_classes=2,
+        train_ids=[f"doc-{int(i)}" for i in train],
+        calibration_ids=[f"doc-{int(i)}" for i in cal],
+    )
     return head, chat, recipe
 
 
@@ -95,13 +116,23 @@ def _build(root: Path) -> TinyBundle:
     model = load_model({"kind": "tiny"}).eval()
     head, chat, recipe = fit_toy_head(model, tokenizer)
     path = root / "bundle"
-    write_bundle(path, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, base_model={"kind": "tiny"},
-                 provenance={"purpose": "server tests"})
+    write_bundle(
+        path,
+        model=model,
+        tokenizer=tokenizer,
+        head=head,
+        chat=chat,
+        recipe=recipe,
+        base_model={"kind": "tiny"},
+        provenance={"purpose": "server tests"},
+    )
     path2 = root / "bundle2"
     shutil.copytree(path, path2)
 
     # What the server will answer for candidate prompts (greedy, MAX_TOKENS): pick one of each outcome.
-    candidates = [family_a(i) for i in range(0, 12)] + [family_b(i) for i in range(0, 12)] + ["What is the capital of France?"]
+    candidates = (
+        [family_a(i) for i in range(0, 12)] + [family_b(i) for i in range(0, 12)] + ["What is the capital of France?"]
+    )
     generations = _greedy(model, tokenizer, candidates, chat, MAX_TOKENS)
     texts = [verification_text(tokenizer, p, g, chat, recipe) for p, g in zip(candidates, generations)]
     scores = head.predict_scores(embed_texts(model, tokenizer, texts, recipe), alpha=DEFAULT_ALPHA)
@@ -109,7 +140,10 @@ def _build(root: Path) -> TinyBundle:
     predicted_no = [p for i, p in enumerate(candidates) if scores.admitted[i] and int(scores.predictions[i]) == 0]
     abstained = [(p, scores.abstention_reason[i]) for i, p in enumerate(candidates) if not scores.admitted[i]]
     if not (admitted and predicted_no and abstained):
-        raise RuntimeError(f"the tiny bundle has no example of every outcome: admitted={admitted} no={predicted_no} abstained={abstained}")
+        raise RuntimeError(
+            f"the tiny bundle has no example of every outcome: admitted={admitted} no={predicted_no} "
+            f"abstained={abstained}"
+        )
     return TinyBundle(path, path2, admitted[0], predicted_no[0], abstained[0][0], abstained[0][1], admitted)
 
 
@@ -135,9 +169,17 @@ def make_config(bundle: TinyBundle | Path, **overrides):
     from server.config import ServerConfig
 
     path = bundle.path if isinstance(bundle, TinyBundle) else bundle
-    values = dict(bundle=str(path), device="cpu", default_max_tokens=MAX_TOKENS, max_tokens_cap=64, max_prompt_tokens=200,
-                  batch_wait_ms=5.0, warmup=True, model_name="tiny-sdm",
-                  traffic_store="off")  # tests that record traffic pass their own store (tests/test_traffic_*.py)
+    values = dict(
+        bundle=str(path),
+        device="cpu",
+        default_max_tokens=MAX_TOKENS,
+        max_tokens_cap=64,
+        max_prompt_tokens=200,
+        batch_wait_ms=5.0,
+        warmup=True,
+        model_name="tiny-sdm",
+        traffic_store="off",
+    )  # tests that record traffic pass their own store (tests/test_traffic_*.py)
     values.update(overrides)
     return ServerConfig(**values)
 
@@ -149,7 +191,9 @@ async def serve(app, ready: bool = True, headers: dict | None = None):
 
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers or {}, timeout=120) as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=headers or {}, timeout=120
+        ) as client:
             if ready:
                 await wait_ready(app)
             yield client
@@ -179,7 +223,9 @@ class UvicornThread:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.app = app
 
@@ -187,7 +233,7 @@ class UvicornThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "UvicornThread":
+    def __enter__(self) -> UvicornThread:
         self.thread.start()
         deadline = time.monotonic() + 120
         while not (self.server.started and self.app.state.server.manager.ready):

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from test_server_support import fit_toy_head, family_a, family_b, make_config, serve
+from test_server_support import family_a, family_b, fit_toy_head, make_config, serve
 
 SOURCE = {"kind": "tiny", "seed": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
 MAX_TOKENS = 12
@@ -34,7 +33,8 @@ def _vllm_importable() -> bool:
 
 requires_vllm = pytest.mark.skipif(
     not _vllm_importable() and os.environ.get("SDM_REQUIRE_VLLM") != "1",
-    reason="vllm is not installed (deploy/ci/install_vllm.sh builds .venv-vllm; SDM_REQUIRE_VLLM=1 makes this a failure)",
+    reason="vllm is not installed (deploy/ci/install_vllm.sh builds .venv-vllm; SDM_REQUIRE_VLLM=1 makes this a "
+    "failure)",
 )
 
 
@@ -57,11 +57,22 @@ def _build_adapter_bundle(path: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         # Random A and B (not peft's B=0 start), so the merged weights differ from the base.
-        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+        model = get_peft_model(
+            base,
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+        )
     model.eval()
     head, chat, recipe = fit_toy_head(model, tokenizer)
-    return write_bundle(path, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, base_model=SOURCE,
-                        provenance={"purpose": "vllm backend tests"})
+    return write_bundle(
+        path,
+        model=model,
+        tokenizer=tokenizer,
+        head=head,
+        chat=chat,
+        recipe=recipe,
+        base_model=SOURCE,
+        provenance={"purpose": "vllm backend tests"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,18 +98,29 @@ def test_adapter_bundle_is_merged_once_into_a_cached_safetensors_folder(adapter_
     monkeypatch.setenv("SDM_CACHE_DIR", str(tmp_path))  # after loading: the tokenizer cache stays where it is
     folder = vllm_model_folder(bundle.info, bundle.model)
     assert folder.parent == tmp_path / "vllm" and (folder / "config.json").is_file()
-    assert list(folder.glob("*.safetensors")) and not list(folder.glob("*.bin")) and not (folder / "adapter_config.json").exists()
+    assert (
+        list(folder.glob("*.safetensors"))
+        and not list(folder.glob("*.bin"))
+        and not (folder / "adapter_config.json").exists()
+    )
     reloaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     merged = bundle.model.state_dict()
     for name, value in reloaded.state_dict().items():
         assert torch.equal(value, merged[name]), name
-    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        base["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"]
+    )
     stamp = (folder / "config.json").stat().st_mtime_ns
-    assert vllm_model_folder(bundle.info, bundle.model) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    assert (
+        vllm_model_folder(bundle.info, bundle.model) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    )
 
     # The tokenizer vLLM reads: the bundle's files plus the model's config.json (the bundle folder is left as it is).
     tokenizer = vllm_tokenizer_folder(bundle.info, folder)
-    assert tokenizer.parent == tmp_path / "vllm" and (tokenizer / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    assert (
+        tokenizer.parent == tmp_path / "vllm"
+        and (tokenizer / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    )
     for file in (adapter_bundle / "tokenizer").iterdir():
         assert (tokenizer / file.name).read_bytes() == file.read_bytes()
     assert not (adapter_bundle / "tokenizer" / "config.json").exists()
@@ -136,7 +158,9 @@ class Served:
 
         self.stack = contextlib.AsyncExitStack()
         started = time.perf_counter()
-        self.app = create_app(make_config(self.bundle, backend="vllm", default_max_tokens=MAX_TOKENS, model_name="tiny-sdm"))
+        self.app = create_app(
+            make_config(self.bundle, backend="vllm", default_max_tokens=MAX_TOKENS, model_name="tiny-sdm")
+        )
         self.client = await self.stack.enter_async_context(serve(self.app))
         self.start_s = time.perf_counter() - started
         self.backend = self.app.state.server.manager.current.backend
@@ -147,7 +171,7 @@ class Served:
         self.reference_app = create_app(make_config(self.bundle, default_max_tokens=MAX_TOKENS, model_name="tiny-sdm"))
         self.reference_client = await self.stack.enter_async_context(serve(self.reference_app))
 
-    def __enter__(self) -> "Served":
+    def __enter__(self) -> Served:
         self.loop.run(self._enter(), timeout=600)
         return self
 
@@ -196,7 +220,10 @@ def test_vllm_greedy_generation_equals_the_transformers_backend(served) -> None:
     async def both():
         out = []
         for prompt in PROMPTS:
-            v, t = await asyncio.gather(served.backend.generate(_request(served.backend, prompt)), served.reference.generate(_request(served.reference, prompt)))
+            v, t = await asyncio.gather(
+                served.backend.generate(_request(served.backend, prompt)),
+                served.reference.generate(_request(served.reference, prompt)),
+            )
             out.append((v, t))
         return out
 
@@ -215,12 +242,18 @@ def test_vllm_stop_strings_are_cut_and_the_verification_tag_kept(served) -> None
     words = full.text.split()
     assert len(full.text) > 6, full.text
     stop = full.text[len(full.text) // 2 : len(full.text) // 2 + 3]
-    cases = [dict(stop=(stop,)), dict(stop_inclusive=(stop,)), dict(stop=("never-there",), stop_inclusive=(stop,)),
-             dict(stop=(words[-1] if words else stop,), stop_inclusive=(stop,))]
+    cases = [
+        dict(stop=(stop,)),
+        dict(stop_inclusive=(stop,)),
+        dict(stop=("never-there",), stop_inclusive=(stop,)),
+        dict(stop=(words[-1] if words else stop,), stop_inclusive=(stop,)),
+    ]
 
     async def run(case):
-        return await asyncio.gather(served.backend.generate(_request(served.backend, prompt, **case)),
-                                    served.reference.generate(_request(served.reference, prompt, **case)))
+        return await asyncio.gather(
+            served.backend.generate(_request(served.backend, prompt, **case)),
+            served.reference.generate(_request(served.reference, prompt, **case)),
+        )
 
     for case in cases:
         v, t = served.loop.run(run(case))
@@ -238,7 +271,9 @@ def test_vllm_stop_strings_are_cut_and_the_verification_tag_kept(served) -> None
 def test_vllm_streams_seeds_and_cancels(served) -> None:
     deltas: list[str] = []
     prompt = PROMPTS[2]
-    streamed = served.loop.run(served.backend.generate(_request(served.backend, prompt, max_tokens=24, on_text=deltas.append)))
+    streamed = served.loop.run(
+        served.backend.generate(_request(served.backend, prompt, max_tokens=24, on_text=deltas.append))
+    )
     assert deltas and streamed.text.startswith("".join(deltas))
 
     one = served.loop.run(served.backend.generate(_request(served.backend, prompt, temperature=1.0, seed=7)))
@@ -297,11 +332,13 @@ def test_vllm_head_input_comes_from_the_engine_without_a_second_copy_of_the_weig
     backend = served.backend
     assert backend.head_input == "engine" and isinstance(backend._embedder, _BundleParts)
     with pytest.raises(BackendError, match="no transformers model"):
-        backend.model
+        _ = backend.model
     texts = [backend.render_prompt(p) + "b a c <verified>" for p in PROMPTS]
     one_by_one = [served.loop.run(backend.embed([t])) for t in texts]
     together = served.loop.run(backend.embed(texts))
-    assert torch.allclose(torch.cat(one_by_one), together, rtol=1e-5, atol=1e-6), "batching with other requests changes nothing"
+    assert torch.allclose(torch.cat(one_by_one), together, rtol=1e-5, atol=1e-6), (
+        "batching with other requests changes nothing"
+    )
     assert served.loop.run(backend.engine.collective_rpc("sdm_capture_count")) == [0]
 
 
@@ -319,7 +356,18 @@ def test_generate_route_answers_with_the_vllm_backend(served) -> None:
         got = r.json()
         want = served.loop.run(post(served.reference_client, body)).json()
         assert got["text"].endswith(("<verified>Yes</verified>", "<verified>No</verified>"))
-        for key in ("text", "verified", "admitted", "abstained", "abstention_reason", "alpha", "region_alpha", "finish_reason", "usage", "q"):
+        for key in (
+            "text",
+            "verified",
+            "admitted",
+            "abstained",
+            "abstention_reason",
+            "alpha",
+            "region_alpha",
+            "finish_reason",
+            "usage",
+            "q",
+        ):
             assert got[key] == want[key], key
         assert got["probability"] == pytest.approx(want["probability"], rel=1e-4)
         usage = got["usage"]

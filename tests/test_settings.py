@@ -28,8 +28,15 @@ class Example:
     on: bool = setting(False, help="a switch")
     words: tuple[str, ...] = setting(("a", "b"), help="comma-separated words")
     limit: float | None = setting(None, help="an optional limit")
-    sdm: SDMConfig = group(SDMConfig, {"sdm_epochs": ("epochs", "head epochs"), "alpha": ("alpha", "head alpha"),
-                                       "alphas": ("alpha_ladder", "head ladder")}, epochs=7)
+    sdm: SDMConfig = group(
+        SDMConfig,
+        {
+            "sdm_epochs": ("epochs", "head epochs"),
+            "alpha": ("alpha", "head alpha"),
+            "alphas": ("alpha_ladder", "head ladder"),
+        },
+        epochs=7,
+    )
 
     def __post_init__(self) -> None:
         if self.count < 0:
@@ -52,19 +59,24 @@ def test_precedence_is_default_then_preset_then_variable_then_flag() -> None:
 
 
 def test_text_is_parsed_by_the_annotation() -> None:
-    config = LINE.parse(["--on", "yes", "--words", " p, q ,,r", "--limit", "none", "--alphas", "0.99,0.9"], {"SDM_EXAMPLE_COUNT": "12"})
+    config = LINE.parse(
+        ["--on", "yes", "--words", " p, q ,,r", "--limit", "none", "--alphas", "0.99,0.9"], {"SDM_EXAMPLE_COUNT": "12"}
+    )
     assert config.on is True and config.count == 12 and config.words == ("p", "q", "r") and config.limit is None
     assert config.sdm.alpha_ladder == (0.99, 0.95, 0.9)  # SDMConfig puts its alpha on the ladder
     assert LINE.parse(["--limit", "2.5", "--on", "off"], {}).limit == 2.5
     assert parse_text(Example, "sdm_epochs", "9") == 9
 
 
-@pytest.mark.parametrize("argv, env, fragment", [
-    (["--count", "many"], {}, "--count must be an integer, got 'many'"),
-    ([], {"SDM_EXAMPLE_RATE": "fast"}, "SDM_EXAMPLE_RATE must be a number"),
-    ([], {"SDM_EXAMPLE_ON": "maybe"}, "SDM_EXAMPLE_ON must be one of 1/true/yes/on/0/false/no/off"),
-    ([], {"SDM_EXAMPLE_PRESET": "huge"}, "SDM_EXAMPLE_PRESET must be one of small"),
-])
+@pytest.mark.parametrize(
+    "argv, env, fragment",
+    [
+        (["--count", "many"], {}, "--count must be an integer, got 'many'"),
+        ([], {"SDM_EXAMPLE_RATE": "fast"}, "SDM_EXAMPLE_RATE must be a number"),
+        ([], {"SDM_EXAMPLE_ON": "maybe"}, "SDM_EXAMPLE_ON must be one of 1/true/yes/on/0/false/no/off"),
+        ([], {"SDM_EXAMPLE_PRESET": "huge"}, "SDM_EXAMPLE_PRESET must be one of small"),
+    ],
+)
 def test_a_bad_value_names_where_it_came_from(argv, env, fragment) -> None:
     with pytest.raises(SettingsError, match=fragment.replace("(", r"\(").replace(".", r"\.")):
         LINE.parse(argv, env)
@@ -113,7 +125,9 @@ def test_a_field_without_help_is_refused() -> None:
         options(Bare)
 
 
-@pytest.mark.parametrize("text, device", [("auto", "auto"), (" CPU ", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"), ("mps", "mps")])
+@pytest.mark.parametrize(
+    "text, device", [("auto", "auto"), (" CPU ", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"), ("mps", "mps")]
+)
 def test_device_names_are_normalised(text: str, device: str) -> None:
     assert parse_device(text) == device
 
@@ -141,20 +155,34 @@ def test_finetune_settings_nest_the_sdm_layers_and_keep_the_flat_record() -> Non
     config = FINETUNE.parse(["--preset", "tiny", "--sdm-learning-rate", "0.002"], {"SDM_ALPHA": "0.9"})
     assert isinstance(config.sdm, SDMConfig)
     assert (config.sdm.epochs, config.sdm.exemplar_dim, config.sdm.learning_rate, config.sdm.alpha) == (
-        PRESETS["tiny"]["sdm_epochs"], PRESETS["tiny"]["sdm_exemplar_dim"], 0.002, 0.9)
+        PRESETS["tiny"]["sdm_epochs"],
+        PRESETS["tiny"]["sdm_exemplar_dim"],
+        0.002,
+        0.9,
+    )
     record = config.to_dict()  # config.json: the same flat keys as before the nesting
     assert {"sdm_epochs", "sdm_exemplar_dim", "sdm_batch_size", "sdm_learning_rate", "alpha"} <= set(record)
     assert "sdm" not in record and record["sdm_learning_rate"] == 0.002
-    assert build(FinetuneConfig, {**record, "lora_targets": tuple(record["lora_targets"]),
-                                  "task_operations": tuple(record["task_operations"])}) == config
+    assert (
+        build(
+            FinetuneConfig,
+            {
+                **record,
+                "lora_targets": tuple(record["lora_targets"]),
+                "task_operations": tuple(record["task_operations"]),
+            },
+        )
+        == config
+    )
 
 
 def test_update_takes_repeated_head_versions_times_and_its_store_from_the_environment() -> None:
     from training.update import COMMAND_LINE, UpdateError
 
     env = {"SDM_UPDATE_STORE": "sqlite:////tmp/traffic.sqlite3", "SDM_UPDATE_SINCE": "2026-12-01T00:00:00"}
-    config = COMMAND_LINE.parse(["--bundle", "b", "--out", "o", "--head-version", "v1", "--head-version", "v2,v3",
-                                 "--until", "1796169600"], env)
+    config = COMMAND_LINE.parse(
+        ["--bundle", "b", "--out", "o", "--head-version", "v1", "--head-version", "v2,v3", "--until", "1796169600"], env
+    )
     assert config.store == "sqlite:////tmp/traffic.sqlite3" and config.head_versions == ("v1", "v2", "v3")
     assert config.since == 1796083200.0 and config.until == 1796169600.0  # a time without a zone is UTC
     with pytest.raises(SettingsError, match="SDM_UPDATE_SINCE: expected an ISO time"):

@@ -39,7 +39,10 @@ def binomial_lower_tail(k: int, n: int, p: float) -> float:
     if k >= n:
         return 1.0
     log_p, log_q = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q for i in range(k + 1)]
+    terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        for i in range(k + 1)
+    ]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
 
@@ -88,7 +91,9 @@ def test_admitted_accuracy_reaches_alpha_per_true_and_predicted_class(experiment
     admitted = scores.admitted
     correct = scores.predictions == y_test
     total = int(admitted.sum())
-    assert total >= 100, f"only {total} of {len(y_test)} test points admitted at alpha={alpha}; the check would be vacuous"
+    assert total >= 100, (
+        f"only {total} of {len(y_test)} test points admitted at alpha={alpha}; the check would be vacuous"
+    )
     assert total < len(y_test)  # overlapping classes: the estimator must abstain somewhere
     checked = 0
     for c in (0, 1):

@@ -17,7 +17,9 @@ BACKENDS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not faiss_av
 
 
 def _index(points, labels, predictions, backend="torch", max_q=MAX_Q, ids=None):
-    return SupportIndex(np.asarray(points, dtype=np.float32), labels, predictions, ids=ids, backend=backend, max_q=max_q)
+    return SupportIndex(
+        np.asarray(points, dtype=np.float32), labels, predictions, ids=ids, backend=backend, max_q=max_q
+    )
 
 
 # A line of support points: positions 0..5 at x = 0..5.
@@ -496,7 +498,11 @@ def test_self_similarity_matches_brute_force_with_identity_exclusion(monkeypatch
     x, labels, preds = _tied_three_class_support(rng, 160)
     # A far clump of 40 correct class-1 points (some duplicates) whose runs reach the cap k - 1 = 29.
     clump = (10 + rng.integers(0, 2, size=(40, 3))).astype(np.float32)
-    x, labels, preds = np.concatenate([x, clump]), np.concatenate([labels, np.ones(40, int)]), np.concatenate([preds, np.ones(40, int)])
+    x, labels, preds = (
+        np.concatenate([x, clump]),
+        np.concatenate([labels, np.ones(40, int)]),
+        np.concatenate([preds, np.ones(40, int)]),
+    )
     n = len(x)
     index = SupportIndex(x, labels, preds, max_q=30)
     got = index.self_similarity()

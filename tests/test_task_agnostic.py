@@ -9,8 +9,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a word-ordering assumption looks like in code or docs: its markup, its prompt, its names, its modules.
-TASK_MARKERS = re.compile(r"</?sentence>|word[ _-]?order|reorder|complete the sentence|harvard|wikipedia|"
-                          r"training\.(?:word_order|correctness|data|arithmetic)|first_sentence", re.IGNORECASE)
+TASK_MARKERS = re.compile(
+    r"</?sentence>|word[ _-]?order|reorder|complete the sentence|harvard|wikipedia|"
+    r"training\.(?:word_order|correctness|data|arithmetic)|first_sentence",
+    re.IGNORECASE,
+)
 
 
 def task_mentions(folder: Path, root: Path = ROOT) -> list[str]:
@@ -28,7 +31,9 @@ def test_the_markers_catch_a_word_ordering_assumption(tmp_path):
     # The scan itself must be able to fail: a pipeline that extracted the <sentence> would be caught.
     (tmp_path / "pipeline.py").write_text('ANSWER = re.compile(r"<sentence>(.*?)</sentence>")\n')
     (tmp_path / "ok.py").write_text('TAG = "<verified>"\n')
-    assert task_mentions(tmp_path, root=tmp_path) == ['pipeline.py:1: ANSWER = re.compile(r"<sentence>(.*?)</sentence>")']
+    assert task_mentions(tmp_path, root=tmp_path) == [
+        'pipeline.py:1: ANSWER = re.compile(r"<sentence>(.*?)</sentence>")'
+    ]
 
 
 def test_server_holds_nothing_of_word_ordering():

@@ -9,21 +9,37 @@ import time
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
-
 from pg_support import PostgresServer
+from prometheus_client import CollectorRegistry
+from test_server_support import metric_value
+
 from sdm_core.traffic import Feedback, StoreError, TrafficRecord, TrafficStore, redact_url, sqlite_url
 from server.traffic import TrafficRecorder, TrafficSettings
 from server.traffic_metrics import TrafficMetrics
-from test_server_support import metric_value
 
 
 def record(i: int, created_at: float | None = None, dim: int = 8, admitted: bool = True) -> TrafficRecord:
     h, n = TrafficRecord.encode_h(np.arange(dim, dtype=np.float32) * 0.1 + i)
-    return TrafficRecord(id=f"gen-{i:04d}", created_at=1_000_000.0 + i if created_at is None else created_at, bundle="/b", bundle_sha256="abc",
-                         head_version="head-1", route="/generate", alpha=0.9, admitted=admitted, prediction=1, probability=0.93,
-                         q=5, q_prime=3.5, d=0.25, abstention_reason=None if admitted else "below_threshold", h=h, h_dim=n,
-                         prompt="p", answer="a")
+    return TrafficRecord(
+        id=f"gen-{i:04d}",
+        created_at=1_000_000.0 + i if created_at is None else created_at,
+        bundle="/b",
+        bundle_sha256="abc",
+        head_version="head-1",
+        route="/generate",
+        alpha=0.9,
+        admitted=admitted,
+        prediction=1,
+        probability=0.93,
+        q=5,
+        q_prime=3.5,
+        d=0.25,
+        abstention_reason=None if admitted else "below_threshold",
+        h=h,
+        h_dim=n,
+        prompt="p",
+        answer="a",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +84,9 @@ def test_the_last_label_wins_and_keeps_its_time(store: TrafficStore) -> None:
     store.insert([record(1), record(2)])
     first = store.set_feedback([Feedback("gen-0001", "correct")], at=100.0)
     assert first.previous == {"gen-0001": None} and first.records[0].label == "correct"
-    second = store.set_feedback([Feedback("gen-0001", "wrong", "it ignored the word limit"), Feedback("gen-0001", "ood")], at=200.0)
+    second = store.set_feedback(
+        [Feedback("gen-0001", "wrong", "it ignored the word limit"), Feedback("gen-0001", "ood")], at=200.0
+    )
     assert second.previous == {"gen-0001": "correct"}
     got = store.get("gen-0001")
     assert (got.label, got.labelled_at, got.note) == ("ood", 200.0, None)
@@ -137,7 +155,7 @@ def test_the_writer_records_without_text_unless_asked(tmp_path) -> None:
     for store_text in (False, True):
         recorder = make_recorder(url, store_text=store_text)
         recorder.start()
-        wait_for(lambda: recorder.available)
+        wait_for(lambda: recorder.available)  # noqa: B023 - called at once, inside this iteration
         rec = record(int(store_text))
         assert recorder.submit(rec)
         recorder.close()
@@ -201,20 +219,32 @@ def test_a_store_outage_is_reported_and_healed_without_losing_queued_records(pos
 
 # -- configuration ---------------------------------------------------------------------------------------------
 def test_the_store_settings_are_validated_and_name_their_flag(tmp_path) -> None:
-    from server.config import ConfigError, ServerConfig, traffic_url
     from test_server_support import tiny_bundle_cached
 
+    from server.config import ConfigError, ServerConfig, traffic_url
+
     bundle = str(tiny_bundle_cached().path)
-    assert traffic_url(ServerConfig(bundle=bundle, data_dir=str(tmp_path / "d"))) == f"sqlite:///{(tmp_path / 'd' / 'traffic.sqlite3').resolve()}"
+    assert (
+        traffic_url(ServerConfig(bundle=bundle, data_dir=str(tmp_path / "d")))
+        == f"sqlite:///{(tmp_path / 'd' / 'traffic.sqlite3').resolve()}"
+    )
     assert traffic_url(ServerConfig(bundle=bundle, traffic_store="off")) is None
     url = "postgresql+psycopg://sdm:secret@db/sdm"
     config = ServerConfig(bundle=bundle, traffic_store=url)
     assert traffic_url(config) == url and config.to_dict()["traffic_store"] == "postgresql+psycopg://sdm:***@db/sdm"
-    for bad, flag in ((dict(traffic_store="mysql"), "--traffic-store"), (dict(traffic_sample_rate=0.0), "--traffic-sample-rate"),
-                      (dict(traffic_sample_rate=1.5), "--traffic-sample-rate"), (dict(traffic_queue_size=0), "--traffic-queue-size"),
-                      (dict(traffic_retention_days=-1.0), "--traffic-retention-days"), (dict(traffic_max_rows=-5), "--traffic-max-rows"),
-                      (dict(feedback_max_items=0), "--feedback-max-items"), (dict(data_dir=""), "--data-dir")):
+    for bad, flag in (
+        (dict(traffic_store="mysql"), "--traffic-store"),
+        (dict(traffic_sample_rate=0.0), "--traffic-sample-rate"),
+        (dict(traffic_sample_rate=1.5), "--traffic-sample-rate"),
+        (dict(traffic_queue_size=0), "--traffic-queue-size"),
+        (dict(traffic_retention_days=-1.0), "--traffic-retention-days"),
+        (dict(traffic_max_rows=-5), "--traffic-max-rows"),
+        (dict(feedback_max_items=0), "--feedback-max-items"),
+        (dict(data_dir=""), "--data-dir"),
+    ):
         with pytest.raises(ConfigError, match=flag):
             ServerConfig(bundle=bundle, **bad)
-    env = ServerConfig.from_sources(["--bundle", bundle], {"SDM_TRAFFIC_STORE": "off", "SDM_STORE_TEXT": "true", "SDM_TRAFFIC_SAMPLE_RATE": "0.5"})
+    env = ServerConfig.from_sources(
+        ["--bundle", bundle], {"SDM_TRAFFIC_STORE": "off", "SDM_STORE_TEXT": "true", "SDM_TRAFFIC_SAMPLE_RATE": "0.5"}
+    )
     assert (env.traffic_store, env.store_text, env.traffic_sample_rate) == ("off", True, 0.5)

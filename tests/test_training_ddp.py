@@ -25,10 +25,23 @@ TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 def _run(command: list[str], out: Path, timeout: int = 600) -> dict:
-    # CPU processes (gloo) even on a GPU machine: two ranks cannot share one GPU under NCCL, and CPU runs compare exactly.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(command + ["--preset", "tiny", "--output-dir", str(out), "--gradient-accumulation", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # CPU processes (gloo) even on a GPU machine: two ranks cannot share one GPU under NCCL, and CPU runs compare
+    # exactly.
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    done = subprocess.run(
+        command + ["--preset", "tiny", "--output-dir", str(out), "--gradient-accumulation", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, f"only rank 0 prints the result: {lines}"
@@ -44,7 +57,20 @@ def _single_and_ddp(tmp_path: Path, extra: list[str]) -> tuple[dict, dict, list[
     # The same task data for both runs (each run would build an identical copy; sharing it also checks reuse).
     (tmp_path / "ddp").mkdir()
     shutil.copytree(tmp_path / "single" / "data", tmp_path / "ddp" / "data")
-    ddp = _run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "training.finetune", "--micro-batch-size", "2", *extra], tmp_path / "ddp")
+    ddp = _run(
+        [
+            str(TORCHRUN),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.finetune",
+            "--micro-batch-size",
+            "2",
+            *extra,
+        ],
+        tmp_path / "ddp",
+    )
     one, two = _history(tmp_path / "single"), _history(tmp_path / "ddp")
     assert ddp["steps"] == single["steps"] == 4
     assert [r["step"] for r in two] == [r["step"] for r in one], "rank 0 alone logs, once per step"
@@ -65,7 +91,9 @@ def _assert_same_weights(tmp_path: Path, exact: bool) -> None:
             assert gap <= 1e-2 * final_one[name].norm(), (name, float(gap))
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not TORCHRUN.exists(), reason="needs torch.distributed and torchrun")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not TORCHRUN.exists(), reason="needs torch.distributed and torchrun"
+)
 def test_two_process_ddp_matches_one_process_to_rounding_under_the_ce_loss(tmp_path: Path) -> None:
     # Cross-entropy has no discontinuity, so two processes must agree with one to float rounding at every step: this
     # pins the token-mean normalisation across ranks and accumulation (shared by both losses), the merged hard-negative
@@ -80,7 +108,9 @@ def test_two_process_ddp_matches_one_process_to_rounding_under_the_ce_loss(tmp_p
     _assert_same_weights(tmp_path, exact=True)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not TORCHRUN.exists(), reason="needs torch.distributed and torchrun")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not TORCHRUN.exists(), reason="needs torch.distributed and torchrun"
+)
 def test_two_process_ddp_sdm_run_agrees_with_one_process(tmp_path: Path) -> None:
     # Under the SDM loss b is a step function of h (q counts neighbours, d is an eCDF quantile), and the tiny random
     # model's h of different documents nearly coincide. Each rank embeds its share of a step in its own batches and
@@ -99,7 +129,9 @@ def test_two_process_ddp_sdm_run_agrees_with_one_process(tmp_path: Path) -> None
     _assert_same_weights(tmp_path, exact=False)
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not TORCHRUN.exists(), reason="needs torch.distributed and torchrun")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not TORCHRUN.exists(), reason="needs torch.distributed and torchrun"
+)
 @pytest.mark.parametrize("loss", ["ce", "sdm"])
 def test_two_process_ddp_with_an_uneven_last_step_matches_one_process(tmp_path: Path, loss: str) -> None:
     # 9 documents at 8 a step: the epoch's last step holds one document, so rank 1 has none. It must still join
@@ -107,11 +139,26 @@ def test_two_process_ddp_with_an_uneven_last_step_matches_one_process(tmp_path: 
     # its idle pass must leave the gradients alone (the final weights come from that step). Both losses: CE to float
     # rounding, SDM within the near-tie tolerance of the test above.
     extra = ["--max-train-docs", "9", "--epochs", "1", "--loss", loss]
-    single = _run([sys.executable, "-m", "training.finetune", "--micro-batch-size", "4", *extra], tmp_path / "single", timeout=300)
+    single = _run(
+        [sys.executable, "-m", "training.finetune", "--micro-batch-size", "4", *extra], tmp_path / "single", timeout=300
+    )
     (tmp_path / "ddp").mkdir()
     shutil.copytree(tmp_path / "single" / "data", tmp_path / "ddp" / "data")
-    ddp = _run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "training.finetune", "--micro-batch-size", "2", *extra],
-               tmp_path / "ddp", timeout=300)
+    ddp = _run(
+        [
+            str(TORCHRUN),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training.finetune",
+            "--micro-batch-size",
+            "2",
+            *extra,
+        ],
+        tmp_path / "ddp",
+        timeout=300,
+    )
     assert ddp["steps"] == single["steps"] == 2
     rel = 1e-4 if loss == "ce" else 1e-2
     for a, b in zip(_history(tmp_path / "single"), _history(tmp_path / "ddp")):

@@ -71,7 +71,9 @@ def test_calibrate_builds_a_bundle_that_loads_and_scores(sdm_run, tmp_path):
     assert info.recipe.sequence_end == "template" and info.tags.yes == "Yes"
     assert info.model["kind"] == "full" and info.model["base"] == {"kind": "tiny", "seed": 0}
     bundle = load_bundle(bundle_dir)
-    text = verification_text(bundle.tokenizer, "Order: 'b a'", "<sentence>a b</sentence>\n<verified>Yes</verified>", info.chat, info.recipe)
+    text = verification_text(
+        bundle.tokenizer, "Order: 'b a'", "<sentence>a b</sentence>\n<verified>Yes</verified>", info.chat, info.recipe
+    )
     assert text.endswith("<verified><|im_end|>\n")
     scores = bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe))
     record = scores.record(0)
@@ -94,24 +96,35 @@ def test_generations_calibration_half_holds_each_documents_own_labelled_generati
 
     out, _ = sdm_run
     settings = {**CALIBRATE_PRESETS["tiny"], "run": str(out)}
-    calibrate(build(CalibrateConfig, {**settings, "out": str(tmp_path / "mixture"), "calibration_instances": "mixture"}))
+    calibrate(
+        build(CalibrateConfig, {**settings, "out": str(tmp_path / "mixture"), "calibration_instances": "mixture"})
+    )
     calibrate(build(CalibrateConfig, {**settings, "out": str(tmp_path / "generations")}))  # the default
     mixture = SDMEstimator.load(tmp_path / "mixture" / "head")
     own = SDMEstimator.load(tmp_path / "generations" / "head")
-    generations = {json.loads(line)["id"]: json.loads(line)["generation"]
-                   for line in (tmp_path / "generations.calibration_generations.jsonl").read_text().splitlines()}
+    generations = {
+        json.loads(line)["id"]: json.loads(line)["generation"]
+        for line in (tmp_path / "generations.calibration_generations.jsonl").read_text().splitlines()
+    }
     references = {r.id: r.reference or r.positive for r in load_records(out / "data" / "calibration.jsonl")}
     correct = get_correctness("word_order")
     assert own.calibration_ids == mixture.calibration_ids
-    assert own.calibration_labels.tolist() == [int(bool(correct(generations[i], references[i]))) for i in own.calibration_ids]
+    assert own.calibration_labels.tolist() == [
+        int(bool(correct(generations[i], references[i]))) for i in own.calibration_ids
+    ]
     # No certification document is in either half of the head.
-    rows = [json.loads(line) for line in (tmp_path / "generations.calibration_generations.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "generations.calibration_generations.jsonl").read_text().splitlines()
+    ]
     held = {r["id"] for r in rows if r["split"] == "certification"}
     assert len(held) == CALIBRATE_PRESETS["tiny"]["certification_docs"]
     assert not held & (set(own.calibration_ids) | set(own.support.ids))
     assert all(r["label"] == int(bool(correct(r["generation"], references[r["id"]]))) for r in rows)
     # The mixture's calibration half holds references (label 1); the tiny model's own generations are all wrong.
-    assert 1 in mixture.calibration_labels.tolist() and own.calibration_labels.tolist() != mixture.calibration_labels.tolist()
+    assert (
+        1 in mixture.calibration_labels.tolist()
+        and own.calibration_labels.tolist() != mixture.calibration_labels.tolist()
+    )
     with pytest.raises(ValueError, match="calibration_instances"):
         CalibrateConfig(out="x", run="y", calibration_instances="test").validate()
 
@@ -125,10 +138,17 @@ def test_cross_entropy_baseline_runs_on_the_same_encoding(tmp_path):
 
 
 def _finetune(out: Path, *extra: str, crash_after_step: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m training.finetune`` on the tiny preset, or the same run killed after a checkpoint (tests/crashing_finetune.py)."""
-    entry = ["-m", "training.finetune"] if crash_after_step is None else [str(ROOT / "tests" / "crashing_finetune.py"), str(crash_after_step)]
+    """``python -m training.finetune`` on the tiny preset, or the same run killed after a checkpoint
+    (tests/crashing_finetune.py)."""
+    entry = (
+        ["-m", "training.finetune"]
+        if crash_after_step is None
+        else [str(ROOT / "tests" / "crashing_finetune.py"), str(crash_after_step)]
+    )
     command = [sys.executable, *entry, "--preset", "tiny", "--output-dir", str(out), "--epochs", "2", *extra]
-    return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize("timing", ["step", "epoch"])
@@ -161,7 +181,9 @@ def test_lora_run_calibrates_into_an_adapter_bundle(tmp_path):
     bundle = load_bundle(bundle_dir)
     assert not hasattr(bundle.model, "peft_config")  # merged for serving
     text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
-    assert bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
+    assert bundle.head.predict_scores(
+        embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)
+    ).predictions.shape == (1,)
 
 
 def test_lora_with_trainable_last_layers_adapts_only_the_last_blocks(tmp_path):
@@ -202,7 +224,9 @@ def test_bases_from_the_training_forward_equal_the_separate_embedding_pass(tmp_p
     ids, mask, _ = collate(encoded, trainer.pad_id)
     device = next(model.parameters()).device  # the trainer's accelerator moved the model (a GPU where there is one)
     with torch.no_grad():
-        states = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, output_hidden_states=True).hidden_states[-1]
+        states = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, output_hidden_states=True
+        ).hidden_states[-1]
     shared = trainer._prefix_h(states, prefixes)
     assert torch.allclose(shared, separate, rtol=1e-4, atol=1e-5), (shared - separate).abs().max()
     _, _, bases = trainer._loss_sum_shared(encoded, instances, prefixes, flags)
@@ -216,13 +240,24 @@ def test_an_unfinetuned_model_is_bundled_by_reference(tmp_path):
 
     build_word_order(tmp_path / "data", WordOrderConfig(train=8, calibration=12, test=4, quiet=True))
     bundle_dir = tmp_path / "base-bundle"
-    calibrate(build(CalibrateConfig, {**CALIBRATE_PRESETS["tiny"], "model": {"kind": "tiny", "seed": 0},
-                                            "calibration": str(tmp_path / "data" / "calibration.jsonl"), "out": str(bundle_dir)}))
+    calibrate(
+        build(
+            CalibrateConfig,
+            {
+                **CALIBRATE_PRESETS["tiny"],
+                "model": {"kind": "tiny", "seed": 0},
+                "calibration": str(tmp_path / "data" / "calibration.jsonl"),
+                "out": str(bundle_dir),
+            },
+        )
+    )
     info = read_bundle_info(bundle_dir)
     assert info.model["kind"] == "base" and not (bundle_dir / "model").exists()
     bundle = load_bundle(bundle_dir)
     text = verification_text(bundle.tokenizer, "x", "<sentence>y</sentence>", info.chat, info.recipe)
-    assert bundle.head.predict_scores(embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)).predictions.shape == (1,)
+    assert bundle.head.predict_scores(
+        embed_texts(bundle.model, bundle.tokenizer, [text], info.recipe)
+    ).predictions.shape == (1,)
 
 
 def test_epoch_generation_timing_decodes_the_drawn_documents_once_at_the_epoch_start(tmp_path):
@@ -246,7 +281,9 @@ def test_epoch_generation_timing_decodes_the_drawn_documents_once_at_the_epoch_s
     finally:
         trainer_module.greedy_generate = original
     drawn = [r for r in per_epoch.history if "hard_negatives" in r]
-    assert [r["hard_negatives"] for r in drawn] == [r["hard_negatives"] for r in per_step.history if "hard_negatives" in r]
+    assert [r["hard_negatives"] for r in drawn] == [
+        r["hard_negatives"] for r in per_step.history if "hard_negatives" in r
+    ]
     assert drawn[-1]["hard_negatives"] > 0
     assert [r["loss"] for r in per_epoch.history] == pytest.approx([r["loss"] for r in per_step.history], rel=1e-5)
     # The same prompts are decoded in both runs, each once, but the epoch's training draws in one batched call.
@@ -277,14 +314,27 @@ def test_every_training_flag_has_a_help_line(module: str) -> None:
     from sdm_core.settings import options
     from training.evaluate import EvaluateConfig
 
-    cls = {"training.finetune": FinetuneConfig, "training.calibrate": CalibrateConfig, "training.evaluate": EvaluateConfig}[module]
+    cls = {
+        "training.finetune": FinetuneConfig,
+        "training.calibrate": CalibrateConfig,
+        "training.evaluate": EvaluateConfig,
+    }[module]
     lines = {option.name: option.help for option in options(cls)}  # options() refuses a field without a help line
-    assert all(lines.values()), f"{cls.__name__} settings with an empty --help line: {[n for n, t in lines.items() if not t]}"
-    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert all(lines.values()), (
+        f"{cls.__name__} settings with an empty --help line: {[n for n, t in lines.items() if not t]}"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert done.returncode == 0, done.stderr
     text = "".join(done.stdout.split())  # argparse wraps lines, also at hyphens
-    assert all("".join(line.split()) in text for line in lines.values()), [n for n, t in lines.items() if "".join(t.split()) not in text]
+    assert all("".join(line.split()) in text for line in lines.values()), [
+        n for n, t in lines.items() if "".join(t.split()) not in text
+    ]
 
 
 def test_certify_writes_a_new_sealed_bundle_with_a_fresh_certification(sdm_run, tmp_path):
@@ -295,15 +345,27 @@ def test_certify_writes_a_new_sealed_bundle_with_a_fresh_certification(sdm_run, 
     bundle_dir = tmp_path / "bundle"
     calibrate(build(CalibrateConfig, {**CALIBRATE_PRESETS["tiny"], "run": str(out), "out": str(bundle_dir)}))
     before = read_bundle_info(bundle_dir).raw
-    settings = {**CERTIFY_PRESETS["tiny"], "bundle": str(bundle_dir), "data": str(out / "data" / "test.jsonl"), "max_docs": 6}
+    settings = {
+        **CERTIFY_PRESETS["tiny"],
+        "bundle": str(bundle_dir),
+        "data": str(out / "data" / "test.jsonl"),
+        "max_docs": 6,
+    }
     result = certify(build(CertifyConfig, {**settings, "out": str(tmp_path / "recertified")}))
     info = read_bundle_info(tmp_path / "recertified")  # sealed: every checksum verifies
     assert info.certification.documents == result["documents"] == 6
-    assert info.certification.source["kind"] == "certify" and info.certification.source["recertified_from"] == before["bundle_sha256"]
+    assert (
+        info.certification.source["kind"] == "certify"
+        and info.certification.source["recertified_from"] == before["bundle_sha256"]
+    )
     assert info.raw["files"] == before["files"], "only bundle.json changes"
     assert read_bundle_info(bundle_dir).raw == before, "the input bundle is left unchanged"
     # Documents the head was calibrated on cannot certify it, and the output must be a new folder.
     with pytest.raises(ValueError, match="never saw"):
-        certify(build(CertifyConfig, {**settings, "data": str(out / "data" / "calibration.jsonl"), "out": str(tmp_path / "x")}))
+        certify(
+            build(
+                CertifyConfig, {**settings, "data": str(out / "data" / "calibration.jsonl"), "out": str(tmp_path / "x")}
+            )
+        )
     with pytest.raises(ValueError, match="not empty"):
         certify(build(CertifyConfig, {**settings, "out": str(tmp_path / "recertified")}))

@@ -12,7 +12,10 @@ from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, chat_messages, 
 from training.encoding import IGNORE_INDEX, collate, encode_instance
 from training.loss import ce_token_loss, logits_to_keep, sdm_token_loss
 
-PROMPT = "Complete the sentence 'Neat plans' by reordering all of the following without adding new punctuation nor words: 'fail luck. without'."
+PROMPT = (
+    "Complete the sentence 'Neat plans' by reordering all of the following without adding new punctuation nor "
+    "words: 'fail luck. without'."
+)
 POSITIVE = "<sentence>Neat plans fail without luck.</sentence>\n<verified>Yes</verified>"
 NEGATIVE = "<sentence>Neat plans without fail luck.\n<verified>No</verified>"
 CHAT = ChatFormat()
@@ -26,9 +29,16 @@ def test_positive_trains_on_the_whole_completion_and_template_end(tiny_tokenizer
     enc = encode_instance(tiny_tokenizer, PROMPT, POSITIVE, 1, CHAT)
     assert _trained_text(tiny_tokenizer, enc) == POSITIVE + "<|im_end|>\n"
     # Everything before the completion (system, user, assistant header) is masked.
-    prompt_len = len(tiny_tokenizer(tiny_tokenizer.apply_chat_template(
-        [{"role": "system", "content": CHAT.system_prompt}, {"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True),
-        add_special_tokens=False)["input_ids"])
+    prompt_len = len(
+        tiny_tokenizer(
+            tiny_tokenizer.apply_chat_template(
+                [{"role": "system", "content": CHAT.system_prompt}, {"role": "user", "content": PROMPT}],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
     assert all(t == IGNORE_INDEX for t in enc.labels[:prompt_len])
     assert all(t != IGNORE_INDEX for t in enc.labels[prompt_len:])
 
@@ -39,7 +49,9 @@ def test_negative_trains_only_from_the_final_no_tag(tiny_tokenizer):
 
 
 def test_negative_with_an_earlier_no_tag_uses_the_last_one(tiny_tokenizer):
-    response = "<sentence>a</sentence>\n<verified>No</verified> then <sentence>b</sentence>\n<verified>No</verified>\n\n"
+    response = (
+        "<sentence>a</sentence>\n<verified>No</verified> then <sentence>b</sentence>\n<verified>No</verified>\n\n"
+    )
     enc = encode_instance(tiny_tokenizer, PROMPT, response, 0, CHAT)
     assert _trained_text(tiny_tokenizer, enc) == "<verified>No</verified>\n\n<|im_end|>\n"
 
@@ -51,7 +63,9 @@ def test_negative_without_no_tag_is_rejected(tiny_tokenizer):
 
 def test_messages_prompt_is_encoded_like_a_string_prompt(tiny_tokenizer):
     messages = [{"role": "system", "content": CHAT.system_prompt}, {"role": "user", "content": PROMPT}]
-    assert encode_instance(tiny_tokenizer, messages, POSITIVE, 1, CHAT) == encode_instance(tiny_tokenizer, PROMPT, POSITIVE, 1, CHAT)
+    assert encode_instance(tiny_tokenizer, messages, POSITIVE, 1, CHAT) == encode_instance(
+        tiny_tokenizer, PROMPT, POSITIVE, 1, CHAT
+    )
 
 
 def test_a_chat_without_a_system_turn_gets_the_formats_system_prompt(tiny_tokenizer):
@@ -61,7 +75,8 @@ def test_a_chat_without_a_system_turn_gets_the_formats_system_prompt(tiny_tokeni
     as_string = encode_instance(tiny_tokenizer, PROMPT, POSITIVE, 1, CHAT)
     assert encode_instance(tiny_tokenizer, user_only, POSITIVE, 1, CHAT) == as_string
     assert verification_text(tiny_tokenizer, user_only, POSITIVE, CHAT, HiddenStateRecipe()) == verification_text(
-        tiny_tokenizer, PROMPT, POSITIVE, CHAT, HiddenStateRecipe())
+        tiny_tokenizer, PROMPT, POSITIVE, CHAT, HiddenStateRecipe()
+    )
     own = [{"role": "system", "content": "Answer tersely."}, {"role": "user", "content": PROMPT}]
     assert chat_messages(own, CHAT) == own, "a chat's own system turn is kept, not doubled"
     assert chat_messages(user_only, ChatFormat(system_prompt=None)) == user_only
@@ -73,7 +88,7 @@ def test_collate_right_pads_and_masks_padding(tiny_tokenizer):
     ids, mask, labels = collate([a, b], pad_id=2)
     assert ids.shape == labels.shape == mask.shape
     assert int(mask[1].sum()) == len(b.input_ids)
-    assert bool((labels[1, len(b.input_ids):] == IGNORE_INDEX).all())
+    assert bool((labels[1, len(b.input_ids) :] == IGNORE_INDEX).all())
 
 
 def test_sdm_loss_equals_cross_entropy_when_base_is_e():
@@ -83,7 +98,9 @@ def test_sdm_loss_equals_cross_entropy_when_base_is_e():
     labels[:, :2] = IGNORE_INDEX
     sdm, n = sdm_token_loss(logits, labels, torch.full((3,), math.e))
     ce, n_ce = ce_token_loss(logits, labels)
-    reference = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    reference = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     assert n == n_ce == int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert torch.allclose(sdm, ce, atol=1e-5) and torch.allclose(ce, reference, atol=1e-5)
 
@@ -140,7 +157,7 @@ def test_losses_over_the_kept_final_logits_equal_the_losses_over_all_logits():
     ce_kept, _ = ce_token_loss(logits[:, -keep:], labels)
     assert torch.allclose(ce_kept, ce_full, atol=1e-6)
     # Too few kept positions would drop trained tokens: the count shows it.
-    assert sdm_token_loss(logits[:, -(keep - 1):], labels, base)[1] < n_full
+    assert sdm_token_loss(logits[:, -(keep - 1) :], labels, base)[1] < n_full
 
 
 def test_logits_to_keep_is_one_when_nothing_is_trained():

@@ -44,12 +44,23 @@ def _fsdp2_available() -> bool:
 
 
 def _fsdp_environment() -> dict[str, str]:
-    """The FSDP_* / ACCELERATE_* variables that ``accelerate launch`` derives from fsdp.yaml (the tiny model is a Llama)."""
+    """The FSDP_* / ACCELERATE_* variables that ``accelerate launch`` derives from fsdp.yaml (the tiny model is a
+    Llama)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    args = launch_command_parser().parse_args(["--config_file", str(FSDP_CONFIG), "--num_processes", "2",
-                                               "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "-m", "training.finetune"])
+    args = launch_command_parser().parse_args(
+        [
+            "--config_file",
+            str(FSDP_CONFIG),
+            "--num_processes",
+            "2",
+            "--fsdp_transformer_layer_cls_to_wrap",
+            "LlamaDecoderLayer",
+            "-m",
+            "training.finetune",
+        ]
+    )
     args, _, _ = _validate_launch_command(args)
     env = prepare_multi_gpu_env(args)
     fsdp = {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}
@@ -60,9 +71,22 @@ def _fsdp_environment() -> dict[str, str]:
 def _run(command: list[str], out: Path, extra_env: dict[str, str] | None = None, check: bool = True) -> dict | int:
     """The run's result line (``check``), or its exit status."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("FSDP_", "ACCELERATE_", "SDM_TEST_"))}
-    env = {**base, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", **(extra_env or {})}
-    done = subprocess.run(command + ["--preset", "tiny", "--output-dir", str(out), "--gradient-accumulation", "2"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **base,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "CUDA_VISIBLE_DEVICES": "",
+        **(extra_env or {}),
+    }
+    done = subprocess.run(
+        command + ["--preset", "tiny", "--output-dir", str(out), "--gradient-accumulation", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if not check:
         return done.returncode
     assert done.returncode == 0, done.stderr[-4000:]
@@ -82,23 +106,38 @@ def _same_layout(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _fsdp2_available() or not TORCHRUN.exists(), reason="needs torch.distributed with gloo, FSDP2 (fully_shard) and torchrun")
+@pytest.mark.skipif(
+    not _fsdp2_available() or not TORCHRUN.exists(),
+    reason="needs torch.distributed with gloo, FSDP2 (fully_shard) and torchrun",
+)
 def test_two_process_fsdp_matches_one_process_and_resumes(tmp_path: Path) -> None:
     single = _run([sys.executable, "-m", "training.finetune", "--micro-batch-size", "4"], tmp_path / "single")
     fsdp_dir = tmp_path / "fsdp"
     fsdp_dir.mkdir()
     shutil.copytree(tmp_path / "single" / "data", fsdp_dir / "data")
-    fsdp = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(Path(__file__).resolve()), "--micro-batch-size", "2"]
+    fsdp = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        "--micro-batch-size",
+        "2",
+    ]
     env = _fsdp_environment()
 
     # Killed right after the step-2 checkpoint (the end of epoch 1): gathered on rank 0 into full, unsharded tensors.
     assert _run(fsdp, fsdp_dir, {**env, CRASH_AFTER_STEP: "2"}, check=False) != 0
     marker = json.loads((fsdp_dir / "checkpoint" / "checkpoint.json").read_text())
     assert marker["trainer"]["step"] == 2
-    _same_layout(load_file(str(fsdp_dir / "checkpoint" / "trainable.safetensors")),
-                 load_file(str(tmp_path / "single" / "checkpoint" / "trainable.safetensors")))
-    _same_layout(load_file(str(fsdp_dir / "checkpoint" / "optimizer.safetensors")),
-                 load_file(str(tmp_path / "single" / "checkpoint" / "optimizer.safetensors")))
+    _same_layout(
+        load_file(str(fsdp_dir / "checkpoint" / "trainable.safetensors")),
+        load_file(str(tmp_path / "single" / "checkpoint" / "trainable.safetensors")),
+    )
+    _same_layout(
+        load_file(str(fsdp_dir / "checkpoint" / "optimizer.safetensors")),
+        load_file(str(tmp_path / "single" / "checkpoint" / "optimizer.safetensors")),
+    )
 
     resumed = _run(fsdp + ["--resume"], fsdp_dir, env)
     assert resumed["steps"] == single["steps"] == 4
@@ -124,10 +163,13 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tmp_path: Path) -> Non
     for name in final_one:  # within 1 % of each tensor's norm (a jump of b moves its gradients)
         gap = (final_one[name] - final_two[name]).norm()
         assert gap <= 1e-2 * final_one[name].norm(), (name, float(gap))
-    _same_layout(load_file(str(fsdp_dir / "checkpoint" / "trainable.safetensors")),
-                 load_file(str(tmp_path / "single" / "checkpoint" / "trainable.safetensors")))
-    assert json.loads((fsdp_dir / "checkpoint" / "optimizer.json").read_text()) == \
-        json.loads((tmp_path / "single" / "checkpoint" / "optimizer.json").read_text()), "parameter indices and groups as unsharded"
+    _same_layout(
+        load_file(str(fsdp_dir / "checkpoint" / "trainable.safetensors")),
+        load_file(str(tmp_path / "single" / "checkpoint" / "trainable.safetensors")),
+    )
+    assert json.loads((fsdp_dir / "checkpoint" / "optimizer.json").read_text()) == json.loads(
+        (tmp_path / "single" / "checkpoint" / "optimizer.json").read_text()
+    ), "parameter indices and groups as unsharded"
 
     from transformers import AutoModelForCausalLM
 
@@ -138,13 +180,31 @@ def test_two_process_fsdp_matches_one_process_and_resumes(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _fsdp2_available() or not TORCHRUN.exists(), reason="needs torch.distributed with gloo, FSDP2 (fully_shard) and torchrun")
+@pytest.mark.skipif(
+    not _fsdp2_available() or not TORCHRUN.exists(),
+    reason="needs torch.distributed with gloo, FSDP2 (fully_shard) and torchrun",
+)
 def test_two_process_fsdp_lora(tmp_path: Path) -> None:
     """LoRA under FSDP2: the root is the peft model, whose generate decodes through the inner model (so it must be
     registered as a forward of the root) and whose checkpoint and adapter hold only the gathered LoRA tensors."""
     out = tmp_path / "lora"
-    fsdp = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(Path(__file__).resolve()), "--micro-batch-size", "2",
-            "--lora", "true", "--lora-r", "4", "--epochs", "1", "--generate-from-epoch", "0"]
+    fsdp = [
+        str(TORCHRUN),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(Path(__file__).resolve()),
+        "--micro-batch-size",
+        "2",
+        "--lora",
+        "true",
+        "--lora-r",
+        "4",
+        "--epochs",
+        "1",
+        "--generate-from-epoch",
+        "0",
+    ]
     result = _run(fsdp, out, _fsdp_environment())
     history = _history(out)
     assert result["steps"] == 2 and [r["step"] for r in history] == [1, 2] and "eval_loss" in history[-1]
@@ -158,15 +218,33 @@ def test_two_process_fsdp_lora(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _fsdp2_available() or not TORCHRUN.exists(), reason="needs torch.distributed with gloo, FSDP2 (fully_shard) and torchrun")
+@pytest.mark.skipif(
+    not _fsdp2_available() or not TORCHRUN.exists(),
+    reason="needs torch.distributed with gloo, FSDP2 (fully_shard) and torchrun",
+)
 def test_synced_generation_with_uneven_prompts() -> None:
     """Ranks of a sharded model with different numbers of prompts (here none and three, in batches of two) decode
     the same as an unsharded model, instead of waiting forever on each other's forwards."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(Path(__file__).resolve()), "--synced-generation"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    done = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(Path(__file__).resolve()), "--synced-generation"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert sorted(line for line in done.stdout.splitlines() if line.startswith("generation ok")) == ["generation ok 0", "generation ok 1"]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("generation ok")) == [
+        "generation ok 0",
+        "generation ok 1",
+    ]
 
 
 def _synced_generation() -> None:
@@ -187,7 +265,11 @@ def _synced_generation() -> None:
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
-    prompts = [] if rank == 0 else ["Order these words: b a c", "Say yes", "A third prompt, a little longer than the other two"]
+    prompts = (
+        []
+        if rank == 0
+        else ["Order these words: b a c", "Say yes", "A third prompt, a little longer than the other two"]
+    )
     got = greedy_generate(model, tokenizer, prompts, ChatFormat(), max_new_tokens=6, batch_size=2, synced=True)
     assert got == greedy_generate(plain, tokenizer, prompts, ChatFormat(), max_new_tokens=6, batch_size=2), got
     torch.distributed.destroy_process_group()

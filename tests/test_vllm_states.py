@@ -35,7 +35,9 @@ def test_pop_pools_with_the_recipe_and_forgets_the_request() -> None:
 
     states = torch.randn(5, 4)
     worker = StateCaptureExtension()
-    worker.model_runner = SimpleNamespace(_sdm_tables={"sdm-cap-abc-1234abcd": _Table(), "sdm-cap-other-5678": _Table()})
+    worker.model_runner = SimpleNamespace(
+        _sdm_tables={"sdm-cap-abc-1234abcd": _Table(), "sdm-cap-other-5678": _Table()}
+    )
     worker.model_runner._sdm_tables["sdm-cap-abc-1234abcd"].chunks.append((torch.arange(5), states))
     recipe = HiddenStateRecipe(order="last_mean")
     got = worker.sdm_capture_pop("sdm-cap-abc", 4, recipe.to_dict())

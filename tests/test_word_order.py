@@ -50,9 +50,11 @@ def _all(records):
 
 
 def _write_corpora(root: Path, wiki: list[str], shift: list[str], harvard: list[str]) -> Path:
-    for rel, lines in (("wikipedia/wiki_sentences_5to60.txt", wiki),
-                       ("wikipedia/wiki_sentences_len50to60.txt", shift),
-                       ("harvard/harvard_sentences.txt", harvard)):
+    for rel, lines in (
+        ("wikipedia/wiki_sentences_5to60.txt", wiki),
+        ("wikipedia/wiki_sentences_len50to60.txt", shift),
+        ("harvard/harvard_sentences.txt", harvard),
+    ):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -61,6 +63,7 @@ def _write_corpora(root: Path, wiki: list[str], shift: list[str], harvard: list[
 
 # --- formats -------------------------------------------------------------------------------
 
+
 def test_prompt_is_exact_spec_template_for_table1_example():
     assert format_prompt("Neat plans", "fail luck. without") == TABLE1_PROMPT
 
@@ -68,8 +71,9 @@ def test_prompt_is_exact_spec_template_for_table1_example():
 def test_made_record_uses_exact_template_and_table1_formats():
     # Find a seed whose first shuffle is the Table 1 multiset, then check the whole record.
     for seed in range(500):
-        rec = make_record("Neat plans fail without luck.", random.Random(seed),
-                          record_id="t1", source="test", tag_drop_prob=0.0)
+        rec = make_record(
+            "Neat plans fail without luck.", random.Random(seed), record_id="t1", source="test", tag_drop_prob=0.0
+        )
         if rec.meta["multiset"] == "fail luck. without":
             break
     else:
@@ -123,6 +127,7 @@ def test_multiset_is_a_changed_permutation_of_the_suffix(records):
 
 # --- tag drops -----------------------------------------------------------------------------
 
+
 def test_about_ten_percent_of_negatives_drop_tags_spread_over_three_variants():
     sentences = [s for _, s in read_sentences(DEFAULT_CORPORA / "wikipedia/wiki_sentences_5to60.txt")][:8000]
     rng = random.Random(1234)
@@ -154,6 +159,7 @@ def test_positives_never_drop_tags(records):
 
 # --- shuffling and skip rules --------------------------------------------------------------
 
+
 def test_variety_rule_skips_suffix_with_one_distinct_word():
     assert make_record("We all said no no no", random.Random(0), record_id="x", source="t") is None
     assert make_record("We all said yes no no", random.Random(0), record_id="x", source="t") is not None
@@ -183,8 +189,9 @@ def test_harvard_edge_cases_are_reported_in_manifest(tmp_path):
     shift = [s for _, s in read_sentences(DEFAULT_CORPORA / "wikipedia/wiki_sentences_len50to60.txt")][:5]
     harvard = ["The birch canoe slid on the smooth planks.", "They shouted go go go", "go go go go go"]
     corpora = _write_corpora(tmp_path / "corpora", wiki, shift, harvard)
-    manifest = build_word_order(tmp_path / "out", WordOrderConfig(
-        train=20, calibration=10, test=10, corpora_dir=corpora, quiet=True))
+    manifest = build_word_order(
+        tmp_path / "out", WordOrderConfig(train=20, calibration=10, test=10, corpora_dir=corpora, quiet=True)
+    )
     info = manifest["splits"]["harvard"]
     assert info["records"] == 2
     assert info["widened_suffix_ids"] == ["harvard-000002"]
@@ -192,6 +199,7 @@ def test_harvard_edge_cases_are_reported_in_manifest(tmp_path):
 
 
 # --- splits, sizes, determinism ------------------------------------------------------------
+
 
 def test_requested_split_sizes_are_exact(records):
     assert [len(records[f]) for f in ("train.jsonl", "calibration.jsonl", "test.jsonl")] == [200, 100, 50]
@@ -217,7 +225,7 @@ def test_splits_are_disjoint_by_sentence_text(records):
     texts = {name: {r.reference for r in recs} for name, recs in records.items()}
     names = list(texts)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             assert not texts[a] & texts[b], (a, b)
 
 
@@ -228,12 +236,14 @@ def test_overlapping_corpora_still_give_disjoint_splits(tmp_path):
     # Plant the Harvard and length-shift sentences (and a duplicate) in the Wikipedia file.
     corpora = _write_corpora(tmp_path / "c", wiki + harvard + shift[:2] + wiki[:1], shift, harvard)
     out = tmp_path / "out"
-    manifest = build_word_order(out, WordOrderConfig(train=40, calibration=20, test=20,
-                                                     corpora_dir=corpora, quiet=True))
+    manifest = build_word_order(
+        out, WordOrderConfig(train=40, calibration=20, test=20, corpora_dir=corpora, quiet=True)
+    )
     pool = manifest["wikipedia_pool"]
     assert pool["excluded_as_length_shift_or_harvard"] == 4 and pool["duplicates"] == 1
-    wiki_texts = {r.reference for f in ("train.jsonl", "calibration.jsonl", "test.jsonl")
-                  for r in load_records(out / f)}
+    wiki_texts = {
+        r.reference for f in ("train.jsonl", "calibration.jsonl", "test.jsonl") for r in load_records(out / f)
+    }
     assert not wiki_texts & (set(harvard) | set(shift))
 
 
@@ -259,6 +269,7 @@ def test_ids_are_deterministic_and_unique(records):
 
 def test_manifest_records_counts_seed_and_hashes(built, records):
     import hashlib
+
     manifest = json.loads((built / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["seed"] == 0
     for info in manifest["splits"].values():
@@ -284,8 +295,26 @@ def test_invalid_config_is_rejected(tmp_path):
 
 
 def test_max_words_bounds_the_in_distribution_splits_but_not_the_length_shift_set(tmp_path):
-    rc = main(["word-order", "--out", str(tmp_path), "--train", "30", "--calibration", "20", "--test", "10",
-               "--length-shift", "5", "--max-words", "12", "--min-words", "6", "--quiet"])
+    rc = main(
+        [
+            "word-order",
+            "--out",
+            str(tmp_path),
+            "--train",
+            "30",
+            "--calibration",
+            "20",
+            "--test",
+            "10",
+            "--length-shift",
+            "5",
+            "--max-words",
+            "12",
+            "--min-words",
+            "6",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     for name in ("train.jsonl", "calibration.jsonl", "test.jsonl"):
         lengths = [len(r.reference.split()) for r in load_records(tmp_path / name)]
@@ -297,9 +326,26 @@ def test_max_words_bounds_the_in_distribution_splits_but_not_the_length_shift_se
 
 # --- CLI -----------------------------------------------------------------------------------
 
+
 def test_cli_builds_all_files(tmp_path, capsys):
-    rc = main(["word-order", "--out", str(tmp_path), "--train", "30", "--calibration", "20",
-               "--test", "10", "--length-shift", "15", "--seed", "3", "--quiet"])
+    rc = main(
+        [
+            "word-order",
+            "--out",
+            str(tmp_path),
+            "--train",
+            "30",
+            "--calibration",
+            "20",
+            "--test",
+            "10",
+            "--length-shift",
+            "15",
+            "--seed",
+            "3",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert len(load_records(tmp_path / "length_shift.jsonl")) == 15
     assert len(load_records(tmp_path / "train.jsonl")) == 30

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_server_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +32,21 @@ def doc_blocks() -> list[tuple[str, str]]:
 def test_the_marked_blocks_cover_the_whole_path():
     blocks = doc_blocks()
     text = "\n".join(body for _, body in blocks)
-    for command in ("python -m training.data arithmetic", "python -m training.data validate", "training.correctness",
-                    "python -m training.finetune", "python -m training.calibrate", "python -m training.certify",
-                    "python -m training.evaluate",
-                    "curl -s localhost:8000/generate"):
+    for command in (
+        "python -m training.data arithmetic",
+        "python -m training.data validate",
+        "training.correctness",
+        "python -m training.finetune",
+        "python -m training.calibrate",
+        "python -m training.certify",
+        "python -m training.evaluate",
+        "curl -s localhost:8000/generate",
+    ):
         assert command in text, f"no tested block runs {command!r}"
     assert [kind for kind, _ in blocks].count("server") == 1 and "python -m server" in dict(blocks)["server"]
-    assert "arithmetic-cpu" in text and DOC_SIZES in text, "the page documents the real preset; the test swaps in the tiny one"
+    assert "arithmetic-cpu" in text and DOC_SIZES in text, (
+        "the page documents the real preset; the test swaps in the tiny one"
+    )
 
 
 def test_the_documents_commands_run_on_the_tiny_model(tmp_path):
@@ -54,13 +61,21 @@ def test_the_documents_commands_run_on_the_tiny_model(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     (bin_dir / "python").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SDM_CACHE_DIR": os.environ["SDM_CACHE_DIR"]}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SDM_CACHE_DIR": os.environ["SDM_CACHE_DIR"],
+    }
     env.pop("PYTHONPATH", None)
 
     def adapt(body: str) -> str:
         # Smaller splits: calibrate decodes every calibration document, and the tiny model needs only a few.
-        return (body.replace("arithmetic-cpu", "arithmetic-tiny").replace("localhost:8000", f"localhost:{port}")
-                .replace("--port 8000", f"--port {port}").replace(DOC_SIZES, TINY_SIZES))
+        return (
+            body.replace("arithmetic-cpu", "arithmetic-tiny")
+            .replace("localhost:8000", f"localhost:{port}")
+            .replace("--port 8000", f"--port {port}")
+            .replace(DOC_SIZES, TINY_SIZES)
+        )
 
     server = None
     server_log = tmp_path / "server.log"
@@ -71,19 +86,33 @@ def test_the_documents_commands_run_on_the_tiny_model(tmp_path):
             script = "set -euo pipefail\n" + adapt(body)
             first = body.strip().splitlines()[0][:60]
             if kind == "server":
-                server = subprocess.Popen(["bash", "-c", script], cwd=work, env=env, stdout=server_log.open("w"),
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+                server = subprocess.Popen(
+                    ["bash", "-c", script],
+                    cwd=work,
+                    env=env,
+                    stdout=server_log.open("w"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
                 timings.append(("server started", time.monotonic()))
                 continue
             started = time.monotonic()
             try:
-                done = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True,
-                                      timeout=600 if server is None else 240)
+                done = subprocess.run(
+                    ["bash", "-c", script],
+                    cwd=work,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=600 if server is None else 240,
+                )
             except subprocess.TimeoutExpired:
                 log = server_log.read_text() if server_log.exists() else ""
                 pytest.fail(f"block {first!r} timed out; server log tail:\n{log[-3000:]}")
             timings.append((first, time.monotonic() - started))
-            assert done.returncode == 0, f"block {first!r} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            assert done.returncode == 0, (
+                f"block {first!r} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
             outputs.append(done.stdout)
     finally:
         if server is not None:

@@ -11,8 +11,8 @@ function ``arithmetic`` (training.correctness) compares the integer in the first
 
 Writes train.jsonl, calibration.jsonl, test.jsonl (operands of min..max digits), holdout.jsonl
 when --holdout is given (more problems of the same kind that fine-tuning never sees, for calibration and
-certification, as word ordering's holdout split), digits_shift.jsonl (operands of max+1..max+2 digits: out of distribution, as word
-ordering's length-shift set is) and manifest.json.
+certification, as word ordering's holdout split), digits_shift.jsonl (operands of max+1..max+2 digits: out of
+distribution, as word ordering's length-shift set is) and manifest.json.
 
 How the problems are drawn: each split has its own RNG (seeded with "<seed>:<split>") and
 the splits are drawn in the order test, calibration, train, holdout, digits_shift; a problem
@@ -74,7 +74,9 @@ class ArithmeticConfig:
             raise ValueError(f"max_digits must be <= 18 (the digits-shift set adds 2), got {self.max_digits}")
         unknown = [op for op in self.operations if op not in OPERATIONS]
         if unknown or not self.operations:
-            raise ValueError(f"operations must be a non-empty subset of {sorted(OPERATIONS)}, got {list(self.operations)}")
+            raise ValueError(
+                f"operations must be a non-empty subset of {sorted(OPERATIONS)}, got {list(self.operations)}"
+            )
         if not 0.0 <= self.tag_drop_prob <= 1.0:
             raise ValueError(f"tag_drop_prob must be in [0, 1], got {self.tag_drop_prob}")
 
@@ -105,47 +107,74 @@ def slip(value: int, op: str, rng: random.Random) -> tuple[int, str]:
     changed = digit + rng.choice((-1, 1)) if 0 < digit < 9 else (1 if digit == 0 else 8)
     if position == 0 and changed == 0 and len(digits) > 1:
         changed = digit + 1  # a leading digit never becomes 0
-    wrong = int(digits[:position] + str(changed) + digits[position + 1:])
+    wrong = int(digits[:position] + str(changed) + digits[position + 1 :])
     return (-wrong if value < 0 else wrong), kind
 
 
-def make_record(a: int, op: str, b: int, rng: random.Random, *, record_id: str, tag_drop_prob: float,
-                extra_meta: dict | None = None) -> Record:
-    """One arithmetic Record. Draws happen in a fixed order (slip, then tag drop), so a seeded rng gives the same record."""
+def make_record(
+    a: int, op: str, b: int, rng: random.Random, *, record_id: str, tag_drop_prob: float, extra_meta: dict | None = None
+) -> Record:
+    """One arithmetic Record. Draws happen in a fixed order (slip, then tag drop), so a seeded rng gives the same
+    record."""
     value = OPERATIONS[op](a, b)
     wrong, kind = slip(value, op, rng)
     assert wrong != value, "a slip always changes the value"
     drop = rng.choice(TAG_DROPS) if rng.random() < tag_drop_prob else "none"
-    meta = {"a": a, "op": op, "b": b, "digits": [len(str(a)), len(str(b))], "negative_value": wrong,
-            "negative_slip": kind, "negative_tag_drop": drop}
+    meta = {
+        "a": a,
+        "op": op,
+        "b": b,
+        "digits": [len(str(a)), len(str(b))],
+        "negative_value": wrong,
+        "negative_slip": kind,
+        "negative_tag_drop": drop,
+    }
     meta.update(extra_meta or {})
-    return Record(id=record_id, prompt=format_prompt(a, op, b), positive=format_answer(value, YES_TAG),
-                  negative=format_answer(wrong, NO_TAG, drop), reference=str(value), meta=meta)
+    return Record(
+        id=record_id,
+        prompt=format_prompt(a, op, b),
+        positive=format_answer(value, YES_TAG),
+        negative=format_answer(wrong, NO_TAG, drop),
+        reference=str(value),
+        meta=meta,
+    )
 
 
 def _operand(rng: random.Random, min_digits: int, max_digits: int) -> int:
     n = rng.randint(min_digits, max_digits)
     low = 0 if n == 1 else 10 ** (n - 1)
-    return rng.randrange(low, 10 ** n)
+    return rng.randrange(low, 10**n)
 
 
-def _draw_split(split: str, size: int, digits: tuple[int, int], config: ArithmeticConfig,
-                taken: set[tuple[int, str, int]]) -> list[Record]:
+def _draw_split(
+    split: str, size: int, digits: tuple[int, int], config: ArithmeticConfig, taken: set[tuple[int, str, int]]
+) -> list[Record]:
     rng = random.Random(f"{config.seed}:{split}")
     records: list[Record] = []
     draws = 0
     while len(records) < size:
         draws += 1
         if draws > _MAX_DRAWS_PER_RECORD * max(size, 1):
-            raise ValueError(f"could not draw {size} distinct '{split}' problems with {digits[0]}-{digits[1]}-digit operands "
-                             f"(got {len(records)}); widen the digit range or lower the split sizes")
+            raise ValueError(
+                f"could not draw {size} distinct '{split}' problems with {digits[0]}-{digits[1]}-digit operands "
+                f"(got {len(records)}); widen the digit range or lower the split sizes"
+            )
         op = rng.choice(config.operations)
         a, b = _operand(rng, *digits), _operand(rng, *digits)
         if (a, op, b) in taken:
             continue
         taken.add((a, op, b))
-        records.append(make_record(a, op, b, rng, record_id=f"arith-{split}-{len(records) + 1:06d}",
-                                   tag_drop_prob=config.tag_drop_prob, extra_meta={"split": split}))
+        records.append(
+            make_record(
+                a,
+                op,
+                b,
+                rng,
+                record_id=f"arith-{split}-{len(records) + 1:06d}",
+                tag_drop_prob=config.tag_drop_prob,
+                extra_meta={"split": split},
+            )
+        )
     return records
 
 
@@ -171,16 +200,26 @@ def build_arithmetic(out_dir: str | Path, config: ArithmeticConfig | None = None
         records = _draw_split(split, size, digits, config, taken)
         path = out / f"{split}.jsonl"
         write_records(path, records)
-        splits[split] = {"file": path.name, "records": len(records), "operand_digits": list(digits),
-                         "operations": {op: sum(r.meta["op"] == op for r in records) for op in config.operations},
-                         "negatives_tag_dropped": sum(r.meta["negative_tag_drop"] != "none" for r in records),
-                         "sha256": _sha256(path)}
+        splits[split] = {
+            "file": path.name,
+            "records": len(records),
+            "operand_digits": list(digits),
+            "operations": {op: sum(r.meta["op"] == op for r in records) for op in config.operations},
+            "negatives_tag_dropped": sum(r.meta["negative_tag_drop"] != "none" for r in records),
+            "sha256": _sha256(path),
+        }
         log(f"{split}: {len(records)} records")
     config_dict = asdict(config)
     config_dict["operations"] = list(config.operations)
     del config_dict["quiet"]
-    manifest = {"task": "arithmetic", "correctness": "arithmetic", "seed": config.seed, "config": config_dict, "splits": splits,
-                "licence": "generated from a seed; no third-party text"}
+    manifest = {
+        "task": "arithmetic",
+        "correctness": "arithmetic",
+        "seed": config.seed,
+        "config": config_dict,
+        "splits": splits,
+        "licence": "generated from a seed; no third-party text",
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {sum(s['records'] for s in splits.values())} records to {out}")
     return manifest

@@ -18,8 +18,8 @@ the LM paper (class-, prediction-conditional and marginal) are kept beside them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -53,12 +53,15 @@ def _likelier(p_yes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return yes.long(), torch.where(yes, p_yes, 1.0 - p_yes)
 
 
-def method_decisions(s: ScoredGenerations, method: str, alpha: float, thresholds: Mapping[str, float | None] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def method_decisions(
+    s: ScoredGenerations, method: str, alpha: float, thresholds: Mapping[str, float | None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(predictions, admitted) of ``method`` at ``alpha``."""
     n = s.labels.shape[0]
     if method == "lm_tag":
-        return torch.tensor([1 if t == "Yes" else 0 for t in s.own_tag], dtype=torch.long), torch.ones(n, dtype=torch.bool)
+        return torch.tensor([1 if t == "Yes" else 0 for t in s.own_tag], dtype=torch.long), torch.ones(
+            n, dtype=torch.bool
+        )
     if method == "lm_probability":
         yhat, p = _likelier(s.p_yes)
         return yhat, p >= alpha
@@ -93,19 +96,31 @@ def compare_methods(s: ScoredGenerations, thresholds: Mapping[str, float | None]
             yhat, admitted = method_decisions(s, method, alpha, thresholds)
             verified = admitted & (yhat == 1)
             k, m = int((verified & right).sum()), int(verified.sum())
-            rows.append({
-                "alpha": alpha,
-                "verified": {"admitted": m, "share": m / n if n else 0.0, "correct": k, "accuracy": k / m if m else None,
-                             "p_value": binomial_p_value_below(k, m, alpha), "lower_bound": clopper_pearson_lower(k, m)},
-                "table4": selective_row(admitted, s.labels.long(), yhat, 2),
-            })
+            rows.append(
+                {
+                    "alpha": alpha,
+                    "verified": {
+                        "admitted": m,
+                        "share": m / n if n else 0.0,
+                        "correct": k,
+                        "accuracy": k / m if m else None,
+                        "p_value": binomial_p_value_below(k, m, alpha),
+                        "lower_bound": clopper_pearson_lower(k, m),
+                    },
+                    "table4": selective_row(admitted, s.labels.long(), yhat, 2),
+                }
+            )
         out[method] = rows
     return out
 
 
 def aurocs(s: ScoredGenerations) -> dict[str, float | None]:
     """How well each continuous score ranks right answers above wrong ones (0.5: no better than chance)."""
-    return {"lm_probability": auroc(s.p_yes, s.labels), "softmax": auroc(s.softmax_yes, s.labels), "sdm": auroc(s.sdm_yes, s.labels)}
+    return {
+        "lm_probability": auroc(s.p_yes, s.labels),
+        "softmax": auroc(s.softmax_yes, s.labels),
+        "sdm": auroc(s.sdm_yes, s.labels),
+    }
 
 
 def risk_coverage(score: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -4,7 +4,7 @@ the instance's label y, with the layer's own support points self-excluded (SDM_S
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -20,7 +20,9 @@ CE_BASE = math.e
 UNIFORM_BASE = 2.5
 
 
-def bases_from_h(h: torch.Tensor, instances: Sequence[Instance], layer: SDMEstimator, flags: Mapping[str, bool]) -> torch.Tensor:
+def bases_from_h(
+    h: torch.Tensor, instances: Sequence[Instance], layer: SDMEstimator, flags: Mapping[str, bool]
+) -> torch.Tensor:
     """b per instance from its h; documents in the layer's support (flag True) are excluded from their own search."""
     scores = layer.predict_scores(h, support_ids=[i.doc_id if flags.get(i.doc_id) else None for i in instances])
     labels = torch.tensor([i.label for i in instances])

@@ -18,7 +18,8 @@ It also fits the split-conformal baseline's thresholds on the LM's own P(Yes) (`
 which training.evaluate reports beside the head.
 
     python -m training.calibrate --run runs/tiny --out bundles/tiny           # the run's best checkpoint
-    python -m training.calibrate --model smollm2 --calibration data/calibration.jsonl --out bundles/base  # un-fine-tuned baseline
+    # the un-fine-tuned baseline:
+    python -m training.calibrate --model smollm2 --calibration data/calibration.jsonl --out bundles/base
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import json
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -64,70 +65,89 @@ __all__ = ["CalibrateConfig", "calibrate", "main"]
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    run: str = setting("",
-        help="a training.finetune output folder: its checkpoint, config and data are used")
-    checkpoint: str = setting("best",
-        help="best or final (within --run)")
-    model: dict = setting(default_factory=dict, parse=parse_model_source,
-        help="instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline")
-    calibration: str = setting("",
-        help="comma-separated calibration record files (JSONL); default: the run's calibration split and its holdout split")
-    out: str = setting("",
-        help="bundle folder to write (required)")
-    correctness: str = setting("",
-        help=CORRECTNESS_HELP + " (labels generations, decides hard negatives); default: the run's, else word_order")
-    max_calibration_docs: int = setting(0,
-        help="use the first N calibration documents (0: all)")
-    max_new_tokens: int = setting(512,
-        help="tokens to generate at most per calibration prompt (match the serving and evaluation limit)")
-    generate_batch_size: int = setting(16,
-        help="prompts per batched greedy generation")
-    embed_batch_size: int = setting(16,
-        help="instances per no-grad hidden-state pass")
-    sdm: SDMConfig = group(SDMConfig, {
-        "sdm_epochs": ("epochs", "epochs of the final SDM head"),
-        "sdm_exemplar_dim": ("exemplar_dim", "exemplar dimension M of the head"),
-        "sdm_batch_size": ("batch_size", "mini-batch size of the head"),
-        "sdm_learning_rate": ("learning_rate", "Adam learning rate of the head"),
-        "alpha": ("alpha", "the bundle's default alpha (must be on the ladder)"),
-        "alphas": ("alpha_ladder", "comma-separated alpha ladder of the nested regions"),
-    })
-    system_prompt: str | None = setting("You are a helpful AI assistant.",
-        help="system turn put before every prompt; default: the run's")
-    recipe_sequence_end: str = setting("template",
-        help="where h's sequence ends (template or verified); default: the run's")
-    recipe_layer: int = setting(-1,
-        help="hidden-state layer of the head's input h (index into hidden_states; -1: the final layer after the final norm)")
-    max_length: int = setting(2048,
-        help="longest hidden-state sequence in tokens")
-    split_seed: int = setting(PAPER_SPLIT_SEED,
-        help="seed of the documents' support/calibration/certification split")
-    instance_seed: int = setting(PAPER_INSTANCE_SEED,
-        help="seed of the per-document instance draw (mixture instances)")
+    run: str = setting("", help="a training.finetune output folder: its checkpoint, config and data are used")
+    checkpoint: str = setting("best", help="best or final (within --run)")
+    model: dict = setting(
+        default_factory=dict,
+        parse=parse_model_source,
+        help="instead of --run: a model source (smollm2, tiny, a Hugging Face folder), e.g. the un-fine-tuned baseline",
+    )
+    calibration: str = setting(
+        "",
+        help="comma-separated calibration record files (JSONL); default: the run's calibration split and its holdout "
+        "split",
+    )
+    out: str = setting("", help="bundle folder to write (required)")
+    correctness: str = setting(
+        "", help=CORRECTNESS_HELP + " (labels generations, decides hard negatives); default: the run's, else word_order"
+    )
+    max_calibration_docs: int = setting(0, help="use the first N calibration documents (0: all)")
+    max_new_tokens: int = setting(
+        512, help="tokens to generate at most per calibration prompt (match the serving and evaluation limit)"
+    )
+    generate_batch_size: int = setting(16, help="prompts per batched greedy generation")
+    embed_batch_size: int = setting(16, help="instances per no-grad hidden-state pass")
+    sdm: SDMConfig = group(
+        SDMConfig,
+        {
+            "sdm_epochs": ("epochs", "epochs of the final SDM head"),
+            "sdm_exemplar_dim": ("exemplar_dim", "exemplar dimension M of the head"),
+            "sdm_batch_size": ("batch_size", "mini-batch size of the head"),
+            "sdm_learning_rate": ("learning_rate", "Adam learning rate of the head"),
+            "alpha": ("alpha", "the bundle's default alpha (must be on the ladder)"),
+            "alphas": ("alpha_ladder", "comma-separated alpha ladder of the nested regions"),
+        },
+    )
+    system_prompt: str | None = setting(
+        "You are a helpful AI assistant.", help="system turn put before every prompt; default: the run's"
+    )
+    recipe_sequence_end: str = setting(
+        "template", help="where h's sequence ends (template or verified); default: the run's"
+    )
+    recipe_layer: int = setting(
+        -1,
+        help="hidden-state layer of the head's input h (index into hidden_states; -1: the final layer after the final "
+        "norm)",
+    )
+    max_length: int = setting(2048, help="longest hidden-state sequence in tokens")
+    split_seed: int = setting(PAPER_SPLIT_SEED, help="seed of the documents' support/calibration/certification split")
+    instance_seed: int = setting(PAPER_INSTANCE_SEED, help="seed of the per-document instance draw (mixture instances)")
     # What the head's two halves hold (docs/decisions.md, "What the final head is calibrated on"). "generations":
     # each document's own greedy generation labelled by r, the distribution the server scores, so that Algorithm 1's
     # region is estimated on it; "mixture": the paper's drawn instances (reference, hard or static negative).
-    calibration_instances: str = setting("generations",
-        help="the head's calibration half: generations (each document's own greedy generation, labelled by r; default) or mixture (the paper's drawn instances)")
-    support_instances: str = setting("mixture",
-        help="the head's support half: mixture (the paper's drawn reference/negative instances; default), generations, or both")
+    calibration_instances: str = setting(
+        "generations",
+        help="the head's calibration half: generations (each document's own greedy generation, labelled by r; default) "
+        "or mixture (the paper's drawn instances)",
+    )
+    support_instances: str = setting(
+        "mixture",
+        help="the head's support half: mixture (the paper's drawn reference/negative instances; default), generations, "
+        "or both",
+    )
     # Documents held out of both halves to certify the finished ladder (sdm_core.certification).
-    certification_docs: int = setting(256,
-        help="documents held out of the head to certify its ladder (0: no certification)")
-    certification_policy: str = setting("violation",
-        help="which regions stay on the ladder: violation (withdraw a significant violation), evidence (also withdraw regions with too few admitted), lower-bound (keep only regions whose Clopper-Pearson bound reaches alpha)")
-    certification_min_admitted: int = setting(10,
-        help="admitted answers a region needs on the certification split for its test to count")
-    certification_violation_p: float = setting(0.01,
-        help="exact binomial p-value below which a region's accuracy is significantly below alpha")
-    reuse_generations: str = setting("",
-        help="a previous calibration's generations file (JSONL) for the same model and decoding: its decodings are reused")
-    seed: int = setting(0,
-        help="seed of the head's fit")
-    device: str = setting("auto",
-        help=DEVICE_HELP, parse=parse_device)
-    progress: bool = setting(True,
-        help="show progress bars")
+    certification_docs: int = setting(
+        256, help="documents held out of the head to certify its ladder (0: no certification)"
+    )
+    certification_policy: str = setting(
+        "violation",
+        help="which regions stay on the ladder: violation (withdraw a significant violation), evidence (also withdraw "
+        "regions with too few admitted), lower-bound (keep only regions whose Clopper-Pearson bound reaches alpha)",
+    )
+    certification_min_admitted: int = setting(
+        10, help="admitted answers a region needs on the certification split for its test to count"
+    )
+    certification_violation_p: float = setting(
+        0.01, help="exact binomial p-value below which a region's accuracy is significantly below alpha"
+    )
+    reuse_generations: str = setting(
+        "",
+        help="a previous calibration's generations file (JSONL) for the same model and decoding: its decodings are "
+        "reused",
+    )
+    seed: int = setting(0, help="seed of the head's fit")
+    device: str = setting("auto", help=DEVICE_HELP, parse=parse_device)
+    progress: bool = setting(True, help="show progress bars")
 
     def validate(self) -> None:
         if not self.out:
@@ -137,11 +157,17 @@ class CalibrateConfig:
         if self.checkpoint not in ("best", "final"):
             raise ValueError(f"checkpoint must be 'best' or 'final', got {self.checkpoint!r}")
         if self.calibration_instances not in INSTANCE_CHOICES[:2]:
-            raise ValueError(f"calibration_instances must be 'generations' or 'mixture', got {self.calibration_instances!r}")
+            raise ValueError(
+                f"calibration_instances must be 'generations' or 'mixture', got {self.calibration_instances!r}"
+            )
         if self.support_instances not in INSTANCE_CHOICES:
-            raise ValueError(f"support_instances must be one of {list(INSTANCE_CHOICES)}, got {self.support_instances!r}")
+            raise ValueError(
+                f"support_instances must be one of {list(INSTANCE_CHOICES)}, got {self.support_instances!r}"
+            )
         if self.certification_policy not in CERTIFICATION_POLICIES:
-            raise ValueError(f"certification_policy must be one of {list(CERTIFICATION_POLICIES)}, got {self.certification_policy!r}")
+            raise ValueError(
+                f"certification_policy must be one of {list(CERTIFICATION_POLICIES)}, got {self.certification_policy!r}"
+            )
         if self.certification_docs < 0 or self.certification_min_admitted < 1:
             raise ValueError("certification_docs must be >= 0 and certification_min_admitted >= 1")
         if not 0.0 < self.certification_violation_p < 1.0:
@@ -191,7 +217,11 @@ def _load(source: dict):
         def adapter():
             return PeftModel.from_pretrained(load_model(source["base"]), source["path"], is_trainable=False)
 
-        tokenizer_source = {"kind": "hf", "path": source["path"]} if (Path(source["path"]) / "tokenizer.json").is_file() else source["base"]
+        tokenizer_source = (
+            {"kind": "hf", "path": source["path"]}
+            if (Path(source["path"]) / "tokenizer.json").is_file()
+            else source["base"]
+        )
         return adapter(), adapter().merge_and_unload(), load_tokenizer(tokenizer_source)
     model = load_model(source)
     return model, model, load_tokenizer(source)
@@ -206,7 +236,9 @@ def _load_records(files: Sequence[str], limit: int) -> list[Record]:
     seen: set[str] = set()
     for record in records:
         if record.id in seen:
-            raise ValueError(f"calibration record id {record.id!r} appears twice across {list(files)}; ids must be unique")
+            raise ValueError(
+                f"calibration record id {record.id!r} appears twice across {list(files)}; ids must be unique"
+            )
         seen.add(record.id)
     if not records:
         raise ValueError(f"no calibration records in {list(files)}")
@@ -219,9 +251,18 @@ PRESETS: dict[str, dict] = {
     # max_new_tokens as training.evaluate's preset decodes: the head is calibrated on generations like those it is
     # checked and served on.
     "smollm2-cpu": {"max_new_tokens": 96, "sdm_epochs": 300, "sdm_learning_rate": 3e-4, "max_length": 256},
-    "tiny": {"max_new_tokens": 12, "sdm_epochs": 3, "sdm_exemplar_dim": 32, "sdm_learning_rate": 1e-3, "max_length": 256,
-             "generate_batch_size": 8, "embed_batch_size": 8, "certification_docs": 4, "certification_min_admitted": 2,
-             "progress": False},
+    "tiny": {
+        "max_new_tokens": 12,
+        "sdm_epochs": 3,
+        "sdm_exemplar_dim": 32,
+        "sdm_learning_rate": 1e-3,
+        "max_length": 256,
+        "generate_batch_size": 8,
+        "embed_batch_size": 8,
+        "certification_docs": 4,
+        "certification_min_admitted": 2,
+        "progress": False,
+    },
 }
 # The arithmetic task's presets: the same sizes, labelled by its correctness function (exact value).
 PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "correctness": "arithmetic"}
@@ -238,7 +279,9 @@ def _model_fingerprint(source: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _generations(config: CalibrateConfig, model, tokenizer, records: list[Record], chat: ChatFormat, correct, fingerprint: str) -> LabelledGenerations:
+def _generations(
+    config: CalibrateConfig, model, tokenizer, records: list[Record], chat: ChatFormat, correct, fingerprint: str
+) -> LabelledGenerations:
     """Every record's greedy generation, labelled by r: decoded now, or reused from ``--reuse-generations`` when
     that file was written for the same model, decoding limit and prompts."""
     reused: dict[str, str] = {}
@@ -248,13 +291,23 @@ def _generations(config: CalibrateConfig, model, tokenizer, records: list[Record
                 continue
             row = json.loads(line)
             if row.get("model") != fingerprint or row.get("max_new_tokens") != config.max_new_tokens:
-                raise ValueError(f"{config.reuse_generations} was decoded by another model or decoding limit "
-                                 f"(model {row.get('model')}, max_new_tokens {row.get('max_new_tokens')}; this run: {fingerprint}, "
-                                 f"{config.max_new_tokens}); drop --reuse-generations to decode afresh")
+                raise ValueError(
+                    f"{config.reuse_generations} was decoded by another model or decoding limit "
+                    f"(model {row.get('model')}, max_new_tokens {row.get('max_new_tokens')}; this run: {fingerprint}, "
+                    f"{config.max_new_tokens}); drop --reuse-generations to decode afresh"
+                )
             reused[row["id"]] = row
     missing = [r for r in records if r.id not in reused or reused[r.id].get("prompt_sha256") != _prompt_sha(r)]
-    decoded = greedy_generate(model, tokenizer, [prompt_of(r) for r in missing], chat, config.max_new_tokens,
-                              config.generate_batch_size, config.progress, "decoding calibration set")
+    decoded = greedy_generate(
+        model,
+        tokenizer,
+        [prompt_of(r) for r in missing],
+        chat,
+        config.max_new_tokens,
+        config.generate_batch_size,
+        config.progress,
+        "decoding calibration set",
+    )
     fresh = {r.id: text for r, text in zip(missing, decoded)}
     texts = [fresh[r.id] if r.id in fresh else reused[r.id]["generation"] for r in records]
     return label_generations(records, texts, correct)
@@ -264,12 +317,24 @@ def _prompt_sha(record: Record) -> str:
     return hashlib.sha256(json.dumps(prompt_of(record), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _instances(config: CalibrateConfig, records: list[Record], generated: LabelledGenerations, splits: dict[str, str],
-               hard_negatives: dict[str, list[str]]) -> tuple[list[Instance], dict[str, bool]]:
+def _instances(
+    config: CalibrateConfig,
+    records: list[Record],
+    generated: LabelledGenerations,
+    splits: dict[str, str],
+    hard_negatives: dict[str, list[str]],
+) -> tuple[list[Instance], dict[str, bool]]:
     """The head's instances and their support flags, from the documents of the support and calibration splits."""
-    drawn = {d.doc_id: d for d in draw_layer_instances(records, hard_negatives, random.Random(config.instance_seed), 0.5,
-                                                        prefer_hard_negatives=True)}
-    own = {r.id: Instance(r.id, prompt_of(r), text, label) for r, text, label in zip(records, generated.texts, generated.labels)}
+    drawn = {
+        d.doc_id: d
+        for d in draw_layer_instances(
+            records, hard_negatives, random.Random(config.instance_seed), 0.5, prefer_hard_negatives=True
+        )
+    }
+    own = {
+        r.id: Instance(r.id, prompt_of(r), text, label)
+        for r, text, label in zip(records, generated.texts, generated.labels)
+    }
     choice = {"support": config.support_instances, "calibration": config.calibration_instances}
     instances: list[Instance] = []
     flags: dict[str, bool] = {}
@@ -288,12 +353,28 @@ def _instances(config: CalibrateConfig, records: list[Record], generated: Labell
     return instances, flags
 
 
-def _tag_thresholds(compute_model, tokenizer, instances: list[Instance], flags: dict[str, bool], chat: ChatFormat, yes: str,
-                    alphas: Sequence[float], config: CalibrateConfig) -> dict:
+def _tag_thresholds(
+    compute_model,
+    tokenizer,
+    instances: list[Instance],
+    flags: dict[str, bool],
+    chat: ChatFormat,
+    yes: str,
+    alphas: Sequence[float],
+    config: CalibrateConfig,
+) -> dict:
     """The split-conformal baseline's thresholds on the LM's P(Yes), fitted on the head's calibration half."""
     half = [i for i in instances if not flags[i.doc_id]]
-    scores = tag_probabilities(compute_model, tokenizer, [i.prompt for i in half], [i.response for i in half], chat, yes,
-                               config.max_length, config.embed_batch_size)
+    scores = tag_probabilities(
+        compute_model,
+        tokenizer,
+        [i.prompt for i in half],
+        [i.response for i in half],
+        chat,
+        yes,
+        config.max_length,
+        config.embed_batch_size,
+    )
     correct = torch.tensor([i.label for i in half], dtype=torch.bool)
     return {
         "score": "lm_yes_probability",
@@ -312,8 +393,11 @@ def calibrate(config: CalibrateConfig) -> dict:
     model, compute_model, tokenizer = _load(source)
     compute_model.to(device).eval()
     chat = ChatFormat(system_prompt=training.get("system_prompt", config.system_prompt))
-    recipe = HiddenStateRecipe(layer=config.recipe_layer, sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end),
-                               max_length=config.max_length)
+    recipe = HiddenStateRecipe(
+        layer=config.recipe_layer,
+        sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end),
+        max_length=config.max_length,
+    )
     correctness = config.correctness or training.get("correctness") or "word_order"
     correct = get_correctness(correctness)
     tags = VerificationTags()
@@ -321,8 +405,11 @@ def calibrate(config: CalibrateConfig) -> dict:
 
     generated = _generations(config, compute_model, tokenizer, records, chat, correct, fingerprint)
     decode_seconds = time.perf_counter() - started
-    hard_negatives = {r.id: [normalize_hard_negative(text)] for r, text, label in zip(records, generated.texts, generated.labels)
-                      if not label and not is_verbatim(text, r.positive)}
+    hard_negatives = {
+        r.id: [normalize_hard_negative(text)]
+        for r, text, label in zip(records, generated.texts, generated.labels)
+        if not label and not is_verbatim(text, r.positive)
+    }
     splits = split_documents([r.id for r in records], config.certification_docs, config.split_seed)
     instances, flags = _instances(config, records, generated, splits, hard_negatives)
     h = embed_instances(compute_model, tokenizer, instances, chat, recipe, config.embed_batch_size, config.progress)
@@ -333,21 +420,39 @@ def calibrate(config: CalibrateConfig) -> dict:
     certification = None
     held = [k for k, r in enumerate(records) if splits[r.id] == "certification"]
     if held:
-        cert_instances = [Instance(records[k].id, prompt_of(records[k]), generated.texts[k], generated.labels[k]) for k in held]
-        h_cert = embed_instances(compute_model, tokenizer, cert_instances, chat, recipe, config.embed_batch_size, config.progress)
+        cert_instances = [
+            Instance(records[k].id, prompt_of(records[k]), generated.texts[k], generated.labels[k]) for k in held
+        ]
+        h_cert = embed_instances(
+            compute_model, tokenizer, cert_instances, chat, recipe, config.embed_batch_size, config.progress
+        )
         scores = head.predict_scores(h_cert)
         certification, _ = certify_ladder(
-            head.ladder, scores.probabilities, scores.predictions, scores.q_prime,
-            torch.tensor([generated.labels[k] for k in held], dtype=torch.bool), tags.positive_class,
-            policy=config.certification_policy, min_admitted=config.certification_min_admitted,
+            head.ladder,
+            scores.probabilities,
+            scores.predictions,
+            scores.q_prime,
+            torch.tensor([generated.labels[k] for k in held], dtype=torch.bool),
+            tags.positive_class,
+            policy=config.certification_policy,
+            min_admitted=config.certification_min_admitted,
             violation_p=config.certification_violation_p,
-            source={"kind": "calibrate", "documents": len(held), "files": list(files), "split_seed": config.split_seed,
-                    "generation_accuracy": sum(generated.labels[k] for k in held) / len(held)},
+            source={
+                "kind": "calibrate",
+                "documents": len(held),
+                "files": list(files),
+                "split_seed": config.split_seed,
+                "generation_accuracy": sum(generated.labels[k] for k in held) / len(held),
+            },
         )
-    baselines = {"tag_probability": _tag_thresholds(compute_model, tokenizer, instances, flags, chat, tags.yes, alphas, config)}
+    baselines = {
+        "tag_probability": _tag_thresholds(compute_model, tokenizer, instances, flags, chat, tags.yes, alphas, config)
+    }
 
     out = Path(config.out)
-    counts = {split: sum(1 for r in records if splits[r.id] == split) for split in ("support", "calibration", "certification")}
+    counts = {
+        split: sum(1 for r in records if splits[r.id] == split) for split in ("support", "calibration", "certification")
+    }
     provenance = {
         "calibrate_config": flatten(config),
         "training_config": training,
@@ -366,14 +471,37 @@ def calibrate(config: CalibrateConfig) -> dict:
     base = source.get("base") if source["kind"] == "adapter" else (training.get("model") or source)
     # A model source given with --model (not a run) is used unchanged: the bundle records the source, not a copy.
     reference_only = not config.run and source["kind"] in ("smollm2", "tiny", "hf")
-    write_bundle(out, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, tags=tags,
-                 base_model=base, provenance=provenance, reference_only=reference_only,
-                 certification=certification.to_dict() if certification else None, baselines=baselines)
+    write_bundle(
+        out,
+        model=model,
+        tokenizer=tokenizer,
+        head=head,
+        chat=chat,
+        recipe=recipe,
+        tags=tags,
+        base_model=base,
+        provenance=provenance,
+        reference_only=reference_only,
+        certification=certification.to_dict() if certification else None,
+        baselines=baselines,
+    )
     with open(out.parent / f"{out.name}.calibration_generations.jsonl", "w") as handle:
         for record, text, label in zip(records, generated.texts, generated.labels):
-            handle.write(json.dumps({"id": record.id, "split": splits[record.id], "generation": text, "label": label,
-                                     "hard_negative": record.id in hard_negatives, "model": fingerprint,
-                                     "max_new_tokens": config.max_new_tokens, "prompt_sha256": _prompt_sha(record)}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "id": record.id,
+                        "split": splits[record.id],
+                        "generation": text,
+                        "label": label,
+                        "hard_negative": record.id in hard_negatives,
+                        "model": fingerprint,
+                        "max_new_tokens": config.max_new_tokens,
+                        "prompt_sha256": _prompt_sha(record),
+                    }
+                )
+                + "\n"
+            )
     served = withdraw_regions(head.ladder, certification.withdrawn) if certification else head.ladder
     region = served.regions[served.default_alpha]
     if certification is not None:
@@ -386,22 +514,43 @@ def calibrate(config: CalibrateConfig) -> dict:
         "hard_negatives": len(hard_negatives),
         "alpha": served.default_alpha,
         "q_prime_min": region.q_prime_min if region.exists else None,
-        "calibration_hr_proportion": region.calibration_admitted / max(region.calibration_size, 1) if region.exists else 0.0,
+        "calibration_hr_proportion": region.calibration_admitted / max(region.calibration_size, 1)
+        if region.exists
+        else 0.0,
         # Every alpha of the ladder as served: the admitted share of the head's calibration half, or None where no
         # region exists (never found, or withdrawn by certification).
-        "regions": {f"{a:g}": (r.calibration_admitted / max(r.calibration_size, 1) if r.exists else None)
-                    for a, r in sorted(served.regions.items(), reverse=True)},
-        "certification": ({f"{r.alpha:g}": {"admitted": r.admitted, "correct": r.correct, "p_value": r.p_value, "status": r.status,
-                                             "withdrawn": r.withdrawn} for r in certification.rows if r.status != "no_region"}
-                          if certification else None),
+        "regions": {
+            f"{a:g}": (r.calibration_admitted / max(r.calibration_size, 1) if r.exists else None)
+            for a, r in sorted(served.regions.items(), reverse=True)
+        },
+        "certification": (
+            {
+                f"{r.alpha:g}": {
+                    "admitted": r.admitted,
+                    "correct": r.correct,
+                    "p_value": r.p_value,
+                    "status": r.status,
+                    "withdrawn": r.withdrawn,
+                }
+                for r in certification.rows
+                if r.status != "no_region"
+            }
+            if certification
+            else None
+        ),
         "certified_alphas": list(certification.certified) if certification else None,
         "seconds": provenance["seconds"],
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    command_line = CommandLine(CalibrateConfig, prog="python -m training.calibrate", env_prefix="SDM_CALIBRATE_", presets=PRESETS,
-                               description=__doc__ or "")
+    command_line = CommandLine(
+        CalibrateConfig,
+        prog="python -m training.calibrate",
+        env_prefix="SDM_CALIBRATE_",
+        presets=PRESETS,
+        description=__doc__ or "",
+    )
     args = command_line.parser().parse_args(argv)
     try:
         config = command_line.resolve(args)

@@ -17,16 +17,16 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from sdm_core import SDMEstimator
-from sdm_core.lm.bundle import load_bundle, seal_bundle
 from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder
 from sdm_core.folders import atomic_folder
+from sdm_core.lm.bundle import load_bundle, seal_bundle
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
@@ -39,32 +39,24 @@ __all__ = ["CertifyConfig", "PRESETS", "certify", "main"]
 
 @dataclass(frozen=True)
 class CertifyConfig:
-    bundle: str = setting("",
-        help="the bundle to re-certify (left unchanged)")
-    data: str = setting("",
-        help="comma-separated JSONL record files of prompts the head never saw, with references")
-    out: str = setting("",
-        help="folder for the re-certified bundle (required; must not exist or be empty)")
-    correctness: str = setting("word_order",
-        help="correctness function r by name (labels the generations)")
-    max_docs: int = setting(0,
-        help="use the first N documents (0: all)")
-    max_new_tokens: int = setting(512,
-        help="tokens to generate at most per prompt (as the bundle was calibrated)")
-    generate_batch_size: int = setting(16,
-        help="prompts per batched greedy generation")
-    embed_batch_size: int = setting(16,
-        help="instances per no-grad hidden-state pass")
-    policy: str = setting("violation",
-        help="which regions stay on the ladder: violation, evidence or lower-bound (see sdm_core.certification)")
-    min_admitted: int = setting(10,
-        help="admitted answers a region needs for its test to count")
-    violation_p: float = setting(0.01,
-        help="exact binomial p-value below which a region's accuracy is significantly below alpha")
-    device: str = setting("auto",
-        help=DEVICE_HELP, parse=parse_device)
-    progress: bool = setting(True,
-        help="show progress bars")
+    bundle: str = setting("", help="the bundle to re-certify (left unchanged)")
+    data: str = setting("", help="comma-separated JSONL record files of prompts the head never saw, with references")
+    out: str = setting("", help="folder for the re-certified bundle (required; must not exist or be empty)")
+    correctness: str = setting("word_order", help="correctness function r by name (labels the generations)")
+    max_docs: int = setting(0, help="use the first N documents (0: all)")
+    max_new_tokens: int = setting(512, help="tokens to generate at most per prompt (as the bundle was calibrated)")
+    generate_batch_size: int = setting(16, help="prompts per batched greedy generation")
+    embed_batch_size: int = setting(16, help="instances per no-grad hidden-state pass")
+    policy: str = setting(
+        "violation",
+        help="which regions stay on the ladder: violation, evidence or lower-bound (see sdm_core.certification)",
+    )
+    min_admitted: int = setting(10, help="admitted answers a region needs for its test to count")
+    violation_p: float = setting(
+        0.01, help="exact binomial p-value below which a region's accuracy is significantly below alpha"
+    )
+    device: str = setting("auto", help=DEVICE_HELP, parse=parse_device)
+    progress: bool = setting(True, help="show progress bars")
 
     def validate(self) -> None:
         if not self.bundle or not self.data or not self.out:
@@ -86,7 +78,13 @@ class CertifyConfig:
 PRESETS: dict[str, dict] = {
     "paper": {},
     "smollm2-cpu": {"max_new_tokens": 96},
-    "tiny": {"max_new_tokens": 12, "generate_batch_size": 8, "embed_batch_size": 8, "min_admitted": 2, "progress": False},
+    "tiny": {
+        "max_new_tokens": 12,
+        "generate_batch_size": 8,
+        "embed_batch_size": 8,
+        "min_admitted": 2,
+        "progress": False,
+    },
 }
 
 
@@ -109,19 +107,44 @@ def certify(config: CertifyConfig) -> dict:
     head = SDMEstimator.load(info.path / info.head["path"])
     overlap = {r.id for r in records} & (set(head.support.ids) | set(head.calibration_ids))
     if overlap:
-        raise ValueError(f"{len(overlap)} documents of --data are in the head's support or calibration (e.g. {sorted(overlap)[0]}); "
-                         "certify on documents the head never saw")
-    generated = decode_and_label(bundle.model, bundle.tokenizer, records, info.chat, get_correctness(config.correctness),
-                                 config.max_new_tokens, config.generate_batch_size, config.progress, "decoding")
+        raise ValueError(
+            f"{len(overlap)} documents of --data are in the head's support or calibration (e.g. {sorted(overlap)[0]}); "
+            "certify on documents the head never saw"
+        )
+    generated = decode_and_label(
+        bundle.model,
+        bundle.tokenizer,
+        records,
+        info.chat,
+        get_correctness(config.correctness),
+        config.max_new_tokens,
+        config.generate_batch_size,
+        config.progress,
+        "decoding",
+    )
     prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
-    texts = [verification_text(bundle.tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generated.texts)]
+    texts = [
+        verification_text(bundle.tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generated.texts)
+    ]
     h = embed_texts(bundle.model, bundle.tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
     scores = head.predict_scores(h)
     certification, served = certify_ladder(
-        head.ladder, scores.probabilities, scores.predictions, scores.q_prime, torch.tensor(generated.labels, dtype=torch.bool),
-        info.tags.positive_class, policy=config.policy, min_admitted=config.min_admitted, violation_p=config.violation_p,
-        source={"kind": "certify", "documents": len(records), "files": files, "generation_accuracy": generated.accuracy,
-                "recertified_from": info.raw.get("bundle_sha256")},
+        head.ladder,
+        scores.probabilities,
+        scores.predictions,
+        scores.q_prime,
+        torch.tensor(generated.labels, dtype=torch.bool),
+        info.tags.positive_class,
+        policy=config.policy,
+        min_admitted=config.min_admitted,
+        violation_p=config.violation_p,
+        source={
+            "kind": "certify",
+            "documents": len(records),
+            "files": files,
+            "generation_accuracy": generated.accuracy,
+            "recertified_from": info.raw.get("bundle_sha256"),
+        },
     )
     out = Path(config.out)
     provenance = {**info.provenance, "certify_config": flatten(config)}
@@ -138,16 +161,29 @@ def certify(config: CertifyConfig) -> dict:
         "generation_accuracy": generated.accuracy,
         "certified_alphas": list(certification.certified),
         "withdrawn": list(certification.withdrawn),
-        "rows": {f"{r.alpha:g}": {"admitted": r.admitted, "correct": r.correct, "p_value": r.p_value,
-                                  "lower_bound": r.lower_bound, "status": r.status} for r in certification.rows},
+        "rows": {
+            f"{r.alpha:g}": {
+                "admitted": r.admitted,
+                "correct": r.correct,
+                "p_value": r.p_value,
+                "lower_bound": r.lower_bound,
+                "status": r.status,
+            }
+            for r in certification.rows
+        },
         "default_alpha_has_region": served.regions[served.default_alpha].exists,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    command_line = CommandLine(CertifyConfig, prog="python -m training.certify", env_prefix="SDM_CERTIFY_", presets=PRESETS,
-                               description=__doc__ or "")
+    command_line = CommandLine(
+        CertifyConfig,
+        prog="python -m training.certify",
+        env_prefix="SDM_CERTIFY_",
+        presets=PRESETS,
+        description=__doc__ or "",
+    )
     args = command_line.parser().parse_args(argv)
     try:
         config = command_line.resolve(args)

@@ -64,8 +64,12 @@ def _optimizer_state(model, optimizer) -> dict:
 
     full = get_optimizer_state_dict(model, _torch_optimizer(optimizer), options=_full_options(cpu_offload=True))
     index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
-    return {"state": {index[name]: values for name, values in full.get("state", {}).items()},
-            "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in full.get("param_groups", [])]}
+    return {
+        "state": {index[name]: values for name, values in full.get("state", {}).items()},
+        "param_groups": [
+            {**group, "params": [index[name] for name in group["params"]]} for group in full.get("param_groups", [])
+        ],
+    }
 
 
 def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -95,14 +99,26 @@ def _restore_optimizer(model, optimizer: torch.optim.Optimizer, tensors: dict[st
     # Every rank read the full state; each keeps its own shards. The DCP API keys parameters by name.
     names = _parameter_names(model, optimizer)
     if len(names) != sum(len(group["params"]) for group in meta["param_groups"]):
-        raise ValueError("the checkpoint's optimiser has another number of parameters; was it written with another configuration?")
-    full = {"state": {names[i]: values for i, values in state.items()},
-            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in meta["param_groups"]]}
+        raise ValueError(
+            "the checkpoint's optimiser has another number of parameters; was it written with another configuration?"
+        )
+    full = {
+        "state": {names[i]: values for i, values in state.items()},
+        "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in meta["param_groups"]],
+    }
     set_optimizer_state_dict(model, _torch_optimizer(optimizer), full, options=_full_options())
 
 
-def save_checkpoint(folder: Path, *, model, optimizer, scheduler, trainer_state: dict, train_layer: SDMEstimator | None,
-                    write: bool = True) -> None:
+def save_checkpoint(
+    folder: Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state: dict,
+    train_layer: SDMEstimator | None,
+    write: bool = True,
+) -> None:
     """Write the checkpoint atomically. Call it on every rank with ``write`` true on rank 0 alone: a sharded model's
     state is gathered collectively; an unsharded one returns at once where ``write`` is false."""
     sharded = is_sharded(model)
@@ -146,7 +162,9 @@ def load_checkpoint(folder: Path, *, model, optimizer, scheduler) -> tuple[dict,
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
     if missing:
-        raise ValueError(f"the checkpoint lacks trainable parameters {missing[:3]}...; was it written with another configuration?")
+        raise ValueError(
+            f"the checkpoint lacks trainable parameters {missing[:3]}...; was it written with another configuration?"
+        )
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
@@ -156,7 +174,12 @@ def load_checkpoint(folder: Path, *, model, optimizer, scheduler) -> tuple[dict,
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)
-    _restore_optimizer(model, optimizer, load_file(str(folder / "optimizer.safetensors")), json.loads((folder / "optimizer.json").read_text()))
+    _restore_optimizer(
+        model,
+        optimizer,
+        load_file(str(folder / "optimizer.safetensors")),
+        json.loads((folder / "optimizer.json").read_text()),
+    )
     scheduler.load_state_dict(body["scheduler"])
     torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["torch_rng"])
     layer = SDMEstimator.load(folder / "train_layer") if (folder / "train_layer").is_dir() else None

@@ -23,7 +23,9 @@ def parse_model_source(text: str) -> dict:
     if text.strip().startswith("{"):
         source = json.loads(text)
         if not isinstance(source, dict):
-            raise ValueError(f"a JSON model source must be an object such as {{\"kind\": \"hf\", \"path\": ...}}, got {text!r}")
+            raise ValueError(
+                f'a JSON model source must be an object such as {{"kind": "hf", "path": ...}}, got {text!r}'
+            )
         return source
     if text in ("smollm2", "tiny"):
         return {"kind": text}
@@ -33,129 +35,146 @@ def parse_model_source(text: str) -> dict:
 @dataclass(frozen=True)
 class FinetuneConfig:
     # data
-    train: str = setting("",
-        help="training records (JSONL); empty: build the word-ordering task into OUTPUT_DIR/data")
-    calibration: str = setting("",
-        help="calibration records (JSONL) for evaluation and the validation SDM layer; empty: the built task's")
-    output_dir: str = setting("runs/finetune",
-        help="run folder: config.json, train.log, metrics.jsonl, checkpoint/, best/, final/")
-    correctness: str = setting("word_order",
-        help=CORRECTNESS_HELP + " (checked at start and recorded in config.json; the loop's hard negatives are every non-verbatim generation)")
-    max_train_docs: int = setting(0,
-        help="use the first N training documents (0: all)")
-    max_calibration_docs: int = setting(0,
-        help="use the first N calibration documents (0: all)")
+    train: str = setting("", help="training records (JSONL); empty: build the word-ordering task into OUTPUT_DIR/data")
+    calibration: str = setting(
+        "", help="calibration records (JSONL) for evaluation and the validation SDM layer; empty: the built task's"
+    )
+    output_dir: str = setting(
+        "runs/finetune", help="run folder: config.json, train.log, metrics.jsonl, checkpoint/, best/, final/"
+    )
+    correctness: str = setting(
+        "word_order",
+        help=CORRECTNESS_HELP
+        + " (checked at start and recorded in config.json; the loop's hard negatives are every non-verbatim "
+        "generation)",
+    )
+    max_train_docs: int = setting(0, help="use the first N training documents (0: all)")
+    max_calibration_docs: int = setting(0, help="use the first N calibration documents (0: all)")
     # the task built into OUTPUT_DIR/data when no --train/--calibration are given: word_order or arithmetic
-    task: str = setting("word_order",
-        help="task built into OUTPUT_DIR/data when no --train/--calibration are given: word_order or arithmetic")
+    task: str = setting(
+        "word_order",
+        help="task built into OUTPUT_DIR/data when no --train/--calibration are given: word_order or arithmetic",
+    )
     # sentence lengths (words) when the word-ordering task is built
-    task_min_words: int = setting(5,
-        help="shortest sentence (words) when the word-ordering task is built")
-    task_max_words: int = setting(60,
-        help="longest sentence (words) when the word-ordering task is built")
+    task_min_words: int = setting(5, help="shortest sentence (words) when the word-ordering task is built")
+    task_max_words: int = setting(60, help="longest sentence (words) when the word-ordering task is built")
     # operand digits and operations when the arithmetic task is built
-    task_min_digits: int = setting(2,
-        help="fewest digits of an operand when the arithmetic task is built")
-    task_max_digits: int = setting(4,
-        help="most digits of an operand when the arithmetic task is built")
-    task_operations: tuple[str, ...] = setting(("+", "-", "*"),
-        help="comma-separated operations (+,-,*) when the arithmetic task is built")
+    task_min_digits: int = setting(2, help="fewest digits of an operand when the arithmetic task is built")
+    task_max_digits: int = setting(4, help="most digits of an operand when the arithmetic task is built")
+    task_operations: tuple[str, ...] = setting(
+        ("+", "-", "*"), help="comma-separated operations (+,-,*) when the arithmetic task is built"
+    )
     # documents built after the training split (continuing its draw) that fine-tuning never reads: training.calibrate
     # uses them with the calibration split for the final head and its certification
-    task_holdout_docs: int = setting(0,
-        help="documents built after the training split that fine-tuning never reads (calibration and certification data for training.calibrate)")
+    task_holdout_docs: int = setting(
+        0,
+        help="documents built after the training split that fine-tuning never reads (calibration and certification "
+        "data for training.calibrate)",
+    )
     # model
-    model: dict = setting(default_factory=lambda: {"kind": "smollm2"}, parse=parse_model_source,
-        help="model source: smollm2, tiny, a Hugging Face folder, or JSON such as '{\"kind\": \"hf\", \"path\": ...}'")
-    dtype: str = setting("float32",
-        help="float32 or bfloat16 weights and compute")
+    model: dict = setting(
+        default_factory=lambda: {"kind": "smollm2"},
+        parse=parse_model_source,
+        help='model source: smollm2, tiny, a Hugging Face folder, or JSON such as \'{"kind": "hf", "path": ...}\'',
+    )
+    dtype: str = setting("float32", help="float32 or bfloat16 weights and compute")
     # "bf16": the fine-tuning loop's LM passes (training steps, its SDM layers' embeddings, hard-negative decoding,
     # evaluation) run under bfloat16 autocast over float32 weights; calibration and serving stay at ``dtype``.
-    mixed_precision: str = setting("no",
-        help="no, or bf16: bfloat16 autocast over float32 weights in the fine-tuning loop's LM passes only")
-    lora: bool = setting(False,
-        help="train LoRA adapters (peft) instead of the full weights")
-    lora_r: int = setting(8,
-        help="LoRA rank")
-    lora_alpha: int = setting(16,
-        help="LoRA scaling alpha")
-    lora_targets: tuple[str, ...] = setting(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-        help="comma-separated module names that get LoRA adapters")
+    mixed_precision: str = setting(
+        "no", help="no, or bf16: bfloat16 autocast over float32 weights in the fine-tuning loop's LM passes only"
+    )
+    lora: bool = setting(False, help="train LoRA adapters (peft) instead of the full weights")
+    lora_r: int = setting(8, help="LoRA rank")
+    lora_alpha: int = setting(16, help="LoRA scaling alpha")
+    lora_targets: tuple[str, ...] = setting(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        help="comma-separated module names that get LoRA adapters",
+    )
     # >0: train only the last N blocks (a CPU budget option): their full weights (+ final norm), or with --lora
     # LoRA adapters on those blocks only, so the backward pass stops N blocks from the top either way.
-    trainable_last_layers: int = setting(0,
-        help="train only the last N blocks (0: all), a CPU budget option")
-    gradient_checkpointing: bool = setting(False,
-        help="recompute activations in the backward pass to save memory")
-    system_prompt: str | None = setting("You are a helpful AI assistant.",
-        help="system turn put before every prompt (and before a chat that brings none)")
+    trainable_last_layers: int = setting(0, help="train only the last N blocks (0: all), a CPU budget option")
+    gradient_checkpointing: bool = setting(False, help="recompute activations in the backward pass to save memory")
+    system_prompt: str | None = setting(
+        "You are a helpful AI assistant.",
+        help="system turn put before every prompt (and before a chat that brings none)",
+    )
     # objective
-    loss: str = setting("sdm",
-        help="sdm (Eq. 1, base 2 + SDM(z')_y) or ce (the cross-entropy baseline on the same encoding)")
-    gamma_positive: float = setting(0.5,
-        help="probability that a document's instance is its positive")
-    gamma_generate: float = setting(0.5,
-        help="probability that a negative instance is a fresh greedy generation (hard negative)")
-    generate_from_epoch: int = setting(1,
-        help="0-based epoch from which hard negatives are generated")
+    loss: str = setting(
+        "sdm", help="sdm (Eq. 1, base 2 + SDM(z')_y) or ce (the cross-entropy baseline on the same encoding)"
+    )
+    gamma_positive: float = setting(0.5, help="probability that a document's instance is its positive")
+    gamma_generate: float = setting(
+        0.5, help="probability that a negative instance is a fresh greedy generation (hard negative)"
+    )
+    generate_from_epoch: int = setting(1, help="0-based epoch from which hard negatives are generated")
     # "step" (reference): a document drawn for generation is decoded in its own step with the current weights.
-    # "epoch": all of an epoch's draws are decoded in batches at the epoch start (a CPU budget option, see decisions.md).
-    generation_timing: str = setting("step",
-        help="step: decode in the step that draws it; epoch: decode an epoch's draws in batches at its start")
-    max_new_tokens: int = setting(512,
-        help="tokens to generate at most per hard negative")
-    max_length: int = setting(2048,
-        help="longest training sequence in tokens (a longer one keeps its end, which holds the completion)")
+    # "epoch": all of an epoch's draws are decoded in batches at the epoch start (a CPU budget option, see
+    # decisions.md).
+    generation_timing: str = setting(
+        "step", help="step: decode in the step that draws it; epoch: decode an epoch's draws in batches at its start"
+    )
+    max_new_tokens: int = setting(512, help="tokens to generate at most per hard negative")
+    max_length: int = setting(
+        2048, help="longest training sequence in tokens (a longer one keeps its end, which holds the completion)"
+    )
     # optimisation
-    epochs: int = setting(10,
-        help="training epochs")
-    micro_batch_size: int = setting(16,
-        help="instances per forward/backward pass on each process")
-    gradient_accumulation: int = setting(1,
-        help="micro-batches per optimiser step")
-    learning_rate: float = setting(5e-5,
-        help="AdamW peak learning rate")
-    warmup_steps: int = setting(78,
-        help="linear warmup steps, then linear decay to 0")
-    weight_decay: float = setting(0.01,
-        help="AdamW weight decay")
-    max_grad_norm: float = setting(1.0,
-        help="gradient clipping norm (0: off)")
-    eval_steps: int = setting(39,
-        help="evaluate (and keep the best checkpoint) every N optimiser steps")
-    save_steps: int = setting(39,
-        help="write the resumable checkpoint every N optimiser steps")
-    max_eval_docs: int = setting(0,
-        help="calibration documents in each evaluation (0: all)")
-    validation_layer_docs: int = setting(0,
-        help="calibration documents for the validation SDM layer (0: all)")
-    seed: int = setting(0,
-        help="seed of every draw, shuffle and initialisation")
+    epochs: int = setting(10, help="training epochs")
+    micro_batch_size: int = setting(16, help="instances per forward/backward pass on each process")
+    gradient_accumulation: int = setting(1, help="micro-batches per optimiser step")
+    learning_rate: float = setting(5e-5, help="AdamW peak learning rate")
+    warmup_steps: int = setting(78, help="linear warmup steps, then linear decay to 0")
+    weight_decay: float = setting(0.01, help="AdamW weight decay")
+    max_grad_norm: float = setting(1.0, help="gradient clipping norm (0: off)")
+    eval_steps: int = setting(39, help="evaluate (and keep the best checkpoint) every N optimiser steps")
+    save_steps: int = setting(39, help="write the resumable checkpoint every N optimiser steps")
+    max_eval_docs: int = setting(0, help="calibration documents in each evaluation (0: all)")
+    validation_layer_docs: int = setting(0, help="calibration documents for the validation SDM layer (0: all)")
+    seed: int = setting(0, help="seed of every draw, shuffle and initialisation")
     # SDM layers inside fine-tuning (SDM_SPEC §3.5)
-    sdm: SDMConfig = group(SDMConfig, {
-        "sdm_epochs": ("epochs", "epochs of each SDM layer fitted during training"),
-        "sdm_exemplar_dim": ("exemplar_dim", "exemplar dimension M of those SDM layers"),
-        "sdm_batch_size": ("batch_size", "mini-batch size of those SDM layers"),
-        "sdm_learning_rate": ("learning_rate", "Adam learning rate of those SDM layers"),
-        "alpha": ("alpha", "alpha of the SDM layers' HIGH-RELIABILITY region"),
-    })
+    sdm: SDMConfig = group(
+        SDMConfig,
+        {
+            "sdm_epochs": ("epochs", "epochs of each SDM layer fitted during training"),
+            "sdm_exemplar_dim": ("exemplar_dim", "exemplar dimension M of those SDM layers"),
+            "sdm_batch_size": ("batch_size", "mini-batch size of those SDM layers"),
+            "sdm_learning_rate": ("learning_rate", "Adam learning rate of those SDM layers"),
+            "alpha": ("alpha", "alpha of the SDM layers' HIGH-RELIABILITY region"),
+        },
+    )
     # embedding / generation batch sizes (no-grad passes)
-    embed_batch_size: int = setting(16,
-        help="instances per no-grad hidden-state pass")
-    generate_batch_size: int = setting(16,
-        help="prompts per batched greedy generation")
-    recipe_sequence_end: str = setting("template",
-        help="where h's sequence ends: template (reference code) or verified (the paper: at <verified>)")
-    progress: bool = setting(True,
-        help="show progress bars")
+    embed_batch_size: int = setting(16, help="instances per no-grad hidden-state pass")
+    generate_batch_size: int = setting(16, help="prompts per batched greedy generation")
+    recipe_sequence_end: str = setting(
+        "template", help="where h's sequence ends: template (reference code) or verified (the paper: at <verified>)"
+    )
+    progress: bool = setting(True, help="show progress bars")
 
     def __post_init__(self) -> None:
-        positive_ints = ("epochs", "micro_batch_size", "gradient_accumulation", "eval_steps", "save_steps", "embed_batch_size",
-                         "generate_batch_size", "max_new_tokens", "max_length", "lora_r", "lora_alpha")
+        positive_ints = (
+            "epochs",
+            "micro_batch_size",
+            "gradient_accumulation",
+            "eval_steps",
+            "save_steps",
+            "embed_batch_size",
+            "generate_batch_size",
+            "max_new_tokens",
+            "max_length",
+            "lora_r",
+            "lora_alpha",
+        )
         for name in positive_ints:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_train_docs", "max_calibration_docs", "max_eval_docs", "warmup_steps", "trainable_last_layers", "generate_from_epoch", "validation_layer_docs"):
+        for name in (
+            "max_train_docs",
+            "max_calibration_docs",
+            "max_eval_docs",
+            "warmup_steps",
+            "trainable_last_layers",
+            "generate_from_epoch",
+            "validation_layer_docs",
+        ):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("gamma_positive", "gamma_generate"):
@@ -166,23 +185,38 @@ class FinetuneConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16' (--mixed-precision / SDM_MIXED_PRECISION), got {self.mixed_precision!r}")
+            raise ValueError(
+                "mixed_precision must be 'no' or 'bf16' (--mixed-precision / SDM_MIXED_PRECISION), got "
+                f"{self.mixed_precision!r}"
+            )
         if self.mixed_precision == "bf16" and self.dtype != "float32":
-            raise ValueError("mixed_precision bf16 (the smollm2-cpu preset sets it) autocasts over float32 weights; with dtype bfloat16 "
-                             "pass --mixed-precision no (or SDM_MIXED_PRECISION=no)")
+            raise ValueError(
+                "mixed_precision bf16 (the smollm2-cpu preset sets it) autocasts over float32 weights; with dtype "
+                "bfloat16 "
+                "pass --mixed-precision no (or SDM_MIXED_PRECISION=no)"
+            )
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         # The SDM layers' settings (sdm_*, alpha) are validated by SDMConfig itself.
         if not isinstance(self.model, dict) or "kind" not in self.model:
             raise ValueError("model must be a model source such as {'kind': 'smollm2'} or {'kind': 'hf', 'path': ...}")
         if not 1 <= self.task_min_words <= self.task_max_words:
-            raise ValueError(f"need 1 <= task_min_words <= task_max_words, got {self.task_min_words}, {self.task_max_words}")
+            raise ValueError(
+                f"need 1 <= task_min_words <= task_max_words, got {self.task_min_words}, {self.task_max_words}"
+            )
         if self.task not in ("word_order", "arithmetic"):
-            raise ValueError(f"task must be 'word_order' or 'arithmetic' (or give your own --train and --calibration files), got {self.task!r}")
+            raise ValueError(
+                "task must be 'word_order' or 'arithmetic' (or give your own --train and --calibration files), got "
+                f"{self.task!r}"
+            )
         if not 1 <= self.task_min_digits <= self.task_max_digits:
-            raise ValueError(f"need 1 <= task_min_digits <= task_max_digits, got {self.task_min_digits}, {self.task_max_digits}")
+            raise ValueError(
+                f"need 1 <= task_min_digits <= task_max_digits, got {self.task_min_digits}, {self.task_max_digits}"
+            )
         if not self.task_operations or set(self.task_operations) - {"+", "-", "*"}:
-            raise ValueError(f"task_operations must be a non-empty subset of +,-,*, got {','.join(self.task_operations)!r}")
+            raise ValueError(
+                f"task_operations must be a non-empty subset of +,-,*, got {','.join(self.task_operations)!r}"
+            )
         if self.generation_timing not in ("step", "epoch"):
             raise ValueError(f"generation_timing must be 'step' or 'epoch', got {self.generation_timing!r}")
         if self.recipe_sequence_end not in ("template", "verified"):
@@ -287,7 +321,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The multi-digit arithmetic task (training/arithmetic.py): the same model budgets, answers checked by exact value.
 # Built into OUTPUT_DIR/data when no --train/--calibration are given; calibrate and evaluate have presets of the same
 # names that select the arithmetic correctness function.
-PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "task": "arithmetic", "correctness": "arithmetic", "task_max_digits": 3}
+PRESETS["arithmetic-tiny"] = {
+    **PRESETS["tiny"],
+    "task": "arithmetic",
+    "correctness": "arithmetic",
+    "task_max_digits": 3,
+}
 PRESETS["arithmetic-cpu"] = {
     **{k: v for k, v in PRESETS["smollm2-cpu"].items() if k != "task_max_words"},
     "task": "arithmetic",

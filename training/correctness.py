@@ -30,8 +30,10 @@ from training.records import NO_TAG, YES_TAG
 ENTRY_POINT_GROUP = "sdm_lm.correctness"
 
 # The --help line of every command's --correctness flag.
-CORRECTNESS_HELP = ("correctness function r(generation, reference) -> bool: a built-in name (word_order, arithmetic, "
-                    f"exact_match), package.module:function, or a name registered under the {ENTRY_POINT_GROUP} entry-point group")
+CORRECTNESS_HELP = (
+    "correctness function r(generation, reference) -> bool: a built-in name (word_order, arithmetic, "
+    f"exact_match), package.module:function, or a name registered under the {ENTRY_POINT_GROUP} entry-point group"
+)
 
 Correctness = Callable[[str, str], bool]
 
@@ -88,8 +90,10 @@ def arithmetic(generation: str, reference: str) -> bool:
     if expected is None:
         expected = parse_integer(first_tagged(reference, "answer"))
     if expected is None:
-        raise ValueError(f"arithmetic reference {reference[:80]!r} is not an integer; the record's 'reference' "
-                         "must hold the exact value, e.g. \"5758\" (or its positive an <answer> with it)")
+        raise ValueError(
+            f"arithmetic reference {reference[:80]!r} is not an integer; the record's 'reference' "
+            'must hold the exact value, e.g. "5758" (or its positive an <answer> with it)'
+        )
     return parse_integer(first_tagged(generation, "answer")) == expected
 
 
@@ -114,8 +118,10 @@ def registered_names() -> dict[str, str]:
 def check_signature(fn: object, where: str) -> Correctness:
     """``fn`` if it can be called as ``fn(generation, reference)``; ValueError naming ``where`` otherwise."""
     if not callable(fn):
-        raise ValueError(f"correctness {where} is a {type(fn).__name__}, not a function; point it at a "
-                         "function r(generation: str, reference: str) -> bool")
+        raise ValueError(
+            f"correctness {where} is a {type(fn).__name__}, not a function; point it at a "
+            "function r(generation: str, reference: str) -> bool"
+        )
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -123,9 +129,11 @@ def check_signature(fn: object, where: str) -> Correctness:
     try:
         signature.bind("generation", "reference")
     except TypeError as exc:
-        raise ValueError(f"correctness {where} has the signature {getattr(fn, '__qualname__', 'r')}{signature}, which "
-                         f"cannot be called as r(generation, reference) ({exc}); define it as "
-                         "def r(generation: str, reference: str) -> bool") from None
+        raise ValueError(
+            f"correctness {where} has the signature {getattr(fn, '__qualname__', 'r')}{signature}, which "
+            f"cannot be called as r(generation, reference) ({exc}); define it as "
+            "def r(generation: str, reference: str) -> bool"
+        ) from None
     return fn
 
 
@@ -136,15 +144,19 @@ def _import_path(spec: str) -> Correctness:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"correctness {spec!r}: cannot import module {module_name!r} ({exc}); install the package "
-                         "that provides it, or run from the folder that holds it (it must be on PYTHONPATH)") from None
+        raise ValueError(
+            f"correctness {spec!r}: cannot import module {module_name!r} ({exc}); install the package "
+            "that provides it, or run from the folder that holds it (it must be on PYTHONPATH)"
+        ) from None
     target: object = module
     for part in attr_path.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise ValueError(f"correctness {spec!r}: module {module_name!r} has no attribute {attr_path!r}; "
-                             "check the function's name after the colon") from None
+            raise ValueError(
+                f"correctness {spec!r}: module {module_name!r} has no attribute {attr_path!r}; "
+                "check the function's name after the colon"
+            ) from None
     return check_signature(target, repr(spec))
 
 
@@ -164,13 +176,17 @@ def get_correctness(name: str) -> Correctness:
             try:
                 fn = ep.load()
             except (ImportError, AttributeError) as exc:
-                raise ValueError(f"correctness {name!r} is registered by an installed package as {ep.value!r} "
-                                 f"(entry-point group {ENTRY_POINT_GROUP}) but does not load: {exc}; reinstall "
-                                 "that package or fix its entry point") from None
+                raise ValueError(
+                    f"correctness {name!r} is registered by an installed package as {ep.value!r} "
+                    f"(entry-point group {ENTRY_POINT_GROUP}) but does not load: {exc}; reinstall "
+                    "that package or fix its entry point"
+                ) from None
             return check_signature(fn, f"{name!r} (entry point {ep.value!r})")
     known = sorted(CORRECTNESS) + sorted(registered_names())
-    raise ValueError(f"unknown correctness function {name!r}; known names: {', '.join(known)}; or give your own as "
-                     f"package.module:function, or register a name under the entry-point group {ENTRY_POINT_GROUP}")
+    raise ValueError(
+        f"unknown correctness function {name!r}; known names: {', '.join(known)}; or give your own as "
+        f"package.module:function, or register a name under the entry-point group {ENTRY_POINT_GROUP}"
+    )
 
 
 def is_verbatim(generation: str, positive: str) -> bool:

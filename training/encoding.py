@@ -8,8 +8,8 @@ re-tokenised separately, so the cut is exact at token level for any chat templat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -42,7 +42,9 @@ def encode_instance(
     """Token ids and masked labels for one (prompt, response) with reward label 1 (positive) or 0 (negative)."""
     messages = chat_messages(prompt, chat)
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False, add_generation_prompt=False)
+    full_text = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": response}], tokenize=False, add_generation_prompt=False
+    )
     if full_text.startswith(prompt_text):
         start = len(prompt_text)
     else:  # templates that render the assistant turn differently: anchor on the response text itself

@@ -3,9 +3,10 @@
 For every bundle and every record file: greedy-decode each prompt with the bundle's model and chat format, label
 the generation, cut where the server's output ends (its first verified element), with the task's correctness
 function (y = r(generation, reference), SDM_SPEC §4.3), build the verification input exactly as the server does
-(the response truncated after its ``<verified>``, or with one appended, wrapped in the chat template), embed it with the bundle's hidden-state recipe and score it
-with the bundle's SDM head. Alongside, the generation's surface metrics (§4.3): sentence accuracy, exact-match
-accuracy, "no response" count, word-level accuracy and the model's own Yes/No tag against sentence correctness.
+(the response truncated after its ``<verified>``, or with one appended, wrapped in the chat template), embed it
+with the bundle's hidden-state recipe and score it with the bundle's SDM head. Alongside, the generation's surface
+metrics (§4.3): sentence accuracy, exact-match accuracy, "no response" count, word-level accuracy and the model's
+own Yes/No tag against sentence correctness.
 
 Outputs under ``--out``:
 
@@ -29,9 +30,9 @@ import gc
 import json
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from sdm_core.lm.models import resolve_device
 from sdm_core.math import check_alpha
@@ -60,29 +61,24 @@ def _alpha_or_default(text: str) -> float | None:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    bundles: tuple[str, ...] = setting((),
-        help="comma-separated NAME=PATH bundles (or bundle folders, named after the folder) to compare")
-    data: tuple[str, ...] = setting((),
-        help="comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)")
-    out: str = setting("",
-        help="folder for metrics.json, report.md, predictions and plots (required)")
-    correctness: str = setting("word_order",
-        help=CORRECTNESS_HELP)
-    max_docs: int = setting(0,
-        help="use the first N documents of each dataset (0: all)")
-    max_new_tokens: int = setting(512,
-        help="tokens to generate at most per prompt")
-    generate_batch_size: int = setting(16,
-        help="prompts per batched greedy generation")
-    embed_batch_size: int = setting(16,
-        help="instances per no-grad hidden-state pass")
+    bundles: tuple[str, ...] = setting(
+        (), help="comma-separated NAME=PATH bundles (or bundle folders, named after the folder) to compare"
+    )
+    data: tuple[str, ...] = setting(
+        (), help="comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)"
+    )
+    out: str = setting("", help="folder for metrics.json, report.md, predictions and plots (required)")
+    correctness: str = setting("word_order", help=CORRECTNESS_HELP)
+    max_docs: int = setting(0, help="use the first N documents of each dataset (0: all)")
+    max_new_tokens: int = setting(512, help="tokens to generate at most per prompt")
+    generate_batch_size: int = setting(16, help="prompts per batched greedy generation")
+    embed_batch_size: int = setting(16, help="instances per no-grad hidden-state pass")
     # None: each bundle's default alpha; otherwise it must be on every bundle's ladder
-    alpha: float | None = setting(None, parse=_alpha_or_default,
-        help="alpha to report at (on every bundle's ladder); default: each bundle's own")
-    device: str = setting("auto",
-        help=DEVICE_HELP, parse=parse_device)
-    progress: bool = setting(True,
-        help="show progress bars")
+    alpha: float | None = setting(
+        None, parse=_alpha_or_default, help="alpha to report at (on every bundle's ladder); default: each bundle's own"
+    )
+    device: str = setting("auto", help=DEVICE_HELP, parse=parse_device)
+    progress: bool = setting(True, help="show progress bars")
 
     def __post_init__(self) -> None:
         # bundles and data may be given as one comma-separated string, as on the command line.
@@ -111,8 +107,10 @@ class EvaluateConfig:
         data = parse_named_paths(self.data, "data")
         for name, path in bundles.items():
             if not (path / "bundle.json").is_file():
-                raise ValueError(f"bundle {name!r}: {path} is not an sdm-lm bundle (bundle.json is missing); "
-                                 "build one with python -m training.calibrate")
+                raise ValueError(
+                    f"bundle {name!r}: {path} is not an sdm-lm bundle (bundle.json is missing); "
+                    "build one with python -m training.calibrate"
+                )
         for name, path in data.items():
             if not path.is_file():
                 raise ValueError(f"data {name!r}: {path} does not exist (expected a JSONL record file)")
@@ -147,8 +145,10 @@ def parse_named_paths(specs: Sequence[str], kind: str) -> dict[str, Path]:
             p = Path(spec)
             name = (p.stem if kind == "data" else p.name) or p.resolve().name
         if not _NAME_RE.match(name):
-            raise ValueError(f"bad {kind} entry {spec!r}: the name {name!r} must start with a letter or digit and use "
-                             "only letters, digits, '_', '.' and '-' (it is used in output file names)")
+            raise ValueError(
+                f"bad {kind} entry {spec!r}: the name {name!r} must start with a letter or digit and use "
+                "only letters, digits, '_', '.' and '-' (it is used in output file names)"
+            )
         if name in out:
             raise ValueError(f"duplicate {kind} name {name!r}; name each entry explicitly with NAME=PATH")
         out[name] = Path(path_text).expanduser()
@@ -176,7 +176,9 @@ def evaluate(config: EvaluateConfig) -> dict:
         metrics["bundles"][bundle_name] = _bundle_entry(bundle, bundle_path, alpha)
         metrics["results"][bundle_name] = {}
         for dataset_name, records in datasets.items():
-            metrics["results"][bundle_name][dataset_name] = evaluate_pair(bundle, bundle_name, dataset_name, records, config, alpha, out)
+            metrics["results"][bundle_name][dataset_name] = evaluate_pair(
+                bundle, bundle_name, dataset_name, records, config, alpha, out
+            )
         del bundle
         gc.collect()
 
@@ -226,7 +228,10 @@ def _bundle_entry(bundle, bundle_path: Path, alpha: float) -> dict:
     """metrics.json's entry for a bundle: where it is, its alpha and ladder, its model, provenance and certification."""
     head, certification = bundle.head, bundle.info.certification
     return {
-        "path": str(bundle_path), "alpha": alpha, "ladder": list(head.ladder.alphas), "model": bundle.info.model,
+        "path": str(bundle_path),
+        "alpha": alpha,
+        "ladder": list(head.ladder.alphas),
+        "model": bundle.info.model,
         "provenance_git_revision": bundle.info.provenance.get("git_revision"),
         "certified_alphas": list(certification.certified) if certification else None,
         "withdrawn_alphas": list(certification.withdrawn) if certification else None,
@@ -237,18 +242,30 @@ def _summary(metrics: dict, out: str) -> dict:
     return {
         "out": out,
         "results": {
-            b: {d: {"n": r["n"], "sentence_acc": round(r["sentence_acc"], 4), "exact_match_acc": round(r["exact_match_acc"], 4),
-                    "alpha": r["alpha"], "hr_accuracy": r["sdm_hr"]["accuracy"],
-                    "hr_admitted_proportion": round(r["sdm_hr"]["admitted_proportion"], 4)}
-                for d, r in per.items()}
+            b: {
+                d: {
+                    "n": r["n"],
+                    "sentence_acc": round(r["sentence_acc"], 4),
+                    "exact_match_acc": round(r["exact_match_acc"], 4),
+                    "alpha": r["alpha"],
+                    "hr_accuracy": r["sdm_hr"]["accuracy"],
+                    "hr_admitted_proportion": round(r["sdm_hr"]["admitted_proportion"], 4),
+                }
+                for d, r in per.items()
+            }
             for b, per in metrics["results"].items()
         },
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    command_line = CommandLine(EvaluateConfig, prog="python -m training.evaluate", env_prefix="SDM_EVALUATE_", presets=PRESETS,
-                               description=__doc__ or "")
+    command_line = CommandLine(
+        EvaluateConfig,
+        prog="python -m training.evaluate",
+        env_prefix="SDM_EVALUATE_",
+        presets=PRESETS,
+        description=__doc__ or "",
+    )
     args = command_line.parser().parse_args(argv)
     try:
         config = command_line.resolve(args)

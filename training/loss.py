@@ -32,9 +32,16 @@ def logits_to_keep(labels: torch.Tensor) -> int:
 
 def _shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of positions T-K..T-2 with the labels they predict (positions T-K+1..T-1)."""
-    if logits.dim() != 3 or labels.dim() != 2 or logits.shape[0] != labels.shape[0] or not 1 <= logits.shape[1] <= labels.shape[1]:
-        raise ValueError(f"logits must be (B, K, V) for the last K <= T positions and labels (B, T); "
-                         f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    if (
+        logits.dim() != 3
+        or labels.dim() != 2
+        or logits.shape[0] != labels.shape[0]
+        or not 1 <= logits.shape[1] <= labels.shape[1]
+    ):
+        raise ValueError(
+            f"logits must be (B, K, V) for the last K <= T positions and labels (B, T); "
+            f"got {tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
     kept = logits.shape[1]
     return logits[:, :-1, :], labels[:, labels.shape[1] - kept + 1 :]
 
@@ -57,5 +64,7 @@ def sdm_token_loss(logits: torch.Tensor, labels: torch.Tensor, base: torch.Tenso
 def ce_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies, number of unmasked tokens): the baseline on the same encoding."""
     z, y = _shift(logits, labels)
-    loss = F.cross_entropy(z.float().reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        z.float().reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, int((y != IGNORE_INDEX).sum())

@@ -23,7 +23,9 @@ class RankSync:
         """Each value summed over ranks, in one reduction."""
         if self.single:
             return list(values)
-        return self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.accelerator.device), "sum").tolist()
+        return self.accelerator.reduce(
+            torch.tensor(values, dtype=torch.float64, device=self.accelerator.device), "sum"
+        ).tolist()
 
     def missing_passes(self, passes: int) -> int:
         """How many passes this rank runs with no documents of its own so that every rank runs as many forward and
@@ -41,7 +43,9 @@ class RankSync:
         take b from the training forward."""
         if self.single:
             return tokens, 0, shared
-        rows = self.accelerator.gather(torch.tensor([[tokens, micro_batches, int(shared)]], device=self.accelerator.device))
+        rows = self.accelerator.gather(
+            torch.tensor([[tokens, micro_batches, int(shared)]], device=self.accelerator.device)
+        )
         return int(rows[:, 0].sum()), int(rows[:, 1].max()) - micro_batches, bool(rows[:, 2].min())
 
     def union(self, store: dict[str, list[str]]) -> dict[str, list[str]]:

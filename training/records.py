@@ -55,7 +55,7 @@ _KNOWN = ("id", "prompt", "messages", "positive", "negative", "reference", "meta
 
 
 def record_format(obj: Mapping[str, Any]) -> str | None:
-    """"prompt" or "messages": the format of one parsed record line (None when it has neither or both)."""
+    """ "prompt" or "messages": the format of one parsed record line (None when it has neither or both)."""
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         return None
@@ -67,10 +67,14 @@ def mixed_format_message(found: str, first: str, first_line: int) -> str:
     if found == "prompt":
         fix = 'write this prompt as "messages": [{"role": "user", "content": PROMPT}]'
     else:
-        fix = ('write every prompt as "messages": [{"role": "user", "content": PROMPT}], or put the chats in a file '
-               "of their own")
-    return (f"record uses '{found}' but the file's first record (line {first_line}) uses '{first}'; use one format "
-            f"per file: {fix}")
+        fix = (
+            'write every prompt as "messages": [{"role": "user", "content": PROMPT}], or put the chats in a file '
+            "of their own"
+        )
+    return (
+        f"record uses '{found}' but the file's first record (line {first_line}) uses '{first}'; use one format "
+        f"per file: {fix}"
+    )
 
 
 class DataError(ValueError):
@@ -106,19 +110,21 @@ class Record:
         _validate(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Record":
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
         """Build a record from a parsed JSON object; raises DataError on any defect."""
         if not isinstance(data, Mapping):
-            raise DataError(f"expected a JSON object, got {type(data).__name__}; "
-                            "write one object per line")
+            raise DataError(f"expected a JSON object, got {type(data).__name__}; write one object per line")
         unknown = sorted(set(data) - set(_KNOWN))
         if unknown:
-            raise DataError(f"unknown field(s) {unknown}; allowed fields are {list(_KNOWN)} "
-                            "(put extra information under 'meta')")
+            raise DataError(
+                f"unknown field(s) {unknown}; allowed fields are {list(_KNOWN)} (put extra information under 'meta')"
+            )
         missing = [k for k in _REQUIRED if k not in data]
         if missing:
-            raise DataError(f"missing required field(s) {missing}; every record needs "
-                            f"{list(_REQUIRED)} and one of 'prompt' or 'messages'")
+            raise DataError(
+                f"missing required field(s) {missing}; every record needs "
+                f"{list(_REQUIRED)} and one of 'prompt' or 'messages'"
+            )
         messages = data.get("messages")
         if isinstance(messages, list):
             messages = tuple(messages)
@@ -179,11 +185,9 @@ def _validate(rec: Record) -> None:
         _validate_messages(rec.messages)
 
     if not rec.positive.rstrip().endswith(YES_TAG):
-        raise DataError(f"field 'positive' does not end with {YES_TAG}; append the tag to "
-                        "the target completion")
+        raise DataError(f"field 'positive' does not end with {YES_TAG}; append the tag to the target completion")
     if not rec.negative.rstrip().endswith(NO_TAG):
-        raise DataError(f"field 'negative' does not end with {NO_TAG}; append the tag to "
-                        "the static negative")
+        raise DataError(f"field 'negative' does not end with {NO_TAG}; append the tag to the static negative")
 
 
 def _validate_messages(messages: Any) -> None:
@@ -192,8 +196,7 @@ def _validate_messages(messages: Any) -> None:
     has_user = False
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or set(msg) != {"role", "content"}:
-            raise DataError(f"messages[{i}] must be an object with exactly the keys "
-                            "'role' and 'content'")
+            raise DataError(f"messages[{i}] must be an object with exactly the keys 'role' and 'content'")
         if not isinstance(msg["role"], str) or not msg["role"].strip():
             raise DataError(f"messages[{i}].role must be a non-empty string")
         if not isinstance(msg["content"], str):
@@ -201,8 +204,7 @@ def _validate_messages(messages: Any) -> None:
         if msg["role"] == "user" and msg["content"].strip():
             has_user = True
     if not has_user:
-        raise DataError("field 'messages' has no non-empty 'user' turn (empty prompt); "
-                        "add the user's request")
+        raise DataError("field 'messages' has no non-empty 'user' turn (empty prompt); add the user's request")
 
 
 def load_records(path: str | os.PathLike) -> list[Record]:
@@ -215,27 +217,35 @@ def load_records(path: str | os.PathLike) -> list[Record]:
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8):]
+                raw = raw[len(codecs.BOM_UTF8) :]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise DataError(f"not valid UTF-8 ({exc.reason} at byte {exc.start}); "
-                                "re-encode the file as UTF-8", path, lineno) from None
+                raise DataError(
+                    f"not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8", path, lineno
+                ) from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno}); each line "
-                                "must be one complete JSON object", path, lineno) from None
+                raise DataError(
+                    f"malformed JSON ({exc.msg} at column {exc.colno}); each line must be one complete JSON object",
+                    path,
+                    lineno,
+                ) from None
             try:
                 rec = Record.from_dict(obj)
             except DataError as exc:
                 raise DataError(exc.reason, path, lineno) from None
             if rec.id in first_line_of:
-                raise DataError(f"duplicate id {rec.id!r} (first used on line "
-                                f"{first_line_of[rec.id]}); ids must be unique, rename or "
-                                "remove one of them", path, lineno)
+                raise DataError(
+                    f"duplicate id {rec.id!r} (first used on line "
+                    f"{first_line_of[rec.id]}); ids must be unique, rename or "
+                    "remove one of them",
+                    path,
+                    lineno,
+                )
             first_line_of[rec.id] = lineno
             fmt = "prompt" if rec.prompt is not None else "messages"
             if file_format is None:
@@ -259,8 +269,7 @@ def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
         if not isinstance(rec, Record):
             raise DataError(f"item {i} is a {type(rec).__name__}, not a Record", path)
         if rec.id in seen:
-            raise DataError(f"duplicate id {rec.id!r} (records {seen[rec.id]} and {i}); "
-                            "ids must be unique", path)
+            raise DataError(f"duplicate id {rec.id!r} (records {seen[rec.id]} and {i}); ids must be unique", path)
         seen[rec.id] = i
         lines.append(rec.to_json() + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)

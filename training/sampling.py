@@ -14,7 +14,7 @@ do not depend on which rank holds the document or on a resume in between.
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from training.config import FinetuneConfig
 from training.correctness import is_verbatim, normalize_hard_negative
@@ -32,7 +32,9 @@ class InstanceSampler:
     """Draws the instances of a step (``draw``), and knows ahead of time which documents of an epoch will need a
     generation (``pregenerate``). ``generate`` decodes prompts with the current model."""
 
-    def __init__(self, config: FinetuneConfig, generate: Generate, docs_per_step: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, config: FinetuneConfig, generate: Generate, docs_per_step: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.config = config
         self.generate = generate
         self.docs_per_step = docs_per_step
@@ -62,12 +64,22 @@ class InstanceSampler:
         wanted = []
         for local in range(steps_per_epoch):
             step = epoch * steps_per_epoch + local
-            wanted.extend(r for r in self.step_documents(order, local) if self.plan(r, f"train:{epoch}:{step}", True)[1] == GENERATE)
+            wanted.extend(
+                r
+                for r in self.step_documents(order, local)
+                if self.plan(r, f"train:{epoch}:{step}", True)[1] == GENERATE
+            )
         texts = self.generate([prompt_of(r) for r in wanted], cfg.progress, f"epoch {epoch + 1} hard negatives")
         return dict(zip([r.id for r in wanted], texts))
 
-    def draw(self, records: Sequence[Record], tag: str, generate_ok: bool, store: dict[str, list[str]],
-             pregenerated: dict[str, str] | None = None) -> list[Instance]:
+    def draw(
+        self,
+        records: Sequence[Record],
+        tag: str,
+        generate_ok: bool,
+        store: dict[str, list[str]],
+        pregenerated: dict[str, str] | None = None,
+    ) -> list[Instance]:
         """Each document's instance; generated hard negatives (checked by the verbatim rule) go into ``store``.
         Texts already decoded for a document (``pregenerated``, consumed here) stand in for its generation."""
         plans = [(record, *self.plan(record, tag, generate_ok)) for record in records]
@@ -84,10 +96,14 @@ class InstanceSampler:
             instances.append(Instance(record.id, prompt_of(record), candidates[0], 0))
         return instances
 
-    def _generations(self, plans: Sequence[tuple[Record, random.Random, str]], pregenerated: dict[str, str]) -> dict[str, str]:
+    def _generations(
+        self, plans: Sequence[tuple[Record, random.Random, str]], pregenerated: dict[str, str]
+    ) -> dict[str, str]:
         """The generation of every document planned to generate: pre-generated ones are consumed, the rest decoded
         now in one call."""
-        generations = {r.id: pregenerated.pop(r.id) for r, _, kind in plans if kind == GENERATE and r.id in pregenerated}
+        generations = {
+            r.id: pregenerated.pop(r.id) for r, _, kind in plans if kind == GENERATE and r.id in pregenerated
+        }
         to_generate = [record for record, _, kind in plans if kind == GENERATE and record.id not in generations]
         generations.update(zip([r.id for r in to_generate], self.generate([prompt_of(r) for r in to_generate])))
         return generations

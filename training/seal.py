@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 from sdm_core.artifact import ArtifactError
 from sdm_core.lm.bundle import seal_bundle
@@ -33,8 +33,9 @@ class SealConfig:
             raise ValueError("--bundle (the bundle folder to re-seal) is required")
 
 
-COMMAND_LINE = CommandLine(SealConfig, prog="python -m training.seal", env_prefix="SDM_SEAL_",
-                           description=(__doc__ or "").split("\n\n")[0])
+COMMAND_LINE = CommandLine(
+    SealConfig, prog="python -m training.seal", env_prefix="SDM_SEAL_", description=(__doc__ or "").split("\n\n")[0]
+)
 
 
 def seal(bundle: str, note: str = "") -> dict:
@@ -46,14 +47,18 @@ def seal(bundle: str, note: str = "") -> dict:
     except (OSError, ValueError, AttributeError):
         provenance = None  # seal_bundle reports what is wrong with the manifest
     if provenance is not None:
-        entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "note": note}
+        entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "note": note}
         provenance["seals"] = list(provenance.get("seals", [])) + [entry]
         updates["provenance"] = provenance
     info = seal_bundle(bundle, updates)
     files = info.raw.get("files", {})
-    return {"bundle": str(info.path), "head_version": str(files.get(f"{info.head.get('path', 'head')}/manifest.json", ""))[:16],
-            "bundle_sha256": str(info.raw.get("bundle_sha256", ""))[:16], "n_support": info.head.get("n_support"),
-            "n_calibration": info.head.get("n_calibration")}
+    return {
+        "bundle": str(info.path),
+        "head_version": str(files.get(f"{info.head.get('path', 'head')}/manifest.json", ""))[:16],
+        "bundle_sha256": str(info.raw.get("bundle_sha256", ""))[:16],
+        "n_support": info.head.get("n_support"),
+        "n_calibration": info.head.get("n_calibration"),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,7 +4,7 @@ split that neither sees (used only to check the finished ladder)."""
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["SPLITS", "split_documents"]
 
@@ -22,8 +22,10 @@ def split_documents(doc_ids: Sequence[str], certification_docs: int, seed: int) 
     if certification_docs < 0:
         raise ValueError(f"certification_docs must be >= 0, got {certification_docs}")
     if certification_docs and certification_docs > len(ids) - 4:
-        raise ValueError(f"certification_docs {certification_docs} leaves fewer than 4 of {len(ids)} documents for the "
-                         "head's support and calibration; lower --certification-docs or give more calibration records")
+        raise ValueError(
+            f"certification_docs {certification_docs} leaves fewer than 4 of {len(ids)} documents for the "
+            "head's support and calibration; lower --certification-docs or give more calibration records"
+        )
     held = set(random.Random(f"{seed}:certification").sample(ids, certification_docs)) if certification_docs else set()
     rng = random.Random(seed)
     out = {}

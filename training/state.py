@@ -21,10 +21,16 @@ class TrainerState:
     step: int = 0
     best_eval_loss: float = math.inf
     best_step: int = -1
-    previous_hard_negatives: dict[str, list[str]] = field(default_factory=dict)  # the last completed epoch's: feed the next training layer
+    previous_hard_negatives: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # the last completed epoch's: feed the next training layer
     epoch_hard_negatives: dict[str, list[str]] = field(default_factory=dict)  # generated in the current epoch
-    validation_hard_negatives: dict[str, list[str]] = field(default_factory=dict)  # the last evaluation's: feed the next validation layer
-    pregenerated: dict[str, str] = field(default_factory=dict)  # generation_timing "epoch": decoded, not yet drawn, by document
+    validation_hard_negatives: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # the last evaluation's: feed the next validation layer
+    pregenerated: dict[str, str] = field(
+        default_factory=dict
+    )  # generation_timing "epoch": decoded, not yet drawn, by document
     history: list[dict] = field(default_factory=list)  # every metrics record logged so far
 
     def to_dict(self) -> dict[str, Any]:
@@ -35,8 +41,10 @@ class TrainerState:
     def from_dict(cls, data: dict[str, Any]) -> TrainerState:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"the checkpoint's trainer state has unknown fields {sorted(unknown)}; it was written by "
-                             "another version of training.trainer: start without --resume")
+            raise ValueError(
+                f"the checkpoint's trainer state has unknown fields {sorted(unknown)}; it was written by "
+                "another version of training.trainer: start without --resume"
+            )
         return cls(**data)
 
 

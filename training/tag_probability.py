@@ -7,7 +7,7 @@ sdm_core.certification.fit_score_threshold) and training.evaluate reports it bes
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -25,8 +25,16 @@ def yes_token_id(tokenizer, yes: str) -> int:
 
 
 @torch.no_grad()
-def tag_probabilities(model, tokenizer, prompts: Sequence[object], responses: Sequence[str], chat: ChatFormat, yes: str,
-                      max_length: int = 2048, batch_size: int = 16) -> torch.Tensor:
+def tag_probabilities(
+    model,
+    tokenizer,
+    prompts: Sequence[object],
+    responses: Sequence[str],
+    chat: ChatFormat,
+    yes: str,
+    max_length: int = 2048,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """P(first Yes token | prompt, response up to and including its right-most ``<verified>``), float32 (N,)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -34,8 +42,10 @@ def tag_probabilities(model, tokenizer, prompts: Sequence[object], responses: Se
         return torch.empty(0)
     recipe = HiddenStateRecipe(sequence_end="verified", max_length=max_length)
     token = yes_token_id(tokenizer, yes)
-    encoded = [tokenizer(verification_text(tokenizer, p, r, chat, recipe), add_special_tokens=False)["input_ids"][-max_length:]
-               for p, r in zip(prompts, responses)]
+    encoded = [
+        tokenizer(verification_text(tokenizer, p, r, chat, recipe), add_special_tokens=False)["input_ids"][-max_length:]
+        for p, r in zip(prompts, responses)
+    ]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device

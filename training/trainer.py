@@ -22,10 +22,10 @@ import math
 import random
 import subprocess
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -61,8 +61,12 @@ log = logging.getLogger("training")
 
 def git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -96,7 +100,9 @@ def _optimizer_and_schedule(model, config: FinetuneConfig, total_steps: int):
     no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+        lr=config.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
     )
     warmup = min(config.warmup_steps, total_steps)
 
@@ -151,7 +157,9 @@ class SDMTrainer:
         random.Random(f"{config.seed}:eval-docs").shuffle(eval_docs)
         self.eval_records = eval_docs[: config.max_eval_docs] if config.max_eval_docs else eval_docs
         self.ranks = RankSync(self.accelerator)
-        self.sampler = InstanceSampler(config, self._generate, self.docs_per_step, self.accelerator.process_index, self.accelerator.num_processes)
+        self.sampler = InstanceSampler(
+            config, self._generate, self.docs_per_step, self.accelerator.process_index, self.accelerator.num_processes
+        )
         self.callbacks = list(callbacks)
         self.state = TrainerState()
         self.train_layer: SDMEstimator | None = None
@@ -163,10 +171,15 @@ class SDMTrainer:
         if self.accelerator.distributed_type == DistributedType.FSDP and not self.accelerator.is_fsdp2:
             # FSDP1 wraps the model so that its unwrapped module holds flattened shards: the no-grad passes and the
             # checkpoints here are written for FSDP2 (fully_shard), where the model stays the root module.
-            raise ValueError("FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config (training/accelerate/fsdp.yaml)")
+            raise ValueError(
+                "FSDP version 1 is not supported; set fsdp_version: 2 in the accelerate config "
+                "(training/accelerate/fsdp.yaml)"
+            )
         if self.config.mixed_precision == "bf16" and self.accelerator.device.type == "cpu" and not _cpu_has_bf16():
-            log.warning("mixed_precision bf16 on a CPU without native bfloat16 instructions (AVX512-BF16 or AMX): "
-                        "the autocast products are emulated and likely slower than float32; use --mixed-precision no")
+            log.warning(
+                "mixed_precision bf16 on a CPU without native bfloat16 instructions (AVX512-BF16 or AMX): "
+                "the autocast products are emulated and likely slower than float32; use --mixed-precision no"
+            )
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
     @property
@@ -199,8 +212,17 @@ class SDMTrainer:
         if not prompts and not self.sharded:
             return []
         with self._autocast():
-            return greedy_generate(self.unwrapped, self.tokenizer, prompts, self.chat, self.config.max_new_tokens,
-                                   self.config.generate_batch_size, progress, desc, synced=self.sharded)
+            return greedy_generate(
+                self.unwrapped,
+                self.tokenizer,
+                prompts,
+                self.chat,
+                self.config.max_new_tokens,
+                self.config.generate_batch_size,
+                progress,
+                desc,
+                synced=self.sharded,
+            )
 
     def _autocast(self):
         """bfloat16 autocast for the LM's passes under ``mixed_precision`` bf16. The SDM layers' fitting and scoring
@@ -212,14 +234,27 @@ class SDMTrainer:
     def _embed(self, instances: Sequence[Instance], progress: bool = False) -> torch.Tensor:
         """The instances' h from a no-grad pass of the current weights (under :meth:`_autocast`)."""
         with self._autocast():
-            return embed_instances(self.unwrapped, self.tokenizer, instances, self.chat, self.recipe, self.config.embed_batch_size, progress)
+            return embed_instances(
+                self.unwrapped,
+                self.tokenizer,
+                instances,
+                self.chat,
+                self.recipe,
+                self.config.embed_batch_size,
+                progress,
+            )
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None, keep: int = 0, hidden_states: bool = False):
         """The training model's forward (under :meth:`_autocast`); ``keep``: logits of the last ``keep`` positions
         only (0: all), see :func:`training.loss.logits_to_keep`."""
         with self._autocast():
-            return self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep,
-                              output_hidden_states=hidden_states)
+            return self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=False,
+                logits_to_keep=keep,
+                output_hidden_states=hidden_states,
+            )
 
     def _idle_loss(self) -> torch.Tensor:
         """A zero loss over one padding token: the collective passes run, the gradients do not change."""
@@ -239,7 +274,10 @@ class SDMTrainer:
         return bases_from_h(h, instances, layer, flags)
 
     def _encode(self, instances: Sequence[Instance]) -> list[EncodedInstance]:
-        return [encode_instance(self.tokenizer, i.prompt, i.response, i.label, self.chat, self.config.max_length) for i in instances]
+        return [
+            encode_instance(self.tokenizer, i.prompt, i.response, i.label, self.chat, self.config.max_length)
+            for i in instances
+        ]
 
     def _shared_prefixes(self, instances: Sequence[Instance], encoded: Sequence[EncodedInstance]) -> list[int] | None:
         """See :func:`training.verification_layer.shared_prefix_lengths` (SDM loss only)."""
@@ -259,7 +297,11 @@ class SDMTrainer:
         return prefix_embeddings(final_states, prefixes, self.recipe)
 
     def _loss_sum_shared(
-        self, encoded: Sequence[EncodedInstance], instances: Sequence[Instance], prefixes: Sequence[int], flags: dict[str, bool]
+        self,
+        encoded: Sequence[EncodedInstance],
+        instances: Sequence[Instance],
+        prefixes: Sequence[int],
+        flags: dict[str, bool],
     ) -> tuple[torch.Tensor, int, torch.Tensor]:
         """The SDM loss with b from the same forward pass (see ``_shared_prefixes``): (loss sum, tokens, b)."""
         ids, mask, labels = collate(encoded, self.pad_id)
@@ -271,7 +313,9 @@ class SDMTrainer:
         return loss_sum, tokens, bases
 
     # -- SDM layers -----------------------------------------------------------------------------------------
-    def _fit_layer(self, records: Sequence[Record], flags: dict[str, bool], hard_negatives: dict, tag: str) -> SDMEstimator:
+    def _fit_layer(
+        self, records: Sequence[Record], flags: dict[str, bool], hard_negatives: dict, tag: str
+    ) -> SDMEstimator:
         rng = random.Random(f"{self.config.seed}:{tag}")
         instances = draw_layer_instances(records, hard_negatives, rng, self.config.gamma_positive)
         h = self._embed(instances, self.config.progress)
@@ -288,7 +332,9 @@ class SDMTrainer:
             layer_docs = self.calibration_records[:limit] if limit else self.calibration_records
             layer = self._fit_layer(layer_docs, flags, self.state.validation_hard_negatives, f"validation-layer:{step}")
         store: dict[str, list[str]] = {}
-        instances = self.sampler.draw(self.eval_records, f"eval:{step}", generate_ok=epoch >= self.config.generate_from_epoch, store=store)
+        instances = self.sampler.draw(
+            self.eval_records, f"eval:{step}", generate_ok=epoch >= self.config.generate_from_epoch, store=store
+        )
         self.state.validation_hard_negatives = store
         bases = self._bases(instances, layer, flags)
         self.model.eval()
@@ -330,8 +376,15 @@ class SDMTrainer:
             atomic_folder(folder, write, if_exists="replace")
 
     def _checkpoint(self) -> None:
-        save_checkpoint(self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler,
-                        trainer_state=self.state.to_dict(), train_layer=self.train_layer, write=self.accelerator.is_main_process)
+        save_checkpoint(
+            self.out / "checkpoint",
+            model=self.unwrapped,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            trainer_state=self.state.to_dict(),
+            train_layer=self.train_layer,
+            write=self.accelerator.is_main_process,
+        )
         for callback in self.callbacks:
             callback.on_checkpoint(self)
 
@@ -340,22 +393,38 @@ class SDMTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         main = self.accelerator.is_main_process
         if resume:
-            state, self.train_layer = load_checkpoint(self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
+            state, self.train_layer = load_checkpoint(
+                self.out / "checkpoint", model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler
+            )
             self.state = TrainerState.from_dict(state)
             log.info("resumed at epoch %d step %d", self.state.epoch, self.state.step)
             if main:  # drop records logged after the checkpoint; they are redone
                 (self.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.state.history))
         elif main:
             (self.out / "metrics.jsonl").write_text("")
-            (self.out / "config.json").write_text(json.dumps({"config": self.config.to_dict(), "git_revision": git_revision(),
-                                                              "torch": torch.__version__, "steps": self.total_steps}, indent=1))
+            (self.out / "config.json").write_text(
+                json.dumps(
+                    {
+                        "config": self.config.to_dict(),
+                        "git_revision": git_revision(),
+                        "torch": torch.__version__,
+                        "steps": self.total_steps,
+                    },
+                    indent=1,
+                )
+            )
 
     # -- the loop -------------------------------------------------------------------------------------------
     def train(self, resume: bool = False) -> TrainResult:
         """Epoch by epoch, step by step; evaluates every ``eval_steps`` and checkpoints every ``save_steps``."""
         self._open_run(resume)
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"fine-tuning ({self.config.loss})", disable=not self.config.progress)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc=f"fine-tuning ({self.config.loss})",
+            disable=not self.config.progress,
+        )
         started = time.perf_counter()
         for epoch in range(self.state.epoch, self.config.epochs):
             order, flags = self._begin_epoch(epoch)
@@ -380,7 +449,9 @@ class SDMTrainer:
         if self.state.step == epoch * self.steps_per_epoch or self.state.epoch != epoch:
             self.state.epoch = epoch
             if self.config.loss == "sdm":
-                self.train_layer = self._fit_layer(self.train_records, flags, self.state.previous_hard_negatives, f"train-layer:{epoch}")
+                self.train_layer = self._fit_layer(
+                    self.train_records, flags, self.state.previous_hard_negatives, f"train-layer:{epoch}"
+                )
             self.state.epoch_hard_negatives = {}
             self.state.pregenerated = self.sampler.pregenerate(epoch, order, self.steps_per_epoch)
         return order, flags
@@ -389,8 +460,13 @@ class SDMTrainer:
         """One optimiser step over the step's documents; returns its metrics record."""
         step = epoch * self.steps_per_epoch + local
         found: dict[str, list[str]] = {}
-        instances = self.sampler.draw(self.sampler.step_documents(order, local), f"train:{epoch}:{step}",
-                                      generate_ok=epoch >= self.config.generate_from_epoch, store=found, pregenerated=self.state.pregenerated)
+        instances = self.sampler.draw(
+            self.sampler.step_documents(order, local),
+            f"train:{epoch}:{step}",
+            generate_ok=epoch >= self.config.generate_from_epoch,
+            store=found,
+            pregenerated=self.state.pregenerated,
+        )
         # Every rank keeps every rank's hard negatives: the next epoch's training layer (fitted on each rank) and the
         # checkpoint (written by rank 0) need all of them. A document is drawn once an epoch, so only the step's new
         # ones travel.
@@ -399,24 +475,35 @@ class SDMTrainer:
         if self.config.max_grad_norm > 0:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         uniform = float(uniform_bases(bases)) if self.config.loss == "sdm" and self.train_layer is not None else 0.0
-        step_loss, base_sum, base_count, uniform = self.ranks.sum(step_loss, float(bases.sum()), float(len(bases)), uniform)
+        step_loss, base_sum, base_count, uniform = self.ranks.sum(
+            step_loss, float(bases.sum()), float(len(bases)), uniform
+        )
         if uniform and uniform == base_count:
             self._warn_all_uniform(epoch, step)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step = step + 1
-        return {"step": step + 1, "epoch": epoch + (local + 1) / self.steps_per_epoch, "loss": step_loss,
-                "lr": self.scheduler.get_last_lr()[0], "mean_base": base_sum / max(base_count, 1.0), "uniform_bases": int(uniform)}
+        return {
+            "step": step + 1,
+            "epoch": epoch + (local + 1) / self.steps_per_epoch,
+            "loss": step_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "mean_base": base_sum / max(base_count, 1.0),
+            "uniform_bases": int(uniform),
+        }
 
-    def _accumulate_gradients(self, instances: Sequence[Instance], flags: dict[str, bool]) -> tuple[float, torch.Tensor]:
+    def _accumulate_gradients(
+        self, instances: Sequence[Instance], flags: dict[str, bool]
+    ) -> tuple[float, torch.Tensor]:
         """The forward and backward passes of a step's micro-batches: (this rank's share of the step's token-mean
         loss, b per instance)."""
         encoded = self._encode(instances)
         prefixes = self._shared_prefixes(instances, encoded) if self.train_layer is not None else None
         size = self.config.micro_batch_size
         total_tokens, idle_passes, shared = self.ranks.step_agreement(
-            sum(e.trained_tokens for e in encoded), math.ceil(len(encoded) / size), prefixes is not None)
+            sum(e.trained_tokens for e in encoded), math.ceil(len(encoded) / size), prefixes is not None
+        )
         if not shared:
             # One decision for the step, as one process makes it over all the step's documents; it also keeps a
             # sharded model's collective forwards in step across ranks.
@@ -448,10 +535,13 @@ class SDMTrainer:
         if epoch in self.warned_uniform:
             return
         self.warned_uniform.add(epoch)
-        log.warning("step %d: every instance has d = 0 under the epoch's training layer (its h lie beyond the "
-                    "layer's calibration distances; typically h has moved since the epoch start), so the SDM loss "
-                    "is a fixed-base cross-entropy there; 'uniform_bases' in metrics.jsonl counts such instances "
-                    "per step (docs/training.md).", step + 1)
+        log.warning(
+            "step %d: every instance has d = 0 under the epoch's training layer (its h lie beyond the "
+            "layer's calibration distances; typically h has moved since the epoch start), so the SDM loss "
+            "is a fixed-base cross-entropy there; 'uniform_bases' in metrics.jsonl counts such instances "
+            "per step (docs/training.md).",
+            step + 1,
+        )
 
     def _end_step(self, record: dict, epoch: int, local: int) -> None:
         """After a step: evaluate when due, log, close the epoch at its last step, checkpoint when due."""

@@ -1,6 +1,7 @@
 """``python -m training.update``: a new bundle from labelled served traffic, without retraining.
 
-    python -m training.update --bundle runs/smollm2/bundle --store sqlite:////srv/sdm-data/traffic.sqlite3 --out runs/smollm2/bundle-u1
+    python -m training.update --bundle runs/smollm2/bundle --store sqlite:////srv/sdm-data/traffic.sqlite3 \\
+        --out runs/smollm2/bundle-u1
 
 The server records every verification with the head's input ``h`` in its traffic store (sdm_core.traffic) and
 clients label answers through ``POST /v1/feedback``. This command reads the labelled rows and:
@@ -22,8 +23,8 @@ clients label answers through ``POST /v1/feedback``. This command reads the labe
    rows with the old certification's policy (sdm_core.certification), and its withdrawn regions are what the
    server will serve.
 
-Roll it out with ``POST /admin/reload {"bundle": "<name of --out under the server's --bundles-root>"}`` (an admin key); ``/ready``, ``/v1/models`` and ``sdm_bundle_info``
-then report the new head version.
+Roll it out with ``POST /admin/reload {"bundle": "<name of --out under the server's --bundles-root>"}`` (an admin
+key); ``/ready``, ``/v1/models`` and ``sdm_bundle_info`` then report the new head version.
 """
 
 from __future__ import annotations
@@ -35,20 +36,20 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from sqlalchemy.exc import SQLAlchemyError
 
 from sdm_core.artifact import ArtifactError
-from sdm_core.lm.bundle import read_bundle_info, seal_bundle
 from sdm_core.certification import certify_ladder
 from sdm_core.estimator import SDMEstimator
 from sdm_core.fitting import LayerStatistics
+from sdm_core.lm.bundle import read_bundle_info, seal_bundle
 from sdm_core.settings import CommandLine, SettingsError, setting
 from sdm_core.traffic import StoreError, TrafficRecord, TrafficStore, redact_url
 
@@ -71,30 +72,38 @@ def parse_time(text: str) -> float:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise ValueError(f"expected an ISO time (2026-12-01T00:00:00Z) or epoch seconds, got {text!r}") from None
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
 @dataclass(frozen=True)
 class UpdateConfig:
-    bundle: str = setting("", required=True, metavar="PATH",
-        help="the bundle the labelled answers came from (read, never changed)")
-    store: str = setting("", required=True, metavar="URL",
-        help="the server's traffic store: a SQLAlchemy URL (sqlite:////path/traffic.sqlite3, postgresql+psycopg://...)")
-    out: str = setting("", required=True, metavar="PATH",
-        help="the new bundle's folder (must not exist or be empty)")
-    calibration_fraction: float = setting(0.5,
-        help="share of correct/wrong rows that join the calibration set instead of the support (deterministic by id)")
+    bundle: str = setting(
+        "", required=True, metavar="PATH", help="the bundle the labelled answers came from (read, never changed)"
+    )
+    store: str = setting(
+        "",
+        required=True,
+        metavar="URL",
+        help="the server's traffic store: a SQLAlchemy URL (sqlite:////path/traffic.sqlite3, postgresql+psycopg://...)",
+    )
+    out: str = setting("", required=True, metavar="PATH", help="the new bundle's folder (must not exist or be empty)")
+    calibration_fraction: float = setting(
+        0.5,
+        help="share of correct/wrong rows that join the calibration set instead of the support (deterministic by id)",
+    )
     # Share of correct/wrong rows held out of the head to re-certify its ladder (bundles with a certification only).
-    certification_fraction: float = setting(0.25,
-        help="share of correct/wrong rows held out to re-certify the new ladder, when the bundle has a certification")
-    seed: int = setting(0,
-        help="seed of the support/calibration split")
-    since: float | None = setting(None, parse=parse_time,
-        help="only labels given at or after this time (ISO or epoch seconds)")
-    until: float | None = setting(None, parse=parse_time,
-        help="only labels given at or before this time")
-    head_versions: tuple[str, ...] = setting((), flag="head_version", repeat=True,
-        help="only rows served by this head version (repeatable)")
+    certification_fraction: float = setting(
+        0.25,
+        help="share of correct/wrong rows held out to re-certify the new ladder, when the bundle has a certification",
+    )
+    seed: int = setting(0, help="seed of the support/calibration split")
+    since: float | None = setting(
+        None, parse=parse_time, help="only labels given at or after this time (ISO or epoch seconds)"
+    )
+    until: float | None = setting(None, parse=parse_time, help="only labels given at or before this time")
+    head_versions: tuple[str, ...] = setting(
+        (), flag="head_version", repeat=True, help="only rows served by this head version (repeatable)"
+    )
 
     def __post_init__(self) -> None:
         missing = [f"--{name}" for name in ("bundle", "store", "out") if not getattr(self, name)]
@@ -135,7 +144,7 @@ def split_role(identifier: str, label: str, fraction: float, seed: int, certific
 
 
 def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds")
+    return None if t is None else datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="seconds")
 
 
 def _head_version(info) -> str:
@@ -148,7 +157,12 @@ def _append_calibration(head: SDMEstimator, x: torch.Tensor, labels: torch.Tenso
     cal = head.calibration
     assert cal is not None
     new = LayerStatistics(s.logits, s.predictions, s.q, s.d_nearest, s.d, s.probabilities, s.q_prime)
-    head.calibration = LayerStatistics(*(torch.cat([getattr(cal, f), getattr(new, f).to(getattr(cal, f).dtype)]) for f in LayerStatistics.__dataclass_fields__))
+    head.calibration = LayerStatistics(
+        *(
+            torch.cat([getattr(cal, f), getattr(new, f).to(getattr(cal, f).dtype)])
+            for f in LayerStatistics.__dataclass_fields__
+        )
+    )
     head.calibration_labels = torch.cat([head.calibration_labels, labels.to(head.calibration_labels.dtype)])
     head.calibration_ids = list(head.calibration_ids) + ids
 
@@ -173,9 +187,14 @@ def _copy_bundle(source: Path, target: Path, head_dir: str) -> None:
 
 def update_bundle(config: UpdateConfig) -> UpdateResult:
     if not (0.0 <= config.calibration_fraction < 1.0) or not (0.0 <= config.certification_fraction < 1.0):
-        raise UpdateError(f"--calibration-fraction and --certification-fraction must be in [0, 1), got {config.calibration_fraction}, {config.certification_fraction}")
+        raise UpdateError(
+            "--calibration-fraction and --certification-fraction must be in [0, 1), got "
+            f"{config.calibration_fraction}, {config.certification_fraction}"
+        )
     if config.calibration_fraction + config.certification_fraction >= 1.0:
-        raise UpdateError("--calibration-fraction + --certification-fraction must leave some rows for the support (sum < 1)")
+        raise UpdateError(
+            "--calibration-fraction + --certification-fraction must leave some rows for the support (sum < 1)"
+        )
     out = Path(config.out)
     if out.exists() and any(out.iterdir()):
         raise UpdateError(f"{out} exists and is not empty; choose another --out")
@@ -183,14 +202,19 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
     head_dir = info.head.get("path", "head")
     head = SDMEstimator.load(Path(config.bundle) / head_dir)
     if head.num_classes != 2:
-        raise UpdateError(f"the head has {head.num_classes} classes; feedback labels (correct/wrong) map onto a 2-class verification head only")
+        raise UpdateError(
+            f"the head has {head.num_classes} classes; feedback labels (correct/wrong) map onto a 2-class verification "
+            "head only"
+        )
     positive = info.tags.positive_class
     class_of = {"correct": positive, "wrong": 1 - positive}
 
     store = TrafficStore(config.store)
     try:
         if store.revision() is None:
-            raise UpdateError(f"{redact_url(config.store)} holds no traffic store (no schema); point --store at the server's store")
+            raise UpdateError(
+                f"{redact_url(config.store)} holds no traffic store (no schema); point --store at the server's store"
+            )
         rows = store.labelled(since=config.since, until=config.until, head_versions=list(config.head_versions) or None)
     finally:
         store.close()
@@ -205,22 +229,33 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         else:
             used.append(row)
     if not used:
-        raise UpdateError(f"no usable labelled rows in {redact_url(config.store)} ({len(rows)} labelled, skipped: {skipped}); "
-                          "label answers with POST /v1/feedback first")
+        raise UpdateError(
+            f"no usable labelled rows in {redact_url(config.store)} ({len(rows)} labelled, skipped: {skipped}); "
+            "label answers with POST /v1/feedback first"
+        )
 
     previous_certification = info.certification
     # Rows are held out to re-certify only when the bundle was certified (an uncertified bundle stays uncertified).
     cert_fraction = config.certification_fraction if previous_certification is not None else 0.0
-    roles = {r.id: split_role(r.id, r.label or "", config.calibration_fraction, config.seed, cert_fraction) for r in used}
+    roles = {
+        r.id: split_role(r.id, r.label or "", config.calibration_fraction, config.seed, cert_fraction) for r in used
+    }
     support = [r for r in used if roles[r.id] in ("support", "ood")]
     calibration = [r for r in used if roles[r.id] == "calibration"]
     held_out = [r for r in used if roles[r.id] == "certification"]
     if support:
         x = torch.from_numpy(np.stack([r.embedding() for r in support]))
-        head.add_exemplars(x, ["ood" if r.label == "ood" else class_of[r.label] for r in support], [r.id for r in support])
+        head.add_exemplars(
+            x, ["ood" if r.label == "ood" else class_of[r.label] for r in support], [r.id for r in support]
+        )
     if calibration:
         x = torch.from_numpy(np.stack([r.embedding() for r in calibration]))
-        _append_calibration(head, x, torch.tensor([class_of[r.label] for r in calibration], dtype=torch.long), [r.id for r in calibration])
+        _append_calibration(
+            head,
+            x,
+            torch.tensor([class_of[r.label] for r in calibration], dtype=torch.long),
+            [r.id for r in calibration],
+        )
     ladder = head.ladder
     head.recalibrate(list(ladder.alphas), ladder.default_alpha, head.config.nested_regions)
     certification = None
@@ -228,12 +263,23 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         # Re-certify the new ladder on labelled rows it never saw, with the old certification's rules.
         scores = head.predict_scores(torch.from_numpy(np.stack([r.embedding() for r in held_out])))
         certification, _ = certify_ladder(
-            head.ladder, scores.probabilities, scores.predictions, scores.q_prime,
-            torch.tensor([r.label == "correct" for r in held_out], dtype=torch.bool), positive,
-            policy=previous_certification.policy, min_admitted=previous_certification.min_admitted,
-            violation_p=previous_certification.violation_p, confidence=previous_certification.confidence,
-            source={"kind": "update", "documents": len(held_out), "store": redact_url(config.store), "seed": config.seed,
-                    "certification_fraction": cert_fraction},
+            head.ladder,
+            scores.probabilities,
+            scores.predictions,
+            scores.q_prime,
+            torch.tensor([r.label == "correct" for r in held_out], dtype=torch.bool),
+            positive,
+            policy=previous_certification.policy,
+            min_admitted=previous_certification.min_admitted,
+            violation_p=previous_certification.violation_p,
+            confidence=previous_certification.confidence,
+            source={
+                "kind": "update",
+                "documents": len(held_out),
+                "store": redact_url(config.store),
+                "seed": config.seed,
+                "certification_fraction": cert_fraction,
+            },
         )
 
     times = [r.labelled_at for r in used if r.labelled_at is not None]
@@ -263,8 +309,19 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
     try:
         _copy_bundle(Path(config.bundle), tmp, head_dir)
         head.save(tmp / head_dir)
-        listing = [{"id": r.id, "label": r.label, "role": roles[r.id], "labelled_at": r.labelled_at, "created_at": r.created_at,
-                    "head_version": r.head_version, "admitted": r.admitted, "alpha": r.alpha} for r in used]
+        listing = [
+            {
+                "id": r.id,
+                "label": r.label,
+                "role": roles[r.id],
+                "labelled_at": r.labelled_at,
+                "created_at": r.created_at,
+                "head_version": r.head_version,
+                "admitted": r.admitted,
+                "alpha": r.alpha,
+            }
+            for r in used
+        ]
         (tmp / ROWS_FILE).write_text(json.dumps({"store": redact_url(config.store), "rows": listing}, indent=1) + "\n")
         provenance = dict(info.provenance)
         provenance["updates"] = list(provenance.get("updates", [])) + [summary]
@@ -282,14 +339,28 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     new_info = read_bundle_info(out)
-    return UpdateResult(out=str(out), head_version=_head_version(new_info), previous_head_version=previous_version, rows=len(used),
-                        support_added=summary["support_added"], ood_added=summary["ood_added"], calibration_added=len(calibration),
-                        certification_rows=len(held_out), certified=list(certification.certified) if certification else None,
-                        skipped=skipped, labelled_from=summary["labelled_from"], labelled_to=summary["labelled_to"])
+    return UpdateResult(
+        out=str(out),
+        head_version=_head_version(new_info),
+        previous_head_version=previous_version,
+        rows=len(used),
+        support_added=summary["support_added"],
+        ood_added=summary["ood_added"],
+        calibration_added=len(calibration),
+        certification_rows=len(held_out),
+        certified=list(certification.certified) if certification else None,
+        skipped=skipped,
+        labelled_from=summary["labelled_from"],
+        labelled_to=summary["labelled_to"],
+    )
 
 
-COMMAND_LINE = CommandLine(UpdateConfig, prog="python -m training.update", env_prefix="SDM_UPDATE_",
-                           description=(__doc__ or "").split("\n\n")[0])
+COMMAND_LINE = CommandLine(
+    UpdateConfig,
+    prog="python -m training.update",
+    env_prefix="SDM_UPDATE_",
+    description=(__doc__ or "").split("\n\n")[0],
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -301,7 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
-        print(f"error: cannot read the traffic store {redact_url(config.store)}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(
+            f"error: cannot read the traffic store {redact_url(config.store)}: {str(exc).splitlines()[0]}",
+            file=sys.stderr,
+        )
         return 2
     print(json.dumps(result.to_dict()))
     return 0

@@ -4,8 +4,8 @@ LM, split into the layer's support (flag 1) and calibration (flag 0) halves, fit
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -13,9 +13,19 @@ from sdm_core import SDMConfig, SDMEstimator
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, pool_prefixes, verification_text
 from training.records import Record
 
-__all__ = ["Instance", "split_flags", "negative_candidates", "draw_layer_instances", "embed_instances", "fit_verification_layer", "CLASS_NAMES",
-           "PAPER_SPLIT_SEED", "PAPER_INSTANCE_SEED",
-           "shared_prefix_lengths", "prefix_embeddings"]
+__all__ = [
+    "Instance",
+    "split_flags",
+    "negative_candidates",
+    "draw_layer_instances",
+    "embed_instances",
+    "fit_verification_layer",
+    "CLASS_NAMES",
+    "PAPER_SPLIT_SEED",
+    "PAPER_INSTANCE_SEED",
+    "shared_prefix_lengths",
+    "prefix_embeddings",
+]
 
 CLASS_NAMES = ("No", "Yes")
 
@@ -51,7 +61,10 @@ def negative_candidates(record: Record, hard_negatives: Sequence[str] = ()) -> l
 
 
 def draw_layer_instances(
-    records: Sequence[Record], hard_negatives: Mapping[str, Sequence[str]], rng: random.Random, gamma_positive: float = 0.5,
+    records: Sequence[Record],
+    hard_negatives: Mapping[str, Sequence[str]],
+    rng: random.Random,
+    gamma_positive: float = 0.5,
     prefer_hard_negatives: bool = False,
 ) -> list[Instance]:
     """One instance per document: the positive with probability gamma_positive, else a negative drawn uniformly
@@ -68,13 +81,25 @@ def draw_layer_instances(
     return out
 
 
-def embed_instances(model, tokenizer, instances: Sequence[Instance], chat: ChatFormat, recipe: HiddenStateRecipe, batch_size: int, progress: bool = False) -> torch.Tensor:
+def embed_instances(
+    model,
+    tokenizer,
+    instances: Sequence[Instance],
+    chat: ChatFormat,
+    recipe: HiddenStateRecipe,
+    batch_size: int,
+    progress: bool = False,
+) -> torch.Tensor:
     texts = [verification_text(tokenizer, i.prompt, i.response, chat, recipe) for i in instances]
     return embed_texts(model, tokenizer, texts, recipe, batch_size=batch_size, progress=progress)
 
 
 def shared_prefix_lengths(
-    tokenizer, instances: Sequence[Instance], input_ids: Sequence[Sequence[int]], chat: ChatFormat, recipe: HiddenStateRecipe
+    tokenizer,
+    instances: Sequence[Instance],
+    input_ids: Sequence[Sequence[int]],
+    chat: ChatFormat,
+    recipe: HiddenStateRecipe,
 ) -> list[int] | None:
     """Token counts of the instances' verification texts when each is a prefix of its training sequence, else None.
 
@@ -96,7 +121,8 @@ def shared_prefix_lengths(
 
 
 def prefix_embeddings(final_states: torch.Tensor, lengths: Sequence[int], recipe: HiddenStateRecipe) -> torch.Tensor:
-    """h of the recipe ([mean; last] of the final layer) over the first ``lengths[i]`` tokens of row i: (B, 2H) on CPU."""
+    """h of the recipe ([mean; last] of the final layer) over the first ``lengths[i]`` tokens of row i: (B, 2H) on
+    CPU."""
     return pool_prefixes(final_states.detach().float(), list(lengths), recipe).cpu()
 
 
@@ -111,11 +137,17 @@ def fit_verification_layer(
     calibration = [k for k, i in enumerate(instances) if not flags[i.doc_id]]
     if len(support) < 2 or not calibration:
         raise ValueError(
-            f"the SDM layer needs at least 2 support and 1 calibration documents, got {len(support)} and {len(calibration)}; use more documents"
+            f"the SDM layer needs at least 2 support and 1 calibration documents, got {len(support)} and "
+            f"{len(calibration)}; use more documents"
         )
     labels = torch.tensor([i.label for i in instances], dtype=torch.long)
     s, c = torch.tensor(support), torch.tensor(calibration)
     return SDMEstimator(sdm_config).fit(
-        embeddings[s], labels[s], embeddings[c], labels[c], num_classes=2,
-        train_ids=[instances[k].doc_id for k in support], calibration_ids=[instances[k].doc_id for k in calibration],
+        embeddings[s],
+        labels[s],
+        embeddings[c],
+        labels[c],
+        num_classes=2,
+        train_ids=[instances[k].doc_id for k in support],
+        calibration_ids=[instances[k].doc_id for k in calibration],
     )

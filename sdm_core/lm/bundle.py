@@ -31,8 +31,18 @@ from sdm_core.estimator import SDMEstimator
 from sdm_core.folders import atomic_folder
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
 
-__all__ = ["BUNDLE_FORMAT", "BUNDLE_VERSION", "VerificationTags", "BundleInfo", "Bundle", "write_bundle", "read_bundle_info", "load_bundle",
-           "seal_bundle", "load_head"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "VerificationTags",
+    "BundleInfo",
+    "Bundle",
+    "write_bundle",
+    "read_bundle_info",
+    "load_bundle",
+    "seal_bundle",
+    "load_head",
+]
 
 BUNDLE_FORMAT = "sdm-lm-bundle"
 BUNDLE_VERSION = 1
@@ -53,10 +63,16 @@ class VerificationTags:
         return f"{word}{self.close}"
 
     def to_dict(self) -> dict:
-        return {"open": self.open, "close": self.close, "yes": self.yes, "no": self.no, "positive_class": self.positive_class}
+        return {
+            "open": self.open,
+            "close": self.close,
+            "yes": self.yes,
+            "no": self.no,
+            "positive_class": self.positive_class,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VerificationTags":
+    def from_dict(cls, data: dict) -> VerificationTags:
         return cls(**data)
 
 
@@ -117,6 +133,7 @@ def write_bundle(
     A peft model is saved as its adapter and needs ``base_model`` (a model source, see sdm_core.lm.models); any
     other model is saved in full.
     """
+
     def write(tmp: Path) -> None:
         is_adapter = hasattr(model, "peft_config")
         if reference_only:
@@ -167,7 +184,9 @@ def _read_manifest(root: Path) -> dict:
     """``bundle.json`` parsed, with its format and version checked (not its checksums)."""
     path = root / BUNDLE_JSON
     if not path.is_file():
-        raise ArtifactError(f"{root} is not an sdm-lm bundle: {BUNDLE_JSON} is missing (build one with python -m training.calibrate)")
+        raise ArtifactError(
+            f"{root} is not an sdm-lm bundle: {BUNDLE_JSON} is missing (build one with python -m training.calibrate)"
+        )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -175,7 +194,9 @@ def _read_manifest(root: Path) -> dict:
     if raw.get("format") != BUNDLE_FORMAT:
         raise ArtifactError(f"{root} holds format {raw.get('format')!r}, expected {BUNDLE_FORMAT!r}")
     if raw.get("format_version") != BUNDLE_VERSION:
-        raise ArtifactError(f"{root} has bundle format_version {raw.get('format_version')!r}; this sdm-lm reads {BUNDLE_VERSION}")
+        raise ArtifactError(
+            f"{root} has bundle format_version {raw.get('format_version')!r}; this sdm-lm reads {BUNDLE_VERSION}"
+        )
     return raw
 
 
@@ -225,7 +246,9 @@ def read_bundle_info(folder: str | os.PathLike, verify: bool = True) -> BundleIn
     )
 
 
-def load_bundle(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True, device: str = "cpu") -> Bundle:
+def load_bundle(
+    folder: str | os.PathLike, dtype: torch.dtype = torch.float32, verify: bool = True, device: str = "cpu"
+) -> Bundle:
     """Load the LM (merging an adapter into its base), tokenizer and SDM head of a bundle."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -245,7 +268,8 @@ def load_bundle(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, v
         model = PeftModel.from_pretrained(base, str(root / info.model["path"])).merge_and_unload()
     else:
         raise ArtifactError(f"{root}: unknown model kind {info.model['kind']!r}")
-    model.to(device).eval()
+    # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), whose typing leaves self unbound.
+    model.to(device).eval()  # type: ignore[arg-type]
     return Bundle(info=info, model=model, tokenizer=tokenizer, head=load_head(info))
 
 
@@ -254,5 +278,5 @@ def load_head(info: BundleInfo) -> SDMEstimator:
     head = SDMEstimator.load(info.path / info.head["path"])
     certification = info.certification
     if certification is not None and certification.withdrawn:
-        head.ladder = withdraw_regions(head.ladder, certification.withdrawn)
+        head.ladder = withdraw_regions(head.fitted_parts().ladder, certification.withdrawn)
     return head

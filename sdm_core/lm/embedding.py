@@ -10,12 +10,13 @@ This module is handed a model and a tokenizer; it never loads one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
 
 import torch
-from sdm_core.lm.stops import cut_at_stop
 from tqdm.auto import tqdm
+
+from sdm_core.lm.stops import cut_at_stop
 
 __all__ = [
     "VERIFIED_OPEN",
@@ -47,7 +48,7 @@ class ChatFormat:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ChatFormat":
+    def from_dict(cls, data: dict) -> ChatFormat:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -84,7 +85,7 @@ class HiddenStateRecipe:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HiddenStateRecipe":
+    def from_dict(cls, data: dict) -> HiddenStateRecipe:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -128,7 +129,9 @@ def chat_messages(prompt: str | Sequence[dict], chat: ChatFormat) -> list[dict]:
     return messages
 
 
-def verification_text(tokenizer, prompt: str | Sequence[dict], response: str, chat: ChatFormat, recipe: HiddenStateRecipe) -> str:
+def verification_text(
+    tokenizer, prompt: str | Sequence[dict], response: str, chat: ChatFormat, recipe: HiddenStateRecipe
+) -> str:
     """The exact string whose hidden states make h for (prompt, response)."""
     prefix = verification_prefix(response, recipe.verified_open)
     messages = chat_messages(prompt, chat) + [{"role": "assistant", "content": prefix}]
@@ -138,7 +141,9 @@ def verification_text(tokenizer, prompt: str | Sequence[dict], response: str, ch
     return text
 
 
-def pool_prefixes(states: torch.Tensor, lengths: torch.Tensor | Sequence[int], recipe: HiddenStateRecipe) -> torch.Tensor:
+def pool_prefixes(
+    states: torch.Tensor, lengths: torch.Tensor | Sequence[int], recipe: HiddenStateRecipe
+) -> torch.Tensor:
     """h (B, 2H) from final-layer states (B, T, H) whose row i holds its sequence in the first ``lengths[i]``
     positions: the recipe's mean over those positions and the last of them. The one pooling that
     :func:`embed_texts`, :func:`pool_states` and training's b from the training forward all use."""
@@ -228,7 +233,7 @@ def embed_texts(
     head_kwargs = {"logits_to_keep": 1} if sharded and _keeps_logits(model) else {}
     was_training = model.training
     model.eval()
-    out: list[torch.Tensor | None] = [None] * len(texts)
+    out: dict[int, torch.Tensor] = {}  # input position -> h; batches run in length order
     for start in tqdm(range(0, len(order), batch_size), desc="embedding", disable=not progress, leave=False):
         index = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in index)
@@ -237,11 +242,18 @@ def embed_texts(
         for row, i in enumerate(index):
             ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
             mask[row, : len(encoded[i])] = 1
-        result = backbone(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=sharded or recipe.layer != -1,
-                          use_cache=False, **head_kwargs)
-        states = (result.last_hidden_state if recipe.layer == -1 and not sharded else result.hidden_states[recipe.layer]).float()
+        result = backbone(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            output_hidden_states=sharded or recipe.layer != -1,
+            use_cache=False,
+            **head_kwargs,
+        )
+        states = (
+            result.last_hidden_state if recipe.layer == -1 and not sharded else result.hidden_states[recipe.layer]
+        ).float()
         h = pool_prefixes(states, mask.sum(dim=1), recipe).cpu()
         for row, i in enumerate(index):
             out[i] = h[row]
     model.train(was_training)
-    return torch.stack(out)
+    return torch.stack([out[i] for i in range(len(texts))])

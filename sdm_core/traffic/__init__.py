@@ -6,6 +6,23 @@ import this package: it needs SQLAlchemy and Alembic (``pip install 'sdm-lm[stor
 """
 
 from sdm_core.traffic.schema import LABELS
-from sdm_core.traffic.store import Feedback, FeedbackResult, StoreError, TrafficRecord, TrafficStore, redact_url, sqlite_url
+from sdm_core.traffic.store import (
+    Feedback,
+    FeedbackResult,
+    StoreError,
+    TrafficRecord,
+    TrafficStore,
+    redact_url,
+    sqlite_url,
+)
 
-__all__ = ["LABELS", "Feedback", "FeedbackResult", "StoreError", "TrafficRecord", "TrafficStore", "redact_url", "sqlite_url"]
+__all__ = [
+    "LABELS",
+    "Feedback",
+    "FeedbackResult",
+    "StoreError",
+    "TrafficRecord",
+    "TrafficStore",
+    "redact_url",
+    "sqlite_url",
+]

@@ -11,18 +11,30 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, create_engine, delete, event, func, insert, select, text, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import ColumnElement, and_, create_engine, delete, event, func, insert, select, text, update
+from sqlalchemy.engine import Engine, Row, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from sdm_core.traffic.schema import LABELS, VERSION_TABLE, verifications
 
-__all__ = ["TrafficRecord", "Feedback", "FeedbackResult", "TrafficStore", "StoreError", "sqlite_url", "redact_url", "MIGRATIONS"]
+__all__ = [
+    "TrafficRecord",
+    "Feedback",
+    "FeedbackResult",
+    "TrafficStore",
+    "StoreError",
+    "sqlite_url",
+    "redact_url",
+    "MIGRATIONS",
+]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # A fixed key for PostgreSQL's advisory lock: replicas starting together run the migrations one after the other.
@@ -102,14 +114,15 @@ class Feedback:
 
 @dataclass
 class FeedbackResult:
-    """What :meth:`TrafficStore.set_feedback` did: the records labelled (as they are now) and the label each had before."""
+    """What :meth:`TrafficStore.set_feedback` did: the records labelled (as they are now) and the label each had
+    before."""
 
     records: list[TrafficRecord] = field(default_factory=list)
     previous: dict[str, str | None] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
 
 
-def _record(row) -> TrafficRecord:
+def _record(row: Row[Any]) -> TrafficRecord:
     data = dict(row._mapping)
     data["admitted"] = bool(data["admitted"])
     data["h"] = bytes(data["h"])
@@ -124,8 +137,10 @@ class TrafficStore:
         try:
             parsed = make_url(url)
         except ArgumentError:
-            raise StoreError(f"{url!r} is not a SQLAlchemy URL; use e.g. sqlite:////var/lib/sdm/traffic.sqlite3 or "
-                             "postgresql+psycopg://user:password@host/db") from None
+            raise StoreError(
+                f"{url!r} is not a SQLAlchemy URL; use e.g. sqlite:////var/lib/sdm/traffic.sqlite3 or "
+                "postgresql+psycopg://user:password@host/db"
+            ) from None
         self.dialect = parsed.get_backend_name()
         kwargs: dict = {"pool_pre_ping": True, "future": True}
         if self.dialect == "sqlite":
@@ -139,7 +154,10 @@ class TrafficStore:
         try:
             self.engine: Engine = create_engine(url, **kwargs)
         except (ArgumentError, ImportError) as exc:
-            raise StoreError(f"cannot open the traffic store {redact_url(url)}: {exc} (for PostgreSQL install psycopg: pip install 'sdm-lm[store]')") from None
+            raise StoreError(
+                f"cannot open the traffic store {redact_url(url)}: {exc} (for PostgreSQL install psycopg: pip install "
+                "'sdm-lm[store]')"
+            ) from None
         if self.dialect == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
 
@@ -163,7 +181,10 @@ class TrafficStore:
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
-            return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision() or ""
+            return (
+                MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE}).get_current_revision()
+                or ""
+            )
 
     def revision(self) -> str | None:
         from alembic.runtime.migration import MigrationContext
@@ -200,17 +221,25 @@ class TrafficStore:
             ids = list(latest)
             for start in range(0, len(ids), 500):  # keeps the IN list within every database's parameter limit
                 chunk = ids[start : start + 500]
-                for row in connection.execute(select(verifications.c.id, verifications.c.label).where(verifications.c.id.in_(chunk))):
+                for row in connection.execute(
+                    select(verifications.c.id, verifications.c.label).where(verifications.c.id.in_(chunk))
+                ):
                     found[row.id] = row.label
             result.missing = [i for i in ids if i not in found]
             if result.missing:
                 return result
             for identifier, item in latest.items():
-                connection.execute(update(verifications).where(verifications.c.id == identifier).values(label=item.label, labelled_at=when, note=item.note))
+                connection.execute(
+                    update(verifications)
+                    .where(verifications.c.id == identifier)
+                    .values(label=item.label, labelled_at=when, note=item.note)
+                )
             result.previous = found
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
-                result.records.extend(_record(r) for r in connection.execute(select(verifications).where(verifications.c.id.in_(chunk))))
+                result.records.extend(
+                    _record(r) for r in connection.execute(select(verifications).where(verifications.c.id.in_(chunk)))
+                )
         order = {identifier: n for n, identifier in enumerate(ids)}
         result.records.sort(key=lambda r: order[r.id])
         return result
@@ -221,15 +250,29 @@ class TrafficStore:
         now = time.time() if now is None else now
         with self.engine.begin() as connection:
             if max_age_s is not None and max_age_s > 0:
-                deleted += connection.execute(delete(verifications).where(verifications.c.created_at < now - max_age_s)).rowcount or 0
+                deleted += (
+                    connection.execute(
+                        delete(verifications).where(verifications.c.created_at < now - max_age_s)
+                    ).rowcount
+                    or 0
+                )
             if max_rows is not None and max_rows > 0:
                 total = connection.execute(select(func.count()).select_from(verifications)).scalar_one()
                 excess = int(total) - int(max_rows)
                 if excess > 0:
-                    oldest = select(verifications.c.id).order_by(verifications.c.created_at.asc(), verifications.c.id.asc()).limit(excess)
+                    oldest = (
+                        select(verifications.c.id)
+                        .order_by(verifications.c.created_at.asc(), verifications.c.id.asc())
+                        .limit(excess)
+                    )
                     ids = [r.id for r in connection.execute(oldest)]
                     for start in range(0, len(ids), 500):
-                        deleted += connection.execute(delete(verifications).where(verifications.c.id.in_(ids[start : start + 500]))).rowcount or 0
+                        deleted += (
+                            connection.execute(
+                                delete(verifications).where(verifications.c.id.in_(ids[start : start + 500]))
+                            ).rowcount
+                            or 0
+                        )
         return deleted
 
     # -- reading ---------------------------------------------------------------------------------------------
@@ -245,22 +288,32 @@ class TrafficStore:
         with self.engine.connect() as connection:
             return int(connection.execute(query).scalar_one())
 
-    def labelled(self, *, since: float | None = None, until: float | None = None, head_versions: Sequence[str] | None = None,
-                 labels: Sequence[str] = LABELS) -> list[TrafficRecord]:
+    def labelled(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        head_versions: Sequence[str] | None = None,
+        labels: Sequence[str] = LABELS,
+    ) -> list[TrafficRecord]:
         """Labelled records, oldest label first (ties by id): a deterministic order for a deterministic update."""
-        conditions = [verifications.c.label.in_(list(labels))]
+        conditions: list[ColumnElement[bool]] = [verifications.c.label.in_(list(labels))]
         if since is not None:
             conditions.append(verifications.c.labelled_at >= since)
         if until is not None:
             conditions.append(verifications.c.labelled_at <= until)
         if head_versions:
             conditions.append(verifications.c.head_version.in_(list(head_versions)))
-        query = select(verifications).where(and_(*conditions)).order_by(verifications.c.labelled_at.asc(), verifications.c.id.asc())
+        query = (
+            select(verifications)
+            .where(and_(*conditions))
+            .order_by(verifications.c.labelled_at.asc(), verifications.c.id.asc())
+        )
         with self.engine.connect() as connection:
             return [_record(r) for r in connection.execute(query)]
 
 
-def _sqlite_pragmas(connection, _record) -> None:
+def _sqlite_pragmas(connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     # WAL lets the update command read while the server writes; NORMAL sync is durable across process crashes.
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")

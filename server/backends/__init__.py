@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult, SamplingParams
+from server.backends.base import (
+    Backend,
+    BackendError,
+    BatchObserver,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+)
 
 __all__ = [
     "Backend",
@@ -29,9 +36,12 @@ def make_backend(
     hidden_states: str = "auto",
 ) -> Backend:
     """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``; ``vllm`` holds the vllm
-    backend's ``max_model_len``, ``engine_args`` and ``head_input``; ``hidden_states`` is the transformers backend's source of head
+    backend's ``max_model_len``, ``engine_args`` and ``head_input``; ``hidden_states`` is the transformers backend's
+    source of head
     inputs (``auto``, ``reuse`` or ``forward``)."""
-    settings = dict(device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer)
+    settings = dict(
+        device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer
+    )
     if kind == "transformers":
         from server.backends.transformers_backend import TransformersBackend
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
+from sdm_core.estimator import SDMEstimator
 from sdm_core.lm.bundle import BundleInfo
 from sdm_core.lm.embedding import chat_messages
-from sdm_core.estimator import SDMEstimator
 
 __all__ = ["Backend", "SamplingParams", "GenerationRequest", "GenerationResult", "BackendError", "BatchObserver"]
 
@@ -87,7 +87,7 @@ class Backend(ABC):
         """Release the model and stop background work."""
 
     @abstractmethod
-    def with_bundle(self, bundle_path: str) -> "Backend":
+    def with_bundle(self, bundle_path: str) -> Backend:
         """A new, unloaded backend of the same kind and settings for another bundle (used by reload)."""
 
     @property
@@ -131,7 +131,9 @@ class Backend(ABC):
     async def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) float32 head inputs for rendered verification texts: ``embed_texts`` with the bundle's recipe."""
 
-    async def embed_generation(self, text: str, prompt_ids: Sequence[int], generation: GenerationResult) -> torch.Tensor:
+    async def embed_generation(
+        self, text: str, prompt_ids: Sequence[int], generation: GenerationResult
+    ) -> torch.Tensor:
         """(1, D) head input for the verification text of a generation. Backends that keep the states of the
         generation's own forward passes reuse them when they cover exactly the text's tokens; this default runs
         the separate hidden-state pass."""

@@ -27,15 +27,15 @@ import asyncio
 import gc
 import secrets
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
+from sdm_core.estimator import SDMEstimator
 from sdm_core.lm.bundle import Bundle, BundleInfo, load_bundle
 from sdm_core.lm.embedding import embed_texts, final_norm, pool_states
-from sdm_core.estimator import SDMEstimator
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
 from server.backends.row import GenerationRow
 from server.batching import DynamicBatcher
@@ -83,7 +83,9 @@ class _RowSampler:
 class _RowStopper:
     """Stopping criterion: per-row max_tokens, EOS, stop strings and cancellation; streams text deltas."""
 
-    def __init__(self, rows: list[GenerationRow], tokenizer, eos_ids: set[int], width: int, linger: bool = False) -> None:
+    def __init__(
+        self, rows: list[GenerationRow], tokenizer, eos_ids: set[int], width: int, linger: bool = False
+    ) -> None:
         self.rows = rows
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -112,7 +114,9 @@ class _RowStopper:
                     row.finish("length", None, row.text)
                 elif not stopped:
                     row.stream()
-            done[i] = row.done and not (self.linger and row.finish_reason == "stop" and row.stop_reason in row.request.stop_inclusive)
+            done[i] = row.done and not (
+                self.linger and row.finish_reason == "stop" and row.stop_reason in row.request.stop_inclusive
+            )
         return done.to(input_ids.device)
 
 
@@ -152,10 +156,16 @@ class TransformersBackend(Backend):
         self._load_lock = threading.Lock()
         self._norm: torch.nn.Module | None = None
 
-    def with_bundle(self, bundle_path: str) -> "TransformersBackend":
+    def with_bundle(self, bundle_path: str) -> TransformersBackend:
         return TransformersBackend(
-            bundle_path, device=self.device, dtype=self.dtype, batch_size=self.batch_size, batch_wait_ms=self.batch_wait_ms,
-            verify=self.verify, observer=self.observer, hidden_states=self.hidden_states,
+            bundle_path,
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            batch_wait_ms=self.batch_wait_ms,
+            verify=self.verify,
+            observer=self.observer,
+            hidden_states=self.hidden_states,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -173,12 +183,22 @@ class TransformersBackend(Backend):
         lock = asyncio.Lock()
         wait_s = self.batch_wait_ms / 1000.0
         self._generator = DynamicBatcher(
-            self._generate_batch, self._executor, max_batch=self.batch_size, max_wait_s=wait_s, lock=lock,
-            on_batch=self._observe("generate"), name="generate",
+            self._generate_batch,
+            self._executor,
+            max_batch=self.batch_size,
+            max_wait_s=wait_s,
+            lock=lock,
+            on_batch=self._observe("generate"),
+            name="generate",
         )
         self._embedder = DynamicBatcher(
-            self._embed_batch, self._executor, max_batch=self.batch_size, max_wait_s=wait_s, lock=lock,
-            on_batch=self._observe("embed"), name="embed",
+            self._embed_batch,
+            self._executor,
+            max_batch=self.batch_size,
+            max_wait_s=wait_s,
+            lock=lock,
+            on_batch=self._observe("embed"),
+            name="embed",
         )
 
     def _observe(self, kind: str):
@@ -192,14 +212,17 @@ class TransformersBackend(Backend):
         return _DTYPES[name]
 
     def _load_sync(self) -> None:
-        from sdm_core.lm.bundle import read_bundle_info
         from transformers import AutoTokenizer
+
+        from sdm_core.lm.bundle import read_bundle_info
 
         with self._load_lock:
             if self._bundle is not None:
                 return
             info = read_bundle_info(self.bundle_path, verify=False)
-            bundle = load_bundle(self.bundle_path, dtype=self._resolve_dtype(info), verify=self.verify, device=self.device)
+            bundle = load_bundle(
+                self.bundle_path, dtype=self._resolve_dtype(info), verify=self.verify, device=self.device
+            )
             tokenizer = bundle.tokenizer
             eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
             config_eos = getattr(bundle.model.generation_config, "eos_token_id", None)
@@ -307,14 +330,18 @@ class TransformersBackend(Backend):
         captured: list[torch.Tensor] = []
         hook = None
         if self._norm is not None:
-            hook = self._norm.register_forward_hook(lambda _m, _a, out: captured.append(out.detach()) if isinstance(out, torch.Tensor) else None)
+            hook = self._norm.register_forward_hook(
+                lambda _m, _a, out: captured.append(out.detach()) if isinstance(out, torch.Tensor) else None
+            )
         try:
             sequences = bundle.model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=config,
                 logits_processor=LogitsProcessorList([_RowSampler(rows)]),
-                stopping_criteria=StoppingCriteriaList([_RowStopper(rows, bundle.tokenizer, self._eos_ids, width, linger=hook is not None)]),
+                stopping_criteria=StoppingCriteriaList(
+                    [_RowStopper(rows, bundle.tokenizer, self._eos_ids, width, linger=hook is not None)]
+                ),
             )
         finally:
             if hook is not None:
@@ -329,12 +356,23 @@ class TransformersBackend(Backend):
             if prompt_states is not None:
                 n, fed = len(row.request.prompt_ids), min(row.count, step_states.shape[1])
                 states = torch.cat([prompt_states[i, width - n :], step_states[i, :fed]])
-            out.append(GenerationResult(result.text, result.prompt_tokens, result.completion_tokens, result.finish_reason,
-                                        result.stop_reason, token_ids=tokens, states=states))
+            out.append(
+                GenerationResult(
+                    result.text,
+                    result.prompt_tokens,
+                    result.completion_tokens,
+                    result.finish_reason,
+                    result.stop_reason,
+                    token_ids=tokens,
+                    states=states,
+                )
+            )
         return out
 
     @staticmethod
-    def _split_captured(captured: list[torch.Tensor], batch: int, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _split_captured(
+        captured: list[torch.Tensor], batch: int, width: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(prompt states (B, width, H), fed-back generated tokens' states (B, S, H)) from the hook's outputs: the
         prefill first, then one state per row per decoding step; (None, None) when the calls do not look like that."""
         if not captured or tuple(captured[0].shape[:2]) != (batch, width):
@@ -346,7 +384,9 @@ class TransformersBackend(Backend):
         fed = torch.cat(steps, dim=1).float().cpu() if steps else prompt.new_zeros(batch, 0, prompt.shape[-1])
         return prompt, fed
 
-    async def embed_generation(self, text: str, prompt_ids: Sequence[int], generation: GenerationResult) -> torch.Tensor:
+    async def embed_generation(
+        self, text: str, prompt_ids: Sequence[int], generation: GenerationResult
+    ) -> torch.Tensor:
         h = self._reuse_states(text, prompt_ids, generation)
         if h is None:
             return await self.embed([text])

@@ -41,15 +41,16 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
+from sdm_core.estimator import SDMEstimator
 from sdm_core.folders import atomic_folder
 from sdm_core.lm.bundle import BundleInfo
-from sdm_core.estimator import SDMEstimator
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
 from server.backends.row import GenerationRow
 
@@ -66,7 +67,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def vllm_model_folder(info: BundleInfo, model=None, *, dtype: torch.dtype | None = None, loader: Callable[[], Any] | None = None) -> Path:
+def vllm_model_folder(
+    info: BundleInfo, model=None, *, dtype: torch.dtype | None = None, loader: Callable[[], Any] | None = None
+) -> Path:
     """The HF safetensors folder vLLM loads for the bundle ``info``.
 
     ``model`` is the bundle's loaded transformers LM (adapter already merged); it is saved to the cache when the
@@ -87,7 +90,10 @@ def vllm_model_folder(info: BundleInfo, model=None, *, dtype: torch.dtype | None
         if folder is not None:
             return folder
     if model is None and (loader is None or dtype is None):
-        raise BackendError(f"{info.path}: the {kind} bundle's weights have no folder vLLM can load; pass the loaded model (or a loader and dtype) to save one")
+        raise BackendError(
+            f"{info.path}: the {kind} bundle's weights have no folder vLLM can load; pass the loaded model (or a "
+            "loader and dtype) to save one"
+        )
     name = _dtype_name(next(model.parameters()).dtype if model is not None else dtype)
     identity = info.raw.get("bundle_sha256") if kind == "adapter" else json.dumps(info.model["base"], sort_keys=True)
     digest = hashlib.sha256(f"{kind}\n{identity}\n{name}".encode()).hexdigest()[:24]
@@ -147,8 +153,12 @@ def _load_parts(bundle_path: str, verify: bool) -> _BundleParts:
 
     info = read_bundle_info(bundle_path, verify=verify)
     folder = str(Path(bundle_path) / "tokenizer")
-    return _BundleParts(info=info, head=load_head(info), tokenizer=AutoTokenizer.from_pretrained(folder),
-                        worker_tokenizer=AutoTokenizer.from_pretrained(folder))
+    return _BundleParts(
+        info=info,
+        head=load_head(info),
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+        worker_tokenizer=AutoTokenizer.from_pretrained(folder),
+    )
 
 
 def choose_head_input(setting: str, info: BundleInfo, dtype: torch.dtype) -> str:
@@ -161,8 +171,10 @@ def choose_head_input(setting: str, info: BundleInfo, dtype: torch.dtype) -> str
         return "transformers"
     if info.recipe.layer != -1:
         if setting == "engine":
-            raise BackendError(f"{info.path}: the bundle's recipe reads hidden-state layer {info.recipe.layer}; the engine head input "
-                               "has only the final layer's states: use --vllm-hidden-states transformers")
+            raise BackendError(
+                f"{info.path}: the bundle's recipe reads hidden-state layer {info.recipe.layer}; the engine head input "
+                "has only the final layer's states: use --vllm-hidden-states transformers"
+            )
         return "transformers"
     if setting == "auto" and dtype != torch.float32:
         return "transformers"  # lower precision: vLLM's kernels drift further from the training pass
@@ -213,10 +225,17 @@ class VLLMBackend(Backend):
         self._tokenizer_folder: Path | None = None
         self._load_lock = asyncio.Lock()
 
-    def with_bundle(self, bundle_path: str) -> "VLLMBackend":
+    def with_bundle(self, bundle_path: str) -> VLLMBackend:
         return VLLMBackend(
-            bundle_path, device=self.device, dtype=self.dtype, batch_size=self.batch_size, batch_wait_ms=self.batch_wait_ms,
-            verify=self.verify, observer=self.observer, max_model_len=self.max_model_len_setting, engine_args=self.engine_args,
+            bundle_path,
+            device=self.device,
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            batch_wait_ms=self.batch_wait_ms,
+            verify=self.verify,
+            observer=self.observer,
+            max_model_len=self.max_model_len_setting,
+            engine_args=self.engine_args,
             head_input=self.head_input_setting,
         )
 
@@ -306,8 +325,13 @@ class VLLMBackend(Backend):
         from server.backends.transformers_backend import TransformersBackend
 
         embedder = TransformersBackend(
-            self.bundle_path, device=self._embed_device(), dtype=self.dtype, batch_size=self.batch_size,
-            batch_wait_ms=self.batch_wait_ms, verify=self.verify, observer=self.observer,
+            self.bundle_path,
+            device=self._embed_device(),
+            dtype=self.dtype,
+            batch_size=self.batch_size,
+            batch_wait_ms=self.batch_wait_ms,
+            verify=self.verify,
+            observer=self.observer,
         )
         try:
             await embedder.load()
@@ -320,7 +344,9 @@ class VLLMBackend(Backend):
         """The weights' folder; a bundle without one has its model built once (on CPU) to write it, then freed."""
         from sdm_core.lm.bundle import load_bundle
 
-        return vllm_model_folder(info, dtype=dtype, loader=lambda: load_bundle(self.bundle_path, dtype=dtype, verify=False).model)
+        return vllm_model_folder(
+            info, dtype=dtype, loader=lambda: load_bundle(self.bundle_path, dtype=dtype, verify=False).model
+        )
 
     @staticmethod
     def _start_engine(args):
@@ -365,7 +391,10 @@ class VLLMBackend(Backend):
         """The transformers LM that computes the head input (for tests and tools); the engine head input has none."""
         embedder = self._loaded()
         if isinstance(embedder, _BundleParts):
-            raise BackendError("the head input comes from the vLLM engine: there is no transformers model (--vllm-hidden-states transformers loads one)")
+            raise BackendError(
+                "the head input comes from the vLLM engine: there is no transformers model (--vllm-hidden-states "
+                "transformers loads one)"
+            )
         return embedder.model
 
     @property
@@ -420,7 +449,9 @@ class VLLMBackend(Backend):
         engine = self._engine
         row = GenerationRow(request)
         request_id = f"sdm-{uuid.uuid4().hex}"
-        stream = engine.generate(TokensPrompt(prompt_token_ids=list(request.prompt_ids)), self.sampling_params(request), request_id)
+        stream = engine.generate(
+            TokensPrompt(prompt_token_ids=list(request.prompt_ids)), self.sampling_params(request), request_id
+        )
         finished = False
         try:
             if request.cancel.is_set():
@@ -503,8 +534,10 @@ class VLLMBackend(Backend):
                 await self._drop(engine, [request_id])
         h = answers[self._capture_rank]
         if h is None:
-            raise BackendError(f"the vLLM engine did not record the states of all {len(ids)} positions; "
-                               "serve with --vllm-hidden-states transformers and report this")
+            raise BackendError(
+                f"the vLLM engine did not record the states of all {len(ids)} positions; "
+                "serve with --vllm-hidden-states transformers and report this"
+            )
         return torch.tensor(h, dtype=torch.float32)
 
     @staticmethod

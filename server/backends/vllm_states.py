@@ -66,7 +66,9 @@ class StateCaptureExtension:
         from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
         if get_pp_group().world_size > 1:
-            raise RuntimeError("the engine head input does not support pipeline parallelism; use --vllm-hidden-states transformers")
+            raise RuntimeError(
+                "the engine head input does not support pipeline parallelism; use --vllm-hidden-states transformers"
+            )
         runner = self.model_runner  # type: ignore[attr-defined]
         if getattr(runner, "_sdm_tables", None) is not None:
             return get_tp_group().rank_in_group == 0
@@ -147,5 +149,7 @@ def _record(runner, tables: OrderedDict[str, _Table], positions: torch.Tensor | 
             table = tables[rid] = _Table()
             while len(tables) > MAX_CAPTURED_REQUESTS:
                 dropped, _ = tables.popitem(last=False)
-                logger.warning("dropped the recorded states of %s (more than %d requests held)", dropped, MAX_CAPTURED_REQUESTS)
+                logger.warning(
+                    "dropped the recorded states of %s (more than %d requests held)", dropped, MAX_CAPTURED_REQUESTS
+                )
         table.chunks.append((positions[lo:hi].to(torch.long).clone(), output[lo:hi].float().clone()))

@@ -20,13 +20,20 @@ __all__ = ["router", "reload_target"]
 router = APIRouter()
 
 
-@router.post("/admin/reload", responses=ADMIN_ERRORS, openapi_extra=body_schema(ReloadRequest, required=False),
-             summary="Swap in a bundle (by name, under --bundles-root; default: re-read the served one) without dropping in-flight requests")
+@router.post(
+    "/admin/reload",
+    responses=ADMIN_ERRORS,
+    openapi_extra=body_schema(ReloadRequest, required=False),
+    summary="Swap in a bundle (by name, under --bundles-root; default: re-read the served one) without dropping "
+    "in-flight requests",
+)
 async def reload(request: Request) -> dict:
     state = server_state(request)
     config, manager, metrics = state.config, state.manager, state.metrics
     if not config.admin_enabled:  # the middleware refuses first; this keeps the route closed whatever the middleware
-        raise permission_error("POST /admin/reload is disabled without admin keys: set SDM_ADMIN_API_KEYS (or --admin-api-keys)")
+        raise permission_error(
+            "POST /admin/reload is disabled without admin keys: set SDM_ADMIN_API_KEYS (or --admin-api-keys)"
+        )
     previous = manager.current.facts if manager.current is not None else None
     try:
         raw = await request.body()
@@ -36,8 +43,13 @@ async def reload(request: Request) -> dict:
         metrics.reloads.labels(result="failed").inc()
         raise
     metrics.reloads.labels(result="ok").inc()
-    return {"status": "reloaded", "model": served.facts["model"], "bundle": Path(served.facts["bundle"]).name,
-            "head_version": served.facts["head_version"], "previous_bundle": Path(previous["bundle"]).name if previous else None}
+    return {
+        "status": "reloaded",
+        "model": served.facts["model"],
+        "bundle": Path(served.facts["bundle"]).name,
+        "head_version": served.facts["head_version"],
+        "previous_bundle": Path(previous["bundle"]).name if previous else None,
+    }
 
 
 def reload_target(config: ServerConfig, name: str | None) -> str | None:
@@ -45,12 +57,24 @@ def reload_target(config: ServerConfig, name: str | None) -> str | None:
     if name is None:
         return None
     if not config.bundles_root:
-        raise invalid_request("naming a bundle needs a bundles root on the server (--bundles-root / SDM_BUNDLES_ROOT); "
-                              "without one, send no bundle to re-read the served bundle", "bundle", "invalid_bundle")
+        raise invalid_request(
+            "naming a bundle needs a bundles root on the server (--bundles-root / SDM_BUNDLES_ROOT); "
+            "without one, send no bundle to re-read the served bundle",
+            "bundle",
+            "invalid_bundle",
+        )
     if not re.fullmatch(BUNDLE_NAME_PATTERN, name):
-        raise invalid_request(f"bundle must be the name of a folder under the bundles root (letters, digits, '.', '_', '-'; "
-                              f"not starting with '.'), not a path; got {name!r}", "bundle", "invalid_bundle")
+        raise invalid_request(
+            f"bundle must be the name of a folder under the bundles root (letters, digits, '.', '_', '-'; "
+            f"not starting with '.'), not a path; got {name!r}",
+            "bundle",
+            "invalid_bundle",
+        )
     path = Path(config.bundles_root).expanduser() / name
     if not (path / "bundle.json").is_file():
-        raise invalid_request(f"there is no bundle named {name!r} under the bundles root (a folder holding a bundle.json)", "bundle", "invalid_bundle")
+        raise invalid_request(
+            f"there is no bundle named {name!r} under the bundles root (a folder holding a bundle.json)",
+            "bundle",
+            "invalid_bundle",
+        )
     return str(path)

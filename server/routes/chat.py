@@ -34,8 +34,10 @@ _REASONS = {
 def refusal(result: VerificationResult) -> str:
     """``message.refusal`` of a withheld answer: the abstention in words (OpenAI clients have no other field for it)."""
     reason = result.best.abstention_reason or "below_threshold"
-    return (f"abstained ({reason}): {_REASONS.get(reason, reason)}; the answer was withheld "
-            f"(probability {result.best.probability:.3f} at alpha {result.alpha:g}; see choices[0].sdm)")
+    return (
+        f"abstained ({reason}): {_REASONS.get(reason, reason)}; the answer was withheld "
+        f"(probability {result.best.probability:.3f} at alpha {result.alpha:g}; see choices[0].sdm)"
+    )
 
 
 class ChatServing(OpenAIServing):
@@ -60,8 +62,13 @@ class ChatServing(OpenAIServing):
     # -- stream chunks (server.streaming.ChunkWriter) --
     def _chunk(self, response_id: str, created: int, delta: DeltaMessage, **choice) -> ChatCompletionStreamResponse:
         usage = choice.pop("usage", None)
-        return ChatCompletionStreamResponse(id=response_id, created=created, model=self.model_name,
-                                            choices=[ChatCompletionStreamChoice(delta=delta, **choice)], usage=usage)
+        return ChatCompletionStreamResponse(
+            id=response_id,
+            created=created,
+            model=self.model_name,
+            choices=[ChatCompletionStreamChoice(delta=delta, **choice)],
+            usage=usage,
+        )
 
     def first_chunk(self, response_id: str, created: int) -> ChatCompletionStreamResponse:
         return self._chunk(response_id, created, DeltaMessage(role="assistant", content=""))
@@ -69,17 +76,29 @@ class ChatServing(OpenAIServing):
     def text_chunk(self, response_id: str, created: int, text: str) -> ChatCompletionStreamResponse:
         return self._chunk(response_id, created, DeltaMessage(content=text))
 
-    def final_chunk(self, response_id: str, created: int, done: Completed, include_usage: bool) -> ChatCompletionStreamResponse:
+    def final_chunk(
+        self, response_id: str, created: int, done: Completed, include_usage: bool
+    ) -> ChatCompletionStreamResponse:
         r = done.result
         delta = DeltaMessage(content=None, refusal=refusal(r) if r.withheld else None)
-        return self._chunk(response_id, created, delta, finish_reason=r.finish_reason, sdm=done.verification(),
-                           usage=done.usage() if include_usage else None)
+        return self._chunk(
+            response_id,
+            created,
+            delta,
+            finish_reason=r.finish_reason,
+            sdm=done.verification(),
+            usage=done.usage() if include_usage else None,
+        )
 
 
 router = APIRouter()
 
 
-@router.post(ChatServing.route, responses={**ERRORS, 200: {"model": ChatCompletionResponse, "content": STREAMED}},
-             openapi_extra=body_schema(ChatCompletionRequest), summary="OpenAI-compatible chat completions (+ sdm)")
+@router.post(
+    ChatServing.route,
+    responses={**ERRORS, 200: {"model": ChatCompletionResponse, "content": STREAMED}},
+    openapi_extra=body_schema(ChatCompletionRequest),
+    summary="OpenAI-compatible chat completions (+ sdm)",
+)
 async def chat_completions(request: Request):
     return await server_state(request).chat.handle(request)

@@ -6,7 +6,13 @@ from fastapi import APIRouter
 from starlette.requests import Request
 
 from server.execution import Completed, Plan
-from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamChoice, CompletionStreamResponse
+from server.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
+)
 from server.routes.common import ERRORS, STREAMED, body_schema, server_state
 from server.routes.openai import OpenAIServing, unsupported
 
@@ -38,18 +44,31 @@ class CompletionServing(OpenAIServing):
         return None
 
     def text_chunk(self, response_id: str, created: int, text: str) -> CompletionStreamResponse:
-        return CompletionStreamResponse(id=response_id, created=created, model=self.model_name, choices=[CompletionStreamChoice(text=text)])
+        return CompletionStreamResponse(
+            id=response_id, created=created, model=self.model_name, choices=[CompletionStreamChoice(text=text)]
+        )
 
-    def final_chunk(self, response_id: str, created: int, done: Completed, include_usage: bool) -> CompletionStreamResponse:
+    def final_chunk(
+        self, response_id: str, created: int, done: Completed, include_usage: bool
+    ) -> CompletionStreamResponse:
         choice = CompletionStreamChoice(text="", finish_reason=done.result.finish_reason, sdm=done.verification())
-        return CompletionStreamResponse(id=response_id, created=created, model=self.model_name, choices=[choice],
-                                        usage=done.usage() if include_usage else None)
+        return CompletionStreamResponse(
+            id=response_id,
+            created=created,
+            model=self.model_name,
+            choices=[choice],
+            usage=done.usage() if include_usage else None,
+        )
 
 
 router = APIRouter()
 
 
-@router.post(CompletionServing.route, responses={**ERRORS, 200: {"model": CompletionResponse, "content": STREAMED}},
-             openapi_extra=body_schema(CompletionRequest), summary="OpenAI-compatible completions (+ sdm)")
+@router.post(
+    CompletionServing.route,
+    responses={**ERRORS, 200: {"model": CompletionResponse, "content": STREAMED}},
+    openapi_extra=body_schema(CompletionRequest),
+    summary="OpenAI-compatible completions (+ sdm)",
+)
 async def completions(request: Request):
     return await server_state(request).completions.handle(request)

@@ -14,7 +14,11 @@ __all__ = ["router"]
 router = APIRouter()
 
 
-@router.post("/v1/feedback", responses={**ERRORS, 503: {"model": ErrorResponse}}, openapi_extra=feedback_body_schema(),
-             summary="Label served answers (correct, wrong, ood) by response id; one object or a list")
+@router.post(
+    "/v1/feedback",
+    responses={**ERRORS, 503: {"model": ErrorResponse}},
+    openapi_extra=feedback_body_schema(),
+    summary="Label served answers (correct, wrong, ood) by response id; one object or a list",
+)
 async def post_feedback(request: Request) -> dict:
     return await server_state(request).feedback.handle(request)

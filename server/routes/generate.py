@@ -29,14 +29,26 @@ class GenerateServing:
             done = await self.executor.execute(plan, request, started)
         finally:
             self.executor.release(plan)
-        return GenerateResponse(id=plan.response_id, model=self.executor.config.served_model_name, text=done.result.text, **done.verdict(),
-                                finish_reason=done.result.finish_reason, usage=done.usage(), timings=done.timings())
+        return GenerateResponse(
+            id=plan.response_id,
+            model=self.executor.config.served_model_name,
+            text=done.result.text,
+            **done.verdict(),
+            finish_reason=done.result.finish_reason,
+            usage=done.usage(),
+            timings=done.timings(),
+        )
 
 
 router = APIRouter()
 
 
-@router.post(ROUTE, response_model=GenerateResponse, responses=ERRORS, openapi_extra=body_schema(GenerateRequest),
-             summary="Generate, verify, and return the text with its calibrated probability or an abstention")
+@router.post(
+    ROUTE,
+    response_model=GenerateResponse,
+    responses=ERRORS,
+    openapi_extra=body_schema(GenerateRequest),
+    summary="Generate, verify, and return the text with its calibrated probability or an abstention",
+)
 async def generate(request: Request) -> GenerateResponse:
     return await server_state(request).generate.handle(request)

@@ -21,8 +21,13 @@ async def models(request: Request) -> ModelList:
     served = state.manager.hold()
     try:
         facts = served.facts
-        card = ModelCard(id=state.config.served_model_name, created=int(served.loaded_at), root=Path(facts["bundle"]).name,
-                         max_model_len=served.backend.max_model_len, sdm={k: v for k, v in facts.items() if k not in ("model", "bundle")})
+        card = ModelCard(
+            id=state.config.served_model_name,
+            created=int(served.loaded_at),
+            root=Path(facts["bundle"]).name,
+            max_model_len=served.backend.max_model_len,
+            sdm={k: v for k, v in facts.items() if k not in ("model", "bundle")},
+        )
         return ModelList(data=[card])
     finally:
         state.manager.release(served)

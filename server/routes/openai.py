@@ -50,13 +50,19 @@ class OpenAIServing(ABC):
         """404 for another model's name; 400 for the OpenAI features both routes refuse."""
         name = self.executor.config.served_model_name
         if body.model and body.model != name:
-            raise not_found(f"the model {body.model!r} does not exist; this server serves {name!r} (GET /v1/models)", "model", "model_not_found")
+            raise not_found(
+                f"the model {body.model!r} does not exist; this server serves {name!r} (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
         if body.n != 1:
             raise unsupported("n", "only n = 1 is supported (use max_attempts to resample until admitted)")
         if body.logit_bias:
             raise unsupported("logit_bias", "is not supported")
         if body.presence_penalty or body.frequency_penalty:
-            raise unsupported("presence_penalty" if body.presence_penalty else "frequency_penalty", "is not supported (only 0)")
+            raise unsupported(
+                "presence_penalty" if body.presence_penalty else "frequency_penalty", "is not supported (only 0)"
+            )
 
     @abstractmethod
     def response(self, plan: Plan, done: Completed):
@@ -65,4 +71,3 @@ class OpenAIServing(ABC):
     @property
     def model_name(self) -> str:
         return self.executor.config.served_model_name
-

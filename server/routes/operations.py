@@ -30,13 +30,25 @@ async def ready(request: Request) -> Response:
     if manager.ready:
         facts = manager.current.facts
         # A bundle is named by its folder name, never by a host path.
-        return JSONResponse({"status": "ready", "model": facts["model"], "bundle": Path(facts["bundle"]).name, "head_version": facts["head_version"],
-                             "traffic_store": state.traffic.status()})
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": facts["model"],
+                "bundle": Path(facts["bundle"]).name,
+                "head_version": facts["head_version"],
+                "traffic_store": state.traffic.status(),
+            }
+        )
     message = f"not ready: {manager.state}" + (f" ({manager.error})" if manager.error else "")
     error = APIError(503, message, "service_unavailable", None, manager.state, {"Retry-After": "5"})
     return JSONResponse(error.envelope(), status_code=503, headers=error.headers)
 
 
-@router.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse, responses=GET_ERRORS)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format)",
+    response_class=PlainTextResponse,
+    responses=GET_ERRORS,
+)
 async def prometheus(request: Request) -> Response:
     return Response(server_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
