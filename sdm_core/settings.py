@@ -1,6 +1,9 @@
 """Settings dataclasses as command lines: one flag per field, mirrored by an environment variable, typed by its
 annotation.
 
+Size: one helper (fields to flags, variables, presets and nested groups) that every command shares; its parts only
+make sense together.
+
 A settings class is a frozen dataclass whose fields carry their help line (``setting(default, help=...)``) and
 validate themselves in ``__post_init__``. :class:`CommandLine` turns it into an argparse parser and resolves values
 with one precedence for every command::

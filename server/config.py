@@ -1,5 +1,7 @@
 """The server's configuration: one validated dataclass, every field a CLI flag and an ``SDM_*`` environment variable.
 
+Size: one list of every server setting with its checks; split, an operator would look for a flag in two places.
+
 A flag wins over its environment variable, which wins over the default::
 
     python -m server --bundle runs/smollm2/bundle --port 8080

@@ -3,6 +3,8 @@ request's lifetime (so a reload never drops it), an admission slot (429 when the
 timeout (504), cancellation when the client disconnects or the drain timeout ends (503), and the metrics, log
 line and traffic record of every answer. The routes (server/routes/) build their responses from a
 :class:`Completed`; streams (server/streaming.py) take their slot with :meth:`RequestExecutor.admit`.
+
+Size: the lifecycle of one request, from limits to the traffic record, reads best in one place.
 """
 
 from __future__ import annotations
