@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,13 @@ class Attempt:
     exemplars: list[dict]
     generation_ms: float
     verification_ms: float
+    # Tokens of what the server writes after the model's text (the forced tag, and "<verified>" when the model did
+    # not write it), tokenized on their own: they are part of the returned text, so ``usage`` counts them.
+    written_tokens: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.generation.completion_tokens + self.written_tokens
 
 
 @dataclass
@@ -150,12 +158,12 @@ class VerificationResult:
 
     @property
     def completion_tokens(self) -> int:
-        """Of the returned attempt (``usage``)."""
-        return self.best.generation.completion_tokens
+        """Of the returned attempt (``usage``): the tokens it generated and the tag tokens the server wrote."""
+        return self.best.completion_tokens
 
     @property
     def completion_tokens_all_attempts(self) -> int:
-        return sum(a.generation.completion_tokens for a in self.all_attempts)
+        return sum(a.completion_tokens for a in self.all_attempts)
 
     @property
     def generation_ms(self) -> float:
@@ -205,6 +213,8 @@ class SelectivePipeline:
         # per byte), so text longer than max_tokens * this has more than max_tokens tokens: a check without tokenizing.
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         self.max_chars_per_token: int = max((len(t) for t in vocab), default=0) or 64
+        # The written suffixes are a handful of strings (each tag, with or without "<verified>" before it).
+        self._written_token_counts: dict[str, int] = {}
 
     def close(self) -> None:
         self._head_thread.shutdown(wait=False, cancel_futures=True)
@@ -285,6 +295,17 @@ class SelectivePipeline:
             generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0
         )
 
+    def written_tokens(self, generated: str, returned: str) -> int:
+        """Tokens of the text the server appends to ``generated`` to make ``returned`` (the part after their common
+        prefix), tokenized on its own."""
+        appended = returned[len(os.path.commonprefix([generated, returned])) :]
+        count = self._written_token_counts.get(appended)
+        if count is None:
+            count = len(self.backend.tokenizer(appended, add_special_tokens=False)["input_ids"]) if appended else 0
+            if len(self._written_token_counts) < 256:
+                self._written_token_counts[appended] = count
+        return count
+
     def _decide(
         self, generation: GenerationResult, text: str, h: torch.Tensor, scores: SDMScores, gen_ms: float, ver_ms: float
     ) -> Attempt:
@@ -294,6 +315,7 @@ class SelectivePipeline:
         admitted = head_admitted and positive
         reason = scores.abstention_reason[0] if not head_admitted else (None if positive else "predicted_no")
         tag = self.tags.tag(prediction)
+        returned = verification_prefix(generation.text, self.tags.open) + tag
         exemplars = []
         if scores.exemplars:
             for e in scores.exemplars[0]:
@@ -311,7 +333,7 @@ class SelectivePipeline:
             embedding=h[0],
             prediction=prediction,
             verified=tag[: -len(self.tags.close)] if tag.endswith(self.tags.close) else tag,
-            text=verification_prefix(generation.text, self.tags.open) + tag,
+            text=returned,
             probability=float(scores.probabilities[0, prediction]),
             probability_lower=float(scores.probabilities_lower[0, prediction]),
             head_admitted=head_admitted,
@@ -324,4 +346,5 @@ class SelectivePipeline:
             exemplars=exemplars,
             generation_ms=gen_ms,
             verification_ms=ver_ms,
+            written_tokens=self.written_tokens(generation.text, returned),
         )

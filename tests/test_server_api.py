@@ -115,7 +115,8 @@ def test_admitted_generation_returns_every_field(client, tiny_bundle) -> None:
     assert [e["distance"] for e in exemplars] == sorted(e["distance"] for e in exemplars)
     assert exemplars[0]["label_name"] == "Yes"
     usage = body["usage"]
-    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= MAX_TOKENS
+    # The generated tokens (at most MAX_TOKENS) and the tag tokens the server wrote ("Yes</verified>": 2 or more).
+    assert usage["prompt_tokens"] > 0 and 2 < usage["completion_tokens"] <= MAX_TOKENS + 16
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     timings = body["timings"]
     assert set(timings) == {"queue_ms", "generation_ms", "verification_ms", "total_ms"}
