@@ -38,6 +38,7 @@ from server.routes import admin, chat, completions, feedback, generate, models, 
 from server.routes.chat import ChatServing
 from server.routes.completions import CompletionServing
 from server.routes.generate import GenerateServing
+from server.tracing import Tracing
 from server.traffic import TrafficRecorder, TrafficSettings, make_record
 
 __all__ = ["create_app", "ServerState", "ROUTES"]
@@ -97,9 +98,11 @@ def _route_label(path: str) -> str:
     return path if path in ROUTES else "other"
 
 
-def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
-    """The app for ``config``. ``backend`` (unloaded or loaded) replaces the one the config names (tests, tools)."""
+def create_app(config: ServerConfig, backend: Backend | None = None, tracing: Tracing | None = None) -> FastAPI:
+    """The app for ``config``. ``backend`` (unloaded or loaded) replaces the one the config names (tests, tools);
+    ``tracing`` replaces the one ``--otlp-traces-endpoint`` configures (tests pass an in-memory exporter)."""
     state = _build_state(config, backend)
+    state.executor.tracing = tracing or Tracing(config.otlp_traces_endpoint, config.otel_service_name)
     app = FastAPI(
         title="sdm-lm selective generation",
         version=__version__,
@@ -239,6 +242,7 @@ def _lifespan(state: ServerState):
             state.metrics.ready.set(0)
             await state.manager.close()
             await asyncio.to_thread(state.traffic.close)
+            await asyncio.to_thread(state.executor.tracing.shutdown)
 
     return lifespan
 

@@ -113,6 +113,13 @@ class ServerConfig:
         ">= --request-timeout-s)",
     )
     verify_bundle: bool = setting(True, help="check the sha256 of every bundle file on load")
+    otlp_traces_endpoint: str = setting(
+        "",
+        help="OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces): a span per request and per stage "
+        "(admission, each attempt's generation and verification); empty: tracing off",
+        metavar="URL",
+    )
+    otel_service_name: str = setting("sdm-lm", help="service.name of the exported spans")
     vllm_max_model_len: int = setting(
         0, help="vllm backend: longest sequence (prompt + completion) in tokens; 0 = the model's own limit"
     )

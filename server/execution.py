@@ -28,6 +28,7 @@ from server.metrics import ServerMetrics
 from server.model_manager import ModelManager, ServedModel
 from server.pipeline import SelectivePipeline, VerificationDraft, VerificationRequest, VerificationResult
 from server.protocol import Exemplar, SDMVerification, Timings, Usage
+from server.tracing import Tracing
 
 __all__ = ["RequestExecutor", "Plan", "Admitted", "Completed", "ClientDisconnected"]
 
@@ -132,6 +133,7 @@ class RequestExecutor:
         # app when the traffic store is on (server/traffic.py). It must not block.
         self.on_answer: Callable[[str, str, dict, Any, VerificationResult], None] | None = None
         self.aborted = asyncio.Event()  # set when the drain timeout ends: what still runs is answered with 503
+        self.tracing = Tracing()  # off unless the app sets one (--otlp-traces-endpoint)
 
     def abort_in_flight(self) -> None:
         """End every running request with a 503 (streams: an error event, then ``[DONE]``): the drain timeout is
@@ -301,16 +303,20 @@ class RequestExecutor:
         """Admission, pipeline, timeout and disconnect handling for a non-streamed answer."""
 
         async def work() -> tuple[VerificationResult, float]:
-            queue_s = await self.admission.acquire()
+            with self.tracing.span("admission"):
+                queue_s = await self.admission.acquire()
             held = time.perf_counter()
             try:
-                return await plan.served.pipeline.run(await self.prepare(plan)), queue_s
+                return await plan.served.pipeline.run(await self.prepare(plan), tracing=self.tracing), queue_s
             finally:
                 self.admission.release(time.perf_counter() - held)
 
-        with self._reported(plan.route, log_disconnect=True):
-            async with asyncio.timeout(self.config.request_timeout_s):
-                result, queue_s = await self.until_disconnect(request, asyncio.ensure_future(work()))
+        with self.tracing.span("request", route=plan.route, request_id=plan.response_id) as span:
+            with self._reported(plan.route, log_disconnect=True):
+                async with asyncio.timeout(self.config.request_timeout_s):
+                    # The task copies this context, so the stages' spans are children of the request's.
+                    result, queue_s = await self.until_disconnect(request, asyncio.ensure_future(work()))
+            span.set(admitted=result.best.admitted, attempts=result.attempts, queue_ms=round(queue_s * 1000.0, 3))
         return self.completed(plan, result, queue_s, started)
 
     async def admit(self, plan: Plan, request: Request, started: float) -> Admitted:

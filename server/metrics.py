@@ -60,9 +60,7 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("sdm_prompt_tokens", "Prompt tokens processed (once per attempt)", registry=r)
         self.completion_tokens = Counter(
-            "sdm_completion_tokens",
-            "Completion tokens of all attempts, the verification tag the server writes included",
-            registry=r,
+            "sdm_completion_tokens", "Completion tokens of all attempts, written tags included", registry=r
         )
         self.in_flight = Gauge("sdm_in_flight_requests", "Requests holding a processing slot", registry=r)
         self.queue_depth = Gauge("sdm_queue_depth", "Requests waiting for a processing slot", registry=r)

@@ -6,6 +6,8 @@ The returned text is the generation up to and including ``<verified>`` (``"\\n<v
 model did not write it, as training's normaliser does) followed by the forced tag (``Yes</verified>`` or
 ``No</verified>``). An output is admitted iff the head admits its prediction at alpha and the prediction is the
 positive class; an admitted ``No`` abstains with reason ``predicted_no``.
+
+Size: the flow and the records it passes between its steps (draft, request, attempt, result) read best together.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sdm_core.estimator import SDMScores
 from sdm_core.lm.embedding import verification_prefix, verification_text
 from sdm_core.support import OOD_LABEL
 from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
+from server.tracing import Tracing
 
 __all__ = [
     "PreparedPrompt",
@@ -250,10 +253,15 @@ class SelectivePipeline:
 
     # -- the flow -----------------------------------------------------------------------------------------------
     async def run(
-        self, request: VerificationRequest, on_text: Callable[[str], None] | None = None
+        self,
+        request: VerificationRequest,
+        on_text: Callable[[str], None] | None = None,
+        tracing: Tracing | None = None,
     ) -> VerificationResult:
         """Run the request. ``on_text`` receives generated text as it is produced (from a worker thread), only
-        when the text cannot be withheld or replaced (one attempt, ``on_abstain="flag"``)."""
+        when the text cannot be withheld or replaced (one attempt, ``on_abstain="flag"``). ``tracing`` gets a span
+        per attempt, with its generation and verification inside."""
+        tracing = tracing or Tracing()  # off: every span a no-op
         alpha = self.resolve_alpha(request.alpha)
         budget = request.max_attempts if request.temperature > 0 else 1
         stream = on_text if (budget == 1 and request.on_abstain == "flag") else None
@@ -262,7 +270,9 @@ class SelectivePipeline:
             params = SamplingParams(
                 request.max_tokens, request.temperature, request.top_p, derive_seed(request.seed, k)
             )
-            attempt = await self._attempt(request, params, alpha, stream)
+            with tracing.span("attempt", attempt=k) as span:
+                attempt = await self._attempt(request, params, alpha, stream, tracing)
+                span.set(admitted=attempt.admitted, probability=round(attempt.probability, 6))
             attempts.append(attempt)
             if attempt.admitted:
                 break
@@ -272,28 +282,41 @@ class SelectivePipeline:
             best=best, all_attempts=attempts, alpha=alpha, withheld=withheld, prompt_tokens=len(request.prompt.ids)
         )
 
-    async def _attempt(self, request: VerificationRequest, params: SamplingParams, alpha: float, on_text) -> Attempt:
+    async def _attempt(
+        self, request: VerificationRequest, params: SamplingParams, alpha: float, on_text, tracing: Tracing
+    ) -> Attempt:
         started = time.perf_counter()
-        generation = await self.backend.generate(
-            GenerationRequest(
-                list(request.prompt.ids),
-                params,
-                stop=tuple(request.stop),
-                stop_inclusive=(self.tags.open,),
-                on_text=on_text,
+        with tracing.span("generation", max_tokens=params.max_tokens) as span:
+            generation = await self.backend.generate(
+                GenerationRequest(
+                    list(request.prompt.ids),
+                    params,
+                    stop=tuple(request.stop),
+                    stop_inclusive=(self.tags.open,),
+                    on_text=on_text,
+                )
             )
-        )
+            span.set(completion_tokens=generation.completion_tokens, finish_reason=generation.finish_reason)
         generated = time.perf_counter()
-        text = self.verification_text(request.prompt.chat_prompt, generation.text)
-        h = await self.backend.embed_generation(text, request.prompt.ids, generation)
-        score = functools.partial(
-            self.head.predict_scores, h, alpha=alpha, return_exemplars=int(request.return_exemplars)
-        )
-        scores = await asyncio.get_running_loop().run_in_executor(self._head_thread, score)
-        verified = time.perf_counter()
-        return self._decide(
-            generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0
-        )
+        with tracing.span("verification") as span:
+            text = self.verification_text(request.prompt.chat_prompt, generation.text)
+            h = await self.backend.embed_generation(text, request.prompt.ids, generation)
+            score = functools.partial(
+                self.head.predict_scores, h, alpha=alpha, return_exemplars=int(request.return_exemplars)
+            )
+            scores = await asyncio.get_running_loop().run_in_executor(self._head_thread, score)
+            verified = time.perf_counter()
+            attempt = self._decide(
+                generation, text, h, scores, (generated - started) * 1000.0, (verified - generated) * 1000.0
+            )
+            span.set(
+                probability=round(attempt.probability, 6),
+                q=attempt.q,
+                d=round(attempt.d, 6),
+                admitted=attempt.admitted,
+                abstention_reason=attempt.abstention_reason,
+            )
+        return attempt
 
     def written_tokens(self, generated: str, returned: str) -> int:
         """Tokens of the text the server appends to ``generated`` to make ``returned`` (the part after their common

@@ -111,8 +111,12 @@ class _EventStream:
     async def produce(self) -> None:
         """Run the pipeline; its result or its error ends the queue."""
         try:
-            async with asyncio.timeout(self.executor.remaining_s(self.started)):
-                result = await self.plan.served.pipeline.run(self.admitted.request, self.on_text)
+            tracing = self.executor.tracing
+            with tracing.span("request", route=self.plan.route, request_id=self.plan.response_id, stream=True) as span:
+                span.set(queue_ms=round(self.admitted.queue_s * 1000.0, 3))
+                async with asyncio.timeout(self.executor.remaining_s(self.started)):
+                    result = await self.plan.served.pipeline.run(self.admitted.request, self.on_text, tracing)
+                span.set(admitted=result.best.admitted, attempts=result.attempts)
             self.events.put_nowait(("done", result))
         except TimeoutError:
             self.events.put_nowait(("error", timeout_error(self.executor.config.request_timeout_s)))

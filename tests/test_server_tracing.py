@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_server_support import tiny_bundle  # noqa: F401 - fixture
 
 from server.tracing import Tracing
 
@@ -85,3 +86,50 @@ def test_two_servers_in_one_process_do_not_share_spans() -> None:
         pass
     assert [s.name for s in second.get_finished_spans()] == ["generation", "request"]
     assert len(first.get_finished_spans()) == 1
+
+
+def test_a_served_request_exports_its_stages_as_one_trace(tiny_bundle) -> None:
+    import httpx
+    from test_server_support import UvicornThread, make_config
+
+    from server.app import create_app
+
+    exporter = InMemorySpanExporter()
+    app = create_app(make_config(tiny_bundle), tracing=Tracing(exporter=exporter))
+    with UvicornThread(app) as running, httpx.Client(base_url=running.url, timeout=120) as client:
+        answer = client.post("/generate", json={"prompt": "b a c", "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        plain = [s for s in exporter.get_finished_spans() if s.attributes.get("sdm.request_id") == answer.json()["id"]]
+        assert len(plain) == 1, "one request span per answer"
+        request = plain[0]
+        trace = [s for s in exporter.get_finished_spans() if s.context.trace_id == request.context.trace_id]
+        by_name = {s.name: s for s in trace}
+        assert set(by_name) == {"request", "admission", "attempt", "generation", "verification"}
+        assert by_name["admission"].parent.span_id == request.context.span_id
+        assert by_name["attempt"].parent.span_id == request.context.span_id
+        assert by_name["generation"].parent.span_id == by_name["attempt"].context.span_id
+        assert by_name["verification"].parent.span_id == by_name["attempt"].context.span_id
+        assert request.attributes["sdm.route"] == "/generate"
+        assert request.attributes["sdm.admitted"] is answer.json()["admitted"]
+        assert by_name["generation"].attributes["sdm.completion_tokens"] >= 1
+        assert by_name["verification"].attributes["sdm.probability"] == pytest.approx(
+            answer.json()["probability"], abs=1e-6
+        )
+
+        exporter.clear()
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "b a c"}], "max_tokens": 4, "stream": True},
+        ) as streamed:
+            assert streamed.status_code == 200
+            assert "[DONE]" in "".join(streamed.iter_text())
+        spans = exporter.get_finished_spans()
+        (stream_request,) = [s for s in spans if s.name == "request"]
+        assert stream_request.attributes["sdm.stream"] is True
+        assert stream_request.attributes["sdm.route"] == "/v1/chat/completions"
+        assert {s.name for s in spans if s.context.trace_id == stream_request.context.trace_id} >= {
+            "attempt",
+            "generation",
+            "verification",
+        }
