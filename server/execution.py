@@ -353,6 +353,7 @@ class RequestExecutor:
             except Exception:  # noqa: BLE001 - recording must never fail an answer
                 self.logger.error("recording the answer failed", exc_info=True)
         self.metrics.observe_result(plan.route, result)
+        self.metrics.observe_token_times(plan.route, result, started)
         self.metrics.latency.labels(stage="queue").observe(queue_s)
         self.metrics.latency.labels(stage="total").observe(done.total_ms / 1000.0)
         self.logger.info(

@@ -15,8 +15,35 @@ _PROBABILITY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 _ALPHA_BUCKETS = (0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0)
 _Q_PRIME_BUCKETS = (0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 _ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 16)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _latency_histograms(r: CollectorRegistry) -> tuple[Histogram, Histogram, Histogram]:
+    """Latency by stage, time to first token and time per output token."""
+    stages = Histogram(
+        "sdm_stage_latency_seconds",
+        "Latency by stage (queue, generation, verification, total)",
+        ["stage"],
+        buckets=_LATENCY_BUCKETS,
+        registry=r,
+    )
+    first_token = Histogram(
+        "sdm_time_to_first_token_seconds",
+        "From the request's arrival (queue included) to its first generated token",
+        ["route"],
+        buckets=_LATENCY_BUCKETS,
+        registry=r,
+    )
+    per_token = Histogram(
+        "sdm_time_per_output_token_seconds",
+        "Mean time between generated tokens after the first, per attempt",
+        ["route"],
+        buckets=_TOKEN_BUCKETS,
+        registry=r,
+    )
+    return stages, first_token, per_token
 
 
 class ServerMetrics:
@@ -51,13 +78,7 @@ class ServerMetrics:
             registry=r,
         )
         self.no_region = Counter("sdm_outputs_without_region", "Outputs that no ladder region admits", registry=r)
-        self.latency = Histogram(
-            "sdm_stage_latency_seconds",
-            "Latency by stage (queue, generation, verification, total)",
-            ["stage"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        self.latency, self.time_to_first_token, self.time_per_output_token = _latency_histograms(r)
         self.prompt_tokens = Counter("sdm_prompt_tokens", "Prompt tokens processed (once per attempt)", registry=r)
         self.completion_tokens = Counter(
             "sdm_completion_tokens", "Completion tokens of all attempts, written tags included", registry=r
@@ -136,6 +157,18 @@ class ServerMetrics:
         self.completion_tokens.inc(result.completion_tokens_all_attempts)
         self.latency.labels(stage="generation").observe(result.generation_ms / 1000.0)
         self.latency.labels(stage="verification").observe(result.verification_ms / 1000.0)
+
+    def observe_token_times(self, route: str, result, started: float) -> None:
+        """TTFT of the request (its first attempt's first token, from ``started``, a perf_counter time) and the time
+        per output token of every attempt."""
+        first = result.all_attempts[0].generation
+        if first.first_token_at is not None:
+            self.time_to_first_token.labels(route=route).observe(max(0.0, first.first_token_at - started))
+        for attempt in result.all_attempts:
+            g = attempt.generation
+            if g.first_token_at is not None and g.last_token_at is not None and g.completion_tokens > 1:
+                per_token = (g.last_token_at - g.first_token_at) / (g.completion_tokens - 1)
+                self.time_per_output_token.labels(route=route).observe(per_token)
 
     def observe_error(self, route: str, status: int) -> None:
         self.requests.labels(route=route, outcome="error").inc()

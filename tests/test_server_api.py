@@ -423,6 +423,11 @@ def test_metrics_move_with_admitted_abstained_and_failed_requests(client, tiny_b
     assert delta("sdm_region_alpha_count") + delta("sdm_outputs_without_region_total") == 2
     for stage in ("queue", "generation", "verification", "total"):
         assert delta("sdm_stage_latency_seconds_count", {"stage": stage}) == 2
+    # Time to first token: once per answered request, within its end-to-end time; time per token: per attempt.
+    assert delta("sdm_time_to_first_token_seconds_count", {"route": "/generate"}) == 2
+    ttft = delta("sdm_time_to_first_token_seconds_sum", {"route": "/generate"})
+    assert 0 < ttft <= delta("sdm_stage_latency_seconds_sum", {"stage": "total"})
+    assert delta("sdm_time_per_output_token_seconds_count", {"route": "/generate"}) >= 1
     assert delta("sdm_prompt_tokens_total") >= admitted["usage"]["prompt_tokens"]
     assert delta("sdm_completion_tokens_total") >= admitted["usage"]["completion_tokens"]
     assert (

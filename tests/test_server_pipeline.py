@@ -35,3 +35,21 @@ def test_usage_counts_the_tag_tokens_the_server_writes(tiny_tokenizer) -> None:
         assert tokens("Yes</verified>") > 0
     finally:
         pipeline.close()
+
+
+def test_a_generation_row_keeps_the_times_of_its_first_and_last_token() -> None:
+    import time
+
+    from server.backends.base import GenerationRequest, SamplingParams
+    from server.backends.row import GenerationRow
+
+    row = GenerationRow(GenerationRequest([1, 2], SamplingParams(max_tokens=4)))
+    assert row.result().first_token_at is None
+    before = time.perf_counter()
+    row.counted(1)
+    first = row.first_token_at
+    row.counted(3)  # a backend that reports several tokens at once (vLLM's stream)
+    row.counted(3)  # no new token: the last time stays
+    result = row.result()
+    assert result.completion_tokens == 3
+    assert before <= result.first_token_at == first <= result.last_token_at <= time.perf_counter()

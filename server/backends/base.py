@@ -70,6 +70,9 @@ class GenerationResult:
     # Not part of equality: results compare by what was generated, whichever backend produced them.
     token_ids: tuple[int, ...] = field(default=(), compare=False)
     states: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # time.perf_counter() when the first token and the last came (None: no token), for TTFT and time per token.
+    first_token_at: float | None = field(default=None, compare=False)
+    last_token_at: float | None = field(default=None, compare=False)
 
 
 class Backend(ABC):

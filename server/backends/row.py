@@ -3,6 +3,8 @@ hold-back rules (a possible stop string, trailing whitespace and partial charact
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from sdm_core.lm.stops import cut_at_stop
@@ -18,6 +20,8 @@ class GenerationRow:
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
         self.count = 0
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.text = ""
         self.streamed = 0
         self.done = False
@@ -32,6 +36,15 @@ class GenerationRow:
         self.finish_reason = reason
         self.stop_reason = stop_reason
         self.final_text = text
+
+    def counted(self, count: int) -> None:
+        """The row now holds ``count`` generated tokens; the times of the first and the latest are kept."""
+        if count > self.count:
+            now = time.perf_counter()
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+        self.count = count
 
     def finish_at_stop(self) -> bool:
         """Finish the row if its text holds a stop string, cut as :func:`sdm_core.lm.stops.cut_at_stop` says."""
@@ -60,4 +73,12 @@ class GenerationRow:
 
     def result(self) -> GenerationResult:
         text = self.final_text if self.final_text is not None else self.text
-        return GenerationResult(text, len(self.request.prompt_ids), self.count, self.finish_reason, self.stop_reason)
+        return GenerationResult(
+            text,
+            len(self.request.prompt_ids),
+            self.count,
+            self.finish_reason,
+            self.stop_reason,
+            first_token_at=self.first_token_at,
+            last_token_at=self.last_token_at,
+        )

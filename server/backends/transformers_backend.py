@@ -24,6 +24,7 @@ Size: the sampling processor, the stopping criterion and the state capture are t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import secrets
 import threading
@@ -100,7 +101,7 @@ class _RowStopper:
             if row.done:
                 done[i] = True
                 continue
-            row.count += 1
+            row.counted(row.count + 1)
             token = int(input_ids[i, -1])
             if row.request.cancel.is_set():
                 row.finish("cancelled", None, row.text)
@@ -356,17 +357,7 @@ class TransformersBackend(Backend):
             if prompt_states is not None:
                 n, fed = len(row.request.prompt_ids), min(row.count, step_states.shape[1])
                 states = torch.cat([prompt_states[i, width - n :], step_states[i, :fed]])
-            out.append(
-                GenerationResult(
-                    result.text,
-                    result.prompt_tokens,
-                    result.completion_tokens,
-                    result.finish_reason,
-                    result.stop_reason,
-                    token_ids=tokens,
-                    states=states,
-                )
-            )
+            out.append(dataclasses.replace(result, token_ids=tokens, states=states))
         return out
 
     @staticmethod

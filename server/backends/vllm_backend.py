@@ -460,7 +460,7 @@ class VLLMBackend(Backend):
             async for output in stream:
                 completion = output.outputs[0]
                 row.text = completion.text
-                row.count = len(completion.token_ids)
+                row.counted(len(completion.token_ids))
                 finished = output.finished
                 if request.cancel.is_set():
                     row.finish("cancelled", None, row.text)
