@@ -409,6 +409,26 @@ def build() -> dict:
     )
     d = d.with_panel(
         ts(
+            "Time to first token (p50 / p95)",
+            "sdm_time_to_first_token_seconds: from a request's arrival, queue included, to its first generated token, "
+            "for every route and for streams (vLLM's TTFT).",
+            quantiles("sdm_time_to_first_token_seconds", qs=(0.5, 0.95), label="TTFT"),
+            "s",
+            min_val=0,
+        )
+    )
+    d = d.with_panel(
+        ts(
+            "Time per output token (p50 / p95)",
+            "sdm_time_per_output_token_seconds: mean time between generated tokens after the first, per attempt "
+            "(vLLM's TPOT); both backends.",
+            quantiles("sdm_time_per_output_token_seconds", qs=(0.5, 0.95), label="TPOT"),
+            "s",
+            min_val=0,
+        )
+    )
+    d = d.with_panel(
+        ts(
             "Throughput by route",
             "Requests per second by route, all outcomes.",
             [q(f"sum by (route) (rate(sdm_requests_total{{{SEL}}}[{WINDOW}]))", "{{route}}")],
