@@ -3,7 +3,19 @@ several apps (tests, reloads) never collide."""
 
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    Metric,
+    generate_latest,
+)
 
 from server.traffic_metrics import TrafficMetrics
 
@@ -44,6 +56,16 @@ def _latency_histograms(r: CollectorRegistry) -> tuple[Histogram, Histogram, His
         registry=r,
     )
     return stages, first_token, per_token
+
+
+class _EngineMetrics:
+    """The ``vllm:`` families of prometheus_client's process-wide registry, where vLLM's stat logger writes; no
+    other family of that registry (process, platform, ...) is exposed."""
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                yield family
 
 
 class ServerMetrics:
@@ -199,4 +221,5 @@ class ServerMetrics:
             self.certified_lower.labels(alpha=alpha).set(row["lower_bound"])
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """This server's metrics, then the vLLM engine's (``vllm:``) when the vLLM backend runs in this process."""
+        return generate_latest(self.registry) + generate_latest(_EngineMetrics())

@@ -371,7 +371,20 @@ def test_generate_route_answers_with_the_vllm_backend(served) -> None:
             assert got[key] == want[key], key
         assert got["probability"] == pytest.approx(want["probability"], rel=1e-4)
         usage = got["usage"]
-        assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= MAX_TOKENS
+        # Generated tokens (at most MAX_TOKENS) and the tag tokens the server writes.
+        assert usage["prompt_tokens"] > 0 and 2 < usage["completion_tokens"] <= MAX_TOKENS + 16
 
     models = served.loop.run(served.client.get("/v1/models")).json()
     assert models["data"][0]["max_model_len"] == 2048
+
+    # vLLM's own engine metrics are on the same /metrics as the sdm_ ones.
+    metrics = served.loop.run(served.client.get("/metrics")).text
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds",
+        "vllm:num_preemptions",
+        "sdm_time_to_first_token_seconds",
+    ):
+        assert name in metrics, name

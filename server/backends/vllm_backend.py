@@ -351,9 +351,12 @@ class VLLMBackend(Backend):
     @staticmethod
     def _start_engine(args):
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         try:
-            return AsyncLLM.from_engine_args(args)
+            # Only vLLM's Prometheus logger (its engine metrics join the server's /metrics), not its periodic
+            # throughput log lines: disable_log_stats stays set, and a custom logger turns statistics on.
+            return AsyncLLM.from_engine_args(args, stat_loggers=[PrometheusStatLogger])
         except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; the message is what matters
             raise BackendError(f"vLLM could not start on {args.model}: {type(exc).__name__}: {exc}") from exc
 
