@@ -2,6 +2,8 @@
 
 SDM_SPEC §2.2 and §2.4. A region at alpha admits a prediction iff it is not OOD, q' >= q'_min (finite), and
 yhat is the only class whose SDM output reaches its threshold psi_c.
+
+Size: Algorithm 1 and the ladder of regions it produces are one concept; the decision reads the regions' fields.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -230,7 +233,7 @@ class RegionLadder:
     nested: bool = True
     default_alpha: float = 0.95
     alphas: tuple[float, ...] = field(init=False)
-    # (regions key, psi, q'_min, exclusive): the thresholds as tensors, kept between calls (admissions_unchecked)
+    # (regions key, psi, q'_min, exclusive): the thresholds as tensors, kept between calls (_admissions)
     _tensor_cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -249,12 +252,19 @@ class RegionLadder:
                 return a
         raise ValueError(f"alpha {alpha} is not on the calibrated ladder {list(self.alphas)}; recalibrate to add it")
 
-    def admissions(self, probabilities: object, predictions: object, q_prime: object) -> torch.Tensor:
-        """(N, L) bool: own-region admission at each ladder alpha (columns in ``self.alphas`` order)."""
+    def admissions(
+        self, probabilities: object, predictions: object, q_prime: object, *, check_input: bool = True
+    ) -> torch.Tensor:
+        """(N, L) bool: own-region admission at each ladder alpha (columns in ``self.alphas`` order).
+        ``check_input=False`` skips validation on the hot path (tensors of the right shapes and dtypes)."""
+        if not check_input:
+            return self._admissions(
+                cast(torch.Tensor, probabilities), cast(torch.Tensor, predictions), cast(torch.Tensor, q_prime)
+            )
         p = as_tensor(probabilities, "probabilities")
         yhat = as_tensor(predictions, "predictions", dtype=torch.long).reshape(-1)
         qp = as_tensor(q_prime, "q_prime").reshape(-1)
-        return self.admissions_unchecked(p, yhat, qp)
+        return self._admissions(p, yhat, qp)
 
     def admitted_at(self, own: torch.Tensor, alpha: float) -> torch.Tensor:
         """Admission at ``alpha`` from the (N, L) own-region matrix: nested (any alpha' >= alpha) or own."""
@@ -264,21 +274,31 @@ class RegionLadder:
         return own[:, : column + 1].any(dim=1) if self.nested else own[:, column]
 
     def decide(
-        self, probabilities: object, predictions: object, q_prime: object, alpha: float | None = None
+        self,
+        probabilities: object,
+        predictions: object,
+        q_prime: object,
+        alpha: float | None = None,
+        *,
+        check_input: bool = True,
     ) -> tuple[torch.Tensor, list[float | None], list[str | None]]:
-        """Returns (admitted at ``alpha``, region_alpha per row, abstention reason per row)."""
+        """Returns (admitted at ``alpha``, region_alpha per row, abstention reason per row).
+        ``check_input=False`` skips validation on the hot path: validated tensors and an alpha on the ladder."""
+        if not check_input:
+            trusted = (cast(torch.Tensor, probabilities), cast(torch.Tensor, predictions), cast(torch.Tensor, q_prime))
+            return self._decide(*trusted, cast(float, alpha))
         a = self.resolve_alpha(alpha)
         p = as_tensor(probabilities, "probabilities")
         yhat = as_tensor(predictions, "predictions", dtype=torch.long).reshape(-1)
         qp = as_tensor(q_prime, "q_prime").reshape(-1)
         if p.dim() != 2 or yhat.shape[0] != p.shape[0] or qp.shape[0] != p.shape[0]:
             raise ValueError("probabilities must be (N, C) with predictions and q_prime of shape (N,)")
-        return self.decide_unchecked(p, yhat, qp, a)
+        return self._decide(p, yhat, qp, a)
 
-    def admissions_unchecked(
+    def _admissions(
         self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor
     ) -> torch.Tensor:
-        """``admissions`` without validation, with the ladder's thresholds kept as tensors between calls."""
+        """``admissions`` for validated inputs, with the ladder's thresholds kept as tensors between calls."""
         key = tuple((a, self.regions[a].q_prime_min, self.regions[a].thresholds) for a in self.alphas)
         cached = self._tensor_cache
         if cached is None or cached[0] != key or cached[1].dtype != probabilities.dtype:
@@ -289,12 +309,12 @@ class RegionLadder:
             self._tensor_cache = cached
         return _admissions(probabilities, predictions, q_prime, cached[1], cached[2], cached[3])
 
-    def decide_unchecked(
+    def _decide(
         self, probabilities: torch.Tensor, predictions: torch.Tensor, q_prime: torch.Tensor, alpha: float
     ) -> tuple[torch.Tensor, list[float | None], list[str | None]]:
-        """``decide`` for validated tensors and an alpha already on the ladder (hot path)."""
+        """``decide`` for validated tensors and an alpha already on the ladder."""
         a, qp = alpha, q_prime
-        own = self.admissions_unchecked(probabilities, predictions, qp)
+        own = self._admissions(probabilities, predictions, qp)
         admitted = self._admitted_at_column(own, self.alphas.index(a))
         # The highest alpha whose own region admits the row (columns run from the highest alpha down).
         any_hit = own.any(dim=1)

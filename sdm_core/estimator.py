@@ -408,7 +408,7 @@ class SDMEstimator:
         logits, exemplars = adaptor.infer(x, self.config.eval_batch_size)
         predictions = logits.argmax(dim=1)
         # Inputs are validated above: the formulas run as kernels on the intermediate tensors, unvalidated.
-        sim = support.similarity_unchecked(exemplars, predictions, exclude)
+        sim = support.similarity(exemplars, predictions, exclude, check_input=False)
         q = sim.q.to(logits.dtype)
         calibration_cdfs, train_cdfs, q_prime_cdfs = self._scoring_cdfs()
         d = kernels.distance_quantile(sim.d_nearest, calibration_cdfs)
@@ -419,7 +419,7 @@ class SDMEstimator:
         d = d.to(logits.dtype)
         probabilities = kernels.sdm_probabilities(logits, q, d)
         q_prime = kernels.rescaled_similarity(q, probabilities.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        admitted, region_alpha, reasons = ladder.decide_unchecked(probabilities, predictions, q_prime, a)
+        admitted, region_alpha, reasons = ladder.decide(probabilities, predictions, q_prime, a, check_input=False)
 
         ess = kernels.effective_sample_sizes(q_prime, q_prime_cdfs, self.config.effective_sample_size_rule)
         epsilon = kernels.dkw_epsilon(ess, a).max(dim=1).values.to(logits.dtype)
@@ -428,7 +428,7 @@ class SDMEstimator:
         p_lower = kernels.sdm_probabilities(logits, q, d_lower)
         p_upper = kernels.sdm_probabilities(logits, q, d_upper)
         q_prime_lower = kernels.rescaled_similarity(q, p_lower.gather(1, predictions.unsqueeze(1)).squeeze(1))
-        own_lower = ladder.admissions_unchecked(p_lower, predictions, q_prime_lower)
+        own_lower = ladder.admissions(p_lower, predictions, q_prime_lower, check_input=False)
         admitted_lower = ladder.admitted_at(own_lower, a)
 
         neighbours = (

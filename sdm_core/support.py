@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -233,23 +233,35 @@ class SupportIndex:
                 raise ValueError(f"exclude positions must be < {len(self)} (or -1 for none)")
         return x.contiguous(), ex
 
-    def similarity(self, queries: object, query_predictions: object, exclude: object | None = None) -> SimilarityResult:
+    def similarity(
+        self,
+        queries: object,
+        query_predictions: object,
+        exclude: object | None = None,
+        *,
+        check_input: bool = True,
+    ) -> SimilarityResult:
         """q, nearest L2 distance and nearest position for each query.
 
         ``exclude[i]`` is query i's own support position (-1 for none): it is skipped, and q is then capped at
         k - 1 (the reference's "ranks 2..k"), else at k = min(max_q, N).
+
+        ``check_input=False`` (scikit-learn's convention) skips validation on the hot path: the caller passes
+        contiguous float32 (B, M) queries, int64 (B,) predictions and an int64 (B,) ``exclude``.
         """
+        if not check_input:
+            return self._similarity(
+                cast(torch.Tensor, queries), cast(torch.Tensor, query_predictions), cast(torch.Tensor, exclude)
+            )
         x, ex = self._check_queries(queries, exclude)
         yhat = as_tensor(query_predictions, "query_predictions", dtype=torch.long).reshape(-1)
         if yhat.shape[0] != x.shape[0]:
             raise ValueError(f"query_predictions must have {x.shape[0]} entries, got {yhat.shape[0]}")
-        return self.similarity_unchecked(x, yhat, ex)
+        return self._similarity(x, yhat, ex)
 
-    def similarity_unchecked(
+    def _similarity(
         self, queries: torch.Tensor, query_predictions: torch.Tensor, exclude: torch.Tensor
     ) -> SimilarityResult:
-        """``similarity`` for validated inputs (hot path): contiguous float32 (B, M) queries, int64 (B,)
-        predictions and exclusion positions (-1 for none)."""
         if self.backend == "faiss":
             return self._similarity_faiss(queries, query_predictions, exclude)
         return self._similarity_torch(queries, query_predictions, exclude)
@@ -357,7 +369,7 @@ class SupportIndex:
             raise ValueError("the support index is empty; fit or add exemplars first")
         positions = torch.arange(n)
         if self.backend == "faiss" or n < _GRAM_MIN_SUPPORT or n * n > _GRAM_ELEMENTS:
-            return self.similarity_unchecked(self.exemplars, self.predictions, positions)
+            return self._similarity(self.exemplars, self.predictions, positions)
         # numpy's matmul of an array with its own transpose runs BLAS syrk (one triangle, then mirrored); the
         # squared distances are then formed row block by row block, as in _sorted_distances.
         sorted_np = self._sorted.numpy()
