@@ -174,6 +174,18 @@ class ServerConfig:
     feedback_max_note_chars: int = setting(2000, help="longest note a label may carry, in characters")
 
     def __post_init__(self) -> None:
+        self._normalise_lists()
+        self._check_bundle()
+        self._check_choices_and_limits()
+        _check_traffic(self)
+        try:
+            object.__setattr__(self, "device", parse_device(self.device))
+        except ValueError:
+            raise ConfigError(_hint("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")) from None
+        self._read_key_file()
+        self._check_access()
+
+    def _normalise_lists(self) -> None:
         object.__setattr__(self, "api_keys", tuple(k.strip() for k in self.api_keys if k and k.strip()))
         object.__setattr__(
             self, "admin_api_keys", tuple(dict.fromkeys(k.strip() for k in self.admin_api_keys if k and k.strip()))
@@ -181,6 +193,8 @@ class ServerConfig:
         object.__setattr__(
             self, "cors_allow_origins", tuple(o.strip().rstrip("/") for o in self.cors_allow_origins if o and o.strip())
         )
+
+    def _check_bundle(self) -> None:
         if not self.bundle:
             raise ConfigError(
                 _hint(
@@ -195,6 +209,8 @@ class ServerConfig:
             raise ConfigError(
                 _hint("bundle", f"{self.bundle!r} {what}; point it at a folder written by python -m training.calibrate")
             )
+
+    def _check_choices_and_limits(self) -> None:
         _choice(self, "backend", BACKENDS)
         _choice(self, "dtype", DTYPES)
         _choice(self, "hidden_states", HIDDEN_STATE_MODES)
@@ -229,11 +245,8 @@ class ServerConfig:
                 raise ConfigError(_hint(name, f"must be > 0 seconds, got {getattr(self, name)!r}"))
         if not (self.batch_wait_ms >= 0):
             raise ConfigError(_hint("batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms!r}"))
-        _check_traffic(self)
-        try:
-            object.__setattr__(self, "device", parse_device(self.device))
-        except ValueError:
-            raise ConfigError(_hint("device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")) from None
+
+    def _read_key_file(self) -> None:
         if self.api_key_file:
             path = Path(self.api_key_file).expanduser()
             if not path.is_file():
@@ -247,6 +260,9 @@ class ServerConfig:
                     _hint("api_key_file", f"{self.api_key_file!r} holds no key (one a line; # starts a comment)")
                 )
             object.__setattr__(self, "api_keys", tuple(dict.fromkeys(self.api_keys + tuple(keys))))
+
+    def _check_access(self) -> None:
+        """Admin keys apart from client keys, the bundles root, the CORS origins."""
         shared = set(self.api_keys) & set(self.admin_api_keys)
         if shared:
             raise ConfigError(

@@ -32,7 +32,6 @@ ALLOWED: dict[str, int] = {
     "sdm_core/estimator.py::SDMEstimator.load": 64,
     "server/app.py::_build_state": 63,
     "server/metrics.py::ServerMetrics.__init__": 90,
-    "server/config.py::ServerConfig.__post_init__": 103,
 }
 
 
