@@ -27,7 +27,6 @@ ALLOWED: dict[str, int] = {
     "training/update.py": 385,
     "training/update.py::update_bundle": 168,
     "training/certify.py::certify": 78,
-    "training/config.py::FinetuneConfig.__post_init__": 72,
     "sdm_core/certification.py::certify_ladder": 67,
     "sdm_core/estimator.py::SDMEstimator.load": 64,
     "server/app.py::_build_state": 63,

@@ -150,6 +150,11 @@ class FinetuneConfig:
     progress: bool = setting(True, help="show progress bars")
 
     def __post_init__(self) -> None:
+        self._check_training()
+        self._check_task()
+
+    def _check_training(self) -> None:
+        """Counts, rates, loss, precision and the model source."""
         positive_ints = (
             "epochs",
             "micro_batch_size",
@@ -192,14 +197,16 @@ class FinetuneConfig:
         if self.mixed_precision == "bf16" and self.dtype != "float32":
             raise ValueError(
                 "mixed_precision bf16 (the smollm2-cpu preset sets it) autocasts over float32 weights; with dtype "
-                "bfloat16 "
-                "pass --mixed-precision no (or SDM_MIXED_PRECISION=no)"
+                "bfloat16 pass --mixed-precision no (or SDM_MIXED_PRECISION=no)"
             )
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         # The SDM layers' settings (sdm_*, alpha) are validated by SDMConfig itself.
         if not isinstance(self.model, dict) or "kind" not in self.model:
             raise ValueError("model must be a model source such as {'kind': 'smollm2'} or {'kind': 'hf', 'path': ...}")
+
+    def _check_task(self) -> None:
+        """The built-in task's settings (used when no --train / --calibration files are given)."""
         if not 1 <= self.task_min_words <= self.task_max_words:
             raise ValueError(
                 f"need 1 <= task_min_words <= task_max_words, got {self.task_min_words}, {self.task_max_words}"
