@@ -11,7 +11,6 @@ verification; see server/traffic.py and server/feedback.py). Every error is the 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -30,10 +29,11 @@ from server.backends import Backend, make_backend
 from server.config import ServerConfig, traffic_url
 from server.errors import APIError, internal_error, invalid_request, method_not_allowed, not_found
 from server.execution import ClientDisconnected, RequestExecutor
-from server.feedback import FeedbackHandler, set_feedback_limits
+from server.feedback import FeedbackHandler
 from server.metrics import ServerMetrics
 from server.middleware import RequestContextMiddleware
 from server.model_manager import ModelManager
+from server.openapi import openapi_schema
 from server.routes import admin, chat, completions, feedback, generate, models, operations
 from server.routes.chat import ChatServing
 from server.routes.completions import CompletionServing
@@ -135,7 +135,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None, tracing: Tr
     _install_error_handlers(app, state)
     for router in _ROUTERS:
         app.include_router(router)
-    app.openapi = _openapi(app, config)  # type: ignore[method-assign]
+    app.openapi = openapi_schema(app, config, _ROUTERS)  # type: ignore[method-assign]
     return app
 
 
@@ -143,21 +143,7 @@ def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
     """The app's objects: metrics, backend, traffic recorder, model manager, admission, executor and route servings."""
     logger = logging.getLogger("sdm.server")
     metrics = ServerMetrics()
-    if backend is None:
-        backend = make_backend(
-            config.backend,
-            config.bundle,
-            device=config.resolved_device(),
-            dtype=config.dtype,
-            batch_size=config.batch_size,
-            batch_wait_ms=config.batch_wait_ms,
-            verify=config.verify_bundle,
-            observer=metrics.observe_batch,
-            vllm=config.vllm_settings(),
-            hidden_states=config.hidden_states,
-        )
-    elif getattr(backend, "observer", "missing") is None:
-        backend.observer = metrics.observe_batch
+    backend = _backend(config, backend, metrics)
     traffic = TrafficRecorder(
         TrafficSettings(
             url=traffic_url(config),
@@ -204,6 +190,26 @@ def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
     )
 
 
+def _backend(config: ServerConfig, backend: Backend | None, metrics: ServerMetrics) -> Backend:
+    """The backend the config names, or the given one; either reports its batches to ``metrics``."""
+    if backend is None:
+        return make_backend(
+            config.backend,
+            config.bundle,
+            device=config.resolved_device(),
+            dtype=config.dtype,
+            batch_size=config.batch_size,
+            batch_wait_ms=config.batch_wait_ms,
+            verify=config.verify_bundle,
+            observer=metrics.observe_batch,
+            vllm=config.vllm_settings(),
+            hidden_states=config.hidden_states,
+        )
+    if getattr(backend, "observer", "missing") is None:
+        backend.observer = metrics.observe_batch
+    return backend
+
+
 def _on_loaded(metrics: ServerMetrics, logger: logging.Logger) -> Callable[[dict], None]:
     """What the model manager calls with the facts of each loaded bundle: the metrics' bundle facts and readiness."""
 
@@ -245,59 +251,6 @@ def _lifespan(state: ServerState):
             await asyncio.to_thread(state.executor.tracing.shutdown)
 
     return lifespan
-
-
-# The limits this server enforces on generation requests (they are settings, so they are not in the models).
-_LIMITED_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
-
-
-def _set_maximum(schema: dict, value: int) -> None:
-    """Set ``maximum`` on an integer property schema (or its integer branch)."""
-    for branch in schema.get("anyOf", [schema]):
-        if branch.get("type") == "integer":
-            branch["maximum"] = value
-
-
-def _json_body(operation: dict) -> dict:
-    """The JSON request body schema of an OpenAPI operation ({} when it has none)."""
-    return operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
-
-
-def _openapi(app: FastAPI, config: ServerConfig) -> Callable[[], dict]:
-    """The app's OpenAPI schema: FastAPI's, with the request bodies' models moved to the components and this
-    server's limits written in. Built once per app, on a copy (the routers' declarations are shared by every app)."""
-    base = app.openapi
-    built: dict = {}
-
-    def openapi() -> dict:
-        if built:
-            return built
-        schema = copy.deepcopy(base())
-        known = schema.setdefault("components", {}).setdefault("schemas", {})
-        for route in (route for router in _ROUTERS for route in router.routes):
-            extra = getattr(route, "openapi_extra", None) or {}
-            # As declared (FastAPI's rendering of the operation drops the models' null defaults).
-            for name, value in _json_body(extra).get("$defs", {}).items():
-                known.setdefault(name, copy.deepcopy(value))
-        for operations_ in schema["paths"].values():
-            for operation in operations_.values():
-                _json_body(operation).pop("$defs", None)
-        limits = {
-            "max_tokens": config.max_tokens_cap,
-            "max_completion_tokens": config.max_tokens_cap,
-            "return_exemplars": config.max_exemplars,
-            "max_attempts": config.max_attempts_cap,
-        }
-        for path in _LIMITED_PATHS:
-            properties = _json_body(schema["paths"][path]["post"]).get("properties", {})
-            for name, value in limits.items():
-                if name in properties:
-                    _set_maximum(properties[name], value)
-        set_feedback_limits(_json_body(schema["paths"]["/v1/feedback"]["post"]), known["FeedbackItem"], config)
-        built.update(schema)
-        return built
-
-    return openapi
 
 
 def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
