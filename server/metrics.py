@@ -84,22 +84,7 @@ class ServerMetrics:
             "sdm_request_errors", "Failed requests by route and HTTP status", ["route", "status"], registry=r
         )
         self.abstentions = Counter("sdm_abstentions", "Abstentions by reason", ["reason"], registry=r)
-        self.probability = Histogram(
-            "sdm_probability",
-            "Calibrated SDM probability of the verified class",
-            buckets=_PROBABILITY_BUCKETS,
-            registry=r,
-        )
-        self.q_prime = Histogram(
-            "sdm_q_prime", "Rescaled similarity q' of returned outputs", buckets=_Q_PRIME_BUCKETS, registry=r
-        )
-        self.region_alpha = Histogram(
-            "sdm_region_alpha",
-            "Highest ladder alpha whose region admits the output (outputs in no region are not observed)",
-            buckets=_ALPHA_BUCKETS,
-            registry=r,
-        )
-        self.no_region = Counter("sdm_outputs_without_region", "Outputs that no ladder region admits", registry=r)
+        self._add_output_metrics(r)
         self.latency, self.time_to_first_token, self.time_per_output_token = _latency_histograms(r)
         self.prompt_tokens = Counter("sdm_prompt_tokens", "Prompt tokens processed (once per attempt)", registry=r)
         self.completion_tokens = Counter(
@@ -128,6 +113,36 @@ class ServerMetrics:
         )
         for source in ("reused", "forward"):  # exported at 0 from the start, so ratios exist before the first request
             self.hidden_state_sources.labels(source=source)
+        self._add_bundle_metrics(r)
+        for outcome in OUTCOMES:
+            for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
+                self.requests.labels(route=route, outcome=outcome)
+        for stage in STAGES:
+            self.latency.labels(stage=stage)
+        # The traffic store and feedback (server/traffic.py, server/feedback.py).
+        self.traffic = TrafficMetrics(r)
+
+    def _add_output_metrics(self, r: CollectorRegistry) -> None:
+        """What the head said of each returned output: probability, q', region alpha."""
+        self.probability = Histogram(
+            "sdm_probability",
+            "Calibrated SDM probability of the verified class",
+            buckets=_PROBABILITY_BUCKETS,
+            registry=r,
+        )
+        self.q_prime = Histogram(
+            "sdm_q_prime", "Rescaled similarity q' of returned outputs", buckets=_Q_PRIME_BUCKETS, registry=r
+        )
+        self.region_alpha = Histogram(
+            "sdm_region_alpha",
+            "Highest ladder alpha whose region admits the output (outputs in no region are not observed)",
+            buckets=_ALPHA_BUCKETS,
+            registry=r,
+        )
+        self.no_region = Counter("sdm_outputs_without_region", "Outputs that no ladder region admits", registry=r)
+
+    def _add_bundle_metrics(self, r: CollectorRegistry) -> None:
+        """The served bundle: reloads, readiness, its facts and its certification."""
         self.reloads = Counter("sdm_bundle_reloads", "Bundle reloads by result", ["result"], registry=r)
         self.ready = Gauge("sdm_ready", "1 when the model and head are loaded and warmed up", registry=r)
         self.bundle = Info(
@@ -154,13 +169,6 @@ class ServerMetrics:
             "Calibration-set admitted proportion at the default alpha (the drift baseline)",
             registry=r,
         )
-        for outcome in OUTCOMES:
-            for route in ("/generate", "/v1/completions", "/v1/chat/completions"):
-                self.requests.labels(route=route, outcome=outcome)
-        for stage in STAGES:
-            self.latency.labels(stage=stage)
-        # The traffic store and feedback (server/traffic.py, server/feedback.py).
-        self.traffic = TrafficMetrics(r)
 
     def observe_result(self, route: str, result) -> None:
         """Record a served answer (a :class:`server.pipeline.VerificationResult`)."""
