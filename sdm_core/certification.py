@@ -226,6 +226,27 @@ def withdraw_regions(ladder: RegionLadder, alphas: Sequence[float]) -> RegionLad
     return RegionLadder(regions=regions, nested=ladder.nested, default_alpha=ladder.default_alpha)
 
 
+def _check_policy(policy: str, min_admitted: int, violation_p: float) -> None:
+    if policy not in CERTIFICATION_POLICIES:
+        raise ValueError(f"policy must be one of {list(CERTIFICATION_POLICIES)}, got {policy!r}")
+    if min_admitted < 1:
+        raise ValueError(f"min_admitted must be >= 1, got {min_admitted}")
+    if not 0.0 < violation_p < 1.0:
+        raise ValueError(f"violation_p must be in (0, 1), got {violation_p}")
+
+
+def _group_counts(
+    in_region: torch.Tensor, group_masks: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float
+) -> dict[str, tuple[int, int, float]]:
+    """Per group: (admitted, correct, exact binomial p of accuracy >= alpha) among the rows in the region."""
+    counts: dict[str, tuple[int, int, float]] = {}
+    for name, (member, good) in group_masks.items():
+        n = int((in_region & member).sum())
+        k = int((in_region & member & good).sum())
+        counts[name] = (n, k, binomial_p_value_below(k, n, alpha))
+    return counts
+
+
 def certify_ladder(
     ladder: RegionLadder,
     probabilities: torch.Tensor,
@@ -243,12 +264,7 @@ def certify_ladder(
     """Certify every alpha of ``ladder`` on a labelled split scored by the head (its SDM probabilities,
     predictions and q'), with ``correct[i]`` whether answer i is right. Returns the certification and the ladder
     with the withdrawn regions removed."""
-    if policy not in CERTIFICATION_POLICIES:
-        raise ValueError(f"policy must be one of {list(CERTIFICATION_POLICIES)}, got {policy!r}")
-    if min_admitted < 1:
-        raise ValueError(f"min_admitted must be >= 1, got {min_admitted}")
-    if not 0.0 < violation_p < 1.0:
-        raise ValueError(f"violation_p must be in (0, 1), got {violation_p}")
+    _check_policy(policy, min_admitted, violation_p)
     yhat = torch.as_tensor(predictions).reshape(-1).long()
     right = torch.as_tensor(correct).reshape(-1).bool()
     if right.shape[0] != yhat.shape[0]:
@@ -264,11 +280,7 @@ def certify_ladder(
     for alpha in ladder.alphas:
         own = current.admissions(probabilities, yhat, q_prime)
         in_region = current.admitted_at(own, alpha)
-        counts: dict[str, tuple[int, int, float]] = {}
-        for name, (member, good) in group_masks.items():
-            n = int((in_region & member).sum())
-            k = int((in_region & member & good).sum())
-            counts[name] = (n, k, binomial_p_value_below(k, n, alpha))
+        counts = _group_counts(in_region, group_masks, alpha)
         admitted, n_correct, p_value = counts["yes"]
         groups = {name: list(values) for name, values in counts.items()}  # stored as [admitted, correct, p_value]
         lower = clopper_pearson_lower(n_correct, admitted, confidence)

@@ -183,6 +183,23 @@ def _embeddings_tensor(x: object, name: str, dim: int | None = None) -> torch.Te
     return t.contiguous()
 
 
+def _load_adaptor(
+    folder: str | os.PathLike, weights: dict[str, torch.Tensor], d_in: int, m: int, c: int
+) -> ExemplarAdaptor:
+    """The artifact's adaptor, its weights checked against the manifest's dimensions."""
+    adaptor = ExemplarAdaptor(d_in, m, c)
+    expected = {k: tuple(v.shape) for k, v in adaptor.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != found:
+        raise ArtifactError(
+            f"{folder}: weights do not match input_dim={d_in}, exemplar_dim={m}, num_classes={c} ({found} != "
+            f"{expected})"
+        )
+    adaptor.load_state_dict(weights)
+    adaptor.eval()
+    return adaptor
+
+
 class FittedParts(NamedTuple):
     """The parts of a fitted (or loaded) estimator, none of them None (on an unfitted one the attributes are)."""
 
@@ -546,16 +563,7 @@ class SDMEstimator:
             support = tensors["support.safetensors"]
             cal = tensors["calibration.safetensors"]
             ids = documents["ids.json"]
-            adaptor = ExemplarAdaptor(d_in, m, c)
-            expected = {k: tuple(v.shape) for k, v in adaptor.state_dict().items()}
-            found = {k: tuple(v.shape) for k, v in weights.items()}
-            if expected != found:
-                raise ArtifactError(
-                    f"{folder}: weights do not match input_dim={d_in}, exemplar_dim={m}, num_classes={c} ({found} != "
-                    f"{expected})"
-                )
-            adaptor.load_state_dict(weights)
-            adaptor.eval()
+            adaptor = _load_adaptor(folder, weights, d_in, m, c)
             n_support = int(manifest["n_support"])
             if (
                 tuple(support["exemplars"].shape) != (n_support, m)

@@ -27,8 +27,6 @@ ALLOWED: dict[str, int] = {
     "training/update.py": 385,
     "training/update.py::update_bundle": 168,
     "training/certify.py::certify": 78,
-    "sdm_core/certification.py::certify_ladder": 67,
-    "sdm_core/estimator.py::SDMEstimator.load": 64,
 }
 
 
