@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from sdm_core import SDMEstimator
-from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder
+from sdm_core.certification import CERTIFICATION_POLICIES, Certification, certify_ladder
 from sdm_core.folders import atomic_folder
-from sdm_core.lm.bundle import load_bundle, seal_bundle
+from sdm_core.lm.bundle import Bundle, load_bundle, seal_bundle
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
@@ -105,29 +105,8 @@ def certify(config: CertifyConfig) -> dict:
     info = bundle.info
     # The full ladder as calibrated: an earlier certification's withdrawals are decided afresh.
     head = SDMEstimator.load(info.path / info.head["path"])
-    overlap = {r.id for r in records} & (set(head.support.ids) | set(head.calibration_ids))
-    if overlap:
-        raise ValueError(
-            f"{len(overlap)} documents of --data are in the head's support or calibration (e.g. {sorted(overlap)[0]}); "
-            "certify on documents the head never saw"
-        )
-    generated = decode_and_label(
-        bundle.model,
-        bundle.tokenizer,
-        records,
-        info.chat,
-        get_correctness(config.correctness),
-        config.max_new_tokens,
-        config.generate_batch_size,
-        config.progress,
-        "decoding",
-    )
-    prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
-    texts = [
-        verification_text(bundle.tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generated.texts)
-    ]
-    h = embed_texts(bundle.model, bundle.tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
-    scores = head.predict_scores(h)
+    _check_unseen(records, head)
+    generated, scores = _decode_and_score(bundle, head, records, config)
     certification, served = certify_ladder(
         head.ladder,
         scores.probabilities,
@@ -161,18 +140,57 @@ def certify(config: CertifyConfig) -> dict:
         "generation_accuracy": generated.accuracy,
         "certified_alphas": list(certification.certified),
         "withdrawn": list(certification.withdrawn),
-        "rows": {
-            f"{r.alpha:g}": {
-                "admitted": r.admitted,
-                "correct": r.correct,
-                "p_value": r.p_value,
-                "lower_bound": r.lower_bound,
-                "status": r.status,
-            }
-            for r in certification.rows
-        },
+        "rows": _rows(certification),
         "default_alpha_has_region": served.regions[served.default_alpha].exists,
         "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _decode_and_score(bundle: Bundle, head: SDMEstimator, records: list[Record], config: CertifyConfig):
+    """Decode and label every record with the bundle's model as served, and score each answer with ``head``."""
+    info = bundle.info
+    generated = decode_and_label(
+        bundle.model,
+        bundle.tokenizer,
+        records,
+        info.chat,
+        get_correctness(config.correctness),
+        config.max_new_tokens,
+        config.generate_batch_size,
+        config.progress,
+        "decoding",
+    )
+    prompts = [r.prompt if r.prompt is not None else [dict(m) for m in r.messages] for r in records]
+    texts = [
+        verification_text(bundle.tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generated.texts)
+    ]
+    h = embed_texts(bundle.model, bundle.tokenizer, texts, info.recipe, config.embed_batch_size, config.progress)
+    scores = head.predict_scores(h)
+    return generated, scores
+
+
+def _check_unseen(records: list[Record], head: SDMEstimator) -> None:
+    """Certification is only evidence on documents the head never saw."""
+    support = head.fitted_parts().support
+    overlap = {r.id for r in records} & (set(support.ids) | set(head.calibration_ids))
+    if overlap:
+        raise ValueError(
+            f"{len(overlap)} documents of --data are in the head's support or calibration (e.g. {sorted(overlap)[0]}); "
+            "certify on documents the head never saw"
+        )
+
+
+def _rows(certification: Certification) -> dict:
+    """The certification table by alpha, as the command prints it."""
+    return {
+        f"{r.alpha:g}": {
+            "admitted": r.admitted,
+            "correct": r.correct,
+            "p_value": r.p_value,
+            "lower_bound": r.lower_bound,
+            "status": r.status,
+        }
+        for r in certification.rows
     }
 
 
