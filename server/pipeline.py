@@ -123,7 +123,7 @@ class Attempt:
     exemplars: list[dict]
     generation_ms: float
     verification_ms: float
-    # Tokens of what the server writes after the model's text (the forced tag, and "<verified>" when the model did
+    # Tokens of what the server writes after the model's text (the forced tag, and the opening tag when the model did
     # not write it), tokenized on their own: they are part of the returned text, so ``usage`` counts them.
     written_tokens: int = 0
 
@@ -216,7 +216,7 @@ class SelectivePipeline:
         # per byte), so text longer than max_tokens * this has more than max_tokens tokens: a check without tokenizing.
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
         self.max_chars_per_token: int = max((len(t) for t in vocab), default=0) or 64
-        # The written suffixes are a handful of strings (each tag, with or without "<verified>" before it).
+        # The written suffixes are a handful of strings (each tag, with or without the opening tag before it).
         self._written_token_counts: dict[str, int] = {}
 
     def close(self) -> None:

@@ -35,9 +35,16 @@ from pathlib import Path
 
 import torch
 
-from sdm_core import SDMConfig
+from sdm_core import SDMConfig, SDMEstimator
 from sdm_core.artifact import sha256_file
-from sdm_core.certification import CERTIFICATION_POLICIES, certify_ladder, fit_score_threshold, withdraw_regions
+from sdm_core.calibration import RegionLadder
+from sdm_core.certification import (
+    CERTIFICATION_POLICIES,
+    Certification,
+    certify_ladder,
+    fit_score_threshold,
+    withdraw_regions,
+)
 from sdm_core.lm.bundle import VerificationTags, write_bundle
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe
 from sdm_core.lm.models import load_model, load_tokenizer, resolve_device
@@ -177,6 +184,7 @@ class CalibrateConfig:
 
 
 INSTANCE_CHOICES = ("generations", "mixture", "both")
+SPLITS = ("support", "calibration", "certification")
 
 
 def _resolve(config: CalibrateConfig) -> tuple[dict, list[str], dict]:
@@ -392,12 +400,7 @@ def calibrate(config: CalibrateConfig) -> dict:
     device = resolve_device(config.device)
     model, compute_model, tokenizer = _load(source)
     compute_model.to(device).eval()
-    chat = ChatFormat(system_prompt=training.get("system_prompt", config.system_prompt))
-    recipe = HiddenStateRecipe(
-        layer=config.recipe_layer,
-        sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end),
-        max_length=config.max_length,
-    )
+    chat, recipe = _chat_and_recipe(config, training)
     correctness = config.correctness or training.get("correctness") or "word_order"
     correct = get_correctness(correctness)
     tags = VerificationTags()
@@ -405,18 +408,115 @@ def calibrate(config: CalibrateConfig) -> dict:
 
     generated = _generations(config, compute_model, tokenizer, records, chat, correct, fingerprint)
     decode_seconds = time.perf_counter() - started
-    hard_negatives = {
-        r.id: [normalize_hard_negative(text)]
-        for r, text, label in zip(records, generated.texts, generated.labels)
-        if not label and not is_verbatim(text, r.positive)
-    }
+    hard_negatives = _hard_negatives(records, generated)
     splits = split_documents([r.id for r in records], config.certification_docs, config.split_seed)
     instances, flags = _instances(config, records, generated, splits, hard_negatives)
     h = embed_instances(compute_model, tokenizer, instances, chat, recipe, config.embed_batch_size, config.progress)
     alphas = config.sdm.alpha_ladder
-    sdm_config = replace(config.sdm, seed=config.seed, progress=config.progress, class_names=CLASS_NAMES)
-    head = fit_verification_layer(h, instances, flags, sdm_config)
+    head = fit_verification_layer(
+        h, instances, flags, replace(config.sdm, seed=config.seed, progress=config.progress, class_names=CLASS_NAMES)
+    )
 
+    certification = _certify_held(
+        config, head, records, generated, splits, files, (compute_model, tokenizer, chat, recipe), tags
+    )
+    baselines = {
+        "tag_probability": _tag_thresholds(compute_model, tokenizer, instances, flags, chat, tags.yes, alphas, config)
+    }
+
+    out = Path(config.out)
+    counts = {split: sum(1 for r in records if splits[r.id] == split) for split in SPLITS}
+    seconds = {"decode": round(decode_seconds, 1), "total": round(time.perf_counter() - started, 1)}
+    provenance = _provenance(
+        config, training, files, correctness, records, counts, generated, hard_negatives, fingerprint, device, seconds
+    )
+    base = source.get("base") if source["kind"] == "adapter" else (training.get("model") or source)
+    # A model source given with --model (not a run) is used unchanged: the bundle records the source, not a copy.
+    reference_only = not config.run and source["kind"] in ("smollm2", "tiny", "hf")
+    write_bundle(
+        out,
+        model=model,
+        tokenizer=tokenizer,
+        head=head,
+        chat=chat,
+        recipe=recipe,
+        tags=tags,
+        base_model=base,
+        provenance=provenance,
+        reference_only=reference_only,
+        certification=certification.to_dict() if certification else None,
+        baselines=baselines,
+    )
+    _write_generations(out, records, generated, splits, hard_negatives, fingerprint, config)
+    served = withdraw_regions(head.ladder, certification.withdrawn) if certification else head.ladder
+    if certification is not None:
+        print(certification.summary(), file=sys.stderr)
+    return _summary(out, records, counts, generated, hard_negatives, served, certification, provenance["seconds"])
+
+
+def _chat_and_recipe(config: CalibrateConfig, training: dict) -> tuple[ChatFormat, HiddenStateRecipe]:
+    """The chat format and hidden-state recipe training used (its config wins over this command's defaults)."""
+    chat = ChatFormat(system_prompt=training.get("system_prompt", config.system_prompt))
+    recipe = HiddenStateRecipe(
+        layer=config.recipe_layer,
+        sequence_end=training.get("recipe_sequence_end", config.recipe_sequence_end),
+        max_length=config.max_length,
+    )
+    return chat, recipe
+
+
+def _hard_negatives(records: list[Record], generated: LabelledGenerations) -> dict[str, list[str]]:
+    """The wrong, non-verbatim generations, as hard negatives for the head's instances (SDM_SPEC §3.7)."""
+    return {
+        r.id: [normalize_hard_negative(text)]
+        for r, text, label in zip(records, generated.texts, generated.labels)
+        if not label and not is_verbatim(text, r.positive)
+    }
+
+
+def _provenance(
+    config: CalibrateConfig,
+    training: dict,
+    files: Sequence[str],
+    correctness: str,
+    records: list[Record],
+    counts: dict[str, int],
+    generated: LabelledGenerations,
+    hard_negatives: dict[str, list[str]],
+    fingerprint: str,
+    device: str,
+    seconds: dict,
+) -> dict:
+    """What the bundle records of how it was calibrated."""
+    return {
+        "calibrate_config": flatten(config),
+        "training_config": training,
+        "git_revision": git_revision(),
+        "calibration_files": list(files),
+        "correctness": correctness,
+        "calibration_docs": len(records),
+        "documents_by_split": counts,
+        "calibration_generation_accuracy": generated.accuracy,
+        "hard_negatives": len(hard_negatives),
+        "model_fingerprint": fingerprint,
+        "torch": torch.__version__,
+        "device": device,
+        "seconds": seconds,
+    }
+
+
+def _certify_held(
+    config: CalibrateConfig,
+    head: SDMEstimator,
+    records: list[Record],
+    generated: LabelledGenerations,
+    splits: dict[str, str],
+    files: Sequence[str],
+    embedder: tuple,
+    tags: VerificationTags,
+) -> Certification | None:
+    """Certify the head's ladder on the certification split's own generations (None when the split is empty)."""
+    compute_model, tokenizer, chat, recipe = embedder
     certification = None
     held = [k for k, r in enumerate(records) if splits[r.id] == "certification"]
     if held:
@@ -445,46 +545,20 @@ def calibrate(config: CalibrateConfig) -> dict:
                 "generation_accuracy": sum(generated.labels[k] for k in held) / len(held),
             },
         )
-    baselines = {
-        "tag_probability": _tag_thresholds(compute_model, tokenizer, instances, flags, chat, tags.yes, alphas, config)
-    }
+    return certification
 
-    out = Path(config.out)
-    counts = {
-        split: sum(1 for r in records if splits[r.id] == split) for split in ("support", "calibration", "certification")
-    }
-    provenance = {
-        "calibrate_config": flatten(config),
-        "training_config": training,
-        "git_revision": git_revision(),
-        "calibration_files": list(files),
-        "correctness": correctness,
-        "calibration_docs": len(records),
-        "documents_by_split": counts,
-        "calibration_generation_accuracy": generated.accuracy,
-        "hard_negatives": len(hard_negatives),
-        "model_fingerprint": fingerprint,
-        "torch": torch.__version__,
-        "device": device,
-        "seconds": {"decode": round(decode_seconds, 1), "total": round(time.perf_counter() - started, 1)},
-    }
-    base = source.get("base") if source["kind"] == "adapter" else (training.get("model") or source)
-    # A model source given with --model (not a run) is used unchanged: the bundle records the source, not a copy.
-    reference_only = not config.run and source["kind"] in ("smollm2", "tiny", "hf")
-    write_bundle(
-        out,
-        model=model,
-        tokenizer=tokenizer,
-        head=head,
-        chat=chat,
-        recipe=recipe,
-        tags=tags,
-        base_model=base,
-        provenance=provenance,
-        reference_only=reference_only,
-        certification=certification.to_dict() if certification else None,
-        baselines=baselines,
-    )
+
+def _write_generations(
+    out: Path,
+    records: list[Record],
+    generated: LabelledGenerations,
+    splits: dict[str, str],
+    hard_negatives: dict[str, list[str]],
+    fingerprint: str,
+    config: CalibrateConfig,
+) -> None:
+    """``<out>.calibration_generations.jsonl``: every generation with its label and split (reusable by
+    ``--reuse-generations``)."""
     with open(out.parent / f"{out.name}.calibration_generations.jsonl", "w") as handle:
         for record, text, label in zip(records, generated.texts, generated.labels):
             handle.write(
@@ -502,10 +576,20 @@ def calibrate(config: CalibrateConfig) -> dict:
                 )
                 + "\n"
             )
-    served = withdraw_regions(head.ladder, certification.withdrawn) if certification else head.ladder
+
+
+def _summary(
+    out: Path,
+    records: list[Record],
+    counts: dict[str, int],
+    generated: LabelledGenerations,
+    hard_negatives: dict[str, list[str]],
+    served: RegionLadder,
+    certification: Certification | None,
+    seconds: dict,
+) -> dict:
+    """The command's JSON line: the ladder as served and the certification table."""
     region = served.regions[served.default_alpha]
-    if certification is not None:
-        print(certification.summary(), file=sys.stderr)
     return {
         "bundle": str(out),
         "calibration_docs": len(records),
@@ -539,7 +623,7 @@ def calibrate(config: CalibrateConfig) -> dict:
             else None
         ),
         "certified_alphas": list(certification.certified) if certification else None,
-        "seconds": provenance["seconds"],
+        "seconds": seconds,
     }
 
 
