@@ -102,7 +102,8 @@ def test_32_parallel_requests_are_all_answered_and_not_mixed_up(tiny_bundle) -> 
     prompt_tokens = [b["usage"]["prompt_tokens"] for b in bodies]
     assert prompt_tokens == sorted(prompt_tokens) and len(set(prompt_tokens)) == 32  # each answer belongs to its prompt
     for i, body in enumerate(bodies):
-        assert body["usage"]["completion_tokens"] <= 1 + i % 6
+        # max_tokens generated at most, plus the few tag tokens the server writes (usage counts the returned text)
+        assert body["usage"]["completion_tokens"] <= 1 + i % 6 + 16
         assert body["text"].endswith("</verified>")
     assert len({r.headers["x-request-id"] for r in responses}) == 32
     for i, single in zip((0, 7, 13, 31), alone):
