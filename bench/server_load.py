@@ -254,10 +254,10 @@ class LevelRun:
     batches: dict = field(default_factory=dict)
 
 
-async def post(client: httpx.AsyncClient, body: dict) -> Sample:
+async def post(client: httpx.AsyncClient, body: dict, path: str = "/generate") -> Sample:
     started = time.perf_counter()
     try:
-        response = await client.post("/generate", json=body)
+        response = await client.post(path, json=body)
     except httpx.HTTPError as exc:
         return Sample((time.perf_counter() - started) * 1000.0, 0, error=f"{type(exc).__name__}: {exc}")
     latency = (time.perf_counter() - started) * 1000.0

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -125,18 +126,6 @@ def rendered_ids(bundle: Path, prompts: list[dict]) -> list[list[int]]:
     return out
 
 
-async def post_plain(client: httpx.AsyncClient, body: dict) -> Sample:
-    started = time.perf_counter()
-    try:
-        response = await client.post("/v1/completions", json=body)
-    except httpx.HTTPError as exc:
-        return Sample((time.perf_counter() - started) * 1000.0, 0, error=f"{type(exc).__name__}: {exc}")
-    latency = (time.perf_counter() - started) * 1000.0
-    if response.status_code != 200:
-        return Sample(latency, response.status_code, error=response.text[:300])
-    return Sample(latency, 200, body=response.json())
-
-
 def answer_text(system: str, sample: Sample, tag: str) -> str | None:
     """The generated text before the verification tag (the project writes the tag from the head; plain vLLM stops
     before it) without trailing whitespace (the project writes the answer right-stripped, then a newline, then the
@@ -153,7 +142,8 @@ def answer_text(system: str, sample: Sample, tag: str) -> str | None:
 async def run_one(
     system: str, url: str, bodies: list[dict], warmup: list[dict], clients: int, timeout_s: float
 ) -> tuple[list[Sample], float]:
-    send = post_plain if system == "plain" else post
+    # Plain vLLM is asked on its OpenAI completions route, the project on /generate.
+    send = functools.partial(post, path="/v1/completions") if system == "plain" else post
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         if warmup:
