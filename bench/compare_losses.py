@@ -13,6 +13,12 @@ training.evaluate's report.md (LM paper Tables 2-4, the alternatives, risk-cover
     python bench/compare_losses.py --preset smollm2-cpu --out runs/compare --sdm-run runs/smollm2/run   # reuse a run
 
 ``--sdm-run`` / ``--ce-run`` reuse finished training.finetune output folders of the preset instead of training.
+``--arms`` runs a subset, so that arms can run side by side on separate cores, each with its own report
+(OUT/eval-<arms>); every arm reads the SDM arm's data folder (``--sdm-run``, or the one fine-tuning builds), so all
+arms see the same documents:
+
+    python bench/compare_losses.py --out runs/compare --arms ce --mixed-precision no --data runs/sdm/data
+    python bench/compare_losses.py --out runs/compare --arms sdm,base --sdm-run runs/sdm --calibration-docs 1024
 """
 
 from __future__ import annotations
@@ -36,8 +42,12 @@ from training.finetune import run  # noqa: E402
 HELDOUT = (("wiki", "test.jsonl"), ("harvard", "harvard.jsonl"), ("length_shift", "length_shift.jsonl"))
 
 
-def finetune(preset: str, loss: str, out: Path, progress: bool) -> tuple[Path, float]:
-    config = build(FinetuneConfig, {**PRESETS[preset], "output_dir": str(out), "loss": loss, "progress": progress})
+ARMS = ("sdm", "ce", "base")
+
+
+def finetune(preset: str, loss: str, out: Path, progress: bool, overrides: dict) -> tuple[Path, float]:
+    settings = {**PRESETS[preset], **overrides, "output_dir": str(out), "loss": loss, "progress": progress}
+    config = build(FinetuneConfig, settings)
     started = time.perf_counter()
     run(config)
     return out, time.perf_counter() - started
@@ -65,53 +75,85 @@ def arm_summary(metrics: dict, name: str) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="smollm2-cpu", choices=sorted(set(PRESETS) & set(CALIBRATE_PRESETS)))
     parser.add_argument("--out", required=True)
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of sdm,ce,base")
     parser.add_argument("--sdm-run", default="", help="a finished SDM-loss run of the preset to reuse")
     parser.add_argument("--ce-run", default="", help="a finished CE-loss run of the preset to reuse")
+    parser.add_argument(
+        "--data", default="", help="the task's data folder (train, calibration, holdout, held-out sets) for every arm"
+    )
+    parser.add_argument("--mixed-precision", default="", help="overrides the preset's (e.g. 'no' on AVX2-only CPUs)")
+    parser.add_argument("--calibration-docs", type=int, default=0, help="calibration documents per arm (0: all)")
+    parser.add_argument(
+        "--sdm-generations", default="", help="the SDM arm's labelled generations to reuse (--reuse-generations)"
+    )
     parser.add_argument("--max-eval-docs", type=int, default=256, help="held-out documents per dataset (0: all)")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
+    arms = tuple(a for a in args.arms.split(",") if a)
+    if not arms or set(arms) - set(ARMS):
+        parser.error(f"--arms takes a comma-separated subset of {','.join(ARMS)}, got {args.arms!r}")
+    args.arms = tuple(a for a in ARMS if a in arms)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out)
     seconds: dict[str, float] = {}
     runs: dict[str, Path] = {}
+    overrides: dict = {"mixed_precision": args.mixed_precision} if args.mixed_precision else {}
+    if args.data:
+        data = Path(args.data)
+        overrides.update(train=str(data / "train.jsonl"), calibration=str(data / "calibration.jsonl"))
     for loss, reuse in (("sdm", args.sdm_run), ("ce", args.ce_run)):
+        if loss not in args.arms and not (loss == "sdm" and "base" in args.arms and not args.data):
+            continue
         if reuse:
             runs[loss] = Path(reuse)
         else:
-            runs[loss], seconds[f"finetune_{loss}"] = finetune(args.preset, loss, out / f"run_{loss}", args.progress)
-    data = runs["sdm"] / "data"
+            runs[loss], seconds[f"finetune_{loss}"] = finetune(
+                args.preset, loss, out / f"run_{loss}", args.progress, overrides
+            )
+    data = Path(args.data) if args.data else runs["sdm"] / "data"
+    first = next(iter(runs.values()), None)
+    training = json.loads(((first or runs.get("sdm")) / "config.json").read_text())["config"] if first else {}
     settings = {**CALIBRATE_PRESETS[args.preset], "progress": args.progress}
+    if args.calibration_docs:
+        settings["max_calibration_docs"] = args.calibration_docs
+    # Every arm calibrates on the same documents: the data folder's calibration and holdout files.
+    files = ",".join(str(data / f) for f in ("calibration.jsonl", "holdout.jsonl") if (data / f).is_file())
     bundles: dict[str, Path] = {}
     for name in ("sdm", "ce"):
+        if name not in args.arms:
+            continue
         started = time.perf_counter()
-        config = build(CalibrateConfig, {**settings, "run": str(runs[name]), "out": str(out / f"bundle_{name}")})
-        bundles[name] = Path(calibrate(config)["bundle"])
+        arm = {**settings, "run": str(runs[name]), "calibration": files, "out": str(out / f"bundle_{name}")}
+        if name == "sdm" and args.sdm_generations:
+            arm["reuse_generations"] = args.sdm_generations
+        bundles[name] = Path(calibrate(build(CalibrateConfig, arm))["bundle"])
         seconds[f"calibrate_{name}"] = time.perf_counter() - started
-    # The base model: the same documents and recipe as the fine-tuned arms, no fine-tuning.
-    training = json.loads((runs["sdm"] / "config.json").read_text())["config"]
-    files = ",".join(str(data / f) for f in ("calibration.jsonl", "holdout.jsonl") if (data / f).is_file())
+    if "base" in args.arms:
+        # The base model: the same documents and recipe as the fine-tuned arms, no fine-tuning.
+        if not training:
+            raise SystemExit("the base arm takes its model and prompt settings from a run: pass --sdm-run or --ce-run")
+        started = time.perf_counter()
+        base = {
+            **settings,
+            "model": dict(training["model"]),
+            "calibration": files,
+            "out": str(out / "bundle_base"),
+            "correctness": training.get("correctness", "word_order"),
+            "system_prompt": training.get("system_prompt"),
+            "recipe_sequence_end": training.get("recipe_sequence_end", "template"),
+        }
+        bundles["base"] = Path(calibrate(build(CalibrateConfig, base))["bundle"])
+        seconds["calibrate_base"] = time.perf_counter() - started
     started = time.perf_counter()
-    bundles["base"] = Path(
-        calibrate(
-            build(
-                CalibrateConfig,
-                {
-                    **settings,
-                    "model": dict(training["model"]),
-                    "calibration": files,
-                    "out": str(out / "bundle_base"),
-                    "correctness": training.get("correctness", "word_order"),
-                    "system_prompt": training.get("system_prompt"),
-                    "recipe_sequence_end": training.get("recipe_sequence_end", "template"),
-                },
-            )
-        )["bundle"]
-    )
-    seconds["calibrate_base"] = time.perf_counter() - started
-    started = time.perf_counter()
+    report = out / ("eval" if args.arms == ARMS else "eval-" + "-".join(args.arms))
     metrics = evaluate(
         build(
             EvaluateConfig,
@@ -120,7 +162,7 @@ def main() -> None:
                 "progress": args.progress,
                 "max_docs": args.max_eval_docs,
                 "bundles": tuple(f"{n}={p}" for n, p in bundles.items()),
-                "out": str(out / "eval"),
+                "out": str(report),
                 "correctness": training.get("correctness", "word_order"),
                 "data": tuple(f"{n}={data / f}" for n, f in HELDOUT if (data / f).is_file()),
             },
@@ -132,7 +174,7 @@ def main() -> None:
             {
                 "preset": args.preset,
                 "out": str(out),
-                "report": str(out / "eval" / "report.md"),
+                "report": str(report / "report.md"),
                 "seconds": {k: round(v, 1) for k, v in seconds.items()},
                 "arms": {name: arm_summary(metrics, name) for name in bundles},
             }
