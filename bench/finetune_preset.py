@@ -19,8 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdm_core.settings import build, options, parse_text  # noqa: E402
-from training.calibrate import PRESETS as CALIBRATE_PRESETS  # noqa: E402
-from training.calibrate import CalibrateConfig, calibrate  # noqa: E402
+from training.calibrate import calibrate  # noqa: E402
+from training.calibrate_config import PRESETS as CALIBRATE_PRESETS  # noqa: E402
+from training.calibrate_config import CalibrateConfig  # noqa: E402
 from training.config import PRESETS, FinetuneConfig  # noqa: E402
 from training.finetune import run  # noqa: E402
 

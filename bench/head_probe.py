@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdm_core import SDMConfig  # noqa: E402
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, chat_messages, verification_text  # noqa: E402
-from training.calibrate import CalibrateConfig, _load, _resolve  # noqa: E402
+from training.calibrate import _load, _resolve  # noqa: E402
+from training.calibrate_config import CalibrateConfig  # noqa: E402
 from training.correctness import normalize_hard_negative  # noqa: E402
 from training.records import load_records  # noqa: E402
 from training.verification_layer import draw_layer_instances, embed_instances, fit_verification_layer  # noqa: E402

@@ -10,8 +10,9 @@ import pytest
 from test_server_support import UvicornThread, make_config
 
 from sdm_core.settings import build
-from training.calibrate import PRESETS as CALIBRATE_PRESETS
-from training.calibrate import CalibrateConfig, calibrate
+from training.calibrate import calibrate
+from training.calibrate_config import PRESETS as CALIBRATE_PRESETS
+from training.calibrate_config import CalibrateConfig
 from training.config import PRESETS, FinetuneConfig
 from training.correctness import arithmetic
 from training.evaluate import PRESETS as EVALUATE_PRESETS

@@ -58,7 +58,7 @@ def test_default_bundle_serves_only_regions_its_certification_did_not_reject():
 
 
 def test_default_bundle_was_trained_and_calibrated_by_the_smollm2_cpu_presets():
-    from training.calibrate import PRESETS as CALIBRATE_PRESETS
+    from training.calibrate_config import PRESETS as CALIBRATE_PRESETS
     from training.config import PRESETS
 
     provenance = json.loads((BUNDLE / "bundle.json").read_text())["provenance"]

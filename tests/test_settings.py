@@ -140,7 +140,7 @@ def test_unknown_devices_are_refused(text: str) -> None:
 
 def test_every_cli_settings_class_declares_help_for_every_flag() -> None:
     from server.config import ServerConfig
-    from training.calibrate import CalibrateConfig
+    from training.calibrate_config import CalibrateConfig
     from training.certify import CertifyConfig
     from training.config import FinetuneConfig
     from training.evaluate import EvaluateConfig

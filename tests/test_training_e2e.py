@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 from sdm_core.lm.bundle import load_bundle, read_bundle_info
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.settings import build
-from training.calibrate import PRESETS as CALIBRATE_PRESETS
-from training.calibrate import CalibrateConfig, calibrate
+from training.calibrate import calibrate
+from training.calibrate_config import PRESETS as CALIBRATE_PRESETS
+from training.calibrate_config import CalibrateConfig
 from training.config import PRESETS, FinetuneConfig
 from training.finetune import run
 

@@ -25,11 +25,13 @@ clients label answers through ``POST /v1/feedback``. This command reads the labe
 
 Roll it out with ``POST /admin/reload {"bundle": "<name of --out under the server's --bundles-root>"}`` (an admin
 key); ``/ready``, ``/v1/models`` and ``sdm_bundle_info`` then report the new head version.
+
+The command's configuration is training.update_config; steps 1 and 2 (the rows read, kept and split) are
+training.feedback_rows.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -46,69 +48,16 @@ import torch
 from sqlalchemy.exc import SQLAlchemyError
 
 from sdm_core.artifact import ArtifactError
-from sdm_core.certification import certify_ladder
+from sdm_core.certification import Certification, certify_ladder
 from sdm_core.estimator import SDMEstimator
 from sdm_core.fitting import LayerStatistics
-from sdm_core.lm.bundle import read_bundle_info, seal_bundle
-from sdm_core.settings import CommandLine, SettingsError, setting
-from sdm_core.traffic import StoreError, TrafficRecord, TrafficStore, redact_url
+from sdm_core.lm.bundle import BundleInfo, read_bundle_info, seal_bundle
+from sdm_core.settings import CommandLine, SettingsError
+from sdm_core.traffic import StoreError, redact_url
+from training.feedback_rows import ROWS_FILE, FeedbackRows, assign_roles, rows_listing, split_role, usable_rows
+from training.update_config import UpdateConfig, UpdateError, parse_time
 
 __all__ = ["UpdateConfig", "UpdateError", "UpdateResult", "update_bundle", "split_role", "parse_time", "main"]
-
-ROWS_FILE = "feedback_rows.json"
-
-
-class UpdateError(ValueError):
-    """Nothing to update, or inputs that do not fit; the message says what to do."""
-
-
-def parse_time(text: str) -> float:
-    """An ISO time (UTC when it names no zone) or epoch seconds, as epoch seconds."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValueError(f"expected an ISO time (2026-12-01T00:00:00Z) or epoch seconds, got {text!r}") from None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    bundle: str = setting(
-        "", required=True, metavar="PATH", help="the bundle the labelled answers came from (read, never changed)"
-    )
-    store: str = setting(
-        "",
-        required=True,
-        metavar="URL",
-        help="the server's traffic store: a SQLAlchemy URL (sqlite:////path/traffic.sqlite3, postgresql+psycopg://...)",
-    )
-    out: str = setting("", required=True, metavar="PATH", help="the new bundle's folder (must not exist or be empty)")
-    calibration_fraction: float = setting(
-        0.5,
-        help="share of correct/wrong rows that join the calibration set instead of the support (deterministic by id)",
-    )
-    # Share of correct/wrong rows held out of the head to re-certify its ladder (bundles with a certification only).
-    certification_fraction: float = setting(
-        0.25,
-        help="share of correct/wrong rows held out to re-certify the new ladder, when the bundle has a certification",
-    )
-    seed: int = setting(0, help="seed of the support/calibration split")
-    since: float | None = setting(
-        None, parse=parse_time, help="only labels given at or after this time (ISO or epoch seconds)"
-    )
-    until: float | None = setting(None, parse=parse_time, help="only labels given at or before this time")
-    head_versions: tuple[str, ...] = setting(
-        (), flag="head_version", repeat=True, help="only rows served by this head version (repeatable)"
-    )
-
-    def __post_init__(self) -> None:
-        missing = [f"--{name}" for name in ("bundle", "store", "out") if not getattr(self, name)]
-        if missing:
-            raise UpdateError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
 
 
 @dataclass
@@ -130,25 +79,16 @@ class UpdateResult:
         return dict(self.__dict__)
 
 
-def split_role(identifier: str, label: str, fraction: float, seed: int, certification_fraction: float = 0.0) -> str:
-    """``support``, ``calibration``, ``certification`` or ``ood`` for one row: a pure function of its arguments.
-    A uniform number from sha256(seed, id) below ``fraction`` means calibration, in the next
-    ``certification_fraction`` certification, else support."""
-    if label == "ood":
-        return "ood"
-    digest = hashlib.sha256(f"{seed}:{identifier}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    if u < fraction:
-        return "calibration"
-    return "certification" if u < fraction + certification_fraction else "support"
-
-
 def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, tz=UTC).isoformat(timespec="seconds")
 
 
-def _head_version(info) -> str:
-    return str(info.raw.get("files", {}).get(f"{info.head.get('path', 'head')}/manifest.json", ""))[:16]
+def _head_dir(info: BundleInfo) -> str:
+    return info.head.get("path", "head")
+
+
+def _head_version(info: BundleInfo) -> str:
+    return str(info.raw.get("files", {}).get(f"{_head_dir(info)}/manifest.json", ""))[:16]
 
 
 def _append_calibration(head: SDMEstimator, x: torch.Tensor, labels: torch.Tensor, ids: list[str]) -> None:
@@ -185,7 +125,8 @@ def _copy_bundle(source: Path, target: Path, head_dir: str) -> None:
             shutil.copy2(path, dest)
 
 
-def update_bundle(config: UpdateConfig) -> UpdateResult:
+def _check_inputs(config: UpdateConfig) -> Path:
+    """The new bundle's folder, once the fractions leave rows for the support and the folder is free."""
     if not (0.0 <= config.calibration_fraction < 1.0) or not (0.0 <= config.certification_fraction < 1.0):
         raise UpdateError(
             "--calibration-fraction and --certification-fraction must be in [0, 1), got "
@@ -198,51 +139,26 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
     out = Path(config.out)
     if out.exists() and any(out.iterdir()):
         raise UpdateError(f"{out} exists and is not empty; choose another --out")
+    return out
+
+
+def _load_head(config: UpdateConfig) -> tuple[BundleInfo, SDMEstimator]:
+    """The bundle's info and its head, which must be a 2-class verification head."""
     info = read_bundle_info(config.bundle)
-    head_dir = info.head.get("path", "head")
-    head = SDMEstimator.load(Path(config.bundle) / head_dir)
+    head = SDMEstimator.load(Path(config.bundle) / _head_dir(info))
     if head.num_classes != 2:
         raise UpdateError(
             f"the head has {head.num_classes} classes; feedback labels (correct/wrong) map onto a 2-class verification "
             "head only"
         )
-    positive = info.tags.positive_class
-    class_of = {"correct": positive, "wrong": 1 - positive}
+    return info, head
 
-    store = TrafficStore(config.store)
-    try:
-        if store.revision() is None:
-            raise UpdateError(
-                f"{redact_url(config.store)} holds no traffic store (no schema); point --store at the server's store"
-            )
-        rows = store.labelled(since=config.since, until=config.until, head_versions=list(config.head_versions) or None)
-    finally:
-        store.close()
-    known = set(head.support.ids) | set(head.calibration_ids)
-    skipped = {"already_in_head": 0, "wrong_width": 0}
-    used: list[TrafficRecord] = []
-    for row in rows:
-        if row.id in known:
-            skipped["already_in_head"] += 1
-        elif row.h_dim != head.input_dim:
-            skipped["wrong_width"] += 1
-        else:
-            used.append(row)
-    if not used:
-        raise UpdateError(
-            f"no usable labelled rows in {redact_url(config.store)} ({len(rows)} labelled, skipped: {skipped}); "
-            "label answers with POST /v1/feedback first"
-        )
 
-    previous_certification = info.certification
-    # Rows are held out to re-certify only when the bundle was certified (an uncertified bundle stays uncertified).
-    cert_fraction = config.certification_fraction if previous_certification is not None else 0.0
-    roles = {
-        r.id: split_role(r.id, r.label or "", config.calibration_fraction, config.seed, cert_fraction) for r in used
-    }
-    support = [r for r in used if roles[r.id] in ("support", "ood")]
-    calibration = [r for r in used if roles[r.id] == "calibration"]
-    held_out = [r for r in used if roles[r.id] == "certification"]
+def _refit_head(head: SDMEstimator, feedback: FeedbackRows, class_of: dict[str, int]) -> None:
+    """Append the support rows as exemplars and the calibration rows' outputs, then re-run Algorithm 1 over the
+    same ladder."""
+    support = feedback.by_role("support", "ood")
+    calibration = feedback.by_role("calibration")
     if support:
         x = torch.from_numpy(np.stack([r.embedding() for r in support]))
         head.add_exemplars(
@@ -258,33 +174,44 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         )
     ladder = head.ladder
     head.recalibrate(list(ladder.alphas), ladder.default_alpha, head.config.nested_regions)
-    certification = None
-    if previous_certification is not None and held_out:
-        # Re-certify the new ladder on labelled rows it never saw, with the old certification's rules.
-        scores = head.predict_scores(torch.from_numpy(np.stack([r.embedding() for r in held_out])))
-        certification, _ = certify_ladder(
-            head.ladder,
-            scores.probabilities,
-            scores.predictions,
-            scores.q_prime,
-            torch.tensor([r.label == "correct" for r in held_out], dtype=torch.bool),
-            positive,
-            policy=previous_certification.policy,
-            min_admitted=previous_certification.min_admitted,
-            violation_p=previous_certification.violation_p,
-            confidence=previous_certification.confidence,
-            source={
-                "kind": "update",
-                "documents": len(held_out),
-                "store": redact_url(config.store),
-                "seed": config.seed,
-                "certification_fraction": cert_fraction,
-            },
-        )
 
+
+def _recertify(
+    config: UpdateConfig, head: SDMEstimator, feedback: FeedbackRows, previous: Certification | None, positive: int
+) -> Certification | None:
+    """The new ladder certified on labelled rows it never saw, with the old certification's rules (None when the
+    bundle was not certified or no row was held out)."""
+    held_out = feedback.by_role("certification")
+    if previous is None or not held_out:
+        return None
+    scores = head.predict_scores(torch.from_numpy(np.stack([r.embedding() for r in held_out])))
+    certification, _ = certify_ladder(
+        head.ladder,
+        scores.probabilities,
+        scores.predictions,
+        scores.q_prime,
+        torch.tensor([r.label == "correct" for r in held_out], dtype=torch.bool),
+        positive,
+        policy=previous.policy,
+        min_admitted=previous.min_admitted,
+        violation_p=previous.violation_p,
+        confidence=previous.confidence,
+        source={
+            "kind": "update",
+            "documents": len(held_out),
+            "store": redact_url(config.store),
+            "seed": config.seed,
+            "certification_fraction": feedback.certification_fraction,
+        },
+    )
+    return certification
+
+
+def _update_summary(config: UpdateConfig, previous_version: str, feedback: FeedbackRows) -> dict:
+    """What the head's metadata and the bundle's provenance record of this update."""
+    used, support = feedback.used, feedback.by_role("support", "ood")
     times = [r.labelled_at for r in used if r.labelled_at is not None]
-    previous_version = _head_version(info)
-    summary = {
+    return {
         "at": _iso(time.time()),
         "from_bundle": str(Path(config.bundle).resolve()),
         "from_head_version": previous_version,
@@ -292,36 +219,35 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
         "rows": len(used),
         "support_added": sum(1 for r in support if r.label != "ood"),
         "ood_added": sum(1 for r in support if r.label == "ood"),
-        "calibration_added": len(calibration),
-        "certification_rows": len(held_out),
+        "calibration_added": len(feedback.by_role("calibration")),
+        "certification_rows": len(feedback.by_role("certification")),
         "labels": {label: sum(1 for r in used if r.label == label) for label in ("correct", "wrong", "ood")},
         "labelled_from": _iso(min(times)) if times else None,
         "labelled_to": _iso(max(times)) if times else None,
         "calibration_fraction": config.calibration_fraction,
         "seed": config.seed,
-        "skipped": skipped,
+        "skipped": feedback.skipped,
         "rows_file": ROWS_FILE,
     }
-    head.metadata = {**head.metadata, "updates": list(head.metadata.get("updates", [])) + [summary]}
 
+
+def _write_bundle(
+    config: UpdateConfig,
+    out: Path,
+    info: BundleInfo,
+    head: SDMEstimator,
+    feedback: FeedbackRows,
+    summary: dict,
+    certification: Certification | None,
+) -> None:
+    """The new sealed bundle, built in a temporary folder beside ``out`` and moved into place whole."""
+    head_dir = _head_dir(info)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         _copy_bundle(Path(config.bundle), tmp, head_dir)
         head.save(tmp / head_dir)
-        listing = [
-            {
-                "id": r.id,
-                "label": r.label,
-                "role": roles[r.id],
-                "labelled_at": r.labelled_at,
-                "created_at": r.created_at,
-                "head_version": r.head_version,
-                "admitted": r.admitted,
-                "alpha": r.alpha,
-            }
-            for r in used
-        ]
+        listing = rows_listing(feedback)
         (tmp / ROWS_FILE).write_text(json.dumps({"store": redact_url(config.store), "rows": listing}, indent=1) + "\n")
         provenance = dict(info.provenance)
         provenance["updates"] = list(provenance.get("updates", [])) + [summary]
@@ -338,16 +264,30 @@ def update_bundle(config: UpdateConfig) -> UpdateResult:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    new_info = read_bundle_info(out)
+
+
+def update_bundle(config: UpdateConfig) -> UpdateResult:
+    out = _check_inputs(config)
+    info, head = _load_head(config)
+    positive = info.tags.positive_class
+    class_of = {"correct": positive, "wrong": 1 - positive}
+    used, skipped = usable_rows(config, head)
+    feedback = assign_roles(config, used, skipped, certified=info.certification is not None)
+    _refit_head(head, feedback, class_of)
+    certification = _recertify(config, head, feedback, info.certification, positive)
+    previous_version = _head_version(info)
+    summary = _update_summary(config, previous_version, feedback)
+    head.metadata = {**head.metadata, "updates": list(head.metadata.get("updates", [])) + [summary]}
+    _write_bundle(config, out, info, head, feedback, summary, certification)
     return UpdateResult(
         out=str(out),
-        head_version=_head_version(new_info),
+        head_version=_head_version(read_bundle_info(out)),
         previous_head_version=previous_version,
         rows=len(used),
         support_added=summary["support_added"],
         ood_added=summary["ood_added"],
-        calibration_added=len(calibration),
-        certification_rows=len(held_out),
+        calibration_added=summary["calibration_added"],
+        certification_rows=summary["certification_rows"],
         certified=list(certification.certified) if certification else None,
         skipped=skipped,
         labelled_from=summary["labelled_from"],
