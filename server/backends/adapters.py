@@ -92,10 +92,10 @@ class AdapterSet:
     def remove(self, name: str) -> None:
         """Unload an adapter no request uses any more (the last one stays: peft keeps at least one)."""
         if name in self.bundles and len(self.bundles) > 1:
+            if self.model.active_adapter == name:  # peft warns when the active adapter is deleted: switch first
+                self.activate(next(other for other in self.bundles if other != name))
             self.model.delete_adapter(name)
             del self.bundles[name]
-            if self.active == name:
-                self.active = None
 
     def activate(self, name: str) -> Bundle:
         """The bundle of adapter ``name``, its adapter made the one the model runs with."""
