@@ -143,7 +143,7 @@ def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
     """The app's objects: metrics, backend, traffic recorder, model manager, admission, executor and route servings."""
     logger = logging.getLogger("sdm.server")
     metrics = ServerMetrics()
-    backend = _backend(config, backend, metrics)
+    backend, extra, engine = _backends(config, backend, metrics)
     traffic = TrafficRecorder(
         TrafficSettings(
             url=traffic_url(config),
@@ -159,9 +159,11 @@ def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
     manager = ModelManager(
         backend,
         model_name=config.served_model_name,
+        extra=extra,
+        engine=engine,
         warmup=config.warmup,
         warmup_max_tokens=min(4, config.max_tokens_cap),
-        on_loaded=_on_loaded(metrics, logger),
+        on_loaded=_on_loaded(metrics, logger, config.served_model_name),
         logger=logger,
     )
 
@@ -210,13 +212,44 @@ def _backend(config: ServerConfig, backend: Backend | None, metrics: ServerMetri
     return backend
 
 
-def _on_loaded(metrics: ServerMetrics, logger: logging.Logger) -> Callable[[dict], None]:
-    """What the model manager calls with the facts of each loaded bundle: the metrics' bundle facts and readiness."""
+def _backends(
+    config: ServerConfig, backend: Backend | None, metrics: ServerMetrics
+) -> tuple[Backend, dict[str, Backend], Backend | None]:
+    """(the default model's backend, the extra models' backends by name, the engine they share or None). Without
+    --extra-bundles: the one backend :func:`_backend` makes; with them: one adapter engine and a view per bundle."""
+    extras = config.extra_bundle_paths
+    if not extras:
+        return _backend(config, backend, metrics), {}, None
+    if backend is not None:
+        raise ValueError("create_app: pass no backend with --extra-bundles (the app builds the shared engine)")
+    engine = make_backend(
+        "transformers",
+        config.bundle,
+        device=config.resolved_device(),
+        dtype=config.dtype,
+        batch_size=config.batch_size,
+        batch_wait_ms=config.batch_wait_ms,
+        verify=config.verify_bundle,
+        observer=metrics.observe_batch,
+        hidden_states=config.hidden_states,
+        adapters=True,
+    )
+    from server.backends.adapters import AdapterBackend
+
+    views = {name: AdapterBackend(engine, path) for name, path in extras.items()}  # type: ignore[arg-type]
+    return AdapterBackend(engine, config.bundle), dict(views), engine  # type: ignore[arg-type]
+
+
+def _on_loaded(metrics: ServerMetrics, logger: logging.Logger, default: str) -> Callable[[dict], None]:
+    """What the model manager calls with the facts of each loaded bundle: the metrics' bundle facts (every model),
+    the certification, baseline and ladder (the default model's) and readiness."""
 
     def loaded(facts: dict) -> None:
         metrics.set_bundle({k: v for k, v in facts.items() if k not in ("alphas", "certification")})
-        metrics.set_certification(facts.get("certification"))
-        metrics.traffic.set_ladder(facts.get("alphas", ()))
+        if facts.get("model") == default:
+            metrics.set_baseline(facts)
+            metrics.set_certification(facts.get("certification"))
+            metrics.traffic.set_ladder(facts.get("alphas", ()))
         certification = facts.get("certification")
         logger.info(
             "certification",

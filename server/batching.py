@@ -3,13 +3,16 @@
 
 Several batchers can share one ``asyncio.Lock`` (the model lock): a batch is formed only once the lock is held,
 so requests that arrive while the model is busy with another batch join the next one.
+
+With a ``key``, a batch holds only items of one key (the first waiting item's): several LoRA adapters on one model
+run one adapter per batch. Items of other keys keep their place in the queue for a later batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
@@ -34,6 +37,7 @@ class DynamicBatcher(Generic[T, R]):
         lock: asyncio.Lock | None = None,
         on_batch: Callable[[int], None] | None = None,
         name: str = "batch",
+        key: Callable[[T], Hashable] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -44,6 +48,7 @@ class DynamicBatcher(Generic[T, R]):
         self._lock = lock
         self._on_batch = on_batch
         self._name = name
+        self._key = key
         self._pending: deque[tuple[T, asyncio.Future]] = deque()
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -93,11 +98,7 @@ class DynamicBatcher(Generic[T, R]):
             if self._lock is not None:
                 await self._lock.acquire()
             try:
-                batch: list[tuple[T, asyncio.Future]] = []
-                while self._pending and len(batch) < self._max_batch:
-                    item, future = self._pending.popleft()
-                    if not future.done():
-                        batch.append((item, future))
+                batch = self._take()
                 if not batch:
                     continue
                 if self._on_batch is not None:
@@ -120,6 +121,25 @@ class DynamicBatcher(Generic[T, R]):
             finally:
                 if self._lock is not None:
                     self._lock.release()
+
+    def _take(self) -> list[tuple[T, asyncio.Future]]:
+        """The next batch off the queue: up to ``max_batch`` live items, all of the first live item's key."""
+        batch: list[tuple[T, asyncio.Future]] = []
+        kept: deque[tuple[T, asyncio.Future]] = deque()
+        key = None
+        while self._pending and len(batch) < self._max_batch:
+            item, future = self._pending.popleft()
+            if future.done():
+                continue
+            if self._key is not None:
+                if not batch:
+                    key = self._key(item)
+                elif self._key(item) != key:
+                    kept.append((item, future))
+                    continue
+            batch.append((item, future))
+        self._pending.extendleft(reversed(kept))
+        return batch
 
     async def close(self) -> None:
         self._closed = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -46,6 +47,13 @@ class ServerConfig:
         help="path to an sdm-lm bundle folder (bundle.json, model/ or adapter/, tokenizer/, head/)",
         metavar="PATH",
         required=True,
+    )
+    extra_bundles: tuple[str, ...] = setting(
+        (),
+        help="comma-separated NAME=PATH pairs: more adapter bundles over the default bundle's base model, served by "
+        "the same engine beside --bundle (which --model-name names); a request's model picks one (transformers "
+        "backend only)",
+        metavar="NAME=PATH,...",
     )
     backend: str = setting("transformers", help="generation backend", choices=BACKENDS)
     host: str = setting("127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
@@ -177,6 +185,7 @@ class ServerConfig:
         self._normalise_lists()
         self._check_bundle()
         self._check_choices_and_limits()
+        self._check_extra_bundles()
         _check_traffic(self)
         try:
             object.__setattr__(self, "device", parse_device(self.device))
@@ -209,6 +218,43 @@ class ServerConfig:
             raise ConfigError(
                 _hint("bundle", f"{self.bundle!r} {what}; point it at a folder written by python -m training.calibrate")
             )
+
+    def _check_extra_bundles(self) -> None:
+        """NAME=PATH pairs: names unique, apart from the default model's, usable as model ids; each path a bundle."""
+        names: list[str] = []
+        for pair in self.extra_bundles:
+            name, sep, path = pair.partition("=")
+            name, path = name.strip(), path.strip()
+            if not sep or not name or not path:
+                raise ConfigError(_hint("extra_bundles", f"holds {pair!r}; give NAME=PATH pairs, comma-separated"))
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]*", name):
+                raise ConfigError(
+                    _hint("extra_bundles", f"names {name!r}; a name is letters, digits, '.', '_', ':' or '-'")
+                )
+            if name == self.served_model_name or name in names:
+                what = "the default bundle's model name" if name == self.served_model_name else "named twice"
+                raise ConfigError(
+                    _hint("extra_bundles", f"names {name!r}, {what}; give each served bundle a name of its own")
+                )
+            root = Path(path).expanduser()
+            if not (root / "bundle.json").is_file():
+                what = "does not exist" if not root.exists() else "is not an sdm-lm bundle (no bundle.json)"
+                raise ConfigError(_hint("extra_bundles", f"has {name}={path!r}, which {what}"))
+            names.append(name)
+        if names and self.backend != "transformers":
+            raise ConfigError(
+                _hint(
+                    "extra_bundles",
+                    f"needs --backend transformers: the {self.backend} backend serves one bundle per server (vLLM "
+                    "multi-LoRA is not implemented); run one server per bundle",
+                )
+            )
+
+    @property
+    def extra_bundle_paths(self) -> dict[str, str]:
+        """--extra-bundles as ``{name: path}``, in the order given."""
+        pairs = (pair.partition("=") for pair in self.extra_bundles)
+        return {name.strip(): str(Path(path.strip()).expanduser()) for name, _, path in pairs}
 
     def _check_choices_and_limits(self) -> None:
         _choice(self, "backend", BACKENDS)

@@ -143,9 +143,10 @@ class RequestExecutor:
         self.aborted.set()
 
     # -- planning ----------------------------------------------------------------------------------------------
-    def plan(self, route: str, draft: VerificationDraft) -> Plan:
-        """Hold the served model and check ``draft`` against it; the caller releases the model (:meth:`release`)."""
-        served = self.manager.hold()
+    def plan(self, route: str, draft: VerificationDraft, model: str | None = None) -> Plan:
+        """Hold the served model ``model`` names (None: the default; 404 for one not served) and check ``draft``
+        against it; the caller releases the model (:meth:`release`)."""
+        served = self.manager.hold(model)
         try:
             return Plan(route, served, self.check(draft, served.pipeline))
         except BaseException:

@@ -147,7 +147,9 @@ class ServerMetrics:
         self.ready = Gauge("sdm_ready", "1 when the model and head are loaded and warmed up", registry=r)
         self.bundle = Info(
             "sdm_bundle",
-            "The bundle served: model, head version, default alpha, calibration admitted proportion",
+            "The bundles served, one series per model: bundle, head version, default alpha, calibration admitted "
+            "proportion",
+            ["model"],
             registry=r,
         )
         self.certified = Gauge(
@@ -214,7 +216,13 @@ class ServerMetrics:
         self.batch_size.labels(kind=kind).observe(size)
 
     def set_bundle(self, facts: dict) -> None:
-        self.bundle.info({k: str(v) for k, v in facts.items()})
+        """The facts of a served model's bundle (its sdm_bundle_info series)."""
+        self.bundle.labels(model=str(facts.get("model", ""))).info(
+            {k: str(v) for k, v in facts.items() if k != "model"}
+        )
+
+    def set_baseline(self, facts: dict) -> None:
+        """The default model's calibration baseline (the drift alerts read it)."""
         proportion = facts.get("calibration_admitted_proportion")
         if proportion is not None:
             self.baseline.set(float(proportion))

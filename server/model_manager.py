@@ -1,18 +1,22 @@
-"""The served model's lifecycle: background load and warm-up (readiness), reference-counted use by requests, and
+"""The served models' lifecycle: background load and warm-up (readiness), reference-counted use by requests, and
 hot reload (a new bundle is loaded and warmed up beside the old one, swapped in atomically, and the old one is
-closed only once its last in-flight request has finished)."""
+closed only once its last in-flight request has finished).
+
+One server serves one bundle, or several adapter bundles on one base model (``--extra-bundles``): each served
+model has its own name, backend, pipeline and facts; a request holds the one its ``model`` names, and a reload
+swaps one while the others keep serving."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.backends.base import Backend
-from server.errors import APIError, internal_error, invalid_request, not_ready
+from server.backends.base import Backend, BackendError
+from server.errors import APIError, internal_error, invalid_request, not_found, not_ready
 from server.pipeline import SelectivePipeline, VerificationRequest
 
 __all__ = ["ServedModel", "ModelManager", "bundle_facts"]
@@ -90,19 +94,25 @@ class ServedModel:
 
 
 class ModelManager:
-    """Owns the current :class:`ServedModel`. States: loading, warming_up, ready, failed."""
+    """Owns the :class:`ServedModel` of every served name. States: loading, warming_up, ready, failed.
+
+    ``backend`` serves ``model_name`` (the default: requests that name no model); ``extra`` maps more names to
+    their backends (adapter views on one shared ``engine``, server/backends/adapters.py), which is closed last."""
 
     def __init__(
         self,
         backend: Backend,
         *,
         model_name: str,
+        extra: Mapping[str, Backend] | None = None,
+        engine: Backend | None = None,
         warmup: bool = True,
         warmup_max_tokens: int = 4,
         on_loaded: Callable[[dict], None] | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
-        self._initial = backend
+        self._initial: dict[str, Backend] = {model_name: backend, **(extra or {})}
+        self._engine = engine
         self.model_name = model_name
         self.warmup = warmup
         self.warmup_max_tokens = warmup_max_tokens
@@ -110,14 +120,24 @@ class ModelManager:
         self.logger = logger or logging.getLogger("sdm.server")
         self.state = "loading"
         self.error: str | None = None
-        self.current: ServedModel | None = None
+        self.served: dict[str, ServedModel] = {}
         self._task: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
         self._retiring: dict[asyncio.Task, ServedModel] = {}
 
     @property
+    def names(self) -> tuple[str, ...]:
+        """Every served model's name, the default first."""
+        return tuple(self._initial)
+
+    @property
+    def current(self) -> ServedModel | None:
+        """The default model (the one requests that name no model get)."""
+        return self.served.get(self.model_name)
+
+    @property
     def ready(self) -> bool:
-        return self.state == "ready" and self.current is not None
+        return self.state == "ready" and len(self.served) == len(self._initial)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -132,36 +152,51 @@ class ModelManager:
 
     async def _initial_load(self) -> None:
         started = time.perf_counter()
-        try:
-            served = await self._prepare(self._initial, set_state=True)
-        except Exception as exc:  # noqa: BLE001 - reported by /ready and the log
-            self.state = "failed"
-            path = self._initial.bundle_path  # the error reaches /ready and 503s: the bundle by name, not by host path
-            self.error = f"{type(exc).__name__}: {_without_paths(str(exc), path, Path(path).name)}"
-            self.logger.error("loading the bundle failed: %s", self.error, exc_info=True)
-            await self._initial.close()
-            return
-        self.current = served
+        for name, backend in self._initial.items():
+            try:
+                self.served[name] = await self._prepare(backend, name, set_state=True)
+            except Exception as exc:  # noqa: BLE001 - reported by /ready and the log
+                self.state = "failed"
+                detail = str(exc)
+                for other in self._initial.values():  # errors reach /ready and 503s: bundles by name, not host path
+                    detail = _without_paths(detail, other.bundle_path, Path(other.bundle_path).name)
+                which = f"model {name!r}: " if len(self._initial) > 1 else ""
+                self.error = f"{which}{type(exc).__name__}: {detail}"
+                self.logger.error("loading the bundle failed: %s", self.error, exc_info=True)
+                for loaded in self.served.values():
+                    loaded.pipeline.close()
+                self.served.clear()
+                for other in self._initial.values():
+                    await other.close()
+                if self._engine is not None:
+                    await self._engine.close()
+                return
         self.state = "ready"
         self.logger.info(
-            "ready", extra={"bundle": served.backend.bundle_path, "seconds": round(time.perf_counter() - started, 2)}
+            "ready",
+            extra={
+                "bundle": self._initial[self.model_name].bundle_path,
+                "models": list(self._initial),
+                "seconds": round(time.perf_counter() - started, 2),
+            },
         )
 
-    async def _prepare(self, backend: Backend, set_state: bool) -> ServedModel:
+    async def _prepare(self, backend: Backend, name: str, set_state: bool) -> ServedModel:
         if set_state:
             self.state = "loading"
-        self.logger.info("loading bundle", extra={"bundle": backend.bundle_path})
+        self.logger.info("loading bundle", extra={"bundle": backend.bundle_path, "model": name})
         await backend.load()
         pipeline = SelectivePipeline(backend)
         try:
-            served = ServedModel(backend=backend, pipeline=pipeline, facts=bundle_facts(backend, self.model_name))
+            served = ServedModel(backend=backend, pipeline=pipeline, facts=bundle_facts(backend, name))
             if self.warmup:
                 if set_state:
                     self.state = "warming_up"
                 prompt = pipeline.prepare(WARMUP_PROMPT)
                 result = await pipeline.run(VerificationRequest(prompt, max_tokens=self.warmup_max_tokens))
                 self.logger.info(
-                    "warm-up passed", extra={"verified": result.best.verified, "probability": result.best.probability}
+                    "warm-up passed",
+                    extra={"model": name, "verified": result.best.verified, "probability": result.best.probability},
                 )
         except BaseException:
             pipeline.close()
@@ -182,24 +217,38 @@ class ModelManager:
             old.pipeline.close()
             await old.backend.close()
         self._retiring.clear()
-        if self.current is not None:
-            self.current.pipeline.close()
-            await self.current.backend.close()
-            self.current = None
-        await self._initial.close()  # idempotent
+        for served in self.served.values():
+            served.pipeline.close()
+            await served.backend.close()
+        self.served.clear()
+        for backend in self._initial.values():
+            await backend.close()  # idempotent
+        if self._engine is not None:
+            await self._engine.close()
         self.state = "closed"
 
     # -- use by requests ---------------------------------------------------------------------------------------
-    def hold(self) -> ServedModel:
-        """The current model, counted as in use until :meth:`release`. 503 when not ready."""
+    def unknown_model(self, name: str) -> APIError:
+        """The 404 for a request naming a model this server does not serve."""
+        served = ", ".join(repr(n) for n in self._initial)
+        return not_found(
+            f"the model {name!r} does not exist; this server serves {served} (GET /v1/models)",
+            "model",
+            "model_not_found",
+        )
+
+    def hold(self, name: str | None = None) -> ServedModel:
+        """The model ``name`` names (None: the default), counted as in use until :meth:`release`. 404 for a name
+        this server does not serve, 503 when not ready."""
+        if name is not None and name not in self._initial:
+            raise self.unknown_model(name)
         if not self.ready:
             if self.state == "failed":
                 raise not_ready(
                     f"the model failed to load ({self.error}); fix the bundle and restart or POST /admin/reload"
                 )
             raise not_ready()
-        served = self.current
-        assert served is not None
+        served = self.served[name if name is not None else self.model_name]
         served.in_flight += 1
         served.idle.clear()
         return served
@@ -212,37 +261,48 @@ class ModelManager:
             served.idle.set()
 
     # -- reload ------------------------------------------------------------------------------------------------
-    async def reload(self, bundle_path: str | None = None) -> ServedModel:
-        """Load ``bundle_path`` (default: the current one, re-read) beside the current model, warm it up, swap it in.
-        The old model keeps serving until the swap and is closed after its in-flight requests finish."""
+    async def reload(self, bundle_path: str | None = None, name: str | None = None) -> ServedModel:
+        """Load ``bundle_path`` (default: the one served, re-read) for the model ``name`` (default: the default
+        model) beside the one it serves, warm it up, swap it in. The old one keeps serving until the swap and is
+        closed after its in-flight requests finish; the other served models are not touched."""
+        name = name if name is not None else self.model_name
+        if name not in self._initial:
+            raise self.unknown_model(name)
         async with self._reload_lock:
-            base = self.current.backend if self.current is not None else self._initial
+            current = self.served.get(name)
+            base = current.backend if current is not None else self._initial[name]
             path = bundle_path or base.bundle_path
-            name = Path(path).name  # what errors call it: they go to clients, host paths must not
+            folder = Path(path).name  # what errors call it: they go to clients, host paths must not
             if not (Path(path) / "bundle.json").is_file():
                 raise invalid_request(
-                    f"bundle {name!r} is not an sdm-lm bundle (no bundle.json)", "bundle", "invalid_bundle"
+                    f"bundle {folder!r} is not an sdm-lm bundle (no bundle.json)", "bundle", "invalid_bundle"
                 )
             backend = base.with_bundle(path)
             try:
-                served = await self._prepare(backend, set_state=self.current is None)
+                served = await self._prepare(backend, name, set_state=not self.served)
             except Exception as exc:  # noqa: BLE001 - the old model keeps serving
                 await backend.close()
                 self.logger.error("reload failed; still serving the previous bundle", exc_info=True)
                 if isinstance(exc, APIError):
                     raise
-                detail = _without_paths(str(exc), path, name)
-                if isinstance(exc, (ValueError, OSError)):
+                detail = _without_paths(str(exc), path, folder)
+                if isinstance(exc, (ValueError, OSError, BackendError)):
                     raise invalid_request(
-                        f"could not load bundle {name!r}: {detail}", "bundle", "invalid_bundle"
+                        f"could not load bundle {folder!r}: {detail}", "bundle", "invalid_bundle"
                     ) from exc
-                raise internal_error(f"could not load bundle {name!r}: {type(exc).__name__}: {detail}") from exc
-            old = self.current
-            self.current = served
-            self.state = "ready"
-            self.error = None
+                raise internal_error(f"could not load bundle {folder!r}: {type(exc).__name__}: {detail}") from exc
+            old = current
+            self.served[name] = served
+            if len(self.served) == len(self._initial):
+                self.state = "ready"
+                self.error = None
             self.logger.info(
-                "reloaded", extra={"bundle": served.backend.bundle_path, "head_version": served.facts["head_version"]}
+                "reloaded",
+                extra={
+                    "model": name,
+                    "bundle": served.backend.bundle_path,
+                    "head_version": served.facts["head_version"],
+                },
             )
             if old is not None:
                 task = asyncio.get_running_loop().create_task(self._retire(old), name="sdm-retire")

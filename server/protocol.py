@@ -228,6 +228,9 @@ class GenerateRequest(SelectiveParams):
         extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]}
     )
     root_param: ClassVar[str] = "prompt"  # the param named by errors of the whole-request check
+    model: str | None = Field(
+        default=None, description="the served model to answer (GET /v1/models); default: the server's default model"
+    )
     prompt: PromptText | SkipJsonSchema[None] = None
     messages: list[ChatMessage] | SkipJsonSchema[None] = Field(default=None, json_schema_extra={"minItems": 1})
     max_tokens: MaxTokens | None = Field(
@@ -546,6 +549,11 @@ class ModelList(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = Field(
+        default=None,
+        description="the served model to reload (GET /v1/models); default: the server's default model. The other "
+        "served models keep serving",
+    )
     bundle: str | None = Field(
         default=None,
         json_schema_extra={"pattern": BUNDLE_NAME_PATTERN},

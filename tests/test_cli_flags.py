@@ -258,6 +258,8 @@ ADDED_VARIABLES: dict[str, dict[str, str]] = {
         # issue 18's OpenTelemetry tracing
         "--otlp-traces-endpoint": "SDM_OTLP_TRACES_ENDPOINT",
         "--otel-service-name": "SDM_OTEL_SERVICE_NAME",
+        # issue 18's several adapter bundles on one base model
+        "--extra-bundles": "SDM_EXTRA_BUNDLES",
     },
 }
 

@@ -72,8 +72,9 @@ def _greedy(model, tokenizer, prompts, chat, max_new_tokens):
     return out
 
 
-def fit_toy_head(model, tokenizer):
-    """(head, chat, recipe): an SDM head that separates prompt family A (label 1) from family B (label 0)."""
+def fit_toy_head(model, tokenizer, flip: bool = False):
+    """(head, chat, recipe): an SDM head that separates prompt family A (label 1) from family B (label 0); with
+    ``flip``, family B is label 1 (a head that decides the same prompts the other way)."""
     import torch
 
     from sdm_core import SDMConfig, SDMEstimator
@@ -81,7 +82,7 @@ def fit_toy_head(model, tokenizer):
 
     chat, recipe = ChatFormat(), HiddenStateRecipe(max_length=256)
     prompts = [family_a(i) for i in range(48)] + [family_b(i) for i in range(48)]
-    labels = torch.tensor([1] * 48 + [0] * 48)
+    labels = torch.tensor([0] * 48 + [1] * 48) if flip else torch.tensor([1] * 48 + [0] * 48)
     h = embed_texts(model, tokenizer, [verification_text(tokenizer, p, "", chat, recipe) for p in prompts], recipe)
     train, cal = torch.arange(0, 96, 2), torch.arange(1, 96, 2)
     head = SDMEstimator(

@@ -34,18 +34,21 @@ def make_backend(
     observer: BatchObserver | None = None,
     vllm: dict | None = None,
     hidden_states: str = "auto",
+    adapters: bool = False,
 ) -> Backend:
     """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``; ``vllm`` holds the vllm
     backend's ``max_model_len``, ``engine_args`` and ``head_input``; ``hidden_states`` is the transformers backend's
-    source of head
-    inputs (``auto``, ``reuse`` or ``forward``)."""
+    source of head inputs (``auto``, ``reuse`` or ``forward``); ``adapters`` makes a transformers engine that holds
+    the LoRA adapters of several bundles (server/backends/adapters.py)."""
     settings = dict(
         device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer
     )
     if kind == "transformers":
         from server.backends.transformers_backend import TransformersBackend
 
-        return TransformersBackend(bundle_path, **settings, hidden_states=hidden_states)
+        return TransformersBackend(bundle_path, **settings, hidden_states=hidden_states, adapters=adapters)
+    if adapters:
+        raise BackendError(f"the {kind} backend serves one bundle; several adapter bundles need --backend transformers")
     if kind == "vllm":
         from server.backends.vllm_backend import VLLMBackend
 

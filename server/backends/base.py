@@ -48,7 +48,8 @@ class SamplingParams:
 class GenerationRequest:
     """One generation. ``stop`` strings end the text and are cut off; ``stop_inclusive`` ones (the verification
     tag) end it and are kept. ``on_text`` receives streamed text deltas (from a worker thread); setting ``cancel``
-    stops the generation at its next token."""
+    stops the generation at its next token. ``adapter`` names the LoRA adapter to generate with on a backend that
+    holds several (server/backends/adapters.py); None: the backend's own model."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -56,6 +57,7 @@ class GenerationRequest:
     stop_inclusive: tuple[str, ...] = ()
     on_text: Callable[[str], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)

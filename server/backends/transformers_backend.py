@@ -14,6 +14,11 @@ by generated ones; each row is fed one more step after its stop so its last toke
 concurrent requests are batched into one :func:`sdm_core.lm.embedding.embed_texts` call, the function training used.
 The two agree to float rounding (a test checks 1e-4); see docs/decisions.md.
 
+Several adapter bundles (``adapters=True``): the base model is loaded once and each bundle's LoRA adapter is loaded
+beside the others, unmerged (:class:`server.backends.adapters.AdapterSet`); each request names its adapter, the
+batchers form batches of one adapter each, and the batch runs with that adapter active, its generation and its
+captured or recomputed hidden states alike. :class:`server.backends.adapters.AdapterBackend` is one bundle's view.
+
 All model calls run in one worker thread; a second tokenizer instance serves the event loop thread (fast
 tokenizers must not be shared across threads).
 
@@ -36,7 +41,8 @@ import torch
 
 from sdm_core.estimator import SDMEstimator
 from sdm_core.lm.bundle import Bundle, BundleInfo, load_bundle
-from sdm_core.lm.embedding import embed_texts, final_norm, pool_states
+from sdm_core.lm.embedding import HiddenStateRecipe, embed_texts, final_norm, pool_states
+from server.backends.adapters import AdapterSet, load_adapter_engine
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
 from server.backends.row import GenerationRow
 from server.batching import DynamicBatcher
@@ -135,6 +141,7 @@ class TransformersBackend(Backend):
         verify: bool = True,
         observer: BatchObserver | None = None,
         hidden_states: str = "auto",
+        adapters: bool = False,
     ) -> None:
         if hidden_states not in HIDDEN_STATE_MODES:
             raise BackendError(f"hidden_states must be one of {HIDDEN_STATE_MODES}, got {hidden_states!r}")
@@ -156,6 +163,9 @@ class TransformersBackend(Backend):
         self._pad_id = 0
         self._load_lock = threading.Lock()
         self._norm: torch.nn.Module | None = None
+        # adapters=True: the LoRA adapters of several bundles stay unmerged on one base model, switched per batch.
+        self.adapters = adapters
+        self._adapters: AdapterSet | None = None
 
     def with_bundle(self, bundle_path: str) -> TransformersBackend:
         return TransformersBackend(
@@ -167,6 +177,7 @@ class TransformersBackend(Backend):
             verify=self.verify,
             observer=self.observer,
             hidden_states=self.hidden_states,
+            adapters=self.adapters,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -191,6 +202,7 @@ class TransformersBackend(Backend):
             lock=lock,
             on_batch=self._observe("generate"),
             name="generate",
+            key=lambda request: request.adapter,
         )
         self._embedder = DynamicBatcher(
             self._embed_batch,
@@ -200,6 +212,7 @@ class TransformersBackend(Backend):
             lock=lock,
             on_batch=self._observe("embed"),
             name="embed",
+            key=lambda item: item[0],
         )
 
     def _observe(self, kind: str):
@@ -221,9 +234,14 @@ class TransformersBackend(Backend):
             if self._bundle is not None:
                 return
             info = read_bundle_info(self.bundle_path, verify=False)
-            bundle = load_bundle(
-                self.bundle_path, dtype=self._resolve_dtype(info), verify=self.verify, device=self.device
-            )
+            if self.adapters:
+                bundle, self._adapters = load_adapter_engine(
+                    self.bundle_path, dtype=self._resolve_dtype(info), verify=self.verify, device=self.device
+                )
+            else:
+                bundle = load_bundle(
+                    self.bundle_path, dtype=self._resolve_dtype(info), verify=self.verify, device=self.device
+                )
             tokenizer = bundle.tokenizer
             eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
             config_eos = getattr(bundle.model.generation_config, "eos_token_id", None)
@@ -255,6 +273,7 @@ class TransformersBackend(Backend):
             self._executor = None
         cuda = self._bundle is not None and str(self.device).startswith("cuda")
         self._bundle = None
+        self._adapters = None
         self._loop_tokenizer = None
         gc.collect()
         if cuda and torch.cuda.is_available():
@@ -265,6 +284,29 @@ class TransformersBackend(Backend):
         if self._bundle is None:
             raise BackendError("the backend is not loaded yet: await load() first")
         return self._bundle
+
+    def _bundle_for(self, adapter: str | None) -> Bundle:
+        """The bundle a batch runs for (worker thread): the backend's own, or an adapter's, made the active one."""
+        if adapter is None and self._adapters is None:
+            return self._loaded()
+        if self._adapters is None or adapter is None:
+            raise BackendError("a request must name its adapter exactly when the backend holds adapters")
+        return self._adapters.activate(adapter)
+
+    @property
+    def adapter_set(self) -> AdapterSet:
+        """The adapters of a backend made with ``adapters=True`` (server/backends/adapters.py)."""
+        self._loaded()
+        if self._adapters is None:
+            raise BackendError("this backend holds no adapters: make it with adapters=True")
+        return self._adapters
+
+    async def run_on_model_thread(self, function, *args):
+        """``function(*args)`` on the one thread that runs every model call, so between two batches (adapters are
+        added and removed there)."""
+        if self._executor is None:
+            raise BackendError("the backend is not loaded (or was closed)")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     @property
     def info(self) -> BundleInfo:
@@ -302,16 +344,16 @@ class TransformersBackend(Backend):
             request.cancel.set()
             raise
 
-    async def embed(self, texts: Sequence[str]) -> torch.Tensor:
+    async def embed(self, texts: Sequence[str], adapter: str | None = None) -> torch.Tensor:
         if self._embedder is None:
             raise BackendError("the backend is not loaded (or was closed)")
-        return await self._embedder.submit(list(texts))
+        return await self._embedder.submit((adapter, list(texts)))
 
     @torch.inference_mode()
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        bundle = self._loaded()
+        bundle = self._bundle_for(requests[0].adapter)  # the batcher gives every request of a batch one adapter
         rows = [GenerationRow(r) for r in requests]
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
@@ -376,22 +418,24 @@ class TransformersBackend(Backend):
         return prompt, fed
 
     async def embed_generation(
-        self, text: str, prompt_ids: Sequence[int], generation: GenerationResult
+        self, text: str, prompt_ids: Sequence[int], generation: GenerationResult, adapter: str | None = None
     ) -> torch.Tensor:
-        h = self._reuse_states(text, prompt_ids, generation)
+        info = self.info if adapter is None else self.adapter_set.bundles[adapter].info
+        h = self._reuse_states(text, prompt_ids, generation, info.recipe)
         if h is None:
-            return await self.embed([text])
+            return await self.embed([text], adapter=adapter)
         self.reused_states += 1
         if self.observer is not None:
             self.observer("reused", 1)
         return h
 
-    def _reuse_states(self, text: str, prompt_ids: Sequence[int], generation: GenerationResult) -> torch.Tensor | None:
+    def _reuse_states(
+        self, text: str, prompt_ids: Sequence[int], generation: GenerationResult, recipe: HiddenStateRecipe
+    ) -> torch.Tensor | None:
         """h from the generation's captured states when they cover exactly the tokens ``embed_texts`` would feed
         for ``text`` (the prompt's tokens, then a prefix of the generated ones); None otherwise."""
         if generation.states is None:
             return None
-        recipe = self.info.recipe
         ids = self.encode(text)
         n = len(prompt_ids)
         if len(ids) > recipe.max_length or len(ids) > generation.states.shape[0] or len(ids) <= n:
@@ -400,12 +444,12 @@ class TransformersBackend(Backend):
             return None
         return pool_states(generation.states[: len(ids)], recipe).unsqueeze(0)
 
-    def _embed_batch(self, groups: list[list[str]]) -> list[torch.Tensor]:
-        bundle = self._loaded()
-        texts = [t for group in groups for t in group]
+    def _embed_batch(self, groups: list[tuple[str | None, list[str]]]) -> list[torch.Tensor]:
+        bundle = self._bundle_for(groups[0][0])  # the batcher gives every group of a batch one adapter
+        texts = [t for _, group in groups for t in group]
         h = embed_texts(bundle.model, bundle.tokenizer, texts, bundle.info.recipe, batch_size=self.batch_size)
         out, start = [], 0
-        for group in groups:
+        for _, group in groups:
             out.append(h[start : start + len(group)])
             start += len(group)
         return out

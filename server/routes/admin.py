@@ -1,5 +1,6 @@
 """``POST /admin/reload`` (admin keys only): swap in a bundle, by name under --bundles-root, or re-read the served
-one, without dropping requests in flight. Responses name bundles by folder name, never by host path."""
+one, without dropping requests in flight. ``model`` names which served model to swap (default: the default one);
+the others keep serving. Responses name bundles by folder name, never by host path."""
 
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ async def reload(request: Request) -> dict:
         raise permission_error(
             "POST /admin/reload is disabled without admin keys: set SDM_ADMIN_API_KEYS (or --admin-api-keys)"
         )
-    previous = manager.current.facts if manager.current is not None else None
+    previous = None
     try:
         raw = await request.body()
         body = parse_request(ReloadRequest, await read_json(request)) if raw.strip() else ReloadRequest()
-        served = await manager.reload(reload_target(config, body.bundle))
+        old = manager.served.get(body.model or manager.model_name)
+        previous = old.facts if old is not None else None
+        served = await manager.reload(reload_target(config, body.bundle), name=body.model)
     except APIError:
         metrics.reloads.labels(result="failed").inc()
         raise

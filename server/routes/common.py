@@ -17,7 +17,7 @@ __all__ = ["ERRORS", "GET_ERRORS", "ADMIN_ERRORS", "STREAMED", "body_schema", "s
 
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415, 429, 500, 503, 504)}
 GET_ERRORS = {status: {"model": ErrorResponse} for status in (401, 500, 503)}
-ADMIN_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 413, 415, 500, 503)}
+ADMIN_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 415, 500, 503)}
 STREAMED = {
     "text/event-stream": {
         "schema": {"type": "string", "description": "server-sent events (stream: true): chunks, then data: [DONE]"}

@@ -24,14 +24,14 @@ class GenerateServing:
     async def handle(self, request: Request) -> GenerateResponse:
         started = time.perf_counter()
         body = parse_request(GenerateRequest, await read_json(request))
-        plan = self.executor.plan(ROUTE, body.to_verification(self.executor.config.default_max_tokens))
+        plan = self.executor.plan(ROUTE, body.to_verification(self.executor.config.default_max_tokens), body.model)
         try:
             done = await self.executor.execute(plan, request, started)
         finally:
             self.executor.release(plan)
         return GenerateResponse(
             id=plan.response_id,
-            model=self.executor.config.served_model_name,
+            model=plan.served.facts["model"],
             text=done.result.text,
             **done.verdict(),
             finish_reason=done.result.finish_reason,

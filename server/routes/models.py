@@ -1,4 +1,5 @@
-"""``GET /v1/models``: the served model (OpenAI's model list), with the bundle's facts under ``sdm``."""
+"""``GET /v1/models``: the served models (OpenAI's model list; the default first), each with its bundle's facts
+under ``sdm``."""
 
 from __future__ import annotations
 
@@ -17,17 +18,21 @@ router = APIRouter()
 
 @router.get("/v1/models", response_model=ModelList, responses=GET_ERRORS)
 async def models(request: Request) -> ModelList:
-    state = server_state(request)
-    served = state.manager.hold()
-    try:
-        facts = served.facts
-        card = ModelCard(
-            id=state.config.served_model_name,
-            created=int(served.loaded_at),
-            root=Path(facts["bundle"]).name,
-            max_model_len=served.backend.max_model_len,
-            sdm={k: v for k, v in facts.items() if k not in ("model", "bundle")},
-        )
-        return ModelList(data=[card])
-    finally:
-        state.manager.release(served)
+    manager = server_state(request).manager
+    cards = []
+    for name in manager.names:
+        served = manager.hold(name)
+        try:
+            facts = served.facts
+            cards.append(
+                ModelCard(
+                    id=name,
+                    created=int(served.loaded_at),
+                    root=Path(facts["bundle"]).name,
+                    max_model_len=served.backend.max_model_len,
+                    sdm={k: v for k, v in facts.items() if k not in ("model", "bundle")},
+                )
+            )
+        finally:
+            manager.release(served)
+    return ModelList(data=cards)
