@@ -192,20 +192,24 @@ def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
     )
 
 
+def _engine_settings(config: ServerConfig, metrics: ServerMetrics) -> dict:
+    """The settings every backend takes from the config, whichever backend serves."""
+    return {
+        "device": config.resolved_device(),
+        "dtype": config.dtype,
+        "batch_size": config.batch_size,
+        "batch_wait_ms": config.batch_wait_ms,
+        "verify": config.verify_bundle,
+        "observer": metrics.observe_batch,
+        "hidden_states": config.hidden_states,
+    }
+
+
 def _backend(config: ServerConfig, backend: Backend | None, metrics: ServerMetrics) -> Backend:
     """The backend the config names, or the given one; either reports its batches to ``metrics``."""
     if backend is None:
         return make_backend(
-            config.backend,
-            config.bundle,
-            device=config.resolved_device(),
-            dtype=config.dtype,
-            batch_size=config.batch_size,
-            batch_wait_ms=config.batch_wait_ms,
-            verify=config.verify_bundle,
-            observer=metrics.observe_batch,
-            vllm=config.vllm_settings(),
-            hidden_states=config.hidden_states,
+            config.backend, config.bundle, vllm=config.vllm_settings(), **_engine_settings(config, metrics)
         )
     if getattr(backend, "observer", "missing") is None:
         backend.observer = metrics.observe_batch
@@ -222,18 +226,7 @@ def _backends(
         return _backend(config, backend, metrics), {}, None
     if backend is not None:
         raise ValueError("create_app: pass no backend with --extra-bundles (the app builds the shared engine)")
-    engine = make_backend(
-        "transformers",
-        config.bundle,
-        device=config.resolved_device(),
-        dtype=config.dtype,
-        batch_size=config.batch_size,
-        batch_wait_ms=config.batch_wait_ms,
-        verify=config.verify_bundle,
-        observer=metrics.observe_batch,
-        hidden_states=config.hidden_states,
-        adapters=True,
-    )
+    engine = make_backend("transformers", config.bundle, adapters=True, **_engine_settings(config, metrics))
     from server.backends.adapters import AdapterBackend
 
     views = {name: AdapterBackend(engine, path) for name, path in extras.items()}  # type: ignore[arg-type]
