@@ -261,6 +261,8 @@ ADDED_VARIABLES: dict[str, dict[str, str]] = {
         # issue 18's several adapter bundles on one base model
         "--extra-bundles": "SDM_EXTRA_BUNDLES",
     },
+    # issue 14's in-epoch refits of the training-set SDM layer
+    "training.finetune": {"--train-layer-refit-steps": "SDM_TRAIN_LAYER_REFIT_STEPS"},
 }
 
 

@@ -1,5 +1,7 @@
 """Fine-tuning configuration: one validated dataclass, presets, and CLI flags mirrored by ``SDM_*`` variables.
 
+Size: the one place where every fine-tuning setting is declared, validated and preset, so a reader sees them together.
+
 Precedence: default < preset < environment variable (``SDM_<FIELD>``) < command-line flag (sdm_core.settings).
 The SDM layers fitted during fine-tuning are configured by one nested :class:`sdm_core.SDMConfig` (``config.sdm``),
 whose flags keep their flat names (``--sdm-learning-rate``, ``--alpha``).
@@ -129,6 +131,12 @@ class FinetuneConfig:
     save_steps: int = setting(39, help="write the resumable checkpoint every N optimiser steps")
     max_eval_docs: int = setting(0, help="calibration documents in each evaluation (0: all)")
     validation_layer_docs: int = setting(0, help="calibration documents for the validation SDM layer (0: all)")
+    # N > 0: at a high learning rate h leaves the epoch-start layer's range within a few steps (docs/decisions.md).
+    train_layer_refit_steps: int = setting(
+        0,
+        help="SDM loss only: also refit the training-set SDM layer every N optimiser steps within an epoch "
+        "(0: once per epoch, the paper's recipe)",
+    )
     seed: int = setting(0, help="seed of every draw, shuffle and initialisation")
     # SDM layers inside fine-tuning (SDM_SPEC §3.5)
     sdm: SDMConfig = group(
@@ -179,6 +187,7 @@ class FinetuneConfig:
             "trainable_last_layers",
             "generate_from_epoch",
             "validation_layer_docs",
+            "train_layer_refit_steps",
         ):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -187,6 +196,12 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.loss not in ("sdm", "ce"):
             raise ValueError(f"loss must be 'sdm' or 'ce', got {self.loss!r}")
+        if self.loss == "ce" and self.train_layer_refit_steps:
+            raise ValueError(
+                f"train_layer_refit_steps {self.train_layer_refit_steps} refits the SDM loss's training layer, and "
+                "the CE loss fits none: pass --train-layer-refit-steps 0 (or unset SDM_TRAIN_LAYER_REFIT_STEPS) with "
+                "--loss ce"
+            )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.mixed_precision not in ("no", "bf16"):

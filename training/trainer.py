@@ -4,7 +4,8 @@ Size: one class, the loop and the passes it makes through one model, which read 
 stand alone (sampling, bases, ranks, state, checkpoints, the SDM layers) are their own modules.
 
 Per epoch: (SDM loss only) fit the training-set SDM layer on one instance per training document, embedded with
-the frozen LM. Per optimiser step: draw each document's instance (:mod:`training.sampling`), compute each
+the frozen LM (with ``train_layer_refit_steps`` N > 0, refit it the same way every N steps into the epoch). Per
+optimiser step: draw each document's instance (:mod:`training.sampling`), compute each
 instance's base b = 2 + SDM(z')_y with the training layer (:mod:`training.bases`), and take an AdamW step on Eq. 1
 (or CE). Every ``eval_steps``: fit a validation SDM layer on the calibration documents and compute the evaluation
 loss; the checkpoint with the lowest evaluation loss is kept. Several processes stay in step through
@@ -50,6 +51,7 @@ from training.verification_layer import (
     embed_instances,
     fit_verification_layer,
     prefix_embeddings,
+    refit_due,
     shared_prefix_lengths,
     split_flags,
 )
@@ -164,6 +166,8 @@ class SDMTrainer:
         self.state = TrainerState()
         self.train_layer: SDMEstimator | None = None
         self.warned_uniform: set[int] = set()  # epochs already warned about an all-uniform step
+        if config.loss == "sdm" and config.train_layer_refit_steps >= self.steps_per_epoch:
+            log.warning("train_layer_refit_steps >= %d steps an epoch: no refit within an epoch", self.steps_per_epoch)
 
     def _check_accelerator(self) -> None:
         from accelerate.utils import DistributedType
@@ -321,6 +325,21 @@ class SDMTrainer:
         h = self._embed(instances, self.config.progress)
         return fit_verification_layer(h, instances, flags, self.sdm_config)
 
+    def _refit_train_layer(self, epoch: int, local: int, flags: dict[str, bool]) -> float | None:
+        """Every ``train_layer_refit_steps`` steps into an epoch (SDM loss): the training layer fitted again as at the
+        epoch start (its split, the previous epoch's hard negatives) with the current weights and a draw of its own.
+        At the step's start, after the last checkpoint, so a resumed run refits where an uninterrupted one does and
+        the checkpoint holds the layer in use. Returns the refit's wall seconds (None: no refit)."""
+        if self.train_layer is None or not refit_due(local, self.config.train_layer_refit_steps):
+            return None
+        started = time.perf_counter()
+        step = epoch * self.steps_per_epoch + local
+        hard_negatives = self.state.previous_hard_negatives
+        self.train_layer = self._fit_layer(self.train_records, flags, hard_negatives, f"train-layer:{epoch}:{step}")
+        seconds = time.perf_counter() - started
+        log.info("step %d: training layer refitted in %.1f s", step + 1, seconds)
+        return seconds
+
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self) -> float:
         """The evaluation loss over the calibration documents: Eq. 1 under a freshly fitted validation layer (or CE)."""
@@ -429,7 +448,10 @@ class SDMTrainer:
         for epoch in range(self.state.epoch, self.config.epochs):
             order, flags = self._begin_epoch(epoch)
             for local in range(self.state.step - epoch * self.steps_per_epoch, self.steps_per_epoch):
+                refit_seconds = self._refit_train_layer(epoch, local, flags)
                 record = self._train_step(epoch, local, order, flags)
+                if refit_seconds is not None:  # the step's mean_base is the refitted layer's
+                    record["layer_refit_seconds"] = round(refit_seconds, 2)
                 record["seconds"] = round(time.perf_counter() - started, 1)
                 record["hard_negatives"] = sum(len(v) for v in self.state.epoch_hard_negatives.values())
                 self._end_step(record, epoch, local)
@@ -537,9 +559,9 @@ class SDMTrainer:
         self.warned_uniform.add(epoch)
         log.warning(
             "step %d: every instance has d = 0 under the epoch's training layer (its h lie beyond the "
-            "layer's calibration distances; typically h has moved since the epoch start), so the SDM loss "
+            "layer's calibration distances; typically h has moved since the layer's fit), so the SDM loss "
             "is a fixed-base cross-entropy there; 'uniform_bases' in metrics.jsonl counts such instances "
-            "per step (docs/training.md).",
+            "per step, and --train-layer-refit-steps N refits the layer every N steps (docs/training.md).",
             step + 1,
         )
 

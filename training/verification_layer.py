@@ -25,6 +25,7 @@ __all__ = [
     "PAPER_INSTANCE_SEED",
     "shared_prefix_lengths",
     "prefix_embeddings",
+    "refit_due",
 ]
 
 CLASS_NAMES = ("No", "Yes")
@@ -151,3 +152,9 @@ def fit_verification_layer(
         train_ids=[instances[k].doc_id for k in support],
         calibration_ids=[instances[k].doc_id for k in calibration],
     )
+
+
+def refit_due(local_step: int, every: int) -> bool:
+    """Whether the training layer is refitted before an epoch's 0-based step ``local_step``: every ``every`` steps
+    after the epoch-start fit (``every`` 0: never, the paper's once-per-epoch fit)."""
+    return every > 0 and local_step > 0 and local_step % every == 0
