@@ -39,7 +39,7 @@ def decode_or_reuse(
 ) -> LabelledGenerations:
     """Every record's greedy generation, labelled by r: decoded now, or reused from ``--reuse-generations`` when
     that file was written for the same model, decoding limit and prompts."""
-    reused: dict[str, str] = {}
+    reused: dict[str, dict] = {}  # id -> the row the generations file holds for it
     if config.reuse_generations:
         for line in Path(config.reuse_generations).read_text().splitlines():
             if not line.strip():
