@@ -125,7 +125,8 @@ class ModelManager:
         self.logger = logger or logging.getLogger("sdm.server")
         self.error: str | None = None
         self.served: dict[str, ServedModel] = {}
-        self.model_states: dict[str, str] = dict.fromkeys(self._initial, "waiting")
+        # The default loads first: it is "loading" from the start, as the manager is.
+        self.model_states = {n: "loading" if n == model_name else "waiting" for n in self._initial}
         self.state = "loading"
         self._task: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
