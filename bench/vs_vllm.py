@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     top = max(args.levels)
     defaults = ServerConfig.__dataclass_fields__
     cuda = args.device.startswith("cuda")
+    if not cuda and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # Unset, each CPU engine takes most of the machine's memory for its KV cache, and two engines (plain and
+        # the project's) no longer fit; both get the same fixed share instead.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = "2"
+        log("VLLM_CPU_KVCACHE_SPACE=2 (GiB per engine; set it to choose another)")
     project_flags = {
         "bundle": args.bundle,
         "device": args.device,

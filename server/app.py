@@ -227,7 +227,14 @@ def _backends(
         return _backend(config, backend, metrics), {}, None
     if backend is not None:
         raise ValueError("create_app: pass no backend with --extra-bundles (the app builds the shared engine)")
-    engine = make_backend("transformers", config.bundle, adapters=True, **_engine_settings(config, metrics))
+    engine = make_backend(
+        config.backend,
+        config.bundle,
+        vllm=config.vllm_settings(),
+        adapters=True,
+        adapter_bundles=tuple(extras.values()),
+        **_engine_settings(config, metrics),
+    )
     from server.backends.adapters import AdapterBackend
 
     views = {name: AdapterBackend(engine, path) for name, path in extras.items()}  # type: ignore[arg-type]

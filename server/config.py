@@ -73,9 +73,10 @@ class ServerConfig:
     batch_wait_ms: float = setting(5.0, help="how long a batch waits for more requests before it runs")
     hidden_states: str = setting(
         "auto",
-        help="transformers backend: where the head's input comes from: reuse (the states generation computed, when "
-        "they cover the verification text exactly), forward (a separate pass, as training ran it), "
-        "auto (reuse with a float32 model, else forward)",
+        help="where the head's input comes from: reuse (the states generation computed, when they cover the "
+        "verification text exactly), forward (a separate pass, as training ran it), auto (transformers backend: reuse "
+        "with a float32 model, else forward; vllm backend's engine head input: reuse, i.e. the verification request "
+        "reads the prefix cache and takes the cached positions' states from the generation)",
         choices=HIDDEN_STATE_MODES,
     )
     api_keys: tuple[str, ...] = setting(
@@ -241,12 +242,12 @@ class ServerConfig:
                 what = "does not exist" if not root.exists() else "is not an sdm-lm bundle (no bundle.json)"
                 raise ConfigError(_hint("extra_bundles", f"has {name}={path!r}, which {what}"))
             names.append(name)
-        if names and self.backend != "transformers":
+        if names and self.backend == "vllm" and self.vllm_hidden_states == "transformers":
             raise ConfigError(
                 _hint(
                     "extra_bundles",
-                    f"needs --backend transformers: the {self.backend} backend serves one bundle per server (vLLM "
-                    "multi-LoRA is not implemented); run one server per bundle",
+                    "needs the engine's head input with --backend vllm (--vllm-hidden-states engine or auto): the "
+                    "transformers head input holds one merged model; run one server per bundle for it",
                 )
             )
 

@@ -294,6 +294,7 @@ class SelectivePipeline:
                     stop=tuple(request.stop),
                     stop_inclusive=(self.tags.open,),
                     on_text=on_text,
+                    record_states=True,  # embed_generation below frees them
                 )
             )
             span.set(completion_tokens=generation.completion_tokens, finish_reason=generation.finish_reason)

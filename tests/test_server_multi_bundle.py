@@ -47,35 +47,38 @@ class Bundles:
     expected: dict[str, list[Expected]]  # bundle name -> per PROMPTS, computed on the merged model as training would
 
 
-def _adapter_bundle(path: Path, seed: int, flip: bool) -> Path:
+def _adapter_bundle(path: Path, seed: int, flip: bool, source: dict = SOURCE, rank: int = 4) -> Path:
+    """A random LoRA adapter of rank ``rank`` over ``source`` with a toy head (``flip``: the opposite decisions)."""
     from peft import LoraConfig, get_peft_model
 
     from sdm_core.lm.bundle import write_bundle
     from sdm_core.lm.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(SOURCE)
+    tokenizer = load_tokenizer(source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # Random A and B (not peft's B=0 start): each adapter changes the model's states and generations.
         model = get_peft_model(
-            load_model(SOURCE),
-            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+            load_model(source),
+            LoraConfig(
+                r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+            ),
         )
     model.eval()
     head, chat, recipe = fit_toy_head(model, tokenizer, flip=flip)
-    return write_bundle(path, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, base_model=SOURCE)
+    return write_bundle(path, model=model, tokenizer=tokenizer, head=head, chat=chat, recipe=recipe, base_model=source)
 
 
-def _expected(path: Path) -> list[Expected]:
-    """What the bundle alone decides for PROMPTS: greedy generation, training's verification text and embedding on
-    the merged model, the bundle's head."""
+def _expected(path: Path, prompts: list[str] = PROMPTS) -> list[Expected]:
+    """What the bundle alone decides for ``prompts``: greedy generation, training's verification text and embedding
+    on the merged model, the bundle's head."""
     from sdm_core.lm.bundle import load_bundle
     from sdm_core.lm.embedding import embed_texts, verification_text
 
     bundle = load_bundle(path)
     info = bundle.info
-    generations = _greedy(bundle.model, bundle.tokenizer, PROMPTS, info.chat, MAX_TOKENS)
-    texts = [verification_text(bundle.tokenizer, p, g, info.chat, info.recipe) for p, g in zip(PROMPTS, generations)]
+    generations = _greedy(bundle.model, bundle.tokenizer, prompts, info.chat, MAX_TOKENS)
+    texts = [verification_text(bundle.tokenizer, p, g, info.chat, info.recipe) for p, g in zip(prompts, generations)]
     h = embed_texts(bundle.model, bundle.tokenizer, texts, info.recipe)
     scores = bundle.head.predict_scores(h, alpha=DEFAULT_ALPHA)
     return [
@@ -85,7 +88,7 @@ def _expected(path: Path) -> list[Expected]:
             texts[i],
             h[i],
         )
-        for i in range(len(PROMPTS))
+        for i in range(len(prompts))
     ]
 
 
@@ -156,8 +159,16 @@ def test_extra_bundles_setting_is_validated(fake_bundle: Path, tmp_path: Path) -
         with pytest.raises(ConfigError, match="--extra-bundles") as caught:
             ServerConfig(bundle=str(fake_bundle), model_name="main", extra_bundles=pairs)
         assert words in str(caught.value) and "SDM_EXTRA_BUNDLES" in str(caught.value)
-    with pytest.raises(ConfigError, match="needs --backend transformers") as caught:
-        ServerConfig(bundle=str(fake_bundle), model_name="main", backend="vllm", extra_bundles=(f"b={other}",))
+    with_vllm = ServerConfig(bundle=str(fake_bundle), model_name="main", backend="vllm", extra_bundles=(f"b={other}",))
+    assert with_vllm.extra_bundle_paths == {"b": str(other)}  # vLLM multi-LoRA (tests/test_server_vllm.py)
+    with pytest.raises(ConfigError, match="needs the engine's head input") as caught:
+        ServerConfig(
+            bundle=str(fake_bundle),
+            model_name="main",
+            backend="vllm",
+            vllm_hidden_states="transformers",
+            extra_bundles=(f"b={other}",),
+        )
     assert "one server per bundle" in str(caught.value)
 
 

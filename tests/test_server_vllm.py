@@ -342,6 +342,49 @@ def test_vllm_head_input_comes_from_the_engine_without_a_second_copy_of_the_weig
     assert served.loop.run(backend.engine.collective_rpc("sdm_capture_count")) == [0]
 
 
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_head_input_of_a_generation_reads_the_prefix_cache_and_its_recorded_states(served) -> None:
+    """The verification request of a generation computes only the positions past the prefix cache's blocks; the
+    cached positions' states come from the generation's own recorded passes, and h stays within 1e-4 of training's
+    embedding of the same text. A generation that is never verified leaves nothing recorded behind."""
+    from sdm_core.lm.bundle import load_bundle
+    from sdm_core.lm.embedding import embed_texts, verification_text
+
+    backend = served.backend
+    bundle = load_bundle(served.bundle)
+    # Longer than one KV block (128 tokens on CPU), so that a block is cached; shorter than the recipe's max_length.
+    prompt = "Order these words into a sentence: " + " ".join(f"w{i}" for i in range(40))
+    before = list(backend.verification_positions)
+
+    async def generate_and_verify():
+        generation = await backend.generate(_request(backend, prompt, max_tokens=24, record_states=True))
+        text = verification_text(bundle.tokenizer, prompt, generation.text, bundle.info.chat, bundle.info.recipe)
+        ids = backend.encode(backend.render_prompt(prompt))
+        return generation, text, await backend.embed_generation(text, ids, generation)
+
+    generation, text, h = served.loop.run(generate_and_verify())
+    assert generation.states_id is not None and len(generation.token_ids) == generation.completion_tokens
+    computed = backend.verification_positions[0] - before[0]
+    total = backend.verification_positions[1] - before[1]
+    assert bundle.info.recipe.max_length >= total == len(backend.encode(text)) > 128, total
+    assert 0 < computed <= total - 128, (computed, total)
+    expected = embed_texts(bundle.model, bundle.tokenizer, [text], bundle.info.recipe)
+    assert float(((h - expected).norm(dim=1) / expected.norm(dim=1)).max()) < 1e-4
+
+    # A generation whose head input is never asked for is dropped by embed_generation's owner or by cancellation.
+    unasked = served.loop.run(backend.generate(_request(backend, prompt, max_tokens=4)))
+    assert unasked.states_id is None  # recorded only for callers that pass the result to embed_generation
+    cancelled = _request(backend, prompt, max_tokens=400, record_states=True)
+    cancelled.on_text = lambda _delta: cancelled.cancel.set()
+    result = served.loop.run(backend.generate(cancelled))
+    if result.finish_reason == "cancelled":
+        assert result.states_id is None
+    else:  # a random tiny model may hit EOS before its first text: its owner drops what it recorded
+        served.loop.run(backend._drop(backend.engine, [result.states_id]))
+    assert served.loop.run(backend.engine.collective_rpc("sdm_capture_count")) == [0]
+
+
 # -- (c) the HTTP API with --backend vllm ------------------------------------------------------------------------------
 @pytest.mark.slow
 @requires_vllm
@@ -388,3 +431,147 @@ def test_generate_route_answers_with_the_vllm_backend(served) -> None:
         "sdm_time_to_first_token_seconds",
     ):
         assert name in metrics, name
+
+
+# -- (d) several adapter bundles on one engine (vLLM multi-LoRA) ------------------------------------------------------
+class ServedAdapters:
+    """An app with ``--backend vllm --extra-bundles beta=...``: one engine, the unmerged base, two LoRA adapters."""
+
+    def __init__(self, root: Path) -> None:
+        from test_server_multi_bundle import _adapter_bundle, _expected
+
+        self.root = root
+        self.alpha = _adapter_bundle(root / "alpha", seed=0, flip=False, source=SOURCE)
+        self.beta = _adapter_bundle(root / "beta", seed=1, flip=True, source=SOURCE)
+        shutil.copytree(self.alpha, root / "alpha-copy")
+        _adapter_bundle(root / "rank-16", seed=2, flip=False, source=SOURCE, rank=16)
+        self.expected = {"alpha": _expected(self.alpha, ADAPTER_PROMPTS), "beta": _expected(self.beta, ADAPTER_PROMPTS)}
+        self.loop = LoopThread()
+        self.stack = None
+
+    async def _enter(self):
+        import contextlib
+
+        from server.app import create_app
+
+        self.stack = contextlib.AsyncExitStack()
+        self.app = create_app(
+            make_config(
+                self.alpha,
+                backend="vllm",
+                model_name="alpha",
+                extra_bundles=(f"beta={self.beta}",),
+                bundles_root=str(self.root),
+                admin_api_keys=("admin-vllm",),
+                warmup=False,
+            )
+        )
+        headers = {"Authorization": "Bearer admin-vllm"}
+        self.client = await self.stack.enter_async_context(serve(self.app, headers=headers))
+        self.manager = self.app.state.server.manager
+
+    def __enter__(self) -> ServedAdapters:
+        self.loop.run(self._enter(), timeout=600)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.stack is not None:
+                self.loop.run(self.stack.aclose(), timeout=120)
+        finally:
+            self.loop.stop()
+
+
+ADAPTER_PROMPTS = [family_a(0), family_b(0), family_a(1), family_b(1)]
+
+
+@pytest.fixture(scope="module")
+def served_adapters():
+    if not _vllm_importable() and os.environ.get("SDM_REQUIRE_VLLM") != "1":
+        pytest.skip("vllm is not installed")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(tempfile.gettempdir()) / "sdm-vllm-cache"))
+    root = Path(tempfile.mkdtemp(prefix="sdm-vllm-adapters-"))
+    try:
+        with ServedAdapters(root) as running:
+            yield running
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _ask_model(client, model: str | None, prompt: str) -> dict:
+    from test_server_support import MAX_TOKENS as ADAPTER_MAX_TOKENS
+
+    body = {"prompt": prompt, "max_tokens": ADAPTER_MAX_TOKENS} | ({"model": model} if model else {})
+    r = await client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_serves_two_adapter_bundles_on_one_engine_each_with_its_own_adapter_and_head(served_adapters) -> None:
+    """Each request runs with its bundle's LoRA adapter (generation and head input) and is decided by its bundle's
+    head: answers equal what each bundle's merged model and head give alone, with requests of both in flight."""
+    from server.backends.vllm_backend import VLLMBackend
+
+    served, expected = served_adapters, served_adapters.expected
+    assert [e.verified for e in expected["alpha"]] != [e.verified for e in expected["beta"]]
+    alpha, beta = served.manager.served["alpha"].backend, served.manager.served["beta"].backend
+    engine = alpha.engine
+    assert isinstance(engine, VLLMBackend) and beta.engine is engine and engine.head_input == "engine"
+    assert sorted(served.loop.run(engine.engine.list_loras())) == [1, 2]  # the base once, two adapters registered
+
+    models = served.loop.run(served.client.get("/v1/models")).json()["data"]
+    assert [m["id"] for m in models] == ["alpha", "beta"]
+    assert models[0]["sdm"]["head_version"] != models[1]["sdm"]["head_version"]
+
+    async def all_at_once():
+        asks = [(model, i) for model in ("alpha", "beta", None) for i in range(len(ADAPTER_PROMPTS))]
+        answers = await asyncio.gather(*(_ask_model(served.client, m, ADAPTER_PROMPTS[i]) for m, i in asks))
+        return list(zip(asks, answers))
+
+    for (model, i), got in served.loop.run(all_at_once()):
+        want = expected[model or "alpha"][i]
+        assert got["model"] == (model or "alpha")
+        assert got["verified"] == want.verified, (model, i)
+        assert got["probability"] == pytest.approx(want.probability, abs=1e-4), (model, i)
+
+    # The head input under each adapter: within 1e-4 of training's embedding on that bundle's merged model.
+    for name, backend in (("alpha", alpha), ("beta", beta)):
+        h = served.loop.run(backend.embed([e.verification_text for e in expected[name]]))
+        want = torch.stack([e.h for e in expected[name]])
+        assert float(((h - want).norm(dim=1) / want.norm(dim=1)).max()) < 1e-4, name
+    assert served.loop.run(engine.engine.collective_rpc("sdm_capture_count")) == [0]
+
+
+@pytest.mark.slow
+@requires_vllm
+def test_vllm_reload_swaps_one_adapter_bundle_and_refuses_a_rank_above_the_engines(served_adapters) -> None:
+    served, expected = served_adapters, served_adapters.expected
+    engine = served.manager.served["alpha"].backend.engine
+
+    async def reload(bundle: str):
+        return await served.client.post("/admin/reload", json={"model": "beta", "bundle": bundle})
+
+    # Rank 16 is above the rank the engine was sized for (4, served as vLLM's 8): refused, beta keeps serving.
+    refused = served.loop.run(reload("rank-16"))
+    assert refused.status_code == 400, refused.text
+    assert "LoRA rank 16" in refused.text and "restart the server" in refused.text
+    assert served.loop.run(_ask_model(served.client, "beta", ADAPTER_PROMPTS[0]))["verified"] == (
+        expected["beta"][0].verified
+    )
+
+    swapped = served.loop.run(reload("alpha-copy"))
+    assert swapped.status_code == 200, swapped.text
+    for _ in range(100):  # the old beta's adapter leaves the engine once its requests are done
+        if len(served.loop.run(engine.engine.list_loras())) == 2:
+            break
+        time.sleep(0.05)
+    assert len(served.loop.run(engine.engine.list_loras())) == 2
+    for i in (0, 1):
+        got = served.loop.run(_ask_model(served.client, "beta", ADAPTER_PROMPTS[i]))
+        assert got["verified"] == expected["alpha"][i].verified
+        assert got["probability"] == pytest.approx(expected["alpha"][i].probability, abs=1e-4)
+    alpha = served.loop.run(_ask_model(served.client, "alpha", ADAPTER_PROMPTS[1]))
+    assert alpha["verified"] == expected["alpha"][1].verified

@@ -35,11 +35,13 @@ def make_backend(
     vllm: dict | None = None,
     hidden_states: str = "auto",
     adapters: bool = False,
+    adapter_bundles: tuple[str, ...] = (),
 ) -> Backend:
     """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``; ``vllm`` holds the vllm
     backend's ``max_model_len``, ``engine_args`` and ``head_input``; ``hidden_states`` is the transformers backend's
-    source of head inputs (``auto``, ``reuse`` or ``forward``); ``adapters`` makes a transformers engine that holds
-    the LoRA adapters of several bundles (server/backends/adapters.py)."""
+    source of head inputs (``auto``, ``reuse`` or ``forward``); ``adapters`` makes an engine that holds the LoRA
+    adapters of several bundles (server/backends/adapters.py), ``adapter_bundles`` being the others served at start
+    (the vLLM engine is sized for them)."""
     settings = dict(
         device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer
     )
@@ -47,10 +49,15 @@ def make_backend(
         from server.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(bundle_path, **settings, hidden_states=hidden_states, adapters=adapters)
-    if adapters:
-        raise BackendError(f"the {kind} backend serves one bundle; several adapter bundles need --backend transformers")
     if kind == "vllm":
         from server.backends.vllm_backend import VLLMBackend
 
-        return VLLMBackend(bundle_path, **settings, **(vllm or {}))
+        return VLLMBackend(
+            bundle_path,
+            **settings,
+            **(vllm or {}),
+            adapters=adapters,
+            adapter_bundles=adapter_bundles,
+            generation_states=hidden_states != "forward",
+        )
     raise BackendError(f"unknown backend {kind!r}; use 'transformers' or 'vllm'")

@@ -1,8 +1,11 @@
-"""Several adapter bundles on one base model: one transformers engine (``TransformersBackend(adapters=True)``) holds
-the base model once and every bundle's LoRA adapter beside it, unmerged (peft, one adapter name per loaded bundle);
-each bundle is served through its own :class:`AdapterBackend`, which has the bundle's manifest and SDM head and
-sends its work to the engine under its adapter's name. The engine runs each batch with one adapter active
-(docs/decisions.md, "Adapters are switched per batch").
+"""Several adapter bundles on one base model: one engine holds the base model once and every bundle's LoRA adapter
+beside it, unmerged; each bundle is served through its own :class:`AdapterBackend`, which has the bundle's manifest
+and SDM head and sends its work to the engine under its adapter's name. Two engines do this:
+
+- ``TransformersBackend(adapters=True)``: peft, one adapter name per loaded bundle; each batch runs with one adapter
+  active (docs/decisions.md, "Adapters are switched per batch").
+- ``VLLMBackend(adapters=True)``: vLLM's multi-LoRA; every request carries its adapter's ``LoRARequest`` and batches
+  mix adapters (server/backends/vllm_adapters.py).
 
 Bundles can share an engine only when they are adapter bundles over the same base model source, with the same
 tokenizer and chat format (:func:`check_compatible`); anything else is served by a server of its own.
@@ -23,6 +26,7 @@ from server.backends.base import Backend, BackendError, GenerationRequest, Gener
 
 if TYPE_CHECKING:
     from server.backends.transformers_backend import TransformersBackend
+    from server.backends.vllm_backend import VLLMBackend
 
 __all__ = ["AdapterSet", "AdapterBackend", "check_compatible", "load_adapter_engine"]
 
@@ -132,16 +136,17 @@ def load_adapter_engine(
 
 
 class AdapterBackend(Backend):
-    """One adapter bundle served on a shared engine: its own manifest, head and adapter; the engine's model,
-    tokenizer, batchers and worker thread. Closing it unloads its adapter, never the engine."""
+    """One adapter bundle served on a shared engine (a transformers or vLLM backend made with ``adapters=True``): its
+    own manifest, head and adapter; the engine's model, tokenizer and scheduling. Closing it unloads its adapter,
+    never the engine."""
 
-    def __init__(self, engine: TransformersBackend, bundle_path: str) -> None:
+    def __init__(self, engine: TransformersBackend | VLLMBackend, bundle_path: str) -> None:
         if not engine.adapters:
             raise BackendError("an AdapterBackend needs an engine made with adapters=True")
         self.engine = engine
         self.bundle_path = str(bundle_path)
         self.adapter: str | None = None
-        self._bundle: Bundle | None = None
+        self._bundle: Bundle | None = None  # or a vllm_adapters.LoRAAdapter: what is read is info and head
 
     def with_bundle(self, bundle_path: str) -> AdapterBackend:
         return AdapterBackend(self.engine, bundle_path)
@@ -163,16 +168,15 @@ class AdapterBackend(Backend):
         if self.loaded:
             return
         await self.engine.load()
-        adapters = self.engine.adapter_set
-        self.adapter, self._bundle = await self.engine.run_on_model_thread(adapters.add, self.bundle_path)
+        self.adapter, self._bundle = await self.engine.add_adapter(self.bundle_path)
 
     async def close(self) -> None:
         adapter, self._bundle, self.adapter = self.adapter, None, None
         if adapter is not None and self.engine.loaded:
-            await self.engine.run_on_model_thread(self.engine.adapter_set.remove, adapter)
+            await self.engine.remove_adapter(adapter)
 
     # -- what the pipeline reads -------------------------------------------------------------------------------
-    def _loaded(self) -> Bundle:
+    def _loaded(self):
         if self._bundle is None:
             raise BackendError("the adapter is not loaded yet: await load() first")
         return self._bundle
@@ -191,8 +195,10 @@ class AdapterBackend(Backend):
 
     @property
     def model(self):
-        """The engine's peft model (every adapter on it; for tests and tools)."""
-        return self._loaded().model
+        """The transformers model the adapter runs on (the peft model with every adapter on it; for tests and
+        tools); a vLLM engine has none and says so."""
+        model = getattr(self._loaded(), "model", None)
+        return model if model is not None else self.engine.model
 
     @property
     def max_model_len(self) -> int:

@@ -49,7 +49,9 @@ class GenerationRequest:
     """One generation. ``stop`` strings end the text and are cut off; ``stop_inclusive`` ones (the verification
     tag) end it and are kept. ``on_text`` receives streamed text deltas (from a worker thread); setting ``cancel``
     stops the generation at its next token. ``adapter`` names the LoRA adapter to generate with on a backend that
-    holds several (server/backends/adapters.py); None: the backend's own model."""
+    holds several (server/backends/adapters.py); None: the backend's own model. ``record_states``: the caller passes
+    the result to ``embed_generation`` (which frees them), so a backend that keeps the generation's states outside
+    the result (the vLLM engine's worker) may record them."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -58,6 +60,7 @@ class GenerationRequest:
     on_text: Callable[[str], None] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     adapter: str | None = None
+    record_states: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class GenerationResult:
     # time.perf_counter() when the first token and the last came (None: no token), for TTFT and time per token.
     first_token_at: float | None = field(default=None, compare=False)
     last_token_at: float | None = field(default=None, compare=False)
+    # The vLLM backend's handle on the states its engine recorded while generating (the head input reads them).
+    states_id: str | None = field(default=None, compare=False)
 
 
 class Backend(ABC):

@@ -308,6 +308,15 @@ class TransformersBackend(Backend):
             raise BackendError("the backend is not loaded (or was closed)")
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
+    async def add_adapter(self, path: str) -> tuple[str, Bundle]:
+        """Load the adapter bundle at ``path`` beside the others (between two batches); (its name, its bundle)."""
+        return await self.run_on_model_thread(self.adapter_set.add, path)
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unload an adapter no request uses any more (between two batches)."""
+        if self.loaded:
+            await self.run_on_model_thread(self.adapter_set.remove, name)
+
     @property
     def info(self) -> BundleInfo:
         return self._loaded().info

@@ -35,10 +35,12 @@ Engine start is slow on CPU (tens of seconds: vLLM spawns an engine-core and a w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Sequence
@@ -50,9 +52,12 @@ import torch
 
 from sdm_core.estimator import SDMEstimator
 from sdm_core.folders import atomic_folder
-from sdm_core.lm.bundle import BundleInfo
+from sdm_core.lm.bundle import BundleInfo, read_bundle_info
+from server.backends.adapters import check_compatible
 from server.backends.base import Backend, BackendError, BatchObserver, GenerationRequest, GenerationResult
 from server.backends.row import GenerationRow
+from server.backends.vllm_adapters import LoRAAdapter, LoRARegistry, lora_engine_args, vllm_base_folder
+from server.backends.vllm_states import CAPTURE_PREFIX
 
 __all__ = ["VLLMBackend", "choose_head_input", "vllm_available", "vllm_model_folder", "vllm_tokenizer_folder"]
 
@@ -171,14 +176,20 @@ def choose_head_input(setting: str, info: BundleInfo, dtype: torch.dtype) -> str
         return "transformers"
     if info.recipe.layer != -1:
         if setting == "engine":
-            raise BackendError(
-                f"{info.path}: the bundle's recipe reads hidden-state layer {info.recipe.layer}; the engine head input "
-                "has only the final layer's states: use --vllm-hidden-states transformers"
-            )
+            _check_engine_recipe(info)
         return "transformers"
     if setting == "auto" and dtype != torch.float32:
         return "transformers"  # lower precision: vLLM's kernels drift further from the training pass
     return "engine"
+
+
+def _check_engine_recipe(info: BundleInfo) -> None:
+    """Refuse a bundle whose head input the engine cannot compute: it records the final layer's states only."""
+    if info.recipe.layer != -1:
+        raise BackendError(
+            f"bundle {info.path.name!r}: its recipe reads hidden-state layer {info.recipe.layer}; the engine head "
+            "input has only the final layer's states: use --vllm-hidden-states transformers (one bundle per server)"
+        )
 
 
 class VLLMBackend(Backend):
@@ -199,6 +210,9 @@ class VLLMBackend(Backend):
         max_model_len: int | None = None,
         engine_args: dict[str, Any] | None = None,
         head_input: str = "auto",
+        adapters: bool = False,
+        adapter_bundles: Sequence[str] = (),
+        generation_states: bool = True,
     ) -> None:
         if not vllm_available():
             raise BackendError(
@@ -224,6 +238,16 @@ class VLLMBackend(Backend):
         self._model_folder: Path | None = None
         self._tokenizer_folder: Path | None = None
         self._load_lock = asyncio.Lock()
+        # adapters=True: the unmerged base model on an engine with vLLM's LoRA support; each bundle's adapter is
+        # registered with add_adapter (server/backends/vllm_adapters.py). adapter_bundles: the other bundles served
+        # at start, which size the engine's LoRA slots and rank.
+        self.adapters = adapters
+        self.adapter_bundles = tuple(str(path) for path in adapter_bundles)
+        self._loras: LoRARegistry | None = None
+        # Engine head input: record each generation's states too, so a verification request (which then reads the
+        # prefix cache) computes only the positions past the cached blocks. Positions computed / positions pooled:
+        self.generation_states = generation_states
+        self.verification_positions = [0, 0]
 
     def with_bundle(self, bundle_path: str) -> VLLMBackend:
         return VLLMBackend(
@@ -237,6 +261,9 @@ class VLLMBackend(Backend):
             max_model_len=self.max_model_len_setting,
             engine_args=self.engine_args,
             head_input=self.head_input_setting,
+            adapters=self.adapters,
+            adapter_bundles=self.adapter_bundles,
+            generation_states=self.generation_states,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -260,7 +287,9 @@ class VLLMBackend(Backend):
             raise BackendError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)}")
         return _DTYPES[name]
 
-    def _engine_args(self, folder: Path, tokenizer: Path, dtype: torch.dtype, capture: bool = False):
+    def _engine_args(
+        self, folder: Path, tokenizer: Path, dtype: torch.dtype, capture: bool = False, lora: dict | None = None
+    ):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
@@ -279,23 +308,26 @@ class VLLMBackend(Backend):
             values["worker_extension_cls"] = EXTENSION_QUALNAME
         if self.max_model_len_setting is not None:
             values["max_model_len"] = int(self.max_model_len_setting)
+        values.update(lora or {})
         values.update(self.engine_args)
         return AsyncEngineArgs(**values)
 
     async def load(self) -> None:
-        from sdm_core.lm.bundle import read_bundle_info
-
         async with self._load_lock:
             if self.loaded:
                 return
             loop = asyncio.get_running_loop()
             info = await loop.run_in_executor(None, read_bundle_info, self.bundle_path, False)
             dtype = self._resolve_dtype(info)
-            mode = choose_head_input(self.head_input_setting, info, dtype)
+            mode = "engine" if self.adapters else choose_head_input(self.head_input_setting, info, dtype)
             embedder = None
             engine = None
+            lora: dict | None = None
             try:
-                if mode == "transformers":
+                if self.adapters:
+                    embedder = await loop.run_in_executor(None, _load_parts, self.bundle_path, self.verify)
+                    folder, lora = await loop.run_in_executor(None, self._adapter_engine_plan, embedder.info, dtype)
+                elif mode == "transformers":
                     embedder = await self._load_transformers()
                     model = embedder.model
                     folder = await loop.run_in_executor(None, vllm_model_folder, embedder.info, model)
@@ -304,7 +336,7 @@ class VLLMBackend(Backend):
                     embedder = await loop.run_in_executor(None, _load_parts, self.bundle_path, self.verify)
                     folder = await loop.run_in_executor(None, self._engine_model_folder, embedder.info, dtype)
                 tokenizer = await loop.run_in_executor(None, vllm_tokenizer_folder, embedder.info, folder)
-                args = self._engine_args(folder, tokenizer, dtype, capture=mode == "engine")
+                args = self._engine_args(folder, tokenizer, dtype, capture=mode == "engine", lora=lora)
                 # Built off the event loop: starting the engine-core processes blocks for tens of seconds on CPU.
                 # AsyncLLM binds to the running loop lazily, on its first request.
                 engine = await loop.run_in_executor(None, self._start_engine, args)
@@ -319,7 +351,28 @@ class VLLMBackend(Backend):
                 raise
             self._embedder, self._engine = embedder, engine
             self._model_folder, self._tokenizer_folder = folder, tokenizer
-            logger.info("vllm backend: head input from %s", mode)
+            if lora is not None:
+                self._loras = LoRARegistry(embedder.info, int(args.max_lora_rank), self.verify)
+            logger.info("vllm backend: head input from %s%s", mode, " (LoRA adapters)" if lora is not None else "")
+
+    def _adapter_engine_plan(self, info: BundleInfo, dtype: torch.dtype) -> tuple[Path, dict]:
+        """(the unmerged base model's folder, the LoRA engine arguments) for an engine that serves adapters."""
+        if info.model.get("kind") != "adapter":
+            raise BackendError(
+                f"the default bundle {info.path.name!r} is a {info.model.get('kind')!r} bundle, not a LoRA adapter: "
+                "--extra-bundles needs adapter bundles over one base model, the default one included; serve a merged "
+                "or base bundle alone"
+            )
+        if self.head_input_setting == "transformers":
+            raise BackendError(
+                "--vllm-hidden-states transformers holds one merged model and cannot serve several adapters: use "
+                "engine (or auto) with --extra-bundles"
+            )
+        _check_engine_recipe(info)
+        others = [read_bundle_info(path, verify=False) for path in self.adapter_bundles]
+        for other in others:
+            check_compatible(info, other, other.path.name)
+        return vllm_base_folder(info.model["base"], dtype), lora_engine_args([info, *others])
 
     async def _load_transformers(self):
         from server.backends.transformers_backend import TransformersBackend
@@ -361,6 +414,7 @@ class VLLMBackend(Backend):
             raise BackendError(f"vLLM could not start on {args.model}: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
+        self._loras = None
         engine, self._engine = self._engine, None
         if engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
@@ -425,6 +479,41 @@ class VLLMBackend(Backend):
         self._loaded()
         return int(self._engine.model_config.max_model_len)
 
+    # -- adapters (adapters=True) ------------------------------------------------------------------------------
+    def _registry(self) -> LoRARegistry:
+        self._loaded()
+        if self._loras is None:
+            raise BackendError("this backend holds no adapters: make it with adapters=True")
+        return self._loras
+
+    async def add_adapter(self, path: str) -> tuple[str, LoRAAdapter]:
+        """Register the adapter bundle at ``path`` with the engine; (its adapter name, the adapter)."""
+        registry = self._registry()
+        adapter = await asyncio.get_running_loop().run_in_executor(None, registry.prepare, path)
+        _check_engine_recipe(adapter.info)
+        try:
+            await self._engine.add_lora(adapter.request)
+        except Exception as exc:  # noqa: BLE001 - vLLM raises many kinds; the message is what matters
+            raise BackendError(f"vLLM could not load the adapter of {adapter.info.path.name!r}: {exc}") from exc
+        registry.adapters[adapter.name] = adapter
+        return adapter.name, adapter
+
+    async def remove_adapter(self, name: str) -> None:
+        """Unregister an adapter no request uses any more."""
+        if self._loras is None or self._engine is None:
+            return
+        adapter = self._loras.adapters.pop(name, None)
+        if adapter is not None:
+            await self._engine.remove_lora(adapter.request.lora_int_id)
+
+    def _lora_for(self, adapter: str | None):
+        """The LoRARequest a request runs with: None for a one-bundle engine; the named adapter's on an adapter one."""
+        if self._loras is None and adapter is None:
+            return None
+        if self._loras is None or adapter is None:
+            raise BackendError("a request must name its adapter exactly when the backend holds adapters")
+        return self._loras.get(adapter).request
+
     # -- work --------------------------------------------------------------------------------------------------
     @staticmethod
     def sampling_params(request: GenerationRequest):
@@ -450,18 +539,21 @@ class VLLMBackend(Backend):
         if self._engine is None:
             raise BackendError("the backend is not loaded (or was closed)")
         engine = self._engine
+        lora = self._lora_for(request.adapter)
         row = GenerationRow(request)
-        request_id = f"sdm-{uuid.uuid4().hex}"
+        record, request_id, params = self._engine_request(request)
         stream = engine.generate(
-            TokensPrompt(prompt_token_ids=list(request.prompt_ids)), self.sampling_params(request), request_id
+            TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params, request_id, lora_request=lora
         )
-        finished = False
+        finished = kept = False
+        token_ids: Sequence[int] = ()
         try:
             if request.cancel.is_set():
                 row.finish("cancelled", None, "")
                 return row.result()
             async for output in stream:
                 completion = output.outputs[0]
+                token_ids = completion.token_ids
                 row.text = completion.text
                 row.counted(len(completion.token_ids))
                 finished = output.finished
@@ -483,7 +575,12 @@ class VLLMBackend(Backend):
                 row.stream()
             if not row.done:  # the stream ended without a finished output
                 row.finish("cancelled", None, row.text)
-            return row.result()
+            result = row.result()
+            kept = record and result.finish_reason != "cancelled"
+            if not kept:
+                return result
+            # embed_generation pops (or drops) the recorded states under states_id.
+            return dataclasses.replace(result, token_ids=tuple(token_ids), states_id=request_id)
         except asyncio.CancelledError:
             request.cancel.set()
             raise
@@ -491,6 +588,17 @@ class VLLMBackend(Backend):
             if not finished:
                 await self._abort(engine, request_id)
             await stream.aclose()
+            if record and not kept:
+                await self._drop(engine, [request_id])
+
+    def _engine_request(self, request: GenerationRequest) -> tuple[bool, str, Any]:
+        """(whether the worker records its states, its request id, its SamplingParams). A recorded generation
+        computes every prompt position itself: it reads no prefix cache."""
+        record = request.record_states and self.generation_states and isinstance(self._embedder, _BundleParts)
+        request_id = f"{CAPTURE_PREFIX}gen-{uuid.uuid4().hex}" if record else f"sdm-{uuid.uuid4().hex}"
+        params = self.sampling_params(request)
+        params.skip_reading_prefix_cache = record
+        return record, request_id, params
 
     @staticmethod
     async def _abort(engine, request_id: str) -> None:
@@ -499,43 +607,85 @@ class VLLMBackend(Backend):
         except Exception:  # noqa: BLE001 - aborting an already finished request must not hide the result
             logger.debug("abort of %s failed", request_id, exc_info=True)
 
-    async def embed(self, texts: Sequence[str]) -> torch.Tensor:
+    async def embed(self, texts: Sequence[str], adapter: str | None = None) -> torch.Tensor:
         if self._embedder is None or self._engine is None:
             raise BackendError("the backend is not loaded (or was closed)")
         if not isinstance(self._embedder, _BundleParts):
             return await self._embedder.embed(texts)
+        lora = self._lora_for(adapter)
+        recipe = self.info.recipe if adapter is None else self._registry().get(adapter).info.recipe
         if not texts:
             return torch.empty(0, 2 * int(self._engine.model_config.get_hidden_size()))
-        rows = await asyncio.gather(*(self._engine_embed(self._engine, text) for text in texts))
+        rows = await asyncio.gather(*(self._engine_embed(self._engine, text, recipe, lora) for text in texts))
         if self.observer is not None:
             self.observer("embed", len(texts))
         return torch.stack(rows)
 
-    async def _engine_embed(self, engine, text: str) -> torch.Tensor:
-        """h (2H,) for one text: a one-token request whose prefill the engine computes in full (no prefix cache
-        read), its final-layer states recorded in the worker and pooled there with the bundle's recipe."""
+    async def embed_generation(
+        self, text: str, prompt_ids: Sequence[int], generation: GenerationResult, adapter: str | None = None
+    ) -> torch.Tensor:
+        """(1, 2H) head input of a generation's verification text. With the generation's recorded states (engine
+        head input), the verification request reads the prefix cache and computes only the positions past the
+        cached blocks; the cached positions' states come from the generation, where the text repeats its tokens."""
+        handle, engine = generation.states_id, self._engine
+        if handle is None or engine is None or not isinstance(self._embedder, _BundleParts):
+            if handle is not None and engine is not None:
+                await self._drop(engine, [handle])
+            return await self.embed([text], adapter=adapter)
+        try:
+            lora = self._lora_for(adapter)
+            recipe = self.info.recipe if adapter is None else self._registry().get(adapter).info.recipe
+            ids = self.encode(text)
+            same = len(os.path.commonprefix([ids, [*prompt_ids, *generation.token_ids]]))
+            h = await self._engine_embed(engine, text, recipe, lora, generation=(handle, same))
+            handle = None  # popped with the verification request's states
+        finally:
+            if handle is not None:
+                await self._drop(engine, [handle])
+        if self.observer is not None:
+            self.observer("embed", 1)
+        return h.unsqueeze(0)
+
+    async def _engine_embed(self, engine, text: str, recipe, lora=None, generation=None) -> torch.Tensor:
+        """h (2H,) for one text: a one-token request whose final-layer states are recorded in the worker and pooled
+        there with ``recipe``; under ``lora`` (an adapter's LoRARequest) they are that adapter's. Without
+        ``generation`` the engine computes every position (no prefix cache read); with ``(states_id, same)`` it
+        reads the prefix cache and the positions it skips come from that generation's states (its first ``same``
+        tokens are the text's), falling back to the full pass when they do not cover them."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
-        from server.backends.vllm_states import CAPTURE_PREFIX
-
-        recipe = self.info.recipe
         # As embed_texts: no added special tokens (the template has them), the last max_length tokens.
-        ids = self.encode(text)[-recipe.max_length :]
+        ids = self.encode(text)
+        if len(ids) > recipe.max_length:  # cut from the left: positions no longer line up with the generation's
+            ids, generation = ids[-recipe.max_length :], None
         if not ids:
             raise BackendError("the verification text is empty; nothing to compute the head input from")
         request_id = f"{CAPTURE_PREFIX}{uuid.uuid4().hex}"
-        params = VSamplingParams(n=1, max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True, detokenize=False)
+        params = VSamplingParams(
+            n=1, max_tokens=1, temperature=0.0, skip_reading_prefix_cache=generation is None, detokenize=False
+        )
+        held = [request_id] if generation is None else [request_id, generation[0]]
         popped = False
         try:
-            async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
+            async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id, lora_request=lora):
                 pass
-            answers = await engine.collective_rpc("sdm_capture_pop", args=(request_id, len(ids), recipe.to_dict()))
+            if generation is None:
+                call, args = "sdm_capture_pop", (request_id, len(ids), recipe.to_dict())
+            else:
+                call, args = "sdm_capture_pop_merged", (held, len(ids), recipe.to_dict(), generation[1])
+            answers = await engine.collective_rpc(call, args=args)
             popped = True
         finally:
             if not popped:
-                await self._drop(engine, [request_id])
+                await self._drop(engine, held)
         h = answers[self._capture_rank]
+        if generation is not None:
+            if h is None:  # the cached positions were not the generation's: compute them all
+                return await self._engine_embed(engine, text, recipe, lora)
+            self.verification_positions[0] += int(h["computed"])
+            self.verification_positions[1] += len(ids)
+            h = h["h"]
         if h is None:
             raise BackendError(
                 f"the vLLM engine did not record the states of all {len(ids)} positions; "

@@ -33,7 +33,7 @@ logger = logging.getLogger("sdm.server.vllm")
 CAPTURE_PREFIX = "sdm-cap-"
 EXTENSION_QUALNAME = "server.backends.vllm_states.StateCaptureExtension"
 # Requests whose states are kept at most (their owner pops or drops them; this bounds what a lost one costs).
-MAX_CAPTURED_REQUESTS = 4096
+MAX_CAPTURED_REQUESTS = 1024
 
 
 class _Table:
@@ -46,16 +46,28 @@ class _Table:
 
     def states(self, n: int) -> torch.Tensor | None:
         """(n, H) float32 states of positions 0..n-1, or None when one of them was never computed."""
-        if not self.chunks or n < 1:
-            return None
-        hidden = self.chunks[0][1].shape[1]
-        out = torch.empty((n, hidden), dtype=torch.float32, device=self.chunks[0][1].device)
-        seen = torch.zeros(n, dtype=torch.bool, device=out.device)
-        for positions, states in self.chunks:
-            keep = positions < n
+        return _merged_states([self], n)[0]
+
+
+def _merged_states(tables: list[_Table], n: int, limit: int | None = None) -> tuple[torch.Tensor | None, int]:
+    """(n, H) float32 states of positions 0..n-1 from ``tables`` (a position the first of them holds is taken from
+    it, else from the next that holds it; tables after the first give positions below ``limit`` only), or None when
+    a position is in none; and how many positions the first table held."""
+    chunks = [chunk for table in tables for chunk in table.chunks]
+    if not chunks or n < 1:
+        return None, 0
+    out = torch.empty((n, chunks[0][1].shape[1]), dtype=torch.float32, device=chunks[0][1].device)
+    seen = torch.zeros(n, dtype=torch.bool, device=out.device)
+    first = 0
+    for k, table in enumerate(tables):
+        bound = n if k == 0 or limit is None else min(n, limit)
+        for positions, states in table.chunks:
+            keep = (positions < bound) & ~seen[positions.clamp(max=n - 1)]
             out[positions[keep]] = states[keep]
             seen[positions[keep]] = True
-        return out if bool(seen.all()) else None
+        if k == 0:
+            first = int(seen.sum())
+    return (out if bool(seen.all()) else None), first
 
 
 class StateCaptureExtension:
@@ -105,6 +117,25 @@ class StateCaptureExtension:
         if states is None:
             return None
         return pool_states(states, HiddenStateRecipe.from_dict(recipe)).cpu().tolist()
+
+    def sdm_capture_pop_merged(self, request_ids: list[str], n: int, recipe: dict, limit: int) -> dict | None:
+        """As :meth:`sdm_capture_pop` for a verification request that read the prefix cache: its first ``n``
+        positions taken from its own states where it computed them, else from the states of the earlier requests in
+        ``request_ids[1:]`` (the generation whose tokens the text repeats up to position ``limit``). ``{"h": (2H,)
+        list, "computed": positions the verification request computed}``, or None when a position is in none of
+        them; all are forgotten."""
+        from sdm_core.lm.embedding import HiddenStateRecipe, pool_states
+
+        tables = getattr(self.model_runner, "_sdm_tables", None)  # type: ignore[attr-defined]
+        if not tables:
+            return None
+        taken = [_take(tables, rid) for rid in request_ids]
+        if taken[0] is None:
+            return None
+        states, computed = _merged_states([t for t in taken if t is not None], int(n), int(limit))
+        if states is None:
+            return None
+        return {"h": pool_states(states, HiddenStateRecipe.from_dict(recipe)).cpu().tolist(), "computed": computed}
 
     def sdm_capture_drop(self, request_ids: list[str]) -> int:
         """Forget the states of ``request_ids`` (finished without a pop); returns how many were held."""
