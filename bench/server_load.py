@@ -487,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("auto", "reuse", "forward"),
         help="both servers' --hidden-states (transformers backend; default: the server's)",
     )
+    parser.add_argument(
+        "--vllm-block-size", type=int, default=0, help="the vllm server's KV block size (0: vLLM's default)"
+    )
     parser.add_argument("--skip-sequential", action="store_true", help="leave out the sequential-serving baseline")
     parser.add_argument(
         "--traffic-store",
@@ -520,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.hidden_states is not None:
         common["hidden_states"] = args.hidden_states
+    if args.backend == "vllm" and args.vllm_block_size:
+        common["vllm_block_size"] = args.vllm_block_size
     batched = {
         **common,
         "batch_size": args.batch_size if args.batch_size is not None else defaults["batch_size"].default,

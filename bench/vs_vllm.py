@@ -181,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the project vllm server's head input",
     )
     parser.add_argument(
+        "--hidden-states",
+        default="auto",
+        choices=("auto", "reuse", "forward"),
+        help="the project servers' --hidden-states (vllm: forward computes every verification position)",
+    )
+    parser.add_argument(
+        "--vllm-block-size", type=int, default=0, help="the project vllm server's KV block size (0: vLLM's default)"
+    )
+    parser.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.4,
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "request_timeout_s": args.request_timeout_s,
         "traffic_store": "off",
         "log_level": "warning",
+        "hidden_states": args.hidden_states,
     }
     servers: dict[str, ServerProcess] = {}
     plain_extra = ["--gpu-memory-utilization", str(args.gpu_memory_utilization)] if cuda else ["--enforce-eager"]
@@ -234,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = {**project_flags, "backend": backend}
         if backend == "vllm":
             flags["vllm_hidden_states"] = args.vllm_hidden_states
+            flags["vllm_block_size"] = args.vllm_block_size
             if cuda:
                 flags["vllm_gpu_memory_utilization"] = args.gpu_memory_utilization
         servers[backend] = ServerProcess(flags, tmp / f"{backend}.log", args.ready_timeout_s)
@@ -341,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                     "n_prompts": len(prompts),
                     "stop": [tag],
                     "vllm_hidden_states": args.vllm_hidden_states,
+                    "hidden_states": args.hidden_states,
+                    "vllm_block_size": args.vllm_block_size,
                     "weights": str(model),
                 },
                 "levels": levels,

@@ -1,6 +1,6 @@
 """The FastAPI application: :func:`create_app` builds one app (its own metrics registry, model manager, admission
 controller; no global state). The lifespan loads the bundle in the background, so ``/health`` answers at once and
-``/ready`` turns 200 once the model and head are loaded and a warm-up request passed.
+``/ready`` turns 200 once every served model and head are loaded and a warm-up request passed.
 
 Routes: ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /v1/models``, ``POST /generate``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` for server-sent events) and
@@ -164,6 +164,7 @@ def _build_state(config: ServerConfig, backend: Backend | None) -> ServerState:
         warmup=config.warmup,
         warmup_max_tokens=min(4, config.max_tokens_cap),
         on_loaded=_on_loaded(metrics, logger, config.served_model_name),
+        on_ready=lambda ready: metrics.ready.set(1 if ready else 0),
         logger=logger,
     )
 
@@ -241,8 +242,9 @@ def _backends(
 
 
 def _on_loaded(metrics: ServerMetrics, logger: logging.Logger, default: str) -> Callable[[dict], None]:
-    """What the model manager calls with the facts of each loaded bundle: the metrics' bundle facts (every model),
-    the certification, baseline and ladder (the default model's) and readiness."""
+    """What the model manager calls with the facts of each loaded bundle: the metrics' bundle facts (every model)
+    and the certification, baseline and ladder (the default model's). Readiness is not a bundle's: sdm_ready
+    follows the manager's :attr:`~server.model_manager.ModelManager.ready` (``on_ready``)."""
 
     def loaded(facts: dict) -> None:
         metrics.set_bundle({k: v for k, v in facts.items() if k not in ("alphas", "certification")})
@@ -260,7 +262,6 @@ def _on_loaded(metrics: ServerMetrics, logger: logging.Logger, default: str) -> 
                 else "none recorded: the ladder was not checked on held-out documents",
             },
         )
-        metrics.ready.set(1)
 
     return loaded
 

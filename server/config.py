@@ -144,6 +144,11 @@ class ServerConfig:
         "decodes slower; CPU always runs eager)",
     )
     vllm_max_num_seqs: int = setting(0, help="vllm backend: most sequences the engine runs at once; 0 = vLLM's default")
+    vllm_block_size: int = setting(
+        0,
+        help="vllm backend: KV-cache block size in tokens (also the prefix cache's unit, so the part of a verification "
+        "text the engine recomputes); 0 = vLLM's default (128 on CPU)",
+    )
     vllm_hidden_states: str = setting(
         "auto",
         help="vllm backend: where the head's input comes from: engine (the vLLM engine's own final-layer states, "
@@ -345,16 +350,10 @@ class ServerConfig:
         """The vllm_* settings (GPU settings of the vLLM engine)."""
         _positive_int(self, "vllm_tensor_parallel_size")
         _choice(self, "vllm_hidden_states", VLLM_HIDDEN_STATE_MODES)
-        if (
-            not isinstance(self.vllm_max_num_seqs, int)
-            or isinstance(self.vllm_max_num_seqs, bool)
-            or self.vllm_max_num_seqs < 0
-        ):
-            raise ConfigError(
-                _hint(
-                    "vllm_max_num_seqs", f"must be an integer >= 0 (0: vLLM's default), got {self.vllm_max_num_seqs!r}"
-                )
-            )
+        for name in ("vllm_max_num_seqs", "vllm_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(_hint(name, f"must be an integer >= 0 (0: vLLM's default), got {value!r}"))
         if (
             not isinstance(self.vllm_max_model_len, int)
             or isinstance(self.vllm_max_model_len, bool)
@@ -385,6 +384,8 @@ class ServerConfig:
             engine_args["enforce_eager"] = True
         if self.vllm_max_num_seqs > 0:
             engine_args["max_num_seqs"] = self.vllm_max_num_seqs
+        if self.vllm_block_size > 0:
+            engine_args["block_size"] = self.vllm_block_size
         return {
             "max_model_len": self.vllm_max_model_len or None,
             "engine_args": engine_args,

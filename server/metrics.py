@@ -144,7 +144,7 @@ class ServerMetrics:
     def _add_bundle_metrics(self, r: CollectorRegistry) -> None:
         """The served bundle: reloads, readiness, its facts and its certification."""
         self.reloads = Counter("sdm_bundle_reloads", "Bundle reloads by result", ["result"], registry=r)
-        self.ready = Gauge("sdm_ready", "1 when the model and head are loaded and warmed up", registry=r)
+        self.ready = Gauge("sdm_ready", "1 when every served model and head are loaded and warmed up", registry=r)
         self.bundle = Info(
             "sdm_bundle",
             "The bundles served, one series per model: bundle, head version, default alpha, calibration admitted "

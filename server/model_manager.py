@@ -94,7 +94,10 @@ class ServedModel:
 
 
 class ModelManager:
-    """Owns the :class:`ServedModel` of every served name. States: loading, warming_up, ready, failed.
+    """Owns the :class:`ServedModel` of every served name. States: loading, warming_up, ready, failed, closed;
+    ``on_ready`` hears :attr:`ready` at every change of state. ``model_states`` says where each name is: waiting
+    (loads after the names before it), loading, warming_up, ready, failed, not_loaded (another name failed first) or
+    closed.
 
     ``backend`` serves ``model_name`` (the default: requests that name no model); ``extra`` maps more names to
     their backends (adapter views on one shared ``engine``, server/backends/adapters.py), which is closed last."""
@@ -109,6 +112,7 @@ class ModelManager:
         warmup: bool = True,
         warmup_max_tokens: int = 4,
         on_loaded: Callable[[dict], None] | None = None,
+        on_ready: Callable[[bool], None] | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         self._initial: dict[str, Backend] = {model_name: backend, **(extra or {})}
@@ -117,10 +121,13 @@ class ModelManager:
         self.warmup = warmup
         self.warmup_max_tokens = warmup_max_tokens
         self.on_loaded = on_loaded
+        self.on_ready = on_ready
         self.logger = logger or logging.getLogger("sdm.server")
-        self.state = "loading"
         self.error: str | None = None
         self.served: dict[str, ServedModel] = {}
+        # The default loads first: it is "loading" from the start, as the manager is.
+        self.model_states = {n: "loading" if n == model_name else "waiting" for n in self._initial}
+        self.state = "loading"
         self._task: asyncio.Task | None = None
         self._reload_lock = asyncio.Lock()
         self._retiring: dict[asyncio.Task, ServedModel] = {}
@@ -137,7 +144,27 @@ class ModelManager:
 
     @property
     def ready(self) -> bool:
+        """Every served name loaded and warmed up (what /ready and the sdm_ready gauge say)."""
         return self.state == "ready" and len(self.served) == len(self._initial)
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        # Readiness changes only with the state: "ready" is set once every name is served, any other state is not.
+        self._state = value
+        if self.on_ready is not None:
+            self.on_ready(self.ready)
+
+    def _stage(self, name: str, stage: str, whole: bool) -> None:
+        """``name`` reached ``stage``; ``whole``: the manager's state follows. A served name stays "ready" while its
+        next bundle loads beside it."""
+        if name not in self.served:
+            self.model_states[name] = stage
+        if whole:
+            self.state = stage
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -155,7 +182,9 @@ class ModelManager:
         for name, backend in self._initial.items():
             try:
                 self.served[name] = await self._prepare(backend, name, set_state=True)
+                self.model_states[name] = "ready"
             except Exception as exc:  # noqa: BLE001 - reported by /ready and the log
+                self.model_states = {n: "failed" if n == name else "not_loaded" for n in self._initial}
                 self.state = "failed"
                 detail = str(exc)
                 for other in self._initial.values():  # errors reach /ready and 503s: bundles by name, not host path
@@ -182,16 +211,14 @@ class ModelManager:
         )
 
     async def _prepare(self, backend: Backend, name: str, set_state: bool) -> ServedModel:
-        if set_state:
-            self.state = "loading"
+        self._stage(name, "loading", set_state)
         self.logger.info("loading bundle", extra={"bundle": backend.bundle_path, "model": name})
         await backend.load()
         pipeline = SelectivePipeline(backend)
         try:
             served = ServedModel(backend=backend, pipeline=pipeline, facts=bundle_facts(backend, name))
             if self.warmup:
-                if set_state:
-                    self.state = "warming_up"
+                self._stage(name, "warming_up", set_state)
                 prompt = pipeline.prepare(WARMUP_PROMPT)
                 result = await pipeline.run(VerificationRequest(prompt, max_tokens=self.warmup_max_tokens))
                 self.logger.info(
@@ -225,6 +252,7 @@ class ModelManager:
             await backend.close()  # idempotent
         if self._engine is not None:
             await self._engine.close()
+        self.model_states = dict.fromkeys(self._initial, "closed")
         self.state = "closed"
 
     # -- use by requests ---------------------------------------------------------------------------------------
@@ -282,6 +310,8 @@ class ModelManager:
                 served = await self._prepare(backend, name, set_state=not self.served)
             except Exception as exc:  # noqa: BLE001 - the old model keeps serving
                 await backend.close()
+                if name not in self.served:
+                    self.model_states[name] = "failed"
                 self.logger.error("reload failed; still serving the previous bundle", exc_info=True)
                 if isinstance(exc, APIError):
                     raise
@@ -293,6 +323,7 @@ class ModelManager:
                 raise internal_error(f"could not load bundle {folder!r}: {type(exc).__name__}: {detail}") from exc
             old = current
             self.served[name] = served
+            self.model_states[name] = "ready"
             if len(self.served) == len(self._initial):
                 self.state = "ready"
                 self.error = None

@@ -255,6 +255,7 @@ ADDED_VARIABLES: dict[str, dict[str, str]] = {
         "--no-vllm-enforce-eager": "SDM_VLLM_ENFORCE_EAGER",
         "--vllm-max-num-seqs": "SDM_VLLM_MAX_NUM_SEQS",
         "--vllm-hidden-states": "SDM_VLLM_HIDDEN_STATES",
+        "--vllm-block-size": "SDM_VLLM_BLOCK_SIZE",
         # issue 18's OpenTelemetry tracing
         "--otlp-traces-endpoint": "SDM_OTLP_TRACES_ENDPOINT",
         "--otel-service-name": "SDM_OTEL_SERVICE_NAME",

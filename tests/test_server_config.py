@@ -67,6 +67,11 @@ def test_config_flags_win_over_environment(fake_bundle: Path, tmp_path: Path) ->
         ),
         (
             [],
+            {"SDM_BUNDLE": "@", "SDM_VLLM_BLOCK_SIZE": "-32"},
+            "--vllm-block-size (env SDM_VLLM_BLOCK_SIZE) must be an integer >= 0",
+        ),
+        (
+            [],
             {"SDM_BUNDLE": "@", "SDM_VLLM_HIDDEN_STATES": "pooling"},
             "--vllm-hidden-states (env SDM_VLLM_HIDDEN_STATES) must be one of auto, engine, transformers",
         ),
@@ -95,11 +100,12 @@ def test_vllm_settings_pass_only_what_was_set(fake_bundle: Path) -> None:
             "SDM_BUNDLE": str(fake_bundle),
             "SDM_VLLM_GPU_MEMORY_UTILIZATION": "0.7",
             "SDM_VLLM_TENSOR_PARALLEL_SIZE": "2",
+            "SDM_VLLM_BLOCK_SIZE": "32",
         },
     )
     assert config.vllm_settings() == {
         "max_model_len": 512,
-        "engine_args": {"gpu_memory_utilization": 0.7, "tensor_parallel_size": 2},
+        "engine_args": {"gpu_memory_utilization": 0.7, "tensor_parallel_size": 2, "block_size": 32},
         "head_input": "auto",
     }
     config = ServerConfig.from_sources(

@@ -47,6 +47,8 @@ def test_ready_is_503_until_the_model_is_loaded_and_warmed_up(tiny_bundle) -> No
             assert (
                 r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable" and r.headers["retry-after"]
             )
+            assert r.json()["error"]["message"] == "not ready: loading"
+            assert r.json()["models"] == [{"model": "tiny-sdm", "state": "loading"}]
             r = await client.post("/generate", json={"prompt": "hi"})
             assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
             assert metric_value((await client.get("/metrics")).text, "sdm_ready") == 0
@@ -57,6 +59,12 @@ def test_ready_is_503_until_the_model_is_loaded_and_warmed_up(tiny_bundle) -> No
                 await asyncio.sleep(0.05)
             body = (await client.get("/ready")).json()
             assert body["status"] == "ready" and body["model"] == "tiny-sdm"
+            # One bundle: the keys it always had, and "models" with the one model's state and facts.
+            assert {"bundle", "head_version", "traffic_store"} <= set(body)
+            [entry] = body["models"]
+            assert (entry["model"], entry["state"], entry["bundle"]) == ("tiny-sdm", "ready", body["bundle"])
+            assert entry["head_version"] == body["head_version"]
+            assert metric_value((await client.get("/metrics")).text, "sdm_ready") == 1
             assert (await client.post("/generate", json={"prompt": "hi"})).status_code == 200
 
     asyncio.run(run())

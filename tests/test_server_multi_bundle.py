@@ -1,7 +1,8 @@
 """Several adapter bundles on one base model (--extra-bundles): one transformers engine holds the tiny base model
 once and two random LoRA adapters beside it; each bundle's head decides its own requests (the two heads decide the
 prompt families opposite ways); the request's ``model`` picks the bundle; /v1/models lists both; /admin/reload
-swaps one while the other keeps serving; bundles that cannot share the engine are refused with a clear error."""
+swaps one while the other keeps serving; /ready and sdm_ready wait for every bundle and /ready reports each;
+bundles that cannot share the engine are refused with a clear error."""
 
 from __future__ import annotations
 
@@ -272,22 +273,90 @@ def test_unknown_model_is_a_404_naming_the_served_models(bundles: Bundles) -> No
     asyncio.run(scenario())
 
 
+# -- readiness ---------------------------------------------------------------------------------------------------
+def test_ready_and_sdm_ready_wait_for_every_bundle_and_report_each(bundles: Bundles, monkeypatch) -> None:
+    """While beta still loads, alpha being served does not make the server ready: /ready is 503 naming beta as
+    still loading and sdm_ready stays 0. Once beta is in, /ready is 200 with each model's state and facts."""
+    from server.backends.adapters import AdapterBackend
+
+    gate = asyncio.Event()
+    load = AdapterBackend.load
+
+    async def gated_load(self) -> None:
+        if Path(self.bundle_path).name == "beta":
+            await gate.wait()
+        await load(self)
+
+    monkeypatch.setattr(AdapterBackend, "load", gated_load)
+
+    async def scenario() -> None:
+        app = _app(bundles)  # with the warm-up: ready means loaded and warmed up
+        manager, metrics = app.state.server.manager, app.state.server.metrics
+        async with serve(app, ready=False) as client:
+            for _ in range(3000):
+                if "alpha" in manager.served:
+                    break
+                await asyncio.sleep(0.02)
+            assert "alpha" in manager.served
+            assert metric_value((await client.get("/metrics")).text, "sdm_ready") == 0
+            assert manager.model_states["beta"] == "loading"
+            r = await client.get("/ready")
+            assert r.status_code == 503 and r.headers["retry-after"]
+            assert r.json()["error"]["code"] == "loading"
+            assert r.json()["error"]["message"] == "not ready: loading; still loading: 'beta' (loading)"
+            waiting = r.json()["models"]
+            assert [(m["model"], m["state"]) for m in waiting] == [("alpha", "ready"), ("beta", "loading")]
+            assert waiting[0]["bundle"] == "alpha" and "bundle" not in waiting[1]
+            assert (await client.post("/generate", json={"prompt": "hi", "model": "alpha"})).status_code == 503
+
+            gate.set()
+            for _ in range(3000):
+                if (await client.get("/ready")).status_code == 200:
+                    break
+                await asyncio.sleep(0.02)
+            body = (await client.get("/ready")).json()
+            assert metric_value((await client.get("/metrics")).text, "sdm_ready") == 1
+            cards = {m["id"]: m["sdm"] for m in (await client.get("/v1/models")).json()["data"]}
+            # The single-bundle keys stay (the default model's); "models" adds every model, the default first.
+            assert (body["status"], body["model"], body["bundle"]) == ("ready", "alpha", "alpha")
+            assert body["head_version"] == cards["alpha"]["head_version"] and "traffic_store" in body
+            assert [(m["model"], m["state"], m["bundle"]) for m in body["models"]] == [
+                ("alpha", "ready", "alpha"),
+                ("beta", "ready", "beta"),
+            ]
+            for entry in body["models"]:
+                card = cards[entry["model"]]
+                for key in ("bundle_sha256", "head_version", "model_kind", "default_alpha"):
+                    assert entry[key] == card[key], (entry["model"], key)
+                summary = card["certification"]["summary"] if card["certification"] else None
+                assert entry["certification"] == summary
+            assert str(bundles.root) not in (await client.get("/ready")).text
+        assert metric_value(metrics.render().decode(), "sdm_ready") == 0  # shut down: not ready
+        assert manager.model_states == {"alpha": "closed", "beta": "closed"}
+
+    asyncio.run(scenario())
+
+
 # -- bundles that cannot share the engine ---------------------------------------------------------------------------
 def test_bundles_that_cannot_share_the_engine_are_a_clear_startup_error(bundles: Bundles) -> None:
     from sdm_core.lm.bundle import read_bundle_info
     from server.backends import BackendError
     from server.backends.adapters import check_compatible, load_adapter_engine
 
-    async def scenario(extra: str) -> tuple[str, int, str]:
+    async def scenario(extra: str) -> tuple[str, int, str, list, float]:
         app = _app(bundles, extra=(f"other={bundles.root / extra}",), warmup=False)
         manager = app.state.server.manager
         async with serve(app, ready=False) as client:
             await manager.wait_ready(60)
             r = await client.get("/ready")
-            return manager.state, r.status_code, r.json()["error"]["message"]
+            ready = metric_value((await client.get("/metrics")).text, "sdm_ready")
+            return manager.state, r.status_code, r.json()["error"]["message"], r.json().get("models"), ready
 
-    state, status, message = asyncio.run(scenario("other-base"))
+    state, status, message, models, ready = asyncio.run(scenario("other-base"))
+    assert ready == 0  # the default bundle loaded before the other failed: the server is still not ready
     assert state == "failed" and status == 503
+    assert models == [{"model": "alpha", "state": "not_loaded"}, {"model": "other", "state": "failed"}]
+    assert "still loading" not in message
     assert "model 'other'" in message and "'other-base'" in message and "base model" in message
     assert "serve it from a server of its own" in message and str(bundles.root) not in message
 

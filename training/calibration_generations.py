@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from sdm_core.artifact import sha256_file
@@ -35,11 +36,17 @@ def model_fingerprint(source: dict) -> str:
 
 
 def decode_or_reuse(
-    config: CalibrateConfig, model, tokenizer, records: list[Record], chat: ChatFormat, correct, fingerprint: str
+    config: CalibrateConfig,
+    model,
+    tokenizer,
+    records: list[Record],
+    chat: ChatFormat,
+    correct: Callable[[str, str], bool],
+    fingerprint: str,
 ) -> LabelledGenerations:
     """Every record's greedy generation, labelled by r: decoded now, or reused from ``--reuse-generations`` when
     that file was written for the same model, decoding limit and prompts."""
-    reused: dict[str, str] = {}
+    reused: dict[str, dict] = {}  # id -> the row the generations file holds for it
     if config.reuse_generations:
         for line in Path(config.reuse_generations).read_text().splitlines():
             if not line.strip():
