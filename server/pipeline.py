@@ -26,7 +26,7 @@ import torch
 from sdm_core.estimator import SDMScores
 from sdm_core.lm.embedding import verification_prefix, verification_text
 from sdm_core.support import OOD_LABEL
-from server.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
+from server.backends.base import GREEDY_BELOW, Backend, GenerationRequest, GenerationResult, SamplingParams
 from server.tracing import Tracing
 
 __all__ = [
@@ -263,7 +263,7 @@ class SelectivePipeline:
         per attempt, with its generation and verification inside."""
         tracing = tracing or Tracing()  # off: every span a no-op
         alpha = self.resolve_alpha(request.alpha)
-        budget = request.max_attempts if request.temperature > 0 else 1
+        budget = request.max_attempts if request.temperature >= GREEDY_BELOW else 1
         stream = on_text if (budget == 1 and request.on_abstain == "flag") else None
         attempts: list[Attempt] = []
         for k in range(budget):

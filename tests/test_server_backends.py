@@ -74,6 +74,21 @@ def test_sampler_is_seeded_per_row_and_respects_top_p() -> None:
     assert again[1] == first[1]  # same seed, same draw, whatever the batch
 
 
+def test_a_vanishing_temperature_samples_greedily_instead_of_overflowing() -> None:
+    """Logits divided by a subnormal temperature are inf and multinomial fails (a 500 the fuzz test found): such
+    temperatures are greedy, as in vLLM."""
+    from server.backends.base import GREEDY_BELOW, GenerationRequest, SamplingParams
+    from server.backends.row import GenerationRow
+    from server.backends.transformers_backend import _RowSampler
+
+    scores = torch.randn(3, 50) * 30
+    params = [SamplingParams(4, 5e-324, 5e-324, seed=1), SamplingParams(4, GREEDY_BELOW / 2), SamplingParams(4, 1e-3)]
+    assert [p.greedy for p in params] == [True, True, False]
+    rows = [GenerationRow(GenerationRequest([1], p)) for p in params]
+    out = _RowSampler(rows)(torch.zeros(3, 1, dtype=torch.long), scores.clone())
+    assert out.argmax(dim=1).tolist() == scores.argmax(dim=1).tolist()
+
+
 def test_vllm_backend_explains_what_is_missing(fake_bundle: Path) -> None:
     import importlib.util
 

@@ -434,7 +434,7 @@ def test_generate_route_answers_with_the_vllm_backend(served) -> None:
 
 
 # -- (d) several adapter bundles on one engine (vLLM multi-LoRA) ------------------------------------------------------
-class ServedAdapters:
+class ServedAdapters(Served):
     """An app with ``--backend vllm --extra-bundles beta=...``: one engine, the unmerged base, two LoRA adapters."""
 
     def __init__(self, root: Path) -> None:
@@ -446,8 +446,7 @@ class ServedAdapters:
         shutil.copytree(self.alpha, root / "alpha-copy")
         _adapter_bundle(root / "rank-16", seed=2, flip=False, source=SOURCE, rank=16)
         self.expected = {"alpha": _expected(self.alpha, ADAPTER_PROMPTS), "beta": _expected(self.beta, ADAPTER_PROMPTS)}
-        self.loop = LoopThread()
-        self.stack = None
+        super().__init__(self.alpha)
 
     async def _enter(self):
         import contextlib
@@ -469,17 +468,6 @@ class ServedAdapters:
         headers = {"Authorization": "Bearer admin-vllm"}
         self.client = await self.stack.enter_async_context(serve(self.app, headers=headers))
         self.manager = self.app.state.server.manager
-
-    def __enter__(self) -> ServedAdapters:
-        self.loop.run(self._enter(), timeout=600)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            if self.stack is not None:
-                self.loop.run(self.stack.aclose(), timeout=120)
-        finally:
-            self.loop.stop()
 
 
 ADAPTER_PROMPTS = [family_a(0), family_b(0), family_a(1), family_b(1)]

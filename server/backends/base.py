@@ -26,13 +26,18 @@ __all__ = ["Backend", "SamplingParams", "GenerationRequest", "GenerationResult",
 BatchObserver = Callable[[str, int], None]
 
 
+# Temperatures below this sample greedily (vLLM's own threshold, _SAMPLING_EPS).
+GREEDY_BELOW = 1e-5
+
+
 class BackendError(RuntimeError):
     """The backend could not load or run."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. ``temperature`` 0 is greedy; ``seed`` None draws a fresh random seed."""
+    """Per-request sampling. ``temperature`` below :data:`GREEDY_BELOW` is greedy (as vLLM treats it: dividing
+    logits by a vanishing temperature overflows to inf); ``seed`` None draws a fresh random seed."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -41,7 +46,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
