@@ -483,13 +483,21 @@ def test_access_log_has_a_key_id_and_keeps_client_ids_apart(server, caplog) -> N
     ids = [r.headers["x-request-id"] for r in responses]
     assert len(set(ids)) == 2 and "same-id" not in ids
     assert all(r.headers["x-client-request-id"] == "same-id" for r in responses)
-    lines = [
-        rec
-        for rec in caplog.records
-        if rec.name == "sdm.server.access"
-        and getattr(rec, "path", None) == "/generate"
-        and getattr(rec, "client_request_id", None) == "same-id"
-    ]
+
+    def access_lines() -> list:
+        return [
+            rec
+            for rec in caplog.records
+            if rec.name == "sdm.server.access"
+            and getattr(rec, "path", None) == "/generate"
+            and getattr(rec, "client_request_id", None) == "same-id"
+        ]
+
+    # The server thread writes the access line after the response is sent: the client can see it first.
+    deadline = time.monotonic() + 10
+    while len(access_lines()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lines = access_lines()
     assert len(lines) == 2
     expected = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()[:12]
     assert all(rec.key_id == expected for rec in lines)
