@@ -616,7 +616,9 @@ class VLLMBackend(Backend):
         recipe = self.info.recipe if adapter is None else self._registry().get(adapter).info.recipe
         if not texts:
             return torch.empty(0, 2 * int(self._engine.model_config.get_hidden_size()))
-        rows = await asyncio.gather(*(self._engine_embed(self._engine, text, recipe, lora) for text in texts))
+        rows = await asyncio.gather(
+            *(self._engine_embed(self._engine, self.encode(text), recipe, lora) for text in texts)
+        )
         if self.observer is not None:
             self.observer("embed", len(texts))
         return torch.stack(rows)
@@ -637,7 +639,7 @@ class VLLMBackend(Backend):
             recipe = self.info.recipe if adapter is None else self._registry().get(adapter).info.recipe
             ids = self.encode(text)
             same = len(os.path.commonprefix([ids, [*prompt_ids, *generation.token_ids]]))
-            h = await self._engine_embed(engine, text, recipe, lora, generation=(handle, same))
+            h = await self._engine_embed(engine, ids, recipe, lora, generation=(handle, same))
             handle = None  # popped with the verification request's states
         finally:
             if handle is not None:
@@ -646,17 +648,16 @@ class VLLMBackend(Backend):
             self.observer("embed", 1)
         return h.unsqueeze(0)
 
-    async def _engine_embed(self, engine, text: str, recipe, lora=None, generation=None) -> torch.Tensor:
-        """h (2H,) for one text: a one-token request whose final-layer states are recorded in the worker and pooled
-        there with ``recipe``; under ``lora`` (an adapter's LoRARequest) they are that adapter's. Without
-        ``generation`` the engine computes every position (no prefix cache read); with ``(states_id, same)`` it
-        reads the prefix cache and the positions it skips come from that generation's states (its first ``same``
-        tokens are the text's), falling back to the full pass when they do not cover them."""
+    async def _engine_embed(self, engine, ids: list[int], recipe, lora=None, generation=None) -> torch.Tensor:
+        """h (2H,) for one text's token ``ids`` (``encode``): a one-token request whose final-layer states are
+        recorded in the worker and pooled there with ``recipe``; under ``lora`` (an adapter's LoRARequest) they are
+        that adapter's. Without ``generation`` the engine computes every position (no prefix cache read); with
+        ``(states_id, same)`` it reads the prefix cache and the positions it skips come from that generation's states
+        (its first ``same`` tokens are the text's), falling back to the full pass when they do not cover them."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
         # As embed_texts: no added special tokens (the template has them), the last max_length tokens.
-        ids = self.encode(text)
         if len(ids) > recipe.max_length:  # cut from the left: positions no longer line up with the generation's
             ids, generation = ids[-recipe.max_length :], None
         if not ids:
@@ -682,7 +683,7 @@ class VLLMBackend(Backend):
         h = answers[self._capture_rank]
         if generation is not None:
             if h is None:  # the cached positions were not the generation's: compute them all
-                return await self._engine_embed(engine, text, recipe, lora)
+                return await self._engine_embed(engine, ids, recipe, lora)
             self.verification_positions[0] += int(h["computed"])
             self.verification_positions[1] += len(ids)
             h = h["h"]
