@@ -312,6 +312,8 @@ class ModelManager:
                 await backend.close()
                 if name not in self.served:
                     self.model_states[name] = "failed"
+                    if not self.served:  # _prepare moved the whole manager to loading: nothing serves, say so
+                        self.state = "failed"
                 self.logger.error("reload failed; still serving the previous bundle", exc_info=True)
                 if isinstance(exc, APIError):
                     raise

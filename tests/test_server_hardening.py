@@ -690,3 +690,30 @@ def test_a_bundle_that_fails_to_load_is_reported_without_its_host_path(tiny_bund
     assert state == "failed"
     for r in (ready, generate):
         assert r.status_code == 503 and str(tmp_path) not in r.text, r.text
+
+
+def test_a_failed_reload_after_a_failed_start_leaves_the_server_failed(tiny_bundle, tmp_path) -> None:
+    import shutil
+
+    from server.app import create_app
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle.path, broken)
+    head = next(p for p in (broken / "head").iterdir() if p.suffix == ".safetensors")
+    head.write_bytes(b"not a tensor file")
+    admin = {"Authorization": "Bearer admin-key"}
+
+    async def go():
+        app = create_app(make_config(broken, warmup=False, admin_api_keys=("admin-key",), bundles_root=str(tmp_path)))
+        async with serve(app, ready=False) as c:
+            for _ in range(600):
+                if app.state.server.manager.state == "failed":
+                    break
+                await asyncio.sleep(0.05)
+            reload = await c.post("/admin/reload", json={"bundle": "broken"}, headers=admin)
+            return app.state.server.manager.state, reload, await c.get("/ready")
+
+    state, reload, ready = asyncio.run(go())
+    assert reload.status_code == 400 and reload.json()["error"]["code"] == "invalid_bundle", reload.text
+    assert state == "failed"
+    assert ready.status_code == 503 and ready.json()["models"][0]["state"] == "failed", ready.text
