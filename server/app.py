@@ -200,6 +200,7 @@ def _engine_settings(config: ServerConfig, metrics: ServerMetrics) -> dict:
         "dtype": config.dtype,
         "batch_size": config.batch_size,
         "batch_wait_ms": config.batch_wait_ms,
+        "batch_rejoin_ms": config.batch_rejoin_ms,
         "verify": config.verify_bundle,
         "observer": metrics.observe_batch,
         "hidden_states": config.hidden_states,

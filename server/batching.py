@@ -6,6 +6,12 @@ so requests that arrive while the model is busy with another batch join the next
 
 With a ``key``, a batch holds only items of one key (the first waiting item's): several LoRA adapters on one model
 run one adapter per batch. Items of other keys keep their place in the queue for a later batch.
+
+With ``rejoin_s``, the batch after one of n items waits up to ``rejoin_s`` (from the moment the n results went out)
+for n new items before it runs short of ``max_batch``: the callers just answered tend to come back with their next
+request a few tens of milliseconds later. Without it, a closed loop of clients against a static batcher splits into
+groups that alternate (each group's requests wait for the other's batch), and batches run at a fraction of
+``max_batch``: measured at 8 clients, batches of 4 on average.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class DynamicBatcher(Generic[T, R]):
         on_batch: Callable[[int], None] | None = None,
         name: str = "batch",
         key: Callable[[T], Hashable] | None = None,
+        rejoin_s: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -49,6 +56,9 @@ class DynamicBatcher(Generic[T, R]):
         self._on_batch = on_batch
         self._name = name
         self._key = key
+        self._rejoin_s = max(0.0, rejoin_s)
+        # The last batch's size, when its results went out, and the submissions since: who may still come back.
+        self._returned, self._returned_at, self._arrived = 0, 0.0, 0
         self._pending: deque[tuple[T, asyncio.Future]] = deque()
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -67,6 +77,7 @@ class DynamicBatcher(Generic[T, R]):
             self._wake = asyncio.Event()
         future: asyncio.Future = loop.create_future()
         self._pending.append((item, future))
+        self._arrived += 1
         self._wake.set()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._run(), name=f"{self._name}-batcher")
@@ -87,7 +98,7 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             deadline = loop.time() + self._max_wait_s
             while self._live() < self._max_batch:
-                remaining = deadline - loop.time()
+                remaining = self._deadline(deadline) - loop.time()
                 if remaining <= 0:
                     break
                 self._wake.clear()
@@ -118,9 +129,17 @@ class DynamicBatcher(Generic[T, R]):
                 for (_, future), result in zip(batch, results):
                     if not future.done():
                         future.set_result(result)
+                self._returned, self._returned_at, self._arrived = len(batch), loop.time(), 0
             finally:
                 if self._lock is not None:
                     self._lock.release()
+
+    def _deadline(self, wait_until: float) -> float:
+        """When the batch being formed stops waiting: ``wait_until``, or later while the last batch's callers may
+        still come back (fewer submissions since its results than its size, within ``rejoin_s``)."""
+        if self._arrived < self._returned:
+            return max(wait_until, self._returned_at + self._rejoin_s)
+        return wait_until
 
     def _take(self) -> list[tuple[T, asyncio.Future]]:
         """The next batch off the queue: up to ``max_batch`` live items, all of the first live item's key."""

@@ -71,6 +71,11 @@ class ServerConfig:
     request_timeout_s: float = setting(120.0, help="per-request limit, queue included (exceeded: 504)")
     batch_size: int = setting(8, help="most requests per generation / hidden-state batch")
     batch_wait_ms: float = setting(5.0, help="how long a batch waits for more requests before it runs")
+    batch_rejoin_ms: float = setting(
+        250.0,
+        help="transformers backend: how long the generation batch after one of n requests waits for n new ones "
+        "(the clients just answered, coming back) before it runs short; 0 turns it off",
+    )
     hidden_states: str = setting(
         "auto",
         help="where the head's input comes from: reuse (the states generation computed, when they cover the "
@@ -295,8 +300,9 @@ class ServerConfig:
         for name in ("request_timeout_s", "drain_timeout_s", "sse_keepalive_s"):
             if not (getattr(self, name) > 0):
                 raise ConfigError(_hint(name, f"must be > 0 seconds, got {getattr(self, name)!r}"))
-        if not (self.batch_wait_ms >= 0):
-            raise ConfigError(_hint("batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms!r}"))
+        for name in ("batch_wait_ms", "batch_rejoin_ms"):
+            if not (getattr(self, name) >= 0):
+                raise ConfigError(_hint(name, f"must be >= 0, got {getattr(self, name)!r}"))
 
     def _read_key_file(self) -> None:
         if self.api_key_file:

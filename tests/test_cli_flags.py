@@ -261,6 +261,8 @@ ADDED_VARIABLES: dict[str, dict[str, str]] = {
         "--otel-service-name": "SDM_OTEL_SERVICE_NAME",
         # issue 18's several adapter bundles on one base model
         "--extra-bundles": "SDM_EXTRA_BUNDLES",
+        # issue 18: the transformers backend's batches wait for the clients just answered
+        "--batch-rejoin-ms": "SDM_BATCH_REJOIN_MS",
     },
     # issue 14's in-epoch refits of the training-set SDM layer
     "training.finetune": {"--train-layer-refit-steps": "SDM_TRAIN_LAYER_REFIT_STEPS"},

@@ -142,6 +142,7 @@ class TransformersBackend(Backend):
         observer: BatchObserver | None = None,
         hidden_states: str = "auto",
         adapters: bool = False,
+        batch_rejoin_ms: float = 250.0,
     ) -> None:
         if hidden_states not in HIDDEN_STATE_MODES:
             raise BackendError(f"hidden_states must be one of {HIDDEN_STATE_MODES}, got {hidden_states!r}")
@@ -152,6 +153,7 @@ class TransformersBackend(Backend):
         self.dtype = dtype
         self.batch_size = int(batch_size)
         self.batch_wait_ms = float(batch_wait_ms)
+        self.batch_rejoin_ms = float(batch_rejoin_ms)
         self.verify = verify
         self.observer = observer
         self._bundle: Bundle | None = None
@@ -178,6 +180,7 @@ class TransformersBackend(Backend):
             observer=self.observer,
             hidden_states=self.hidden_states,
             adapters=self.adapters,
+            batch_rejoin_ms=self.batch_rejoin_ms,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -203,6 +206,7 @@ class TransformersBackend(Backend):
             on_batch=self._observe("generate"),
             name="generate",
             key=lambda request: request.adapter,
+            rejoin_s=self.batch_rejoin_ms / 1000.0,
         )
         self._embedder = DynamicBatcher(
             self._embed_batch,
