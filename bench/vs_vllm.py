@@ -20,6 +20,12 @@ The levels are interleaved: for each repeat, for each level, each server in turn
 slow drifts of a shared machine hit all three alike. Per level: requests/s over the summed wall time of the
 repeats, each project server's ratio to plain vLLM, and whether the texts are equal (the project's text up to the
 tag against plain vLLM's text, per prompt). Figures from a loaded machine are not results: run it on a quiet one.
+
+The profile comes with the figures: per level and server, the CPU seconds per answered request of the server's own
+process (HTTP, pipeline, SDM head) and of its descendants by name (vLLM's engine core, which spins while it waits
+for the model, and its model worker), and vLLM's token counters per request (prompt tokens computed, prefix-cache
+hits; the vLLM backend's include its verification requests). The model worker's CPU seconds per request are the
+work; the engine core's follow wall time.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -139,16 +146,86 @@ def answer_text(system: str, sample: Sample, tag: str) -> str | None:
     return (text[:at] if at >= 0 else text).rstrip()
 
 
+ENGINE_COUNTERS = (
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+)
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU seconds so far of a server's own process (HTTP, pipeline, head: ``server_process``) and of
+    its descendants by process name (vLLM's ``VLLM::EngineCor``, which schedules and waits for the model worker by
+    spinning, and ``VLLM::Worker``, which runs the model)."""
+    import psutil
+
+    def used(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    top = psutil.Process(pid)
+    out = {"server_process": used(top)}
+    for child in top.children(recursive=True):
+        try:
+            name = child.name()
+            out[name] = out.get(name, 0.0) + used(child)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+async def engine_counters(client: httpx.AsyncClient) -> dict[str, float]:
+    """vLLM's token counters from a server's /metrics, summed over their labels (empty where there are none)."""
+    response = await client.get("/metrics")
+    totals: dict[str, float] = {}
+    for line in response.text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ENGINE_COUNTERS:
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+@dataclass
+class Measured:
+    """One closed loop of one server: its samples and wall time, and what its processes spent on the measured
+    requests (CPU seconds by process, vLLM's token counters), warm-up excluded."""
+
+    samples: list[Sample]
+    wall_s: float
+    cpu_s: dict[str, float]
+    counters: dict[str, float]
+
+
 async def run_one(
-    system: str, url: str, bodies: list[dict], warmup: list[dict], clients: int, timeout_s: float
-) -> tuple[list[Sample], float]:
+    system: str, url: str, pid: int, bodies: list[dict], warmup: list[dict], clients: int, timeout_s: float
+) -> Measured:
     # Plain vLLM is asked on its OpenAI completions route, the project on /generate.
     send = functools.partial(post, path="/v1/completions") if system == "plain" else post
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         if warmup:
             await closed_loop(client, warmup, clients, send=send)
-        return await closed_loop(client, bodies, clients, send=send)
+        cpu_before, counters_before = cpu_seconds(pid), await engine_counters(client)
+        samples, wall_s = await closed_loop(client, bodies, clients, send=send)
+        cpu_after, counters_after = cpu_seconds(pid), await engine_counters(client)
+    return Measured(
+        samples,
+        wall_s,
+        {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after},
+        {k: v - counters_before.get(k, 0.0) for k, v in counters_after.items()},
+    )
+
+
+def per_request(runs: list[dict], key: str) -> dict[str, float]:
+    """The runs' summed figures under ``key``, per answered request."""
+    answered = sum(r["answered"] for r in runs)
+    totals: dict[str, float] = {}
+    for r in runs:
+        for name, value in r[key].items():
+            totals[name] = totals.get(name, 0.0) + value
+    digits = 4 if key == "cpu_s" else 1
+    return {name: round(value / answered, digits) for name, value in totals.items()} if answered else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,16 +357,18 @@ def main(argv: list[str] | None = None) -> int:
                 texts: dict[str, list[str | None]] = {}
                 for system, server in servers.items():
                     warm = bodies(system, len(prompts) - clients % len(prompts), clients)
-                    samples, wall_s = asyncio.run(
+                    measured = asyncio.run(
                         run_one(
                             system,
                             server.url,
+                            server.process.pid,
                             bodies(system, 0, args.requests_per_level),
                             warm,
                             clients,
                             args.request_timeout_s,
                         )
                     )
+                    samples, wall_s = measured.samples, measured.wall_s
                     ok = sum(1 for s in samples if s.status == 200)
                     errors[system] += len(samples) - ok
                     texts[system] = [answer_text(system, s, tag) for s in samples]
@@ -301,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                             "answered": ok,
                             "wall_s": round(wall_s, 3),
                             "requests_per_s": round(ok / wall_s, 4) if wall_s > 0 else None,
+                            "cpu_s": measured.cpu_s,
+                            "counters": measured.counters,
                         }
                     )
                     log(f"  repeat {repeat} {clients} client(s) {system}: {ok}/{len(samples)} in {wall_s:.1f} s")
@@ -332,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
             figures[f"{system}_requests_per_s"] = (
                 round(sum(r["answered"] for r in mine) / wall, 4) if wall > 0 else None
             )
+            # Where the time goes: CPU seconds per answered request by process, and vLLM's tokens per request
+            # (prompt tokens include the vLLM backend's verification requests; prefix-cache hits are tokens not
+            # recomputed). On a machine whose cores are saturated, throughput follows the CPU seconds per request.
+            figures[f"{system}_cpu_s_per_request"] = per_request(mine, "cpu_s")
+            figures[f"{system}_engine_tokens_per_request"] = per_request(mine, "counters")
         for system in backends:
             plain, mine = figures["plain_requests_per_s"], figures[f"{system}_requests_per_s"]
             figures[f"{system}_ratio"] = round(mine / plain, 3) if plain and mine is not None else None
