@@ -69,7 +69,7 @@ class ServerConfig:
     max_concurrent_requests: int = setting(16, help="requests processed at once; more wait in the queue")
     max_queue_size: int = setting(64, help="requests allowed to wait for a slot; beyond it: 429 with Retry-After")
     request_timeout_s: float = setting(120.0, help="per-request limit, queue included (exceeded: 504)")
-    batch_size: int = setting(8, help="most requests per generation / hidden-state batch")
+    batch_size: int = setting(16, help="most requests per generation / hidden-state batch")
     batch_wait_ms: float = setting(5.0, help="how long a batch waits for more requests before it runs")
     batch_rejoin_ms: float = setting(
         250.0,
@@ -152,7 +152,8 @@ class ServerConfig:
     vllm_block_size: int = setting(
         0,
         help="vllm backend: KV-cache block size in tokens (also the prefix cache's unit, so the part of a verification "
-        "text the engine recomputes); 0 = vLLM's default (128 on CPU)",
+        "text the engine recomputes; on CPU a multiple of 32); 0 = automatic: 32 on CPU when the engine head input "
+        "reads the prefix cache, else vLLM's default (128 on CPU, 16 on GPU)",
     )
     vllm_hidden_states: str = setting(
         "auto",

@@ -353,7 +353,8 @@ def test_vllm_head_input_of_a_generation_reads_the_prefix_cache_and_its_recorded
 
     backend = served.backend
     bundle = load_bundle(served.bundle)
-    # Longer than one KV block (128 tokens on CPU), so that a block is cached; shorter than the recipe's max_length.
+    # Longer than 128 tokens (vLLM's CPU block), so that several of the engine's 32-token blocks are cached; shorter
+    # than the recipe's max_length.
     prompt = "Order these words into a sentence: " + " ".join(f"w{i}" for i in range(40))
     before = list(backend.verification_positions)
 
@@ -369,6 +370,7 @@ def test_vllm_head_input_of_a_generation_reads_the_prefix_cache_and_its_recorded
     total = backend.verification_positions[1] - before[1]
     assert bundle.info.recipe.max_length >= total == len(backend.encode(text)) > 128, total
     assert 0 < computed <= total - 128, (computed, total)
+    assert backend.engine.vllm_config.cache_config.block_size == 32  # automatic on CPU with the engine head input
     expected = embed_texts(bundle.model, bundle.tokenizer, [text], bundle.info.recipe)
     assert float(((h - expected).norm(dim=1) / expected.norm(dim=1)).max()) < 1e-4
 
@@ -383,6 +385,21 @@ def test_vllm_head_input_of_a_generation_reads_the_prefix_cache_and_its_recorded
     else:  # a random tiny model may hit EOS before its first text: its owner drops what it recorded
         served.loop.run(backend._drop(backend.engine, [result.states_id]))
     assert served.loop.run(backend.engine.collective_rpc("sdm_capture_count")) == [0]
+
+
+@requires_vllm
+def test_the_engine_block_is_32_tokens_on_cpu_only_when_verifications_read_the_prefix_cache(tmp_path) -> None:
+    from server.backends.vllm_backend import VLLMBackend
+
+    def block(**settings) -> int | None:
+        backend = VLLMBackend(str(tmp_path), device="cpu", **settings)
+        capture = settings.get("head_input", "engine") == "engine"
+        return backend._engine_args(tmp_path, tmp_path, torch.float32, capture=capture).block_size
+
+    assert block() == 32
+    assert block(engine_args={"block_size": 64}) == 64  # --vllm-block-size wins
+    assert block(generation_states=False) is None  # --hidden-states forward: nothing is read from the cache
+    assert block(head_input="transformers") is None  # the head input is a transformers pass: vLLM's default
 
 
 # -- (c) the HTTP API with --backend vllm ------------------------------------------------------------------------------

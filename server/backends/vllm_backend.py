@@ -132,6 +132,7 @@ def vllm_tokenizer_folder(info: BundleInfo, model_folder: Path) -> Path:
 
 HEAD_INPUTS = ("auto", "engine", "transformers")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_CAPTURE_BLOCK_SIZE = 32  # vLLM CPU attention: block sizes must be multiples of 32
 
 
 @dataclass
@@ -306,6 +307,11 @@ class VLLMBackend(Backend):
             from server.backends.vllm_states import EXTENSION_QUALNAME
 
             values["worker_extension_cls"] = EXTENSION_QUALNAME
+        if capture and self.generation_states and current_platform.is_cpu():
+            # The verification request reads the generation's prefix cache in whole blocks: vLLM's CPU default of
+            # 128 tokens leaves most of a short verification text to recompute (measured at 8 clients: 0.69 of plain
+            # vLLM against 0.94 at 32). 32 is the smallest block vLLM's CPU attention takes; --vllm-block-size wins.
+            values["block_size"] = CPU_CAPTURE_BLOCK_SIZE
         if self.max_model_len_setting is not None:
             values["max_model_len"] = int(self.max_model_len_setting)
         values.update(lora or {})
