@@ -39,10 +39,10 @@ def make_backend(
     adapter_bundles: tuple[str, ...] = (),
 ) -> Backend:
     """An unloaded backend of ``kind`` ("transformers" or "vllm") for ``bundle_path``; ``vllm`` holds the vllm
-        backend's ``max_model_len``, ``engine_args`` and ``head_input``; ``hidden_states`` is the transformers backend's
-        source of head inputs (``auto``, ``reuse`` or ``forward``); ``adapters`` makes an engine that holds the LoRA
-        adapters of several bundles (server/backends/adapters.py), ``adapter_bundles`` being the others served at start
-        (the vLLM engine is sized for them); ``batch_rejoin_ms`` is the transformers backend's (vLLM batches
+    backend's ``max_model_len``, ``engine_args`` and ``head_input``; ``hidden_states`` is the transformers backend's
+    source of head inputs (``auto``, ``reuse`` or ``forward``); ``adapters`` makes an engine that holds the LoRA
+    adapters of several bundles (server/backends/adapters.py), ``adapter_bundles`` being the others served at start
+    (the vLLM engine is sized for them); ``batch_rejoin_ms`` is the transformers backend's only (vLLM batches
     continuously)."""
     settings = dict(
         device=device, dtype=dtype, batch_size=batch_size, batch_wait_ms=batch_wait_ms, verify=verify, observer=observer
