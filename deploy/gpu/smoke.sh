@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU smoke check of the vLLM backend: builds nothing, serves the embedded default bundle
+# GPU smoke check of the server: builds nothing, serves the embedded default bundle
 # (deploy/bundles/smollm2-word-order) with --backend vllm on CUDA, sends 32 requests from 8 concurrent clients,
 # checks /metrics, prints one JSON line of figures, and exits non-zero on any failure. Under 5 minutes on one GPU.
+# SMOKE_BACKEND=transformers checks the transformers backend on CUDA instead (no vLLM needed), and
+# SMOKE_CLIENTS=1,8,16 measures several levels on the one server.
 #
 #   bash deploy/gpu/smoke.sh                      # everything already importable by python3
 #   SDM_WHEELS=/path/to/wheels bash deploy/gpu/smoke.sh
@@ -21,7 +23,8 @@
 # Settings (environment): the server's own SDM_VLLM_* / SDM_DTYPE variables are passed on as flags below, with
 # these defaults: SDM_VLLM_GPU_MEMORY_UTILIZATION=0.5 (leaves room for other tenants), SDM_VLLM_MAX_MODEL_LEN=2048,
 # SDM_VLLM_TENSOR_PARALLEL_SIZE=1, SDM_VLLM_ENFORCE_EAGER=false, SDM_VLLM_HIDDEN_STATES=auto, SDM_DTYPE=auto.
-# SMOKE_REQUESTS (32), SMOKE_CLIENTS (8), SMOKE_MAX_TOKENS (48), SMOKE_READY_TIMEOUT_S (240).
+# SMOKE_BACKEND (vllm), SMOKE_REQUESTS (32 per level), SMOKE_CLIENTS (8; a comma list for several levels),
+# SMOKE_MAX_TOKENS (48), SMOKE_READY_TIMEOUT_S (240).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -43,29 +46,37 @@ started = time.monotonic()
 import torch
 if not torch.cuda.is_available():
     sys.exit("smoke: torch sees no CUDA device; this check is for a GPU machine")
-try:
-    import vllm  # noqa: F401
-except ImportError as exc:
-    sys.exit(f"smoke: vllm is not importable ({exc}); set SDM_WHEELS to a folder of wheels (see the header)")
+env = os.environ.get
+backend = env("SMOKE_BACKEND", "vllm")
+if backend not in ("vllm", "transformers"):
+    sys.exit(f"smoke: SMOKE_BACKEND is {backend!r}; use vllm or transformers")
+if backend == "vllm":
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        sys.exit(f"smoke: vllm is not importable ({exc}); set SDM_WHEELS to a folder of wheels (see the header)")
 
 sys.path.insert(0, os.getcwd())
 from bench.server_load import ServerProcess, run_level, summarize  # noqa: E402
 
-env = os.environ.get
+levels = [int(c) for c in env("SMOKE_CLIENTS", "8").split(",")]
 flags = {
     "bundle": "deploy/bundles/smollm2-word-order",
-    "backend": "vllm",
+    "backend": backend,
     "device": "cuda",
     "dtype": env("SDM_DTYPE", "auto"),
-    "vllm_gpu_memory_utilization": env("SDM_VLLM_GPU_MEMORY_UTILIZATION", "0.5"),
-    "vllm_max_model_len": env("SDM_VLLM_MAX_MODEL_LEN", "2048"),
-    "vllm_tensor_parallel_size": env("SDM_VLLM_TENSOR_PARALLEL_SIZE", "1"),
-    "vllm_hidden_states": env("SDM_VLLM_HIDDEN_STATES", "auto"),
     "traffic_store": "off",
-    "max_concurrent_requests": "16",
+    "max_concurrent_requests": str(max(16, *levels)),
 }
-eager = env("SDM_VLLM_ENFORCE_EAGER", "false").lower() in ("1", "true", "yes", "on")
-requests, clients = int(env("SMOKE_REQUESTS", "32")), int(env("SMOKE_CLIENTS", "8"))
+if backend == "vllm":
+    flags.update(
+        vllm_gpu_memory_utilization=env("SDM_VLLM_GPU_MEMORY_UTILIZATION", "0.5"),
+        vllm_max_model_len=env("SDM_VLLM_MAX_MODEL_LEN", "2048"),
+        vllm_tensor_parallel_size=env("SDM_VLLM_TENSOR_PARALLEL_SIZE", "1"),
+        vllm_hidden_states=env("SDM_VLLM_HIDDEN_STATES", "auto"),
+    )
+eager = backend == "vllm" and env("SDM_VLLM_ENFORCE_EAGER", "false").lower() in ("1", "true", "yes", "on")
+requests = int(env("SMOKE_REQUESTS", "32"))
 max_tokens = int(env("SMOKE_MAX_TOKENS", "48"))
 words = ["apple", "river", "green", "stone", "cloud", "seven", "quiet", "table", "north", "light", "bread", "music"]
 prompts = [{"prompt": "Put these words in alphabetical order: " + " ".join(words[(i + k) % len(words)] for k in range(5 + i % 4))}
@@ -81,21 +92,25 @@ with tempfile.TemporaryDirectory(prefix="sdm-gpu-smoke-") as tmp:
     try:
         with Server(flags, log_path, ready_timeout_s=float(env("SMOKE_READY_TIMEOUT_S", "240"))) as server:
             ready_s = time.monotonic() - started
-            run = asyncio.run(run_level(server.url, prompts, clients, requests, warmup=clients, max_tokens=max_tokens, timeout_s=120.0))
+            figures = []
+            for clients in levels:
+                run = asyncio.run(run_level(server.url, prompts, clients, requests, warmup=clients, max_tokens=max_tokens, timeout_s=120.0))
+                figures.append(summarize(clients, run, None))
             import httpx
             metrics = httpx.get(server.url + "/metrics", timeout=10).text
             ready = httpx.get(server.url + "/ready", timeout=10)
     except Exception as exc:  # noqa: BLE001 - print the server log's end for the operator
         print(log_path.read_text(errors="replace")[-4000:] if log_path.exists() else "", file=sys.stderr)
         sys.exit(f"smoke: FAILED: {exc}")
-    figures = summarize(clients, run, None)
 
 problems = []
-if figures["answered"] != requests:
-    problems.append(f"{figures['errors']} of {requests} requests failed: {figures.get('first_error')}")
+for level in figures:
+    if level["answered"] != requests:
+        problems.append(f"{level['errors']} of {requests} requests at {level['concurrency']} clients failed: {level.get('first_error')}")
+expected = sum(requests + clients for clients in levels)
 served = sum(float(v) for v in re.findall(r'^sdm_requests_total\{[^}]*\}\s+(\S+)$', metrics, re.M))
-if served < requests + clients:
-    problems.append(f"/metrics counts {served:g} requests in sdm_requests_total, expected at least {requests + clients}")
+if served < expected:
+    problems.append(f"/metrics counts {served:g} requests in sdm_requests_total, expected at least {expected}")
 for name in ("sdm_stage_latency_seconds_count", "sdm_completion_tokens_total", "sdm_ready 1.0"):
     if name not in metrics:
         problems.append(f"/metrics lacks {name}")
