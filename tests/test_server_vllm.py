@@ -387,6 +387,48 @@ def test_vllm_head_input_of_a_generation_reads_the_prefix_cache_and_its_recorded
     assert served.loop.run(backend.engine.collective_rpc("sdm_capture_count")) == [0]
 
 
+@pytest.mark.slow
+@requires_vllm
+def test_a_generation_that_writes_its_tag_is_verified_from_its_own_states_without_a_request(served) -> None:
+    """A recorded generation runs one token past its verification tag, so that the engine feeds the tag's last
+    token: h is then pooled from the generation's own states, with no verification request and no position computed
+    twice, within 1e-4 of training's embedding; the token past the tag is neither returned nor counted."""
+    from sdm_core.lm.bundle import load_bundle
+    from sdm_core.lm.embedding import embed_texts
+
+    backend = served.backend
+    bundle = load_bundle(served.bundle)
+    decode = backend._embedder.tokenizer.decode
+    # The tiny random model writes no tag of its own: the "tag" is the text of its first three greedy tokens, on the
+    # first prompt whose text and tokens survive a decode/encode round trip (the tag ends where the third token does).
+    case = None
+    for prompt in PROMPTS:
+        ids = backend.encode(backend.render_prompt(prompt))
+        free = served.loop.run(backend.generate(_request(backend, prompt, max_tokens=8, record_states=True)))
+        served.loop.run(backend._drop(backend.engine, [free.states_id]))
+        tokens = list(free.token_ids)
+        tag = decode(tokens[:3])
+        if len(tokens) == 8 and tag.strip() and tag not in decode(tokens[:2]):
+            if backend.encode(backend.render_prompt(prompt) + tag) == ids + tokens[:3]:
+                case = prompt, ids, tokens, tag
+                break
+    assert case is not None, "no prompt gives a usable tag; change PROMPTS"
+    prompt, ids, tokens, tag = case
+    before = list(backend.verification_positions)
+    request = _request(backend, prompt, max_tokens=8, record_states=True, stop_inclusive=(tag,))
+    generation = served.loop.run(backend.generate(request))
+    assert generation.finish_reason == "stop" and generation.stop_reason == tag and generation.text.endswith(tag)
+    assert generation.token_ids == tuple(tokens[:3]) and generation.completion_tokens == 3
+    assert generation.states_positions >= len(ids) + 3  # the tag's last token was fed
+    text = backend.render_prompt(prompt) + generation.text
+    h = served.loop.run(backend.embed_generation(text, ids, generation))
+    assert backend.verification_positions[0] == before[0], "no verification request computed anything"
+    assert backend.verification_positions[1] - before[1] == len(ids) + 3
+    expected = embed_texts(bundle.model, bundle.tokenizer, [text], bundle.info.recipe)
+    assert float(((h - expected).norm(dim=1) / expected.norm(dim=1)).max()) < 1e-4
+    assert served.loop.run(backend.engine.collective_rpc("sdm_capture_count")) == [0]
+
+
 @requires_vllm
 def test_the_engine_block_is_32_tokens_on_cpu_only_when_verifications_read_the_prefix_cache(tmp_path) -> None:
     from server.backends.vllm_backend import VLLMBackend

@@ -83,8 +83,10 @@ class GenerationResult:
     # time.perf_counter() when the first token and the last came (None: no token), for TTFT and time per token.
     first_token_at: float | None = field(default=None, compare=False)
     last_token_at: float | None = field(default=None, compare=False)
-    # The vLLM backend's handle on the states its engine recorded while generating (the head input reads them).
+    # The vLLM backend's handle on the states its engine recorded while generating (the head input reads them), and
+    # how many positions (prompt, then generated tokens) they cover: every token the engine fed back.
     states_id: str | None = field(default=None, compare=False)
+    states_positions: int = field(default=0, compare=False)
 
 
 class Backend(ABC):

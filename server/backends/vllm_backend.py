@@ -7,7 +7,9 @@ state and read best together; the worker-side recording lives in :mod:`server.ba
 Generation: each request goes to ``vllm.v1.engine.async_llm.AsyncLLM`` (``AsyncLLMEngine`` is an alias of it in
 vLLM 0.32) with its own ``SamplingParams`` (max_tokens, temperature, top_p, seed). vLLM's scheduler batches
 concurrent requests continuously by itself, so there is no batcher here. Every stop string (the verification tag
-included) is handed to vLLM with ``include_stop_str_in_output=True``; the text is then cut exactly as the
+included) is handed to vLLM with ``include_stop_str_in_output=True``, except the tag of a generation whose states
+the engine records: the backend ends that one itself a token after the tag, so that the engine has fed the tag's
+last token and the head input needs no request of its own. The text is then cut exactly as the
 transformers backend cuts it (:func:`sdm_core.lm.stops.cut_at_stop`), and streamed with the same hold-back rules
 (both use :class:`~server.backends.row.GenerationRow`). Setting ``request.cancel`` or cancelling the caller aborts
 the vLLM request.
@@ -193,6 +195,16 @@ def _check_engine_recipe(info: BundleInfo) -> None:
         )
 
 
+@dataclasses.dataclass
+class _Progress:
+    """How far one generation's stream has been read (VLLMBackend._consume)."""
+
+    finished: bool = False  # the engine finished the request (nothing to abort)
+    token_ids: Sequence[int] = ()  # the generated tokens, cut after the verification tag
+    sampled: int = 0  # tokens the engine sampled
+    through: int | None = None  # generated tokens up to the verification tag, once a recorded request wrote it
+
+
 class VLLMBackend(Backend):
     """A bundle served with vLLM: generation, and the head input from the engine's own forward passes
     (``head_input="engine"``) or from a transformers prefill pass over a second copy of the weights
@@ -245,8 +257,9 @@ class VLLMBackend(Backend):
         self.adapters = adapters
         self.adapter_bundles = tuple(str(path) for path in adapter_bundles)
         self._loras: LoRARegistry | None = None
-        # Engine head input: record each generation's states too, so a verification request (which then reads the
-        # prefix cache) computes only the positions past the cached blocks. Positions computed / positions pooled:
+        # Engine head input: record each generation's states too, so that its head input is pooled from them (or, when
+        # the text is not all generated tokens, a verification request reads the prefix cache and computes only the
+        # positions past the cached blocks). Positions computed by verification requests / positions pooled:
         self.generation_states = generation_states
         self.verification_positions = [0, 0]
 
@@ -522,12 +535,13 @@ class VLLMBackend(Backend):
 
     # -- work --------------------------------------------------------------------------------------------------
     @staticmethod
-    def sampling_params(request: GenerationRequest):
-        """vLLM SamplingParams for ``request``: every stop string goes to vLLM and stays in the text (cut after)."""
+    def sampling_params(request: GenerationRequest, stop_inclusive: bool = True):
+        """vLLM SamplingParams for ``request``: every stop string goes to vLLM and stays in the text (cut after);
+        without ``stop_inclusive`` the inclusive ones (the verification tag) are left to the caller."""
         from vllm import SamplingParams as VSamplingParams
 
         params = request.params
-        stops = [s for s in (*request.stop, *request.stop_inclusive) if s]
+        stops = [s for s in (*request.stop, *(request.stop_inclusive if stop_inclusive else ())) if s]
         return VSamplingParams(
             n=1,
             max_tokens=int(params.max_tokens),
@@ -551,60 +565,90 @@ class VLLMBackend(Backend):
         stream = engine.generate(
             TokensPrompt(prompt_token_ids=list(request.prompt_ids)), params, request_id, lora_request=lora
         )
-        finished = kept = False
-        token_ids: Sequence[int] = ()
+        progress = _Progress()
+        kept = False
         try:
             if request.cancel.is_set():
                 row.finish("cancelled", None, "")
                 return row.result()
-            async for output in stream:
-                completion = output.outputs[0]
-                token_ids = completion.token_ids
-                row.text = completion.text
-                row.counted(len(completion.token_ids))
-                finished = output.finished
-                if request.cancel.is_set():
-                    row.finish("cancelled", None, row.text)
-                    break
-                if row.finish_at_stop():
-                    break
-                if finished:
-                    reason = completion.finish_reason
-                    if reason == "length":
-                        row.finish("length", None, row.text)
-                    elif reason == "stop":
-                        # No stop string in the text: EOS (stop_reason None) or a stop token id.
-                        row.finish("stop", "eos", row.text)
-                    else:  # "abort" (the engine dropped it) or anything new
-                        row.finish("cancelled", None, row.text)
-                    break
-                row.stream()
+            await self._consume(stream, row, record, progress)
             if not row.done:  # the stream ended without a finished output
                 row.finish("cancelled", None, row.text)
             result = row.result()
             kept = record and result.finish_reason != "cancelled"
             if not kept:
                 return result
-            # embed_generation pops (or drops) the recorded states under states_id.
-            return dataclasses.replace(result, token_ids=tuple(token_ids), states_id=request_id)
+            # embed_generation pops (or drops) the recorded states under states_id; every sampled token but the
+            # last was fed back, so its state is recorded.
+            positions = len(request.prompt_ids) + max(0, progress.sampled - 1)
+            return dataclasses.replace(
+                result, token_ids=tuple(progress.token_ids), states_id=request_id, states_positions=positions
+            )
         except asyncio.CancelledError:
             request.cancel.set()
             raise
         finally:
-            if not finished:
+            if not progress.finished:
                 await self._abort(engine, request_id)
             await stream.aclose()
             if record and not kept:
                 await self._drop(engine, [request_id])
+
+    async def _consume(self, stream, row: GenerationRow, record: bool, progress: _Progress) -> None:
+        """Read ``stream`` into ``row`` until the row finishes (a stop string, cancellation or the engine's end). A
+        recorded generation that writes its verification tag is read one output further: vLLM was not told to stop
+        there, so that it feeds the tag's last token (whose state ends the head input) while sampling one more,
+        which is dropped."""
+        request = row.request
+        async for output in stream:
+            completion = output.outputs[0]
+            progress.sampled, progress.finished = len(completion.token_ids), output.finished
+            if progress.through is not None:  # the output after the tag's: its last token was fed
+                return
+            counted = row.count
+            progress.token_ids = completion.token_ids
+            row.text = completion.text
+            row.counted(len(completion.token_ids))
+            if request.cancel.is_set():
+                row.finish("cancelled", None, row.text)
+                return
+            if row.finish_at_stop():
+                if not (record and row.stop_reason in request.stop_inclusive):
+                    return
+                through = progress.through = self._tokens_through(progress.token_ids, counted, row.final_text or "")
+                row.count, progress.token_ids = through, progress.token_ids[:through]
+                if progress.sampled > through or progress.finished:
+                    return
+                continue
+            if progress.finished:
+                reason = completion.finish_reason
+                if reason == "length":
+                    row.finish("length", None, row.text)
+                elif reason == "stop":
+                    # No stop string in the text: EOS (stop_reason None) or a stop token id.
+                    row.finish("stop", "eos", row.text)
+                else:  # "abort" (the engine dropped it) or anything new
+                    row.finish("cancelled", None, row.text)
+                return
+            row.stream()
 
     def _engine_request(self, request: GenerationRequest) -> tuple[bool, str, Any]:
         """(whether the worker records its states, its request id, its SamplingParams). A recorded generation
         computes every prompt position itself: it reads no prefix cache."""
         record = request.record_states and self.generation_states and isinstance(self._embedder, _BundleParts)
         request_id = f"{CAPTURE_PREFIX}gen-{uuid.uuid4().hex}" if record else f"sdm-{uuid.uuid4().hex}"
-        params = self.sampling_params(request)
+        params = self.sampling_params(request, stop_inclusive=not record)
         params.skip_reading_prefix_cache = record
         return record, request_id, params
+
+    def _tokens_through(self, token_ids: Sequence[int], start: int, text: str) -> int:
+        """How many of ``token_ids`` it takes to write ``text`` (a prefix of their text): the first ``start`` do not
+        (an output usually brings one new token; several when the stream fell behind)."""
+        tokenizer = self._embedder.tokenizer  # type: ignore[union-attr]
+        for k in range(max(start + 1, 1), len(token_ids)):
+            if len(tokenizer.decode(token_ids[:k], skip_special_tokens=True)) >= len(text):
+                return k
+        return len(token_ids)
 
     @staticmethod
     async def _abort(engine, request_id: str) -> None:
@@ -633,8 +677,10 @@ class VLLMBackend(Backend):
         self, text: str, prompt_ids: Sequence[int], generation: GenerationResult, adapter: str | None = None
     ) -> torch.Tensor:
         """(1, 2H) head input of a generation's verification text. With the generation's recorded states (engine
-        head input), the verification request reads the prefix cache and computes only the positions past the
-        cached blocks; the cached positions' states come from the generation, where the text repeats its tokens."""
+        head input): when the text is the prompt and generated tokens that the engine all fed (a generation that wrote
+        its tag runs one token past it), those states are pooled in the worker and no request runs; otherwise a
+        verification request reads the prefix cache and computes only the positions past the cached blocks, the
+        cached positions' states coming from the generation where the text repeats its tokens."""
         handle, engine = generation.states_id, self._engine
         if handle is None or engine is None or not isinstance(self._embedder, _BundleParts):
             if handle is not None and engine is not None:
@@ -645,7 +691,18 @@ class VLLMBackend(Backend):
             recipe = self.info.recipe if adapter is None else self._registry().get(adapter).info.recipe
             ids = self.encode(text)
             same = len(os.path.commonprefix([ids, [*prompt_ids, *generation.token_ids]]))
-            h = await self._engine_embed(engine, ids, recipe, lora, generation=(handle, same))
+            if same == len(ids) <= min(generation.states_positions, recipe.max_length):
+                # The text is the prompt and generated tokens that were all fed: no verification request at all.
+                answers = await engine.collective_rpc("sdm_capture_pop", args=(handle, len(ids), recipe.to_dict()))
+                handle = None
+                pooled = answers[self._capture_rank]
+                if pooled is not None:
+                    self.verification_positions[1] += len(ids)
+                    h = torch.tensor(pooled, dtype=torch.float32)
+                else:
+                    h = await self._engine_embed(engine, ids, recipe, lora)
+            else:
+                h = await self._engine_embed(engine, ids, recipe, lora, generation=(handle, same))
             handle = None  # popped with the verification request's states
         finally:
             if handle is not None:
