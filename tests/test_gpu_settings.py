@@ -85,6 +85,11 @@ def test_smoke_script_uses_only_existing_flags_and_variables() -> None:
     assert flags_block is not None, "smoke.sh's server flags dict moved; update this test"
     keys = re.findall(r'^\s+"(\w+)":', flags_block.group(1), re.MULTILINE)
     assert {"bundle", "backend", "device"} <= set(keys)
+    vllm_block = re.search(r"^    flags\.update\((.*?)^    \)", text, re.DOTALL | re.MULTILINE)
+    assert vllm_block is not None, "smoke.sh's vLLM flags moved; update this test"
+    vllm_keys = re.findall(r"^\s+(\w+)=", vllm_block.group(1), re.MULTILINE)
+    assert {"vllm_gpu_memory_utilization", "vllm_tensor_parallel_size"} <= set(vllm_keys)
+    keys += vllm_keys
     assert not set(keys) - fields, f"smoke.sh passes flags the server does not have: {sorted(set(keys) - fields)}"
     literal_flags = set(re.findall(r'"--([a-z0-9-]+)"', text))
     assert literal_flags == {"vllm-enforce-eager"} and "vllm_enforce_eager" in fields
