@@ -690,19 +690,10 @@ class VLLMBackend(Backend):
             lora = self._lora_for(adapter)
             recipe = self.info.recipe if adapter is None else self._registry().get(adapter).info.recipe
             ids = self.encode(text)
+            # The text's leading tokens that the generation also holds, with a recorded state (it fed them).
             same = len(os.path.commonprefix([ids, [*prompt_ids, *generation.token_ids]]))
-            if same == len(ids) <= min(generation.states_positions, recipe.max_length):
-                # The text is the prompt and generated tokens that were all fed: no verification request at all.
-                answers = await engine.collective_rpc("sdm_capture_pop", args=(handle, len(ids), recipe.to_dict()))
-                handle = None
-                pooled = answers[self._capture_rank]
-                if pooled is not None:
-                    self.verification_positions[1] += len(ids)
-                    h = torch.tensor(pooled, dtype=torch.float32)
-                else:
-                    h = await self._engine_embed(engine, ids, recipe, lora)
-            else:
-                h = await self._engine_embed(engine, ids, recipe, lora, generation=(handle, same))
+            same = min(same, generation.states_positions)
+            h = await self._engine_embed(engine, ids, recipe, lora, generation=(handle, same))
             handle = None  # popped with the verification request's states
         finally:
             if handle is not None:
@@ -716,7 +707,8 @@ class VLLMBackend(Backend):
         recorded in the worker and pooled there with ``recipe``; under ``lora`` (an adapter's LoRARequest) they are
         that adapter's. Without ``generation`` the engine computes every position (no prefix cache read); with
         ``(states_id, same)`` it reads the prefix cache and the positions it skips come from that generation's states
-        (its first ``same`` tokens are the text's), falling back to the full pass when they do not cover them."""
+        (its first ``same`` tokens are the text's, states recorded), falling back to the full pass when they do not
+        cover them. When they cover the whole text, no request runs: the generation's own states are pooled."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -725,6 +717,13 @@ class VLLMBackend(Backend):
             ids, generation = ids[-recipe.max_length :], None
         if not ids:
             raise BackendError("the verification text is empty; nothing to compute the head input from")
+        if generation is not None and generation[1] >= len(ids):
+            answers = await engine.collective_rpc("sdm_capture_pop", args=(generation[0], len(ids), recipe.to_dict()))
+            pooled = answers[self._capture_rank]
+            if pooled is None:  # not all recorded after all: compute them all
+                return await self._engine_embed(engine, ids, recipe, lora)
+            self.verification_positions[1] += len(ids)
+            return torch.tensor(pooled, dtype=torch.float32)
         request_id = f"{CAPTURE_PREFIX}{uuid.uuid4().hex}"
         params = VSamplingParams(
             n=1, max_tokens=1, temperature=0.0, skip_reading_prefix_cache=generation is None, detokenize=False
