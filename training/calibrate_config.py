@@ -155,6 +155,8 @@ PRESETS: dict[str, dict] = {
         "progress": False,
     },
 }
+# The same recipe with GPU-sized batches (batches change speed, not the head).
+PRESETS["smollm2-gpu"] = {**PRESETS["smollm2-cpu"], "generate_batch_size": 128, "embed_batch_size": 64}
 # The arithmetic task's presets: the same sizes, labelled by its correctness function (exact value).
 PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"], "correctness": "arithmetic"}
 PRESETS["arithmetic-cpu"] = {**PRESETS["smollm2-cpu"], "correctness": "arithmetic", "max_new_tokens": 32}

@@ -78,6 +78,7 @@ class CertifyConfig:
 PRESETS: dict[str, dict] = {
     "paper": {},
     "smollm2-cpu": {"max_new_tokens": 96},
+    "smollm2-gpu": {"max_new_tokens": 96, "generate_batch_size": 128, "embed_batch_size": 64},
     "tiny": {
         "max_new_tokens": 12,
         "generate_batch_size": 8,

@@ -120,6 +120,7 @@ PRESETS: dict[str, dict] = {
     "paper": {},
     # Sizes matched to training.calibrate's presets of the same name.
     "smollm2-cpu": {"max_new_tokens": 96},
+    "smollm2-gpu": {"max_new_tokens": 96, "generate_batch_size": 128, "embed_batch_size": 64},
     "tiny": {"max_new_tokens": 12, "max_docs": 16, "generate_batch_size": 8, "embed_batch_size": 8, "progress": False},
 }
 # The arithmetic task's presets: labelled by its correctness function (exact value).
