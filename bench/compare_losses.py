@@ -76,7 +76,21 @@ def arm_summary(metrics: dict, name: str) -> dict:
     return out
 
 
-def parse_args() -> argparse.Namespace:
+def fine_tuned_runs(args: argparse.Namespace, out: Path, overrides: dict, seconds: dict) -> dict[str, Path]:
+    """The SDM and CE runs the arms read: a reused run always (the base arm takes its model and prompt settings from
+    one), a fresh fine-tune only for an arm that needs it."""
+    runs: dict[str, Path] = {}
+    for loss, reuse in (("sdm", args.sdm_run), ("ce", args.ce_run)):
+        if reuse:
+            runs[loss] = Path(reuse)
+        elif loss in args.arms or (loss == "sdm" and "base" in args.arms and not args.data):
+            runs[loss], seconds[f"finetune_{loss}"] = finetune(
+                args.preset, loss, out / f"run_{loss}", args.progress, overrides
+            )
+    return runs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="smollm2-cpu", choices=sorted(set(PRESETS) & set(CALIBRATE_PRESETS)))
     parser.add_argument("--out", required=True)
@@ -93,7 +107,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--max-eval-docs", type=int, default=256, help="held-out documents per dataset (0: all)")
     parser.add_argument("--progress", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     arms = tuple(a for a in args.arms.split(",") if a)
     if not arms or set(arms) - set(ARMS):
         parser.error(f"--arms takes a comma-separated subset of {','.join(ARMS)}, got {args.arms!r}")
@@ -110,15 +124,7 @@ def main() -> None:
     if args.data:
         data = Path(args.data)
         overrides.update(train=str(data / "train.jsonl"), calibration=str(data / "calibration.jsonl"))
-    for loss, reuse in (("sdm", args.sdm_run), ("ce", args.ce_run)):
-        if loss not in args.arms and not (loss == "sdm" and "base" in args.arms and not args.data):
-            continue
-        if reuse:
-            runs[loss] = Path(reuse)
-        else:
-            runs[loss], seconds[f"finetune_{loss}"] = finetune(
-                args.preset, loss, out / f"run_{loss}", args.progress, overrides
-            )
+    runs.update(fine_tuned_runs(args, out, overrides, seconds))
     data = Path(args.data) if args.data else runs["sdm"] / "data"
     first = next(iter(runs.values()), None)
     training = json.loads(((first or runs.get("sdm")) / "config.json").read_text())["config"] if first else {}
