@@ -10,6 +10,11 @@ batch lasts as long as its longest answer). requests/s here is the most the tran
 that many clients on this machine if HTTP, verification and the SDM head cost nothing: compare it with
 ``bench/vs_vllm.py``'s transformers figures (same prompts, same ``max_tokens``) to see how much of the gap to vLLM
 is the serving code and how much is transformers' generation itself.
+
+``--continuous`` measures transformers' continuous batching (``generate_batch``) beside it, at most that many
+requests per forward step: the lever a transformers backend would pull to keep its batch full. Continuous batching
+stops at end-of-sequence only (no stop strings), so its rows also decode the few tokens after the tag; the tokens per
+request say by how much.
 """
 
 from __future__ import annotations
@@ -57,6 +62,42 @@ def decode_batches(bundle, ids: list[list[int]], batch: int, requests: int, max_
     wall = time.perf_counter() - started
     return {
         "batch": batch,
+        "mode": "static",
+        "requests": requests,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(requests / wall, 4),
+        "generated_tokens_per_request": round(generated / requests, 2),
+    }
+
+
+def decode_continuous(bundle, ids: list[list[int]], batch: int, requests: int, max_tokens: int) -> dict:
+    """transformers' continuous batching over the same prompts, at most ``batch`` requests per step."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    model, tokenizer = bundle.model, bundle.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [ids[k % len(ids)] for k in range(requests)]
+    generation = GenerationConfig(
+        max_new_tokens=max_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad
+    )
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate_batch(
+            inputs=rows,
+            generation_config=generation,
+            continuous_batching_config=ContinuousBatchingConfig(max_requests_per_batch=batch),
+            progress_bar=False,
+            warmup=False,
+        )
+    wall = time.perf_counter() - started
+    if len(out) != requests or any(o.error for o in out.values()):
+        raise RuntimeError(f"continuous batching answered {len(out)} of {requests} requests")
+    generated = sum(len(o.generated_tokens) for o in out.values())
+    return {
+        "batch": batch,
+        "mode": "continuous",
         "requests": requests,
         "wall_s": round(wall, 3),
         "requests_per_s": round(requests / wall, 4),
@@ -71,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64, help="prompts decoded per batch size")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--prompts", default=None, help="JSONL with a 'prompt' field (default: a word-ordering split)")
+    parser.add_argument("--continuous", action="store_true", help="also measure transformers' continuous batching")
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be >= 1")
@@ -92,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         level = decode_batches(bundle, ids, batch, args.requests, args.max_tokens, tag)
         log(f"batch {batch}: {level['requests_per_s']} requests/s")
         levels.append(level)
+    if args.continuous:
+        decode_continuous(bundle, ids, 1, 1, 4)  # warm-up
+        for batch in args.batch_sizes:
+            level = decode_continuous(bundle, ids, batch, args.requests, args.max_tokens)
+            log(f"continuous, at most {batch} a step: {level['requests_per_s']} requests/s")
+            levels.append(level)
     print(
         json.dumps(
             {
