@@ -370,3 +370,10 @@ def test_certify_writes_a_new_sealed_bundle_with_a_fresh_certification(sdm_run, 
         )
     with pytest.raises(ValueError, match="not empty"):
         certify(build(CertifyConfig, {**settings, "out": str(tmp_path / "recertified")}))
+    # r and the decoding limit default to the ones the bundle was calibrated with; another r is refused.
+    recorded = read_bundle_info(bundle_dir).provenance
+    assert info.provenance["certify_config"]["correctness"] == recorded["correctness"] == "word_order"
+    assert info.provenance["certify_config"]["max_new_tokens"] == CALIBRATE_PRESETS["tiny"]["max_new_tokens"]
+    with pytest.raises(ValueError, match="calibrated with correctness 'word_order', not 'arithmetic'"):
+        certify(build(CertifyConfig, {**settings, "correctness": "arithmetic", "out": str(tmp_path / "y")}))
+    assert not (tmp_path / "y").exists()

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from sdm_core import SDMEstimator
 from sdm_core.certification import CERTIFICATION_POLICIES, Certification, certify_ladder
 from sdm_core.folders import atomic_folder
-from sdm_core.lm.bundle import Bundle, load_bundle, seal_bundle
+from sdm_core.lm.bundle import Bundle, load_bundle, read_bundle_info, seal_bundle
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
@@ -42,9 +42,13 @@ class CertifyConfig:
     bundle: str = setting("", help="the bundle to re-certify (left unchanged)")
     data: str = setting("", help="comma-separated JSONL record files of prompts the head never saw, with references")
     out: str = setting("", help="folder for the re-certified bundle (required; must not exist or be empty)")
-    correctness: str = setting("word_order", help="correctness function r by name (labels the generations)")
+    correctness: str = setting(
+        "", help="correctness function r by name (labels the generations); empty: the one the bundle records"
+    )
     max_docs: int = setting(0, help="use the first N documents (0: all)")
-    max_new_tokens: int = setting(512, help="tokens to generate at most per prompt (as the bundle was calibrated)")
+    max_new_tokens: int = setting(
+        0, help="tokens to generate at most per prompt; 0: the limit the bundle was calibrated with (else 512)"
+    )
     generate_batch_size: int = setting(16, help="prompts per batched greedy generation")
     embed_batch_size: int = setting(16, help="instances per no-grad hidden-state pass")
     policy: str = setting(
@@ -72,21 +76,41 @@ class CertifyConfig:
             raise ValueError(f"policy must be one of {list(CERTIFICATION_POLICIES)}, got {self.policy!r}")
         if self.min_admitted < 1 or not 0.0 < self.violation_p < 1.0:
             raise ValueError("min_admitted must be >= 1 and violation_p in (0, 1)")
-        get_correctness(self.correctness)
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0 (0: the bundle's), got {self.max_new_tokens}")
+        if self.correctness:
+            get_correctness(self.correctness)
 
 
+# Decoding limits and r default to what the bundle records; presets only size the batches.
 PRESETS: dict[str, dict] = {
     "paper": {},
-    "smollm2-cpu": {"max_new_tokens": 96},
-    "smollm2-gpu": {"max_new_tokens": 96, "generate_batch_size": 128, "embed_batch_size": 64},
+    "smollm2-cpu": {},
+    "smollm2-gpu": {"generate_batch_size": 128, "embed_batch_size": 64},
     "tiny": {
-        "max_new_tokens": 12,
         "generate_batch_size": 8,
         "embed_batch_size": 8,
         "min_admitted": 2,
         "progress": False,
     },
 }
+
+
+PRESETS["arithmetic-tiny"] = PRESETS["tiny"]
+PRESETS["arithmetic-cpu"] = PRESETS["smollm2-cpu"]
+
+
+def _as_calibrated(config: CertifyConfig, provenance: dict) -> CertifyConfig:
+    """``config`` with r and the decoding limit the bundle was calibrated with filled in. Certifying with another r
+    would test a different promise than the one the head makes, so a mismatch is an error."""
+    recorded = provenance.get("correctness") or "word_order"
+    if config.correctness and config.correctness != recorded:
+        raise ValueError(
+            f"the bundle was calibrated with correctness {recorded!r}, not {config.correctness!r}: its regions promise "
+            f"accuracy under {recorded!r}; drop --correctness (or pass {recorded!r})"
+        )
+    limit = config.max_new_tokens or int(provenance.get("calibrate_config", {}).get("max_new_tokens") or 512)
+    return replace(config, correctness=recorded, max_new_tokens=limit)
 
 
 def _records(files: Sequence[str], limit: int) -> list[Record]:
@@ -102,6 +126,7 @@ def certify(config: CertifyConfig) -> dict:
     started = time.perf_counter()
     files = [f.strip() for f in config.data.split(",") if f.strip()]
     records = _records(files, config.max_docs)
+    config = _as_calibrated(config, read_bundle_info(config.bundle).provenance)
     bundle = load_bundle(config.bundle, device=resolve_device(config.device))
     info = bundle.info
     # The full ladder as calibrated: an earlier certification's withdrawals are decided afresh.
