@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
 
 from sdm_core import SDMConfig
 from sdm_core.estimator import SDMEstimator
-from sdm_core.lm.bundle import write_bundle
+from sdm_core.lm.bundle import seal_bundle, write_bundle
 from sdm_core.lm.embedding import ChatFormat, HiddenStateRecipe, embed_texts, verification_text
 from training import evaluate as ev
 from training.records import Record, write_records
@@ -276,6 +277,23 @@ def test_config_errors(setup, tmp_path):
                 max_new_tokens=2,
             )
         )
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_answers_are_labelled_by_the_correctness_function_the_bundles_were_calibrated_with(setup, tmp_path):
+    root = setup["root"]
+    # Bundles that record no r were calibrated by word ordering (the default), and the report says which r it used.
+    assert setup["metrics"]["config"]["correctness"] == "word_order"
+    shutil.copytree(root / "bundle_ce", tmp_path / "arith")
+    seal_bundle(tmp_path / "arith", {"provenance": {"correctness": "arithmetic"}})
+    data = (f"wiki={root / 'wiki.jsonl'}",)
+    word_order = f"sdm={root / 'bundle_sdm'}"
+    mixed = ev.EvaluateConfig(bundles=(word_order, f"a={tmp_path / 'arith'}"), data=data, out=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="differs from what these bundles were calibrated with"):
+        ev.evaluate(mixed)
+    asked = ev.EvaluateConfig(bundles=(word_order,), data=data, out=str(tmp_path / "o"), correctness="arithmetic")
+    with pytest.raises(ValueError, match=r"\{'sdm': 'word_order'\}"):
+        ev.evaluate(asked)
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 

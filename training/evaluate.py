@@ -31,9 +31,10 @@ import json
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sdm_core.lm.bundle import read_bundle_info
 from sdm_core.lm.models import resolve_device
 from sdm_core.math import check_alpha
 from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
@@ -68,7 +69,7 @@ class EvaluateConfig:
         (), help="comma-separated NAME=PATH JSONL record files (or paths, named after the file stem)"
     )
     out: str = setting("", help="folder for metrics.json, report.md, predictions and plots (required)")
-    correctness: str = setting("word_order", help=CORRECTNESS_HELP)
+    correctness: str = setting("", help=CORRECTNESS_HELP + " (empty: the one the bundles were calibrated with)")
     max_docs: int = setting(0, help="use the first N documents of each dataset (0: all)")
     max_new_tokens: int = setting(512, help="tokens to generate at most per prompt")
     generate_batch_size: int = setting(16, help="prompts per batched greedy generation")
@@ -102,7 +103,8 @@ class EvaluateConfig:
             raise ValueError(f"max_docs must be >= 0 (0: all), got {self.max_docs!r}")
         if self.alpha is not None:
             check_alpha(self.alpha, "alpha")
-        get_correctness(self.correctness)
+        if self.correctness:
+            get_correctness(self.correctness)
         bundles = parse_named_paths(self.bundles, "bundle")
         data = parse_named_paths(self.data, "data")
         for name, path in bundles.items():
@@ -160,6 +162,7 @@ def evaluate(config: EvaluateConfig) -> dict:
     """Run the evaluation and write its outputs; returns the metrics dict (also written as metrics.json)."""
     config.validate()
     bundle_paths = parse_named_paths(config.bundles, "bundle")
+    config = replace(config, correctness=_calibrated_correctness(config.correctness, bundle_paths))
     data_paths = parse_named_paths(config.data, "data")
     datasets = _load_datasets(data_paths, config.max_docs)
     device = resolve_device(config.device)  # a bad --device is the flag's error, before any bundle loads
@@ -192,6 +195,21 @@ def evaluate(config: EvaluateConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_report(metrics), encoding="utf-8")
     return metrics
+
+
+def _calibrated_correctness(asked: str, bundle_paths: dict[str, Path]) -> str:
+    """The r every bundle was calibrated with: a held-out check of a bundle's promise must label answers as its
+    calibration did, so bundles that disagree, or an ``asked`` r that differs, are errors."""
+    recorded = {name: read_bundle_info(path).provenance.get("correctness") for name, path in bundle_paths.items()}
+    recorded = {name: r or "word_order" for name, r in recorded.items()}
+    wanted = asked or next(iter(recorded.values()))
+    differ = {name: r for name, r in recorded.items() if r != wanted}
+    if differ:
+        raise ValueError(
+            f"correctness {wanted!r} differs from what these bundles were calibrated with: {differ}; evaluate bundles "
+            "of one task together and leave --correctness empty (or pass the bundles' own)"
+        )
+    return wanted
 
 
 def _load_datasets(data_paths: dict[str, Path], max_docs: int) -> dict[str, list[Record]]:
