@@ -33,6 +33,18 @@ from bench.server_load import choose_prompts, device_info, log, parse_levels  # 
 from bench.vs_vllm import DEFAULT_BUNDLE, rendered_ids  # noqa: E402
 
 
+def figures(mode: str, batch: int, requests: int, wall: float, generated: int) -> dict:
+    """One measured level: ``requests`` decoded in ``wall`` seconds, ``generated`` tokens in all."""
+    return {
+        "batch": batch,
+        "mode": mode,
+        "requests": requests,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(requests / wall, 4),
+        "generated_tokens_per_request": round(generated / requests, 2),
+    }
+
+
 def decode_batches(bundle, ids: list[list[int]], batch: int, requests: int, max_tokens: int, tag: str) -> dict:
     """Greedy ``generate`` over ``requests`` prompts (cycling ``ids``) in batches of ``batch``; wall time and tokens."""
     import torch
@@ -59,15 +71,7 @@ def decode_batches(bundle, ids: list[list[int]], batch: int, requests: int, max_
             )
         new = out[:, width:]
         generated += int((new != pad).sum())
-    wall = time.perf_counter() - started
-    return {
-        "batch": batch,
-        "mode": "static",
-        "requests": requests,
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(requests / wall, 4),
-        "generated_tokens_per_request": round(generated / requests, 2),
-    }
+    return figures("static", batch, requests, time.perf_counter() - started, generated)
 
 
 def decode_continuous(bundle, ids: list[list[int]], batch: int, requests: int, max_tokens: int) -> dict:
@@ -95,14 +99,7 @@ def decode_continuous(bundle, ids: list[list[int]], batch: int, requests: int, m
     if len(out) != requests or any(o.error for o in out.values()):
         raise RuntimeError(f"continuous batching answered {len(out)} of {requests} requests")
     generated = sum(len(o.generated_tokens) for o in out.values())
-    return {
-        "batch": batch,
-        "mode": "continuous",
-        "requests": requests,
-        "wall_s": round(wall, 3),
-        "requests_per_s": round(requests / wall, 4),
-        "generated_tokens_per_request": round(generated / requests, 2),
-    }
+    return figures("continuous", batch, requests, wall, generated)
 
 
 def main(argv: list[str] | None = None) -> int:

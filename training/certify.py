@@ -30,7 +30,7 @@ from sdm_core.lm.bundle import Bundle, load_bundle, read_bundle_info, seal_bundl
 from sdm_core.lm.embedding import embed_texts, verification_text
 from sdm_core.lm.models import resolve_device
 from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
-from training.correctness import get_correctness
+from training.correctness import bundle_correctness, get_correctness
 from training.generation import decode_and_label
 from training.records import Record, load_records
 
@@ -96,14 +96,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
-PRESETS["arithmetic-tiny"] = PRESETS["tiny"]
-PRESETS["arithmetic-cpu"] = PRESETS["smollm2-cpu"]
+PRESETS["arithmetic-tiny"] = {**PRESETS["tiny"]}
+PRESETS["arithmetic-cpu"] = {**PRESETS["smollm2-cpu"]}
 
 
 def _as_calibrated(config: CertifyConfig, provenance: dict) -> CertifyConfig:
     """``config`` with r and the decoding limit the bundle was calibrated with filled in. Certifying with another r
     would test a different promise than the one the head makes, so a mismatch is an error."""
-    recorded = provenance.get("correctness") or "word_order"
+    recorded = bundle_correctness(provenance)
     if config.correctness and config.correctness != recorded:
         raise ValueError(
             f"the bundle was calibrated with correctness {recorded!r}, not {config.correctness!r}: its regions promise "

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
 from training.records import NO_TAG, YES_TAG
@@ -158,6 +158,12 @@ def _import_path(spec: str) -> Correctness:
                 "check the function's name after the colon"
             ) from None
     return check_signature(target, repr(spec))
+
+
+def bundle_correctness(provenance: Mapping) -> str:
+    """The name of the r a bundle was calibrated with: what its provenance records (word ordering, the task the
+    first bundles were built for, where it records none)."""
+    return provenance.get("correctness") or "word_order"
 
 
 def get_correctness(name: str) -> Correctness:

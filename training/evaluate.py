@@ -38,7 +38,7 @@ from sdm_core.lm.bundle import read_bundle_info
 from sdm_core.lm.models import resolve_device
 from sdm_core.math import check_alpha
 from sdm_core.settings import DEVICE_HELP, CommandLine, flatten, parse_device, setting
-from training.correctness import CORRECTNESS_HELP, get_correctness
+from training.correctness import CORRECTNESS_HELP, bundle_correctness, get_correctness
 from training.evaluation_pair import evaluate_pair
 from training.evaluation_report import plot_admitted, plot_risk_coverage, render_report
 from training.records import Record, load_records
@@ -200,8 +200,7 @@ def evaluate(config: EvaluateConfig) -> dict:
 def _calibrated_correctness(asked: str, bundle_paths: dict[str, Path]) -> str:
     """The r every bundle was calibrated with: a held-out check of a bundle's promise must label answers as its
     calibration did, so bundles that disagree, or an ``asked`` r that differs, are errors."""
-    recorded = {name: read_bundle_info(path).provenance.get("correctness") for name, path in bundle_paths.items()}
-    recorded = {name: r or "word_order" for name, r in recorded.items()}
+    recorded = {name: bundle_correctness(read_bundle_info(path).provenance) for name, path in bundle_paths.items()}
     wanted = asked or next(iter(recorded.values()))
     differ = {name: r for name, r in recorded.items() if r != wanted}
     if differ:
